@@ -1,0 +1,193 @@
+"""Model directories on disk: native elasticlm or Hugging Face NemotronH, safetensors + JSON only.
+
+A native directory holds ``config.json`` (``{"elasticlm_format": 1, "model": {...}}``, per-layer
+widths allowed), ``model.safetensors`` and any tokenizer files. A NemotronH directory is what
+``transformers`` writes (``config.json`` with ``model_type: nemotron_h``, one or several
+safetensors shards with ``backbone.*`` keys).
+
+Writes are atomic: everything goes to a hidden sibling directory that is renamed into place
+only when complete, so a crash never leaves a directory that loads as a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model.hf import config_from_hf, config_to_hf, is_nemotron_h, name_from_hf, name_to_hf
+from .model.hybrid import HybridLM
+
+NATIVE_FORMAT = 1
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """The ModelConfig of a checkpoint directory and its kind: ``"native"`` or ``"hf"``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory (expected a model directory with config.json)")
+    raw = read_json(path / "config.json")
+    try:
+        if "elasticlm_format" in raw:
+            if raw["elasticlm_format"] != NATIVE_FORMAT:
+                raise CheckpointError(f"{path}: unsupported elasticlm_format {raw['elasticlm_format']!r}")
+            return ModelConfig.from_dict(raw.get("model")), "native"
+        if is_nemotron_h(raw):
+            return config_from_hf(raw), "hf"
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
+    raise CheckpointError(
+        f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is not supported "
+        "(expected an elasticlm directory or a Hugging Face nemotron_h one)"
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's safetensors file(s), single or sharded."""
+    if (path / WEIGHTS_INDEX).exists():
+        index = read_json(path / WEIGHTS_INDEX)
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        if not shards:
+            raise CheckpointError(f"{path / WEIGHTS_INDEX} has an empty weight_map")
+    elif (path / WEIGHTS).exists():
+        shards = [WEIGHTS]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if not found:
+            bins = [p.name for p in path.glob("*.bin")]
+            hint = " (pickle .bin checkpoints are not read; convert them to safetensors)" if bins else ""
+            raise CheckpointError(f"{path} has no safetensors weights{hint}")
+        shards = found
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        file = path / shard
+        try:
+            out.update(load_file(file))
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is listed in the index but missing") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{file} is corrupt or truncated ({msg})") from None
+    return out
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> HybridLM:
+    """Load a native elasticlm or Hugging Face NemotronH directory as a HybridLM (eval mode).
+
+    Raises CheckpointError with a one-line message for a missing, corrupt, truncated or
+    mismatched checkpoint.
+    """
+    path = Path(path)
+    config, kind = read_config(path)
+    raw = read_weights(path)
+    weights: dict[str, torch.Tensor] = {}
+    for key, tensor in raw.items():
+        name = name_from_hf(key) if kind == "hf" else key
+        if name is not None:
+            weights[name] = tensor
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    model = HybridLM(config, device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: weights missing {missing[:3]}{' …' if len(missing) > 3 else ''} "
+                              f"({len(missing)} in all); the checkpoint does not match its config.json")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected weights {unexpected[:3]}{' …' if len(unexpected) > 3 else ''} "
+                              "for the architecture in config.json")
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, "
+                                  f"config.json implies {tuple(shape)}")
+    target = dtype or next(iter(weights.values())).dtype
+    weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.source_dir = path  # so that save() can carry the tokenizer along
+    return model.eval()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block completes."""
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists and is not empty; choose another path or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
+         tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
+         extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` as ``"native"`` or ``"hf"`` (NemotronH) safetensors + JSON.
+
+    Tokenizer files are copied from ``tokenizer_dir`` (default: the directory the model was
+    loaded from, if any). ``"hf"`` raises ConfigError for per-layer widths.
+    """
+    if format not in ("native", "hf"):
+        raise ConfigError(f"unknown checkpoint format {format!r}; use 'native' or 'hf'")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtype = model.embeddings.weight.dtype
+    if format == "hf":
+        config = config_to_hf(model.config, dtype)  # raises before anything is written
+        state = {name_to_hf(k): v for k, v in state.items()}
+    else:
+        config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
+    config.update(extra_config or {})
+    source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
+    path = Path(path)
+    with atomic_directory(path, overwrite) as tmp:
+        save_file({k: v.cpu() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if source is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+    model.source_dir = path
+    return path

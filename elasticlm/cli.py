@@ -1,0 +1,248 @@
+"""``elasticlm <verb>``: the command line.
+
+Errors caused by input (bad config, missing or corrupt checkpoint, …) print one line,
+``error: …``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ElasticLMError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str | None) -> Any:
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _read_mapping(path: str) -> dict[str, Any]:
+    """A JSON or TOML file as a dict (a TOML file may nest the model under [model])."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+            return data.get("model", data)
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{p} is malformed: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _read_subnet(path: str | None):  # -> Subnet | None
+    from .config import Subnet
+
+    return None if path is None else Subnet.from_dict(_read_mapping(path))
+
+
+# -- verbs ---------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import save
+    from .config import PRESETS, ModelConfig
+    from .model.hybrid import HybridLM
+    from .tokenizer import byte_level_tokenizer, save_tokenizer
+
+    fields: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.config:
+        fields.update(_read_mapping(args.config))
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        fields[key.strip()] = _parse_value(value)
+    if not fields:
+        raise ConfigError("give --preset and/or --config (see --help)")
+    config = ModelConfig.from_dict(fields)
+    torch.manual_seed(args.seed)
+    model = HybridLM(config)
+    tok = byte_level_tokenizer()
+    if tok.get_vocab_size() > config.vocab_size:
+        raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the byte-level tokenizer's "
+                          f"{tok.get_vocab_size()} tokens")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tokenizer(tok, tmp)
+        save(model, args.out, "native", tokenizer_dir=tmp, overwrite=args.force)
+    print(f"wrote {args.out}: randomly initialised {config.pattern!r} model, "
+          f"{model.num_parameters():,} parameters, byte-level tokenizer")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import read_config
+    from .config import LAYER_NAMES, count_parameters
+
+    config, kind = read_config(args.model)
+    subnet = _read_subnet(args.subnet)
+    print(f"{args.model}  ({'Hugging Face NemotronH' if kind == 'hf' else 'elasticlm native'})")
+    print(f"pattern      {config.pattern}  ({config.num_layers} layers: "
+          + ", ".join(f"{config.count(k)} {n}" for k, n in LAYER_NAMES.items()) + ")")
+    print(f"hidden       {config.hidden_size}   vocab {config.vocab_size}   tied head {config.tie_word_embeddings}")
+    print(f"parameters   {count_parameters(config):,}")
+    if subnet is not None:
+        n = count_parameters(config, subnet)
+        print(f"subnet       {n:,} parameters ({n / count_parameters(config):.1%} of the model)")
+    if args.layers:
+        for i in range(config.num_layers):
+            print(f"  layer {i:3d}  {LAYER_NAMES[config.pattern[i]]:9s}  {config.layer_widths(i)}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import load
+    from .generate import generate
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    model = load(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    subnet = _read_subnet(args.subnet)
+    tok = None
+    if args.prompt is not None:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+        ids = tok.encode(args.prompt).ids
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenization")
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {model.config.vocab_size})")
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    eos = None if args.ignore_eos else model.config.eos_token_id
+    start = time.perf_counter()
+    out = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet, generator=gen)
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids):].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
+    print(f"[{len(new)} tokens in {seconds:.2f}s]", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import load, save
+    from .model.hf import hf_incompatibility
+
+    model = load(args.src, dtype=_torch_dtype(args.dtype))
+    if args.to == "hf":
+        reason = hf_incompatibility(model.config)
+        if reason:
+            raise ConfigError(f"cannot convert {args.src} to Hugging Face NemotronH: {reason}")
+    save(model, args.dst, args.to, overwrite=args.force)
+    print(f"wrote {args.dst} ({'Hugging Face NemotronH' if args.to == 'hf' else 'elasticlm native'}, "
+          f"{model.num_parameters():,} parameters)")
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="elasticlm",
+        description="Many nested model sizes from one hybrid Mamba-2/attention language model "
+                    "(Nemotron Elastic). Each verb has its own --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"elasticlm {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("init", formatter_class=fmt, help="create a randomly initialised model directory",
+                       description="Create a randomly initialised HybridLM (native format, byte-level "
+                                   "tokenizer) from a preset and/or a JSON/TOML model config.")
+    p.add_argument("out", help="directory to write (must not exist or be empty, unless --force)")
+    p.add_argument("--preset", choices=["tiny", "demo", "nemotron-nano-12b-v2"],
+                   help="start from a named architecture")
+    p.add_argument("--config", help="JSON or TOML file of ModelConfig fields (TOML may use a [model] table)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override one field, e.g. --set hidden_size=128 --set pattern='\"M-*\"'")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", formatter_class=fmt, help="describe a model directory",
+                       description="Print a model directory's architecture and exact parameter count "
+                                   "(of the model, and of a Subnet if given). Reads config.json only.")
+    p.add_argument("model", help="native or Hugging Face NemotronH directory")
+    p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
+    p.add_argument("--layers", action="store_true", help="list every layer's widths")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", formatter_class=fmt, help="generate text with cached decoding",
+                       description="Generate a continuation of a prompt (greedy by default; temperature and "
+                                   "top-p sampling), optionally with a nested sub-model (--subnet).")
+    p.add_argument("--model", required=True, help="native or Hugging Face NemotronH directory")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    p.add_argument("--prompt-ids", help="prompt as comma-separated token ids instead of text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--subnet", help="JSON file describing the Subnet to run (default: the full model)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: as stored)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="convert between native and Hugging Face formats",
+                       description="Convert a model directory. --to hf writes a NemotronH directory that "
+                                   "transformers loads without trust_remote_code (layers of a type must share "
+                                   "their widths); --to native writes elasticlm's format (per-layer widths allowed).")
+    p.add_argument("src", help="source model directory (native or NemotronH)")
+    p.add_argument("dst", help="destination directory (must not exist or be empty, unless --force)")
+    p.add_argument("--to", choices=["hf", "native"], required=True, help="output format")
+    p.add_argument("--dtype", choices=DTYPES, help="convert the weights to this dtype")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ElasticLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

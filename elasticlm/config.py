@@ -1,0 +1,416 @@
+"""Model configuration, the Subnet that names a nested sub-model, and exact parameter counts.
+
+A model is a string pattern of blocks (DESIGN 2.1):
+
+    ``M`` Mamba-2 mixer · ``*`` GQA attention (no positional encoding) · ``-`` squared-ReLU MLP
+
+Widths may differ per layer (an extracted heterogeneous sub-model): ``mamba_num_heads``,
+``mamba_head_dim``, ``num_attention_heads`` and ``intermediate_size`` are either one int for
+every layer of that kind, or a list with one entry per layer of that kind, in layer order.
+
+A :class:`Subnet` picks, inside a parent, the active hidden size, which layers run, and for each
+running layer the kept prefix of its widths. Example on a parent ``"M-*"`` with hidden 64,
+2 Mamba groups × 4 heads × 16 channels, 4 query heads over 2 KV heads and FFN 128::
+
+    Subnet(hidden_size=48,
+           layers=(MambaWidth(heads_per_group=2, head_dim=8),   # 2 groups × 2 heads × 8
+                   None,                                        # MLP layer skipped
+                   AttentionWidth(heads_per_kv_group=1)))       # 2 query heads, 2 KV heads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import ConfigError
+
+MAMBA, ATTENTION, MLP = "M", "*", "-"
+LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+
+IntOrList = Union[int, list[int]]
+
+
+def _per_layer(value: IntOrList, count: int, name: str) -> list[int]:
+    """Expand a per-kind width to one value per layer of that kind.
+
+    >>> _per_layer(8, 3, "x")
+    [8, 8, 8]
+    >>> _per_layer([8, 4], 2, "x")
+    [8, 4]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise ConfigError(f"{name} must be an int or a list of ints, got {value!r}")
+    values = [value] * count if isinstance(value, int) else list(value)
+    if len(values) != count:
+        raise ConfigError(f"{name} has {len(values)} entries but the pattern has {count} such layers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name} must hold positive ints, got {v!r}")
+    return values
+
+
+def _collapse(values: list[int], default: int) -> IntOrList:
+    """One int when all layers agree (or there are none), else the per-layer list."""
+    if not values:
+        return default
+    return values[0] if all(v == values[0] for v in values) else list(values)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a hybrid Mamba-2 / attention / MLP language model (Nemotron-H layout)."""
+
+    pattern: str
+    vocab_size: int
+    hidden_size: int
+    # Mamba-2
+    mamba_num_heads: IntOrList = 8
+    mamba_head_dim: IntOrList = 16
+    mamba_n_groups: int = 1
+    ssm_state_size: int = 16
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    time_step_min: float = 1e-3  # softplus(dt) is clamped below at this (as transformers does)
+    time_step_max: float = 0.1  # only used to initialise dt_bias
+    # attention
+    num_attention_heads: IntOrList = 4
+    num_key_value_heads: int = 2
+    attention_head_dim: int = 16
+    # MLP
+    intermediate_size: IntOrList = 256
+    # misc
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    use_bias: bool = False  # Mamba in_proj / out_proj
+    use_conv_bias: bool = True
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    # Filled in by importance reordering (later issues): layer indices, least important first.
+    depth_order: list[int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError("pattern must be a non-empty string of 'M' (Mamba-2), '*' (attention), '-' (MLP)")
+        unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
+        if unknown:
+            hint = " (MoE layers 'E' are not supported)" if "E" in unknown else ""
+            raise ConfigError(
+                f"pattern {self.pattern!r} has unknown layer character(s) {unknown}{hint}; "
+                "use 'M' (Mamba-2), '*' (attention), '-' (MLP)"
+            )
+        for name in ("vocab_size", "hidden_size", "mamba_n_groups", "ssm_state_size", "conv_kernel",
+                     "chunk_size", "num_key_value_heads", "attention_head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        heads = self.mamba_heads_list()
+        self.mamba_head_dims_list()
+        for i, h in enumerate(heads):
+            if h % self.mamba_n_groups:
+                raise ConfigError(
+                    f"mamba_num_heads={h} (Mamba layer {i}) is not a multiple of mamba_n_groups="
+                    f"{self.mamba_n_groups}; every group must hold the same number of heads"
+                )
+        for i, h in enumerate(self.attention_heads_list()):
+            if h % self.num_key_value_heads:
+                raise ConfigError(
+                    f"num_attention_heads={h} (attention layer {i}) is not a multiple of "
+                    f"num_key_value_heads={self.num_key_value_heads}"
+                )
+        self.intermediate_sizes_list()
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
+                raise ConfigError(f"{name}={v!r} is outside the vocabulary [0, {self.vocab_size})")
+        if self.depth_order is not None and sorted(self.depth_order) != list(range(self.num_layers)):
+            raise ConfigError(f"depth_order must be a permutation of range({self.num_layers})")
+
+    # -- per-layer views --------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    def count(self, kind: str) -> int:
+        return self.pattern.count(kind)
+
+    def mamba_heads_list(self) -> list[int]:
+        return _per_layer(self.mamba_num_heads, self.count(MAMBA), "mamba_num_heads")
+
+    def mamba_head_dims_list(self) -> list[int]:
+        return _per_layer(self.mamba_head_dim, self.count(MAMBA), "mamba_head_dim")
+
+    def attention_heads_list(self) -> list[int]:
+        return _per_layer(self.num_attention_heads, self.count(ATTENTION), "num_attention_heads")
+
+    def intermediate_sizes_list(self) -> list[int]:
+        return _per_layer(self.intermediate_size, self.count(MLP), "intermediate_size")
+
+    def kind_index(self, layer: int) -> int:
+        """Position of ``layer`` among the layers of its own kind (``"M-M*"``: layer 2 → 1)."""
+        return self.pattern[:layer].count(self.pattern[layer])
+
+    def layer_widths(self, layer: int) -> MambaWidth | AttentionWidth | MlpWidth:
+        """The full (parent) width of one layer, as a Subnet entry."""
+        kind, k = self.pattern[layer], self.kind_index(layer)
+        if kind == MAMBA:
+            return MambaWidth(self.mamba_heads_list()[k] // self.mamba_n_groups, self.mamba_head_dims_list()[k])
+        if kind == ATTENTION:
+            return AttentionWidth(self.attention_heads_list()[k] // self.num_key_value_heads)
+        return MlpWidth(self.intermediate_sizes_list()[k])
+
+    @property
+    def is_homogeneous(self) -> bool:
+        """True when every layer of a kind has the same widths (expressible as a NemotronH config)."""
+        return all(len(set(f())) <= 1 for f in (self.mamba_heads_list, self.mamba_head_dims_list,
+                                                   self.attention_heads_list, self.intermediate_sizes_list))
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [n for n in ("pattern", "vocab_size", "hidden_size") if n not in data]
+        if missing:
+            raise ConfigError(f"model config is missing required field(s) {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# -- Subnet ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MambaWidth:
+    """Kept prefix of a Mamba-2 layer: heads per group (every group keeps the same count) and
+    channels per head (one shared prefix of the head dimension)."""
+
+    heads_per_group: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionWidth:
+    """Kept prefix of query heads inside each KV group; the KV heads themselves are always kept."""
+
+    heads_per_kv_group: int
+
+
+@dataclass(frozen=True)
+class MlpWidth:
+    """Kept prefix of FFN neurons."""
+
+    intermediate_size: int
+
+
+LayerWidth = Union[MambaWidth, AttentionWidth, MlpWidth]
+_WIDTH_OF_KIND = {MAMBA: MambaWidth, ATTENTION: AttentionWidth, MLP: MlpWidth}
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """A nested sub-model of a parent: active hidden size, and per layer its kept widths
+    (``None`` = the layer is skipped, i.e. the identity through its residual)."""
+
+    hidden_size: int
+    layers: tuple[LayerWidth | None, ...]
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> Subnet:
+        """The parent itself."""
+        return cls(config.hidden_size, tuple(config.layer_widths(i) for i in range(config.num_layers)))
+
+    @classmethod
+    def uniform(
+        cls,
+        config: ModelConfig,
+        *,
+        hidden_size: int | None = None,
+        mamba_heads_per_group: int | None = None,
+        mamba_head_dim: int | None = None,
+        attention_heads_per_kv_group: int | None = None,
+        intermediate_size: int | None = None,
+        drop_layers: tuple[int, ...] | list[int] = (),
+    ) -> Subnet:
+        """A homogeneous Subnet: the same kept width for every layer of a kind (None = full)."""
+        layers: list[LayerWidth | None] = []
+        for i in range(config.num_layers):
+            full = config.layer_widths(i)
+            if i in set(drop_layers):
+                layers.append(None)
+            elif isinstance(full, MambaWidth):
+                layers.append(MambaWidth(mamba_heads_per_group or full.heads_per_group,
+                                         mamba_head_dim or full.head_dim))
+            elif isinstance(full, AttentionWidth):
+                layers.append(AttentionWidth(attention_heads_per_kv_group or full.heads_per_kv_group))
+            else:
+                layers.append(MlpWidth(intermediate_size or full.intermediate_size))
+        return cls(hidden_size or config.hidden_size, tuple(layers))
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return [i for i, w in enumerate(self.layers) if w is not None]
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise ConfigError naming the field if this Subnet does not fit inside ``config``."""
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int):
+            raise ConfigError(f"subnet hidden_size must be an int, got {self.hidden_size!r}")
+        if not 0 < self.hidden_size <= config.hidden_size:
+            raise ConfigError(f"subnet hidden_size={self.hidden_size} must be in [1, {config.hidden_size}]")
+        if len(self.layers) != config.num_layers:
+            raise ConfigError(f"subnet has {len(self.layers)} layer entries but the model has {config.num_layers}")
+        for i, width in enumerate(self.layers):
+            if width is None:
+                continue
+            kind = config.pattern[i]
+            if not isinstance(width, _WIDTH_OF_KIND[kind]):
+                raise ConfigError(f"subnet layer {i} is a {LAYER_NAMES[kind]} layer but was given {width!r}")
+            full = config.layer_widths(i)
+            for name in dataclasses.fields(width):
+                v, limit = getattr(width, name.name), getattr(full, name.name)
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
+                    raise ConfigError(f"subnet layer {i} ({LAYER_NAMES[kind]}) {name.name}={v!r} must be in [1, {limit}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        def entry(w: LayerWidth | None) -> dict[str, Any] | None:
+            if w is None:
+                return None
+            return {"kind": LAYER_NAMES[_KIND_OF_WIDTH[type(w)]], **dataclasses.asdict(w)}
+
+        return {"hidden_size": self.hidden_size, "layers": [entry(w) for w in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Subnet:
+        try:
+            layers: list[LayerWidth | None] = []
+            for i, e in enumerate(data["layers"]):
+                if e is None:
+                    layers.append(None)
+                    continue
+                e = dict(e)
+                kind = {v: k for k, v in LAYER_NAMES.items()}.get(e.pop("kind", None))
+                if kind is None:
+                    raise ConfigError(f"subnet layer {i}: 'kind' must be one of {sorted(LAYER_NAMES.values())}")
+                layers.append(_WIDTH_OF_KIND[kind](**e))
+            return cls(int(data["hidden_size"]), tuple(layers))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"malformed subnet description: {exc}") from None
+
+
+_KIND_OF_WIDTH = {v: k for k, v in _WIDTH_OF_KIND.items()}
+
+
+# -- sub-model config and exact parameter counts -------------------------------------------
+
+
+def subnet_config(config: ModelConfig, subnet: Subnet) -> ModelConfig:
+    """The config of the standalone model that ``subnet`` describes (skipped layers removed)."""
+    subnet.validate(config)
+    kept = subnet.kept_layers
+    if not kept:
+        # A model with no blocks is embeddings → norm → head; keep it expressible.
+        raise ConfigError("subnet keeps no layers; keep at least one")
+    widths = [subnet.layers[i] for i in kept]
+    mamba = [w for w in widths if isinstance(w, MambaWidth)]
+    attn = [w for w in widths if isinstance(w, AttentionWidth)]
+    mlp = [w for w in widths if isinstance(w, MlpWidth)]
+    g, kv = config.mamba_n_groups, config.num_key_value_heads
+
+    def keep(values: list[int], parent: IntOrList) -> IntOrList:
+        # A kind with no kept layer keeps the parent's value: it is never used, but stays valid.
+        return _collapse(values, parent if isinstance(parent, int) else parent[0])
+
+    return dataclasses.replace(
+        config,
+        pattern="".join(config.pattern[i] for i in kept),
+        hidden_size=subnet.hidden_size,
+        mamba_num_heads=keep([w.heads_per_group * g for w in mamba], config.mamba_num_heads),
+        mamba_head_dim=keep([w.head_dim for w in mamba], config.mamba_head_dim),
+        num_attention_heads=keep([w.heads_per_kv_group * kv for w in attn], config.num_attention_heads),
+        intermediate_size=keep([w.intermediate_size for w in mlp], config.intermediate_size),
+        depth_order=None,
+    )
+
+
+def layer_parameters(config: ModelConfig, kind: str, width: LayerWidth, hidden: int) -> int:
+    """Exact parameter count of one block (pre-norm + mixer) at the given widths."""
+    if kind == MAMBA:
+        assert isinstance(width, MambaWidth)
+        g, n, k = config.mamba_n_groups, config.ssm_state_size, config.conv_kernel
+        heads = g * width.heads_per_group
+        d_inner = heads * width.head_dim
+        conv_dim = d_inner + 2 * g * n
+        proj_out = 2 * d_inner + 2 * g * n + heads
+        params = hidden * proj_out + conv_dim * k + 3 * heads + d_inner + d_inner * hidden
+        params += (proj_out + hidden) * config.use_bias + conv_dim * config.use_conv_bias
+    elif kind == ATTENTION:
+        assert isinstance(width, AttentionWidth)
+        kv, dh = config.num_key_value_heads, config.attention_head_dim
+        q = kv * width.heads_per_kv_group * dh
+        params = 2 * hidden * q + 2 * hidden * kv * dh
+    else:
+        assert isinstance(width, MlpWidth)
+        f = width.intermediate_size
+        params = 2 * hidden * f + (f + hidden) * config.mlp_bias
+    return params + hidden  # the block's pre-norm
+
+
+def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
+    """Exact parameter count of the model, or of the sub-model ``subnet`` names.
+
+    Equals ``sum(p.numel() for p in extract(model, subnet).parameters())``.
+    """
+    subnet = subnet or Subnet.full(config)
+    subnet.validate(config)
+    d = subnet.hidden_size
+    total = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embeddings, head, final norm
+    for i, width in enumerate(subnet.layers):
+        if width is not None:
+            total += layer_parameters(config, config.pattern[i], width, d)
+    return total
+
+
+# -- presets --------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.3 M parameters: tests and smoke runs.
+    "tiny": dict(pattern="M-M*M-", vocab_size=320, hidden_size=64, mamba_num_heads=8, mamba_head_dim=16,
+                 mamba_n_groups=2, ssm_state_size=16, num_attention_heads=4, num_key_value_heads=2,
+                 attention_head_dim=16, intermediate_size=192, chunk_size=32),
+    # ~6 M parameters: the CPU demo parent (trained in a later issue).
+    "demo": dict(pattern="M-M-M*-M-M-M*-", vocab_size=4096, hidden_size=256, mamba_num_heads=16,
+                 mamba_head_dim=32, mamba_n_groups=4, ssm_state_size=32, num_attention_heads=8,
+                 num_key_value_heads=2, attention_head_dim=32, intermediate_size=768, chunk_size=64),
+    # NVIDIA Nemotron Nano V2 12B (DESIGN 2.1); build it on the meta device.
+    "nemotron-nano-12b-v2": dict(
+        pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+        vocab_size=131072, hidden_size=5120, mamba_num_heads=128, mamba_head_dim=80, mamba_n_groups=8,
+        ssm_state_size=128, conv_kernel=4, chunk_size=128, num_attention_heads=40, num_key_value_heads=8,
+        attention_head_dim=128, intermediate_size=20480),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**PRESETS[name])

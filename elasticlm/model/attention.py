@@ -1,0 +1,56 @@
+"""Grouped-query attention with no positional encoding (Nemotron-H), sliceable per KV group.
+
+Query head ``j`` reads KV head ``j // heads_per_kv_group`` (transformers' ``repeat_kv`` order),
+so keeping the first ``r`` query heads of every KV group is a prefix inside each group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttentionWidth
+from .cache import KVState
+from .slicing import grouped_prefix, prefix
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, **kw)
+
+    def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
+        """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
+        kv, per, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, width.heads_per_kv_group
+        return {
+            "q_proj.weight": prefix(grouped_prefix(self.q_proj.weight, 0, kv, per, r, self.head_dim), 1, hidden),
+            "k_proj.weight": prefix(self.k_proj.weight, 1, hidden),
+            "v_proj.weight": prefix(self.v_proj.weight, 1, hidden),
+            "o_proj.weight": prefix(grouped_prefix(self.o_proj.weight, 1, kv, per, r, self.head_dim), 0, hidden),
+        }
+
+    def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        p = self.sliced(x.shape[-1], width)
+        q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = F.linear(x, p["k_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = F.linear(x, p["v_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
+        past = 0
+        if state is not None:
+            past = state.length
+            k, v = state.append(k, v)
+        if past == 0 or t == 1:
+            mask, causal = None, past == 0 and t > 1
+        else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i
+            pos_q = torch.arange(past, past + t, device=x.device)[:, None]
+            mask, causal = pos_q >= torch.arange(past + t, device=x.device)[None, :], False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
+        return F.linear(o.transpose(1, 2).reshape(b, t, -1), p["o_proj.weight"])

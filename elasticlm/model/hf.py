@@ -1,0 +1,218 @@
+"""Hugging Face NemotronH ⇄ elasticlm: config translation and weight names.
+
+Our parameter names are transformers' in-memory names without the ``model.`` prefix, so the
+weight map is a prefix rule. NemotronH checkpoints on disk use ``backbone.*`` (transformers
+maps it to ``model.*`` in memory); both are accepted on import and ``backbone.*`` is written.
+transformers itself is only needed for the in-memory converters at the bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import ATTENTION, MAMBA, MLP, ModelConfig
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .hybrid import HybridLM
+
+log = logging.getLogger(__name__)
+
+_HF_KIND = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
+            "mlp": MLP}
+_KIND_HF = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp"}
+_HF_PREFIXES = ("backbone.", "model.")
+
+
+def is_nemotron_h(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == "nemotron_h"
+
+
+def _pattern(cfg: dict[str, Any]) -> str:
+    types = cfg.get("layers_block_type") or cfg.get("layer_types")
+    if types:
+        bad = sorted({t for t in types if t not in _HF_KIND})
+        if bad:
+            moe = " (mixture-of-experts layers are not supported)" if "moe" in bad else ""
+            raise ConfigError(f"NemotronH layers_block_type has unsupported layer type(s) {bad}{moe}")
+        return "".join(_HF_KIND[t] for t in types)
+    pattern = cfg.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError("NemotronH config has neither layers_block_type nor hybrid_override_pattern")
+    if "E" in pattern:
+        raise ConfigError("NemotronH pattern has mixture-of-experts layers ('E'), which are not supported")
+    return pattern
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Translate a transformers NemotronH config.json into a ModelConfig."""
+    for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
+        if cfg.get(key, want) != want:
+            raise ConfigError(f"NemotronH {key}={cfg[key]!r} is not supported (only {want!r})")
+    if cfg.get("attention_bias"):
+        log.warning("attention_bias=True is ignored, as transformers' NemotronH ignores it")
+    if cfg.get("num_nextn_predict_layers"):
+        log.warning("multi-token-prediction layers are dropped on import")
+
+    def get(name: str, *aliases: str, default: Any = None) -> Any:
+        for k in (name, *aliases):
+            if k in cfg and cfg[k] is not None:
+                return cfg[k]
+        if default is None:
+            raise ConfigError(f"NemotronH config.json is missing {name!r}")
+        return default
+
+    hidden = get("hidden_size")
+    n_heads = get("num_attention_heads")
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return ModelConfig(
+        pattern=_pattern(cfg),
+        vocab_size=get("vocab_size"),
+        hidden_size=hidden,
+        mamba_num_heads=get("mamba_num_heads"),
+        mamba_head_dim=get("mamba_head_dim"),
+        mamba_n_groups=get("n_groups", "mamba_n_groups"),
+        ssm_state_size=get("ssm_state_size"),
+        conv_kernel=get("conv_kernel", "mamba_d_conv", default=4),
+        chunk_size=get("chunk_size", "mamba_chunk_size", default=128),
+        time_step_min=float(get("time_step_min", "mamba_dt_min", default=1e-3)),
+        time_step_max=float(get("time_step_max", "mamba_dt_max", default=0.1)),
+        num_attention_heads=n_heads,
+        num_key_value_heads=get("num_key_value_heads", default=n_heads),
+        attention_head_dim=get("head_dim", "attention_head_dim", default=hidden // n_heads),
+        intermediate_size=get("intermediate_size"),
+        norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        use_bias=bool(cfg.get("use_bias", False)),
+        use_conv_bias=bool(get("use_conv_bias", "mamba_conv_bias", default=True)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos,
+    )
+
+
+def hf_incompatibility(config: ModelConfig) -> str | None:
+    """Why ``config`` cannot be written as a NemotronH config, or None if it can."""
+    checks = (
+        ("Mamba head counts", config.mamba_heads_list()),
+        ("Mamba head dims", config.mamba_head_dims_list()),
+        ("attention head counts", config.attention_heads_list()),
+        ("FFN widths", config.intermediate_sizes_list()),
+    )
+    for what, values in checks:
+        if len(set(values)) > 1:
+            return (f"its layers have different {what} {values}, and NemotronHConfig holds one value per "
+                    "layer type; save it in the native format instead (--to native)")
+    return None
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A NemotronH config.json dict (raises ConfigError for per-layer widths)."""
+    reason = hf_incompatibility(config)
+    if reason:
+        raise ConfigError(f"cannot export to Hugging Face NemotronH: {reason}")
+
+    def first(values: list[int], fallback: int) -> int:
+        return values[0] if values else fallback
+
+    heads = first(config.mamba_heads_list(), config.mamba_n_groups)
+    head_dim = first(config.mamba_head_dims_list(), 1)
+    return {
+        "architectures": ["NemotronHForCausalLM"],
+        "model_type": "nemotron_h",
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "layers_block_type": [_KIND_HF[k] for k in config.pattern],
+        "hybrid_override_pattern": config.pattern,
+        "num_hidden_layers": config.num_layers,
+        "mamba_num_heads": heads,
+        "mamba_head_dim": head_dim,
+        "n_groups": config.mamba_n_groups,
+        "ssm_state_size": config.ssm_state_size,
+        "conv_kernel": config.conv_kernel,
+        "chunk_size": config.chunk_size,
+        "expand": max(1, heads * head_dim // config.hidden_size),
+        "time_step_min": config.time_step_min,
+        "time_step_max": config.time_step_max,
+        "mamba_hidden_act": "silu",
+        "use_bias": config.use_bias,
+        "use_conv_bias": config.use_conv_bias,
+        "num_attention_heads": first(config.attention_heads_list(), config.num_key_value_heads),
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.attention_head_dim,
+        "attention_bias": False,
+        "intermediate_size": first(config.intermediate_sizes_list(), 1),
+        "mlp_hidden_act": "relu2",
+        "mlp_bias": config.mlp_bias,
+        "layer_norm_epsilon": config.norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "residual_in_fp32": False,
+        "num_logits_to_keep": 1,
+        "use_cache": True,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+def name_from_hf(name: str) -> str | None:
+    """Our parameter name for a NemotronH checkpoint key (None: a key we drop, e.g. MTP layers).
+
+    >>> name_from_hf("backbone.layers.3.mixer.in_proj.weight")
+    'layers.3.mixer.in_proj.weight'
+    >>> name_from_hf("lm_head.weight")
+    'lm_head.weight'
+    """
+    for p in _HF_PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    if name.startswith("mtp."):
+        return None
+    return name
+
+
+def name_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else "backbone." + name
+
+
+# -- in-memory converters (need transformers) ------------------------------------------------
+
+
+def from_transformers(hf_model: Any) -> HybridLM:
+    """A HybridLM with the weights of a transformers ``NemotronHForCausalLM`` (copied)."""
+    from .hybrid import HybridLM
+
+    config = config_from_hf(hf_model.config.to_dict())
+    weights = {}
+    for k, v in hf_model.state_dict().items():
+        name = name_from_hf(k)
+        if name is not None and not (config.tie_word_embeddings and name == "lm_head.weight"):
+            weights[name] = v.detach().clone()
+    model = HybridLM(config, device="meta")
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
+def to_transformers(model: HybridLM) -> Any:
+    """A transformers ``NemotronHForCausalLM`` with this model's weights (homogeneous widths only)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    dtype = model.embeddings.weight.dtype
+    cfg = config_to_hf(model.config, dtype)
+    for k in ("architectures", "model_type", "hybrid_override_pattern", "num_hidden_layers", "dtype"):
+        cfg.pop(k)
+    hf = NemotronHForCausalLM(NemotronHConfig(**cfg)).to(dtype)
+    state = {"model." + k if not k.startswith("lm_head.") else k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embeddings.weight"]
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()

@@ -1,0 +1,168 @@
+"""HybridLM: embeddings → blocks ``x + mixer(RMSNorm(x))`` → final norm → head.
+
+``model(input_ids, subnet=None, cache=None)`` runs the parent, or the nested sub-model that
+``subnet`` names, by slicing weight prefixes: compute and memory follow the sub-model's size.
+The model knows nothing of routers or training; it only executes a Subnet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import (
+    ATTENTION,
+    MAMBA,
+    AttentionWidth,
+    LayerWidth,
+    MambaWidth,
+    MlpWidth,
+    ModelConfig,
+    Subnet,
+    count_parameters,
+)
+from .attention import Attention
+from .cache import HybridCache, KVState, MambaState
+from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .norm import RMSNorm
+from .slicing import prefix
+
+Device = torch.device | str | None
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device: Device = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.kind = config.pattern[layer]
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
+        full = config.layer_widths(layer)
+        d = config.hidden_size
+        if isinstance(full, MambaWidth):
+            self.mixer: nn.Module = Mamba2Mixer(
+                d, full.heads_per_group * config.mamba_n_groups, full.head_dim, config.mamba_n_groups,
+                config.ssm_state_size, config.conv_kernel, config.chunk_size, config.time_step_min,
+                config.norm_eps, config.use_bias, config.use_conv_bias, device=device, dtype=dtype)
+        elif isinstance(full, AttentionWidth):
+            self.mixer = Attention(d, full.heads_per_kv_group * config.num_key_value_heads,
+                                   config.num_key_value_heads, config.attention_head_dim, device=device, dtype=dtype)
+        else:
+            self.mixer = MLP(d, full.intermediate_size, config.mlp_bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int) -> torch.Tensor:
+        h = self.norm(x)
+        if self.kind == MAMBA:
+            state = cache.layers[layer] if cache is not None else None
+            assert state is None or isinstance(state, MambaState)
+            h, new = self.mixer(h, width, state, new_state=cache is not None)
+            if cache is not None:
+                cache.layers[layer] = new
+        elif self.kind == ATTENTION:
+            state = None
+            if cache is not None:
+                state = cache.layers[layer] or KVState()
+                cache.layers[layer] = state
+            h = self.mixer(h, width, state)
+        else:
+            h = self.mixer(h, width)
+        return x + h
+
+    def sliced(self, hidden: int, width: LayerWidth) -> dict[str, torch.Tensor]:
+        out = {"norm.weight": prefix(self.norm.weight, 0, hidden)}
+        out.update({f"mixer.{k}": v for k, v in self.mixer.sliced(hidden, width).items()})
+        return out
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        self.embeddings = nn.Embedding(config.vocab_size, d, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.num_layers))
+        self.norm_f = RMSNorm(d, config.norm_eps, device=device, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(d, config.vocab_size, bias=False,
+                                                                          device=device, dtype=dtype)
+        self._full = Subnet.full(config)
+        self._checked: set[Subnet] = {self._full}
+        if torch.device(device or "cpu").type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init (normal for projections and embeddings, Mamba-2's SSM init, residual
+        output projections of Mamba layers scaled by 1/sqrt(layers) as transformers does)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, (RMSNorm,)) or type(module).__name__ == "_Weight":
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            if isinstance(block.mixer, Mamba2Mixer):
+                block.mixer.init_ssm_parameters(self.config.time_step_max)
+                block.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.num_layers))
+
+    # -- running ------------------------------------------------------------------------------
+    def check_subnet(self, subnet: Subnet | None) -> Subnet:
+        if subnet is None:
+            return self._full
+        if subnet not in self._checked:
+            subnet.validate(self.config)
+            self._checked.add(subnet)
+        return subnet
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
+                cache: HybridCache | None = None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of the parent or of ``subnet``.
+
+        With ``cache`` the call continues from the tokens the cache has seen and updates it.
+        """
+        subnet = self.check_subnet(subnet)
+        if cache is not None and cache.subnet != subnet:
+            raise ValueError("this cache was created for a different Subnet; create one per Subnet")
+        d = subnet.hidden_size
+        x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
+        for i, (block, width) in enumerate(zip(self.layers, subnet.layers)):
+            if width is not None:
+                x = block(x, width, cache, i)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        x = self.norm_f(x)
+        return F.linear(x, prefix(self.head_weight(), 1, d))
+
+    def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
+        return HybridCache(self.config.num_layers, self.check_subnet(subnet))
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def num_parameters(self, subnet: Subnet | None = None) -> int:
+        """Exact parameter count of the parent or of the sub-model ``subnet`` names."""
+        return count_parameters(self.config, subnet)
+
+    def sliced_state_dict(self, subnet: Subnet) -> dict[str, torch.Tensor]:
+        """The sub-model's parameters under the extracted model's names (views where possible)."""
+        subnet = self.check_subnet(subnet)
+        d = subnet.hidden_size
+        out = {"embeddings.weight": prefix(self.embeddings.weight, 1, d), "norm_f.weight": prefix(self.norm_f.weight, 0, d)}
+        if self.lm_head is not None:
+            out["lm_head.weight"] = prefix(self.lm_head.weight, 1, d)
+        for new_index, old_index in enumerate(subnet.kept_layers):
+            width = subnet.layers[old_index]
+            assert width is not None
+            for k, v in self.layers[old_index].sliced(d, width).items():
+                out[f"layers.{new_index}.{k}"] = v
+        return out
+
+
+__all__ = ["HybridLM", "Block", "MambaWidth", "AttentionWidth", "MlpWidth"]

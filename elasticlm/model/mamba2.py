@@ -1,0 +1,232 @@
+"""Mamba-2 mixer: chunked SSD scan for training/prefill, recurrent step for decoding.
+
+Layout of ``in_proj`` outputs (transformers' NemotronH, DESIGN 2.1)::
+
+    [ z: heads·head_dim | x: heads·head_dim | B: groups·state | C: groups·state | dt: heads ]
+
+The conv1d runs over ``[x | B | C]``. Head ``h`` reads B/C group ``h // heads_per_group``.
+A sub-model keeps the first ``heads_per_group`` heads of *every* group and the first
+``head_dim`` channels of every kept head; B, C, the group count and the state size are
+never sliced. The gated norm normalises per group, over the kept channels of that group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MambaWidth
+from .cache import MambaState
+from .norm import gated_group_rms_norm
+from .slicing import grouped_prefix, prefix
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, n_groups: int, state_size: int,
+                 conv_kernel: int, chunk_size: int, time_step_min: float, norm_eps: float,
+                 use_bias: bool = False, use_conv_bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.n_groups = num_heads, head_dim, n_groups
+        self.state_size, self.conv_kernel, self.chunk_size = state_size, conv_kernel, chunk_size
+        self.time_step_min, self.norm_eps = time_step_min, norm_eps
+        d_inner = num_heads * head_dim
+        conv_dim = d_inner + 2 * n_groups * state_size
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(hidden_size, 2 * d_inner + 2 * n_groups * state_size + num_heads,
+                                 bias=use_bias, **kw)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=conv_kernel - 1,
+                                bias=use_conv_bias, **kw)
+        self.dt_bias = nn.Parameter(torch.empty(num_heads, **kw))
+        self.A_log = nn.Parameter(torch.empty(num_heads, **kw))
+        self.D = nn.Parameter(torch.empty(num_heads, **kw))
+        self.norm = _Weight(d_inner, **kw)
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias, **kw)
+
+    # -- slicing ----------------------------------------------------------------------------
+    def sliced(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
+        """This layer's parameters for the sub-model, keyed like its own state_dict.
+
+        Views when the width is full; otherwise small copies of the kept rows.
+        """
+        g, hg, p = self.n_groups, self.num_heads // self.n_groups, self.head_dim
+        h, c = width.heads_per_group, width.head_dim
+        d_inner, bc = self.num_heads * p, 2 * self.n_groups * self.state_size
+
+        def heads(w: torch.Tensor, dim: int = 0) -> torch.Tensor:  # [.. heads·head_dim ..] → kept channels
+            return grouped_prefix(w, dim, g, hg, h, p, c)
+
+        def per_head(w: torch.Tensor) -> torch.Tensor:  # [heads] → kept heads
+            return grouped_prefix(w, 0, g, hg, h)
+
+        def in_rows(w: torch.Tensor) -> torch.Tensor:
+            if h == hg and c == p:
+                return w
+            z, x, b_c, dt = w.split([d_inner, d_inner, bc, self.num_heads], dim=0)
+            return torch.cat([heads(z), heads(x), b_c, per_head(dt)], dim=0)
+
+        def conv_rows(w: torch.Tensor) -> torch.Tensor:
+            if h == hg and c == p:
+                return w
+            x, b_c = w.split([d_inner, bc], dim=0)
+            return torch.cat([heads(x), b_c], dim=0)
+
+        out = {
+            "in_proj.weight": prefix(in_rows(self.in_proj.weight), 1, hidden),
+            "conv1d.weight": conv_rows(self.conv1d.weight),
+            "dt_bias": per_head(self.dt_bias),
+            "A_log": per_head(self.A_log),
+            "D": per_head(self.D),
+            "norm.weight": heads(self.norm.weight),
+            "out_proj.weight": prefix(heads(self.out_proj.weight, 1), 0, hidden),
+        }
+        if self.in_proj.bias is not None:
+            out["in_proj.bias"] = in_rows(self.in_proj.bias)
+            out["out_proj.bias"] = prefix(self.out_proj.bias, 0, hidden)
+        if self.conv1d.bias is not None:
+            out["conv1d.bias"] = conv_rows(self.conv1d.bias)
+        return out
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
+                new_state: bool = False) -> tuple[torch.Tensor, MambaState | None]:
+        """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
+        the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
+        token at a time."""
+        b, t, _ = u.shape
+        prm = self.sliced(u.shape[-1], width)
+        g, n, k = self.n_groups, self.state_size, self.conv_kernel
+        heads, hd = g * width.heads_per_group, width.head_dim
+        d_inner = heads * hd
+
+        zxbcdt = F.linear(u, prm["in_proj.weight"], prm.get("in_proj.bias"))
+        z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, heads], dim=-1)
+
+        conv_w, conv_b = prm["conv1d.weight"], prm.get("conv1d.bias")
+        xbc = xbc.transpose(1, 2)  # [b, channels, t]
+        track = state is not None or new_state
+        if state is not None:
+            if t == 1:  # decode: a dot product over the last `kernel` inputs
+                window = torch.cat([state.conv, xbc], dim=-1)
+                conv_out = (window * conv_w[:, 0, :]).sum(-1, keepdim=True)
+                if conv_b is not None:
+                    conv_out = conv_out + conv_b[:, None]
+            else:
+                window = torch.cat([state.conv, xbc], dim=-1)
+                conv_out = F.conv1d(window, conv_w, conv_b, groups=window.shape[1])
+        else:
+            window = F.pad(xbc, (k - 1, 0)) if track else xbc
+            conv_out = F.conv1d(xbc, conv_w, conv_b, padding=k - 1, groups=xbc.shape[1])[..., :t]
+        conv_state = window[..., window.shape[-1] - (k - 1):] if track else None
+        xbc = F.silu(conv_out).transpose(1, 2)
+        x, B, C = xbc.split([d_inner, g * n, g * n], dim=-1)
+
+        A = -torch.exp(prm["A_log"].float())
+        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp(min=self.time_step_min)
+        x = x.reshape(b, t, heads, hd)
+        B, C = B.reshape(b, t, g, n), C.reshape(b, t, g, n)
+        init = state.ssm if state is not None else None
+        if state is not None and t == 1:
+            y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], init)
+            y = y[:, None]
+        else:
+            y, ssm = ssd_chunked(x, dt, A, B, C, self.chunk_size, init)
+        y = y + x.float() * prm["D"].float()[:, None]
+        y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps)
+        out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
+        return out, (MambaState(conv_state, ssm) if track else None)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self, time_step_max: float) -> None:
+        """Mamba-2's standard init: A = 1..heads, D = 1, dt log-uniform in [dt_min, dt_max]."""
+        h = self.num_heads
+        self.A_log.copy_(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        lo, hi = math.log(self.time_step_min), math.log(time_step_max)
+        dt = torch.exp(torch.rand(h) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+class _Weight(nn.Module):
+    """Holds the gated norm's weight under the name ``norm.weight`` (checkpoint compatibility)."""
+
+    def __init__(self, size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+
+
+# -- the SSD scan ----------------------------------------------------------------------------
+
+
+def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step. x [b, heads, p]; dt [b, heads]; A [heads]; B, C [b, groups, n];
+    state [b, heads, p, n] (fp32). Returns y [b, heads, p] (fp32) and the new state."""
+    b, heads, p = x.shape
+    g = B.shape[1]
+    decay = torch.exp(dt * A)  # [b, heads]
+    xdt = x.float() * dt[..., None]  # [b, heads, p]
+    s = state.view(b, g, heads // g, p, -1)
+    s = s * decay.view(b, g, heads // g, 1, 1) + xdt.view(b, g, heads // g, p, 1) * B.float()[:, :, None, None, :]
+    y = torch.einsum("bghpn,bgn->bghp", s, C.float())
+    return y.reshape(b, heads, p), s.reshape(b, heads, p, -1)
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked state-space-duality scan, in fp32, for any sequence length.
+
+    x [b, t, heads, p]; dt [b, t, heads] (after softplus); A [heads] (negative);
+    B, C [b, t, groups, n]; initial_state [b, heads, p, n] or None.
+    Returns y [b, t, heads, p] (without the D skip) and the final state [b, heads, p, n].
+
+    Heads are kept as ``[groups, heads_per_group]`` so that ``C·Bᵀ`` is computed once per group
+    rather than once per head. Padding the tail with dt = 0 leaves the final state untouched
+    (decay exp(0) = 1, input x·dt = 0).
+    """
+    b, t, heads, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = heads // g
+    l = min(chunk_size, t)
+    pad = (-t) % l
+    x, B, C = x.float(), B.float(), C.float()
+    xdt = x * dt[..., None]
+    a = dt * A  # [b, t, heads]
+    if pad:
+        xdt, a = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+    nc = (t + pad) // l
+    xdt = xdt.view(b, nc, l, g, hg, p)
+    B, C = B.view(b, nc, l, g, n), C.view(b, nc, l, g, n)
+    a = a.view(b, nc, l, g, hg).permute(0, 3, 4, 1, 2)  # [b, g, hg, c, l]
+    a_cs = torch.cumsum(a, dim=-1)
+
+    # 1. within each chunk: y_l = Σ_{s≤l} (C_l·B_s) exp(a_cs[l] − a_cs[s]) x_s dt_s
+    causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
+    seg = (a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, -math.inf)
+    cb = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s], shared by the group's heads
+    m = cb[:, :, None] * torch.exp(seg)  # [b, g, hg, c, l, s]
+    y = torch.einsum("bghcls,bcsghp->bclghp", m, xdt)
+
+    # 2. each chunk's own end state, 3. carried across chunks, 4. read out within the next chunk
+    decay_to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [b, g, hg, c, l]
+    b_decay = B[:, :, :, :, None, :] * decay_to_end.permute(0, 3, 4, 1, 2)[..., None]  # [b, c, l, g, hg, n]
+    chunk_states = torch.einsum("bclghn,bclghp->bcghpn", b_decay, xdt)
+    if initial_state is None:
+        start = torch.zeros(b, 1, g, hg, p, n, device=x.device, dtype=torch.float32)
+    else:
+        start = initial_state.float().view(b, 1, g, hg, p, n)
+    states = torch.cat([start, chunk_states], dim=1)  # [b, c+1, g, hg, p, n]
+    a_end = F.pad(a_cs[..., -1], (1, 0))  # [b, g, hg, c+1]
+    a_end_cs = torch.cumsum(a_end, dim=-1)
+    causal_c = torch.ones(nc + 1, nc + 1, dtype=torch.bool, device=x.device).tril()
+    carry = torch.exp((a_end_cs[..., :, None] - a_end_cs[..., None, :]).masked_fill(~causal_c, -math.inf))
+    states = torch.einsum("bghzc,bcghpn->bzghpn", carry, states)
+    final = states[:, -1]
+    y_off = torch.einsum("bclgn,bcghpn->bclghp", C, states[:, :-1])
+    y = y + y_off * torch.exp(a_cs).permute(0, 3, 4, 1, 2)[..., None]
+    y = y.reshape(b, nc * l, heads, p)[:, :t]
+    return y, final.reshape(b, heads, p, n)

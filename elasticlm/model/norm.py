@@ -1,0 +1,41 @@
+"""RMS norms whose statistics are taken over the *active* channels only.
+
+Slicing the weight and the input to a prefix gives exactly the norm of the smaller model,
+which is why a Subnet run of the parent equals the extracted model (DESIGN 4.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight[: x.shape[-1]], self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (statistics and weight multiply), cast back to the input dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def gated_group_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
+                         eps: float) -> torch.Tensor:
+    """Mamba-2's gated norm: ``norm(y * silu(z))`` with statistics per group of channels.
+
+    The gate is applied before the norm; ``weight`` multiplies after the cast back to the
+    input dtype (both as transformers' NemotronH does).
+    """
+    h = y.float() * F.silu(z.float())
+    shape = h.shape
+    h = h.reshape(*shape[:-1], groups, shape[-1] // groups)
+    h = F.rms_norm(h, (h.shape[-1],), None, eps).reshape(shape)
+    return weight * h.to(y.dtype)
