@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .model.hf import config_from_hf, config_to_hf, is_nemotron_h, name_from_hf, name_to_hf
+from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_nemotron_h, name_from_hf, resolve_tied_head
 from .model.hybrid import HybridLM
 
 NATIVE_FORMAT = 1
@@ -112,7 +112,9 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         name = name_from_hf(key) if kind == "hf" else key
         if name is not None:
             weights[name] = tensor
-    if config.tie_word_embeddings:
+    if kind == "hf":
+        config = resolve_tied_head(config, weights)
+    elif config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model = HybridLM(config, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -176,7 +178,7 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
     dtype = model.embeddings.weight.dtype
     if format == "hf":
         config = config_to_hf(model.config, dtype)  # raises before anything is written
-        state = {name_to_hf(k): v for k, v in state.items()}
+        state = hf_state_dict(model)
     else:
         config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
     config.update(extra_config or {})

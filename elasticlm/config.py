@@ -23,14 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .errors import ConfigError
 
 MAMBA, ATTENTION, MLP = "M", "*", "-"
 LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
 
-IntOrList = Union[int, list[int]]
+IntOrList = int | list[int]
 
 
 def _per_layer(value: IntOrList, count: int, name: str) -> list[int]:
@@ -223,7 +223,7 @@ class MlpWidth:
     intermediate_size: int
 
 
-LayerWidth = Union[MambaWidth, AttentionWidth, MlpWidth]
+LayerWidth = MambaWidth | AttentionWidth | MlpWidth
 _WIDTH_OF_KIND = {MAMBA: MambaWidth, ATTENTION: AttentionWidth, MLP: MlpWidth}
 
 
@@ -289,7 +289,8 @@ class Subnet:
             for name in dataclasses.fields(width):
                 v, limit = getattr(width, name.name), getattr(full, name.name)
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
-                    raise ConfigError(f"subnet layer {i} ({LAYER_NAMES[kind]}) {name.name}={v!r} must be in [1, {limit}]")
+                    raise ConfigError(
+                        f"subnet layer {i} ({LAYER_NAMES[kind]}) {name.name}={v!r} must be in [1, {limit}]")
 
     def to_dict(self) -> dict[str, Any]:
         def entry(w: LayerWidth | None) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ transformers itself is only needed for the in-memory converters at the bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,27 @@ def name_to_hf(name: str) -> str:
     return name if name.startswith("lm_head.") else "backbone." + name
 
 
+def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> ModelConfig:
+    """transformers' NemotronH never ties its head (its ``_tied_weights_keys`` is empty): with
+    ``tie_word_embeddings`` set it still reads ``lm_head.weight``. Keep our model tied only when
+    that head equals the embeddings (or is absent); drop the duplicate in that case."""
+    head, emb = weights.get("lm_head.weight"), weights.get("embeddings.weight")
+    if not config.tie_word_embeddings or head is None:
+        return config
+    if emb is not None and head.shape == emb.shape and torch.equal(head, emb):
+        del weights["lm_head.weight"]
+        return config
+    return dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under NemotronH's on-disk names (an explicit head even when tied)."""
+    state = {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"].clone()
+    return state
+
+
 # -- in-memory converters (need transformers) ------------------------------------------------
 
 
@@ -195,8 +217,9 @@ def from_transformers(hf_model: Any) -> HybridLM:
     weights = {}
     for k, v in hf_model.state_dict().items():
         name = name_from_hf(k)
-        if name is not None and not (config.tie_word_embeddings and name == "lm_head.weight"):
+        if name is not None:
             weights[name] = v.detach().clone()
+    config = resolve_tied_head(config, weights)
     model = HybridLM(config, device="meta")
     model.load_state_dict(weights, strict=True, assign=True)
     return model
@@ -211,8 +234,6 @@ def to_transformers(model: HybridLM) -> Any:
     for k in ("architectures", "model_type", "hybrid_override_pattern", "num_hidden_layers", "dtype"):
         cfg.pop(k)
     hf = NemotronHForCausalLM(NemotronHConfig(**cfg)).to(dtype)
-    state = {"model." + k if not k.startswith("lm_head.") else k: v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embeddings.weight"]
+    state = {k.replace("backbone.", "model.", 1): v for k, v in hf_state_dict(model).items()}
     hf.load_state_dict(state, strict=True)
     return hf.eval()

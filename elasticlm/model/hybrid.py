@@ -134,7 +134,7 @@ class HybridLM(nn.Module):
             raise ValueError("this cache was created for a different Subnet; create one per Subnet")
         d = subnet.hidden_size
         x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
-        for i, (block, width) in enumerate(zip(self.layers, subnet.layers)):
+        for i, (block, width) in enumerate(zip(self.layers, subnet.layers, strict=True)):
             if width is not None:
                 x = block(x, width, cache, i)
         if cache is not None:
@@ -154,7 +154,8 @@ class HybridLM(nn.Module):
         """The sub-model's parameters under the extracted model's names (views where possible)."""
         subnet = self.check_subnet(subnet)
         d = subnet.hidden_size
-        out = {"embeddings.weight": prefix(self.embeddings.weight, 1, d), "norm_f.weight": prefix(self.norm_f.weight, 0, d)}
+        out = {"embeddings.weight": prefix(self.embeddings.weight, 1, d),
+               "norm_f.weight": prefix(self.norm_f.weight, 0, d)}
         if self.lm_head is not None:
             out["lm_head.weight"] = prefix(self.lm_head.weight, 1, d)
         for new_index, old_index in enumerate(subnet.kept_layers):

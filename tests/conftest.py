@@ -1,0 +1,89 @@
+"""Shared helpers: tiny random models, transformers twins, random Subnets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, Subnet
+from elasticlm.model.hf import _KIND_HF
+
+torch.set_num_threads(2)
+
+
+def tiny_config(pattern: str = "M-*M-M*", *, groups: int = 2, heads: int = 8, head_dim: int = 8,
+                q_heads: int = 4, kv_heads: int = 2, hidden: int = 32, chunk: int = 8, **kw) -> ModelConfig:
+    return ModelConfig(pattern=pattern, vocab_size=kw.pop("vocab_size", 64), hidden_size=hidden,
+                       mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_n_groups=groups, ssm_state_size=16,
+                       chunk_size=chunk, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+                       attention_head_dim=8, intermediate_size=48, **kw)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter an O(1)-effect random value, so that any wiring mistake shows in
+    the logits (the default init makes mixers nearly silent)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+            v = 1 + 0.3 * torch.randn(p.shape, generator=g)
+        elif name.endswith("A_log"):
+            v = 0.7 * torch.randn(p.shape, generator=g)
+        elif name.endswith("dt_bias"):
+            v = torch.randn(p.shape, generator=g) - 1
+        elif name.endswith(".D"):
+            v = torch.randn(p.shape, generator=g)
+        else:
+            v = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+        p.copy_(v.to(p.dtype))
+    return model
+
+
+def hf_twin(config: ModelConfig, seed: int = 0):
+    """A randomly initialised transformers NemotronHForCausalLM with ``config``'s architecture."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    assert config.is_homogeneous
+    hc = NemotronHConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        layers_block_type=[_KIND_HF[k] for k in config.pattern],
+        mamba_num_heads=config.mamba_heads_list()[0] if config.count("M") else 8,
+        mamba_head_dim=config.mamba_head_dims_list()[0] if config.count("M") else 8,
+        n_groups=config.mamba_n_groups, ssm_state_size=config.ssm_state_size, chunk_size=config.chunk_size,
+        conv_kernel=config.conv_kernel,
+        num_attention_heads=config.attention_heads_list()[0] if config.count("*") else 4,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.attention_head_dim,
+        intermediate_size=config.intermediate_sizes_list()[0] if config.count("-") else 48,
+        tie_word_embeddings=config.tie_word_embeddings, use_bias=config.use_bias, mlp_bias=config.mlp_bias,
+    )
+    torch.manual_seed(seed)
+    return randomize_(NemotronHForCausalLM(hc), seed).eval()
+
+
+def random_subnet(config: ModelConfig, rng: random.Random, allow_drop: bool = True) -> Subnet:
+    """A random valid Subnet with per-layer (heterogeneous) widths and possibly dropped layers."""
+    layers = []
+    for i in range(config.num_layers):
+        full = config.layer_widths(i)
+        if allow_drop and rng.random() < 0.2:
+            layers.append(None)
+        elif isinstance(full, MambaWidth):
+            layers.append(MambaWidth(rng.randint(1, full.heads_per_group), rng.randint(1, full.head_dim)))
+        elif isinstance(full, AttentionWidth):
+            layers.append(AttentionWidth(rng.randint(1, full.heads_per_kv_group)))
+        else:
+            layers.append(MlpWidth(rng.randint(1, full.intermediate_size)))
+    if all(w is None for w in layers):
+        layers[0] = config.layer_widths(0)
+    return Subnet(rng.randint(max(1, config.hidden_size // 4), config.hidden_size), tuple(layers))
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)

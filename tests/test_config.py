@@ -1,0 +1,80 @@
+"""Validation with errors that name the field; presets; exact counts at real scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from elasticlm import AttentionWidth, ConfigError, HybridLM, MambaWidth, MlpWidth, ModelConfig, Subnet, preset
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(pattern="M-X"), "unknown layer character"),
+    (dict(pattern="M-E"), "MoE"),
+    (dict(pattern=""), "pattern"),
+    (dict(heads=6, groups=4), "mamba_num_heads=6"),
+    (dict(q_heads=5, kv_heads=2), "num_attention_heads=5"),
+    (dict(hidden=0), "hidden_size"),
+    (dict(chunk=-1), "chunk_size"),
+    (dict(heads=[8, 8]), "mamba_num_heads has 2 entries"),
+    (dict(vocab_size=2), "eos_token_id"),
+])
+def test_invalid_configs_name_the_field(change, needle):
+    with pytest.raises(ConfigError, match=needle):
+        tiny_config(**change)
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    with pytest.raises(ConfigError, match="unknown model config field"):
+        ModelConfig.from_dict({"pattern": "M", "vocab_size": 8, "hidden_size": 8, "hiden": 3})
+    with pytest.raises(ConfigError, match="missing required"):
+        ModelConfig.from_dict({"pattern": "M"})
+
+
+def test_config_round_trips_through_dict():
+    cfg = tiny_config(heads=[8, 4, 8])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert not cfg.is_homogeneous
+
+
+@pytest.mark.parametrize("subnet,needle", [
+    (lambda c: Subnet(c.hidden_size + 1, Subnet.full(c).layers), "hidden_size"),
+    (lambda c: Subnet(c.hidden_size, Subnet.full(c).layers[:-1]), "layer entries"),
+    (lambda c: Subnet(c.hidden_size, (MambaWidth(5, 8),) + Subnet.full(c).layers[1:]), "heads_per_group=5"),
+    (lambda c: Subnet(c.hidden_size, (MambaWidth(1, 9),) + Subnet.full(c).layers[1:]), "head_dim=9"),
+    (lambda c: Subnet(c.hidden_size, (MlpWidth(4),) + Subnet.full(c).layers[1:]), "layer 0 is a mamba layer"),
+    (lambda c: Subnet(c.hidden_size, Subnet.full(c).layers[:2] + (AttentionWidth(0),) + Subnet.full(c).layers[3:]),
+     "heads_per_kv_group=0"),
+])
+def test_invalid_subnets_name_the_field(subnet, needle):
+    cfg = tiny_config()
+    model = HybridLM(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        model(torch.zeros(1, 3, dtype=torch.long), subnet=subnet(cfg))
+
+
+def test_nemotron_nano_12b_count_matches_transformers():
+    pytest.importorskip("transformers")
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from elasticlm.model.hf import config_to_hf
+
+    cfg = preset("nemotron-nano-12b-v2")
+    hf_cfg = config_to_hf(cfg)
+    for k in ("architectures", "model_type", "hybrid_override_pattern", "num_hidden_layers", "dtype"):
+        hf_cfg.pop(k)
+    with torch.device("meta"):
+        hf = NemotronHForCausalLM(NemotronHConfig(**hf_cfg))
+    expected = sum(p.numel() for p in hf.parameters())
+    ours = HybridLM(cfg, device="meta")
+    assert ours.num_parameters() == expected == sum(p.numel() for p in ours.parameters())
+    assert 12.0e9 < expected < 12.6e9
+
+
+def test_presets_build():
+    for name in ("tiny", "demo"):
+        model = HybridLM(preset(name))
+        assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
