@@ -87,3 +87,9 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test sees the same random stream, whatever ran before it."""
+    torch.manual_seed(0)
