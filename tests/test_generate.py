@@ -50,3 +50,11 @@ def test_sampling_is_reproducible_by_seed():
     a = generate(m, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(5))
     b = generate(m, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_generated_ids_can_feed_training():
+    m = model()
+    out = generate(m, torch.randint(0, 64, (1, 3)), max_new_tokens=3)
+    m.train()
+    m(out).sum().backward()  # inference-mode tensors would refuse this
+    assert m.embeddings.weight.grad is not None

@@ -170,9 +170,10 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     decay = torch.exp(dt * A)  # [b, heads]
     xdt = x.float() * dt[..., None]  # [b, heads, p]
     s = state.view(b, g, heads // g, p, -1)
-    s = s * decay.view(b, g, heads // g, 1, 1) + xdt.view(b, g, heads // g, p, 1) * B.float()[:, :, None, None, :]
-    y = torch.einsum("bghpn,bgn->bghp", s, C.float())
-    return y.reshape(b, heads, p), s.reshape(b, heads, p, -1)
+    s = torch.addcmul(s * decay.view(b, g, heads // g, 1, 1), xdt.view(b, g, heads // g, p, 1),
+                      B.float()[:, :, None, None, :])
+    y = s @ C.float()[:, :, None, :, None]  # [b, g, hg, p, 1]
+    return y.view(b, heads, p), s.view(b, heads, p, -1)
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -183,50 +184,47 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     B, C [b, t, groups, n]; initial_state [b, heads, p, n] or None.
     Returns y [b, t, heads, p] (without the D skip) and the final state [b, heads, p, n].
 
-    Heads are kept as ``[groups, heads_per_group]`` so that ``C·Bᵀ`` is computed once per group
-    rather than once per head. Padding the tail with dt = 0 leaves the final state untouched
-    (decay exp(0) = 1, input x·dt = 0).
+    Everything runs in the layout ``[b, groups, heads_per_group, chunks, positions, ·]`` so that
+    every contraction is a plain batched matmul (no hidden copies), and ``C·Bᵀ`` is computed
+    once per group rather than once per head. Padding the tail with dt = 0 leaves the final
+    state untouched (decay exp(0) = 1, input x·dt = 0).
     """
     b, t, heads, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = heads // g
     l = min(chunk_size, t)
     pad = (-t) % l
-    x, B, C = x.float(), B.float(), C.float()
-    xdt = x * dt[..., None]
+    nc = (t + pad) // l
+    xdt = x.float() * dt[..., None]
     a = dt * A  # [b, t, heads]
+    B, C = B.float(), C.float()
     if pad:
         xdt, a = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
-    nc = (t + pad) // l
-    xdt = xdt.view(b, nc, l, g, hg, p)
-    B, C = B.view(b, nc, l, g, n), C.view(b, nc, l, g, n)
-    a = a.view(b, nc, l, g, hg).permute(0, 3, 4, 1, 2)  # [b, g, hg, c, l]
-    a_cs = torch.cumsum(a, dim=-1)
+    xdt = xdt.view(b, nc, l, g, hg, p).permute(0, 3, 4, 1, 2, 5)  # [b, g, hg, c, l, p]
+    a_cs = a.view(b, nc, l, g, hg).permute(0, 3, 4, 1, 2).cumsum(dim=-1)  # [b, g, hg, c, l]
+    B = B.view(b, nc, l, g, n).permute(0, 3, 1, 2, 4)  # [b, g, c, l, n]
+    C = C.view(b, nc, l, g, n).permute(0, 3, 1, 2, 4)
 
     # 1. within each chunk: y_l = Σ_{s≤l} (C_l·B_s) exp(a_cs[l] − a_cs[s]) x_s dt_s
     causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
-    seg = (a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, -math.inf)
-    cb = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, l, s], shared by the group's heads
-    m = cb[:, :, None] * torch.exp(seg)  # [b, g, hg, c, l, s]
-    y = torch.einsum("bghcls,bcsghp->bclghp", m, xdt)
+    decay = torch.exp((a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, -math.inf))
+    cb = (C @ B.transpose(-1, -2))[:, :, None]  # [b, g, 1, c, l, s], shared by the group's heads
+    y = (decay * cb) @ xdt  # [b, g, hg, c, l, p]
 
     # 2. each chunk's own end state, 3. carried across chunks, 4. read out within the next chunk
     decay_to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [b, g, hg, c, l]
-    b_decay = B[:, :, :, :, None, :] * decay_to_end.permute(0, 3, 4, 1, 2)[..., None]  # [b, c, l, g, hg, n]
-    chunk_states = torch.einsum("bclghn,bclghp->bcghpn", b_decay, xdt)
+    chunk_states = xdt.transpose(-1, -2) @ (B[:, :, None] * decay_to_end[..., None])  # [b, g, hg, c, p, n]
     if initial_state is None:
-        start = torch.zeros(b, 1, g, hg, p, n, device=x.device, dtype=torch.float32)
+        start = torch.zeros(b, g, hg, 1, p, n, device=x.device, dtype=torch.float32)
     else:
-        start = initial_state.float().view(b, 1, g, hg, p, n)
-    states = torch.cat([start, chunk_states], dim=1)  # [b, c+1, g, hg, p, n]
-    a_end = F.pad(a_cs[..., -1], (1, 0))  # [b, g, hg, c+1]
-    a_end_cs = torch.cumsum(a_end, dim=-1)
+        start = initial_state.float().view(b, g, hg, 1, p, n)
+    states = torch.cat([start, chunk_states], dim=3)  # [b, g, hg, c+1, p, n]
+    a_end_cs = F.pad(a_cs[..., -1], (1, 0)).cumsum(dim=-1)  # [b, g, hg, c+1]
     causal_c = torch.ones(nc + 1, nc + 1, dtype=torch.bool, device=x.device).tril()
     carry = torch.exp((a_end_cs[..., :, None] - a_end_cs[..., None, :]).masked_fill(~causal_c, -math.inf))
-    states = torch.einsum("bghzc,bcghpn->bzghpn", carry, states)
-    final = states[:, -1]
-    y_off = torch.einsum("bclgn,bcghpn->bclghp", C, states[:, :-1])
-    y = y + y_off * torch.exp(a_cs).permute(0, 3, 4, 1, 2)[..., None]
-    y = y.reshape(b, nc * l, heads, p)[:, :t]
+    states = (carry @ states.flatten(-2)).view(b, g, hg, nc + 1, p, n)  # state at each chunk start
+    final = states[:, :, :, -1]
+    y_off = (C[:, :, None] @ states[:, :, :, :-1].transpose(-1, -2)) * torch.exp(a_cs)[..., None]
+    y = (y + y_off).permute(0, 3, 4, 1, 2, 5).reshape(b, nc * l, heads, p)[:, :t]
     return y, final.reshape(b, heads, p, n)
