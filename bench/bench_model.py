@@ -24,7 +24,6 @@ from elasticlm import ModelConfig, generate, preset
 from elasticlm.model.hf import from_transformers, to_transformers
 from elasticlm.model.hybrid import HybridLM
 
-
 # Nemotron Nano V2 12B's proportions at CPU scale: d_inner = 2 × hidden, 16 Mamba heads per
 # group, chunk 128, FFN = 4 × hidden, 4 query heads per KV head.
 NANO_SHAPED = dict(pattern="M-M-M*-M-M-M*-", vocab_size=4096, hidden_size=256, mamba_num_heads=32, mamba_head_dim=16,
@@ -41,6 +40,18 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fa`` and ``fb``, run alternately so that drift hits both alike."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fa, ta), (fb, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -89,13 +100,6 @@ def main() -> None:
     ours.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()  # forward + backward, as torch counts them
 
-    ours.train()
-    hf.train()
-    t_ours = timed(train_step_fn(ours, ids, False), args.steps)
-    t_hf = timed(train_step_fn(hf, ids, True), args.steps)
-    ours.eval()
-    hf.eval()
-
     prompt = torch.randint(3, config.vocab_size, (1, args.prompt))
     n = args.new_tokens
 
@@ -106,8 +110,11 @@ def main() -> None:
         hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     with torch.no_grad():
-        d_ours = timed(dec_ours, max(2, args.steps // 2))
-        d_hf = timed(dec_hf, max(2, args.steps // 2))
+        d_ours, d_hf = timed_pair(dec_ours, dec_hf, args.steps)
+
+    ours.train()
+    hf.train()
+    t_ours, t_hf = timed_pair(train_step_fn(ours, ids, False), train_step_fn(hf, ids, True), args.steps)
 
     tokens = args.batch * args.seq
     res = {

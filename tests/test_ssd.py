@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elasticlm.model.mamba2 import ssd_chunked, ssd_step
+from elasticlm.model.mamba2 import ssd_chunked
 
 
 def naive_scan(x, dt, A, B, C, state=None):
@@ -43,15 +43,3 @@ def test_chunked_matches_naive(t, chunk, heads, g, with_state):
     y_ref, final_ref = naive_scan(x, dt, A, B, C, state)
     assert torch.allclose(y.double(), y_ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(final.double(), final_ref, atol=1e-4, rtol=1e-4)
-
-
-def test_step_matches_naive():
-    x, dt, A, B, C = random_inputs(2, 6, 4, 3, 2, 5, seed=3)
-    state = torch.zeros(2, 4, 3, 5)
-    ys = []
-    for s in range(6):
-        y, state = ssd_step(x[:, s], dt[:, s], A, B[:, s], C[:, s], state)
-        ys.append(y)
-    y_ref, final_ref = naive_scan(x, dt, A, B, C)
-    assert torch.allclose(torch.stack(ys, 1).double(), y_ref, atol=1e-4)
-    assert torch.allclose(state.double(), final_ref, atol=1e-4)

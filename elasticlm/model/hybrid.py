@@ -28,7 +28,7 @@ from .attention import Attention
 from .cache import HybridCache, KVState, MambaState
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm
 from .slicing import prefix
 
 Device = torch.device | str | None
@@ -53,11 +53,13 @@ class Block(nn.Module):
             self.mixer = MLP(d, full.intermediate_size, config.mlp_bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int) -> torch.Tensor:
-        h = self.norm(x)
+        # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
+        # nn.Module.__call__ costs as much as a small kernel here.
+        h = rms_norm(x, prefix(self.norm.weight, 0, x.shape[-1]), self.norm.eps)
         if self.kind == MAMBA:
             state = cache.layers[layer] if cache is not None else None
             assert state is None or isinstance(state, MambaState)
-            h, new = self.mixer(h, width, state, new_state=cache is not None)
+            h, new = self.mixer.forward(h, width, state, new_state=cache is not None)
             if cache is not None:
                 cache.layers[layer] = new
         elif self.kind == ATTENTION:
@@ -65,9 +67,9 @@ class Block(nn.Module):
             if cache is not None:
                 state = cache.layers[layer] or KVState()
                 cache.layers[layer] = state
-            h = self.mixer(h, width, state)
+            h = self.mixer.forward(h, width, state)
         else:
-            h = self.mixer(h, width)
+            h = self.mixer.forward(h, width)
         return x + h
 
     def sliced(self, hidden: int, width: LayerWidth) -> dict[str, torch.Tensor]:
@@ -136,7 +138,7 @@ class HybridLM(nn.Module):
         x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
         for i, (block, width) in enumerate(zip(self.layers, subnet.layers, strict=True)):
             if width is not None:
-                x = block(x, width, cache, i)
+                x = block.forward(x, width, cache, i)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         x = self.norm_f(x)

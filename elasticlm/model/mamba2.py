@@ -54,6 +54,8 @@ class Mamba2Mixer(nn.Module):
         """
         g, hg, p = self.n_groups, self.num_heads // self.n_groups, self.head_dim
         h, c = width.heads_per_group, width.head_dim
+        if h == hg and c == p and hidden == self.out_proj.out_features:
+            return self._full_params()
         d_inner, bc = self.num_heads * p, 2 * self.n_groups * self.state_size
 
         def heads(w: torch.Tensor, dim: int = 0) -> torch.Tensor:  # [.. heads·head_dim ..] → kept channels
@@ -90,6 +92,16 @@ class Mamba2Mixer(nn.Module):
             out["conv1d.bias"] = conv_rows(self.conv1d.bias)
         return out
 
+    def _full_params(self) -> dict[str, torch.Tensor]:
+        out = {"in_proj.weight": self.in_proj.weight, "conv1d.weight": self.conv1d.weight,
+               "dt_bias": self.dt_bias, "A_log": self.A_log, "D": self.D, "norm.weight": self.norm.weight,
+               "out_proj.weight": self.out_proj.weight}
+        if self.in_proj.bias is not None:
+            out["in_proj.bias"], out["out_proj.bias"] = self.in_proj.bias, self.out_proj.bias
+        if self.conv1d.bias is not None:
+            out["conv1d.bias"] = self.conv1d.bias
+        return out
+
     # -- forward ----------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False) -> tuple[torch.Tensor, MambaState | None]:
@@ -98,6 +110,8 @@ class Mamba2Mixer(nn.Module):
         token at a time."""
         b, t, _ = u.shape
         prm = self.sliced(u.shape[-1], width)
+        if state is not None and t == 1:
+            return self._step(u, prm, width, state)
         g, n, k = self.n_groups, self.state_size, self.conv_kernel
         heads, hd = g * width.heads_per_group, width.head_dim
         d_inner = heads * hd
@@ -109,14 +123,8 @@ class Mamba2Mixer(nn.Module):
         xbc = xbc.transpose(1, 2)  # [b, channels, t]
         track = state is not None or new_state
         if state is not None:
-            if t == 1:  # decode: a dot product over the last `kernel` inputs
-                window = torch.cat([state.conv, xbc], dim=-1)
-                conv_out = (window * conv_w[:, 0, :]).sum(-1, keepdim=True)
-                if conv_b is not None:
-                    conv_out = conv_out + conv_b[:, None]
-            else:
-                window = torch.cat([state.conv, xbc], dim=-1)
-                conv_out = F.conv1d(window, conv_w, conv_b, groups=window.shape[1])
+            window = torch.cat([state.conv, xbc], dim=-1)
+            conv_out = F.conv1d(window, conv_w, conv_b, groups=window.shape[1])
         else:
             window = F.pad(xbc, (k - 1, 0)) if track else xbc
             conv_out = F.conv1d(xbc, conv_w, conv_b, padding=k - 1, groups=xbc.shape[1])[..., :t]
@@ -129,15 +137,37 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, t, heads, hd)
         B, C = B.reshape(b, t, g, n), C.reshape(b, t, g, n)
         init = state.ssm if state is not None else None
-        if state is not None and t == 1:
-            y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], init)
-            y = y[:, None]
-        else:
-            y, ssm = ssd_chunked(x, dt, A, B, C, self.chunk_size, init)
+        y, ssm = ssd_chunked(x, dt, A, B, C, scan_chunk_size(self.chunk_size, u.device), init)
         y = y + x.float() * prm["D"].float()[:, None]
         y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps)
         out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out, (MambaState(conv_state, ssm) if track else None)
+
+    def _step(self, u: torch.Tensor, prm: dict[str, torch.Tensor], width: MambaWidth,
+              state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One decoding step, written for few kernel launches (decode is overhead-bound)."""
+        b = u.shape[0]
+        g, n = self.n_groups, self.state_size
+        hg, hd = width.heads_per_group, width.head_dim
+        d_inner = g * hg * hd
+        zxbcdt = F.linear(u.view(b, -1), prm["in_proj.weight"], prm.get("in_proj.bias"))
+        z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, g * hg], dim=-1)
+        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [b, channels, kernel]
+        xbc = torch.linalg.vecdot(window, prm["conv1d.weight"][:, 0])
+        if "conv1d.bias" in prm:
+            xbc = xbc + prm["conv1d.bias"]
+        x, B, C = F.silu(xbc).split([d_inner, g * n, g * n], dim=-1)
+        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp_(min=self.time_step_min)
+        decay = (dt * prm["A_log"].float().exp()).neg_().exp_().view(b, g, hg, 1, 1)
+        x = x.float().view(b, g, hg, hd, 1)
+        ssm = torch.addcmul(state.ssm.view(b, g, hg, hd, n) * decay, x * dt.view(b, g, hg, 1, 1),
+                            B.float().view(b, g, 1, 1, n))
+        y = torch.addcmul(torch.linalg.vecdot(ssm, C.float().view(b, g, 1, 1, n)), x[..., 0],
+                          prm["D"].float().view(g, hg, 1))
+        h = (y * F.silu(z.float()).view(b, g, hg, hd)).view(b, g, hg * hd)
+        h = prm["norm.weight"] * F.rms_norm(h, (hg * hd,), None, self.norm_eps).view(b, d_inner)
+        out = F.linear(h.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
+        return out.view(b, 1, -1), MambaState(window[..., 1:], ssm.view(b, g * hg, hd, n))
 
     @torch.no_grad()
     def init_ssm_parameters(self, time_step_max: float) -> None:
@@ -161,19 +191,12 @@ class _Weight(nn.Module):
 # -- the SSD scan ----------------------------------------------------------------------------
 
 
-def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step. x [b, heads, p]; dt [b, heads]; A [heads]; B, C [b, groups, n];
-    state [b, heads, p, n] (fp32). Returns y [b, heads, p] (fp32) and the new state."""
-    b, heads, p = x.shape
-    g = B.shape[1]
-    decay = torch.exp(dt * A)  # [b, heads]
-    xdt = x.float() * dt[..., None]  # [b, heads, p]
-    s = state.view(b, g, heads // g, p, -1)
-    s = torch.addcmul(s * decay.view(b, g, heads // g, 1, 1), xdt.view(b, g, heads // g, p, 1),
-                      B.float()[:, :, None, None, :])
-    y = s @ C.float()[:, :, None, :, None]  # [b, g, hg, p, 1]
-    return y.view(b, heads, p), s.view(b, heads, p, -1)
+def scan_chunk_size(config_chunk: int, device: torch.device) -> int:
+    """The tile the chunked scan runs with. Any tile gives the same result (up to rounding);
+    on CPU the per-head ``[chunk, chunk]`` decay tensors dominate above 32, so smaller tiles are
+    faster there (bench/bench_scan_chunk.py); elsewhere the config's value is kept."""
+    return min(config_chunk, 32) if device.type == "cpu" else config_chunk
+
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
