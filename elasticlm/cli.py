@@ -24,6 +24,20 @@ def _torch_dtype(name: str | None) -> Any:
     return None if name is None else getattr(torch, name)
 
 
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but this torch build or machine has no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps is not available on this machine; use --device cpu")
+    return device
+
+
 def _read_mapping(path: str) -> dict[str, Any]:
     """A JSON or TOML file as a dict (a TOML file may nest the model under [model])."""
     p = Path(path)
@@ -121,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    model = load(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    device = _device(args.device)
+    model = load(args.model, device=device, dtype=_torch_dtype(args.dtype))
     subnet = _read_subnet(args.subnet)
     tok = None
     if args.prompt is not None:
@@ -139,10 +154,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {model.config.vocab_size})")
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     eos = None if args.ignore_eos else model.config.eos_token_id
     start = time.perf_counter()
-    out = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet, generator=gen)
     seconds = time.perf_counter() - start
     new = out[0, len(ids):].tolist()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .config import Subnet
+from .errors import ConfigError
 from .model.hybrid import HybridLM
 
 
@@ -41,7 +42,13 @@ def generate(model: HybridLM, input_ids: torch.Tensor, *, max_new_tokens: int = 
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.shape[1] == 0:
-        raise ValueError("generate needs a non-empty prompt")
+        raise ConfigError("generate needs a non-empty prompt")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     was_training = model.training
     model.eval()
     try:

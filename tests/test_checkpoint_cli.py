@@ -161,3 +161,15 @@ def test_cli_errors_have_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--max-new-tokens", "-1"], "max_new_tokens"),
+    (["--top-p", "0"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+])
+def test_generate_rejects_bad_options(tmp_path, capsys, extra, needle):
+    _, src = saved_model(tmp_path)
+    code, _, err = run_cli(capsys, "generate", "--model", src, "--prompt-ids", "4", *extra)
+    assert code == 2 and needle in err and err.count("\n") == 1

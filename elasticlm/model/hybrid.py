@@ -119,6 +119,8 @@ class HybridLM(nn.Module):
             return self._full
         if subnet not in self._checked:
             subnet.validate(self.config)
+            if len(self._checked) > 4096:  # sampled Subnets are many; keep the memo bounded
+                self._checked = {self._full}
             self._checked.add(subnet)
         return subnet
 
