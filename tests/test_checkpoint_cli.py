@@ -173,3 +173,16 @@ def test_generate_rejects_bad_options(tmp_path, capsys, extra, needle):
     _, src = saved_model(tmp_path)
     code, _, err = run_cli(capsys, "generate", "--model", src, "--prompt-ids", "4", *extra)
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_tokenizer_travels_with_conversion_and_loads_in_transformers(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    assert run_cli(capsys, "init", tmp_path / "m", "--preset", "tiny")[0] == 0
+    assert run_cli(capsys, "convert", tmp_path / "m", tmp_path / "hf", "--to", "hf")[0] == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("héllo wörld")["input_ids"]
+    assert tok.decode(ids) == "héllo wörld"
+    assert tok.eos_token_id == elasticlm.load(tmp_path / "hf").config.eos_token_id
