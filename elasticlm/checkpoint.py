@@ -174,22 +174,32 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
     """
     if format not in ("native", "hf"):
         raise ConfigError(f"unknown checkpoint format {format!r}; use 'native' or 'hf'")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    dtype = model.embeddings.weight.dtype
     if format == "hf":
-        config = config_to_hf(model.config, dtype)  # raises before anything is written
-        state = hf_state_dict(model)
-    else:
-        config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
-    config.update(extra_config or {})
+        config_to_hf(model.config)  # raises before anything is written
     source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     path = Path(path)
     with atomic_directory(path, overwrite) as tmp:
-        save_file({k: v.cpu() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if source is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
+        write_model_files(model, tmp, format, tokenizer_dir=source, extra_config=extra_config)
     model.source_dir = path
     return path
+
+
+def write_model_files(model: HybridLM, directory: Path, format: str = "native", *,
+                      tokenizer_dir: str | os.PathLike | None = None,
+                      extra_config: dict[str, Any] | None = None) -> None:
+    """Write weights, config.json and tokenizer files into an existing directory (not atomic:
+    callers wrap it in :func:`atomic_directory`)."""
+    dtype = model.embeddings.weight.dtype
+    if format == "hf":
+        config = config_to_hf(model.config, dtype)
+        state = hf_state_dict(model)
+    else:
+        config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    config.update(extra_config or {})
+    save_file({k: v.cpu() for k, v in state.items()}, directory / WEIGHTS, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, directory / name)

@@ -181,6 +181,35 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"{model.num_parameters():,} parameters)")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    import logging
+
+    from .train.config import load_run_config
+    from .train.trainer import pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run = load_run_config(args.config, args.set or [])
+    if args.out:
+        run.train.out = args.out
+    final = pretrain(run, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
+                                                     if isinstance(v, float)))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data.datasets import DataConfig, documents
+    from .tokenizer import save_tokenizer, train_bpe
+
+    data = DataConfig(source=args.source, path=args.path, text_field=args.text_field, hf_name=args.hf_name)
+    docs = documents(data, "train")(0)
+    tok = train_bpe((d for _, d in zip(range(args.max_documents), docs, strict=False)), args.vocab_size)
+    from .checkpoint import atomic_directory
+
+    with atomic_directory(args.out, overwrite=args.force) as tmp:
+        save_tokenizer(tok, tmp)
+    print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -243,6 +272,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="convert the weights to this dtype")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pretrain", formatter_class=fmt, help="train a parent model from scratch",
+                       description="Train a HybridLM parent from a TOML run config ([model], [tokenizer], [data], "
+                                   "[train], [eval]); checkpoints, metrics.jsonl and final/ go under train.out.")
+    p.add_argument("--config", help="TOML (or JSON) run config, e.g. configs/demo-parent.toml")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a field, e.g. --set train.steps=200 --set train.lr=1e-3")
+    p.add_argument("--out", help="shortcut for --set train.out=DIR")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools (train)",
+                       description="Tokenizer tools. `elasticlm tokenizer train --help` for training a BPE.")
+    tsub = p.add_subparsers(dest="tokverb", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", formatter_class=fmt, help="train a byte-level BPE on a dataset",
+                        description="Train a byte-level BPE (ids 0-2: <pad> <s> </s>) with the `tokenizers` "
+                                    "library and write tokenizer.json + tokenizer_config.json to OUT.")
+    t.add_argument("--source", choices=["text", "jsonl", "hf", "synthetic"], default="text",
+                   help="kind of data")
+    t.add_argument("--path", help="file or folder (text, jsonl)")
+    t.add_argument("--text-field", default="text", help="JSONL / HF field holding the text")
+    t.add_argument("--hf-name", help="Hugging Face dataset name or local path (source hf)")
+    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size including the 259 base tokens")
+    t.add_argument("--max-documents", type=int, default=100_000, help="documents read at most")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--force", action="store_true", help="replace an existing directory")
+    t.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: NemotronH's pad / bos / eos defaults
 
@@ -49,3 +50,28 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # the Rust side raises a bare Exception on malformed files
         raise CheckpointError(f"{file} could not be read ({str(exc).splitlines()[0]})") from None
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE (pad/bos/eos at ids 0-2, then the 256 bytes, then merges)."""
+    from tokenizers import trainers
+
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ConfigError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} for a byte-level BPE")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    seen = [0]
+
+    def counted() -> Iterator[str]:
+        for doc in documents:
+            seen[0] += 1
+            yield doc
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen[0] == 0:
+        raise ConfigError("cannot train a tokenizer on an empty dataset")
+    return tok

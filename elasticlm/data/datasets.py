@@ -1,0 +1,218 @@
+"""Documents → tokens → fixed-length packed sequences, streamed deterministically and resumably.
+
+A *source* yields documents (strings) in a fixed order: the synthetic blend, plain-text files or
+folders, JSONL (a text field, or prompt + response fields), or a Hugging Face dataset. A stable
+hash of each document sends it to the training or the validation split. :class:`PackedStream`
+tokenizes documents, joins them with EOS and cuts ``[batch, seq_len + 1]`` windows (inputs and
+shifted targets); its position is two integers and a short carry-over list, saved with every
+checkpoint, so that a resumed run reads exactly the tokens it would have read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from . import synthetic
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from (the ``[data]`` table of a run config)."""
+
+    source: str = "synthetic"  # synthetic | text | jsonl | hf
+    path: str | None = None  # file or folder (text, jsonl)
+    text_field: str | None = "text"  # jsonl / hf: the document field...
+    prompt_field: str | None = None  # ...or a prompt + response pair joined by a newline
+    response_field: str | None = None
+    hf_name: str | None = None  # hf: dataset name or local path for datasets.load_dataset
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_data_files: str | None = None  # hf: local files for a packaged loader (hf_name = "json", "text", …)
+    val_fraction: float = 0.01  # documents whose hash falls in this fraction are validation
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.source not in ("synthetic", "text", "jsonl", "hf"):
+            raise ConfigError(f"data.source must be synthetic, text, jsonl or hf, got {self.source!r}")
+        if self.source in ("text", "jsonl") and not self.path:
+            raise ConfigError(f"data.source={self.source!r} needs data.path (a file or a folder)")
+        if self.source == "hf" and not self.hf_name:
+            raise ConfigError("data.source='hf' needs data.hf_name")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ConfigError("data.prompt_field and data.response_field go together")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    if not path.exists():
+        raise ConfigError(f"data path {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise ConfigError(f"no {'/'.join(suffixes)} files under {path}")
+    return files
+
+
+def text_documents(path: Path) -> Iterator[str]:
+    """Each file is split into documents at blank lines."""
+    for file in _files(path, TEXT_SUFFIXES):
+        try:
+            text = file.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
+        for doc in text.split("\n\n"):
+            if doc.strip():
+                yield doc.strip()
+
+
+def _record_text(record: dict[str, Any], cfg: DataConfig, where: str) -> str:
+    if cfg.prompt_field is not None:
+        for f in (cfg.prompt_field, cfg.response_field):
+            if f not in record:
+                raise ConfigError(f"{where}: no field {f!r} (fields: {sorted(record)})")
+        return f"{record[cfg.prompt_field]}\n{record[cfg.response_field]}"
+    if cfg.text_field not in record:
+        raise ConfigError(f"{where}: no field {cfg.text_field!r} (fields: {sorted(record)}); "
+                          "set data.text_field, or data.prompt_field and data.response_field")
+    value = record[cfg.text_field]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: field {cfg.text_field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def jsonl_documents(cfg: DataConfig) -> Iterator[str]:
+    for file in _files(Path(cfg.path or ""), (".jsonl", ".json")):
+        with open(file, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{file}:{n}: expected a JSON object per line")
+                text = _record_text(record, cfg, f"{file}:{n}")
+                if text.strip():
+                    yield text
+
+
+def hf_documents(cfg: DataConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise ConfigError("data.source='hf' needs the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True,
+                                   data_files=cfg.hf_data_files)
+    except Exception as exc:  # datasets raises many types for a missing or offline dataset
+        raise ConfigError(f"cannot load dataset {cfg.hf_name!r}: {str(exc).splitlines()[0]}") from None
+    for n, record in enumerate(ds):
+        text = _record_text(record, cfg, f"{cfg.hf_name}[{n}]")
+        if text.strip():
+            yield text
+
+
+def in_validation(doc: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha1(doc.encode("utf-8", "replace")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[str]]:
+    """A function ``start → documents of `split` from document index `start` on`` (restartable)."""
+    cfg.validate()
+    if cfg.source == "synthetic":
+        if split == "train":
+            return lambda start: (ex.text for ex in synthetic.blend(cfg.seed, start))
+        # validation: held-out prompts at the training difficulties, cycling through the families
+        def val(start: int) -> Iterator[str]:
+            i = start
+            while True:
+                fam = synthetic.FAMILIES[i % len(synthetic.FAMILIES)]
+                d = 1 + (i // len(synthetic.FAMILIES)) % synthetic.DIFFICULTY[fam][0]
+                yield synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0].text
+                i += 1
+        return val
+    source = {"text": lambda: text_documents(Path(cfg.path or "")), "jsonl": lambda: jsonl_documents(cfg),
+              "hf": lambda: hf_documents(cfg)}[cfg.source]
+    want_val = split != "train"
+
+    def stream(start: int) -> Iterator[str]:
+        i = 0
+        for doc in source():
+            if in_validation(doc, cfg.val_fraction) == want_val:
+                if i >= start:
+                    yield doc
+                i += 1
+        if i == 0:
+            raise ConfigError(f"the {split} split of {cfg.source} data {cfg.path or cfg.hf_name} is empty"
+                              + (" (too few documents for data.val_fraction?)" if want_val else ""))
+    return stream
+
+
+@dataclass
+class StreamState:
+    """Resumable position: next document index, epoch, tokens carried over to the next window."""
+
+    doc_index: int = 0
+    epoch: int = 0
+    carry: list[int] = field(default_factory=list)
+
+
+class PackedStream:
+    """Batches of packed token windows ``[batch, seq_len + 1]`` from a document stream.
+
+    Documents are tokenized, followed by EOS, concatenated, and cut into windows; a window's
+    tail that does not fill a batch row is carried into the next one. Finite sources restart
+    (epoch + 1) when exhausted.
+    """
+
+    def __init__(self, docs: Callable[[int], Iterator[str]], encode: Callable[[str], list[int]], eos_id: int,
+                 seq_len: int, batch_size: int, state: StreamState | None = None) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise ConfigError("seq_len and batch_size must be >= 1")
+        self.docs, self.encode, self.eos_id = docs, encode, eos_id
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.state = state or StreamState()
+        self._iter: Iterator[str] | None = None
+
+    def _next_doc(self) -> str:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = self.docs(self.state.doc_index)
+            try:
+                doc = next(self._iter)
+                self.state.doc_index += 1
+                return doc
+            except StopIteration:
+                self._iter = None
+                if self.state.doc_index == 0:
+                    break
+                self.state.doc_index, self.state.epoch = 0, self.state.epoch + 1
+        raise ConfigError("the dataset yielded no documents")
+
+    def next_batch(self) -> torch.Tensor:
+        need = self.batch_size * (self.seq_len + 1)
+        buf = list(self.state.carry)
+        while len(buf) < need:
+            buf.extend(self.encode(self._next_doc()))
+            buf.append(self.eos_id)
+        self.state.carry = buf[need:]
+        return torch.tensor(buf[:need], dtype=torch.long).view(self.batch_size, self.seq_len + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"doc_index": self.state.doc_index, "epoch": self.state.epoch, "carry": list(self.state.carry)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.state = StreamState(int(d["doc_index"]), int(d["epoch"]), [int(t) for t in d["carry"]])
+        self._iter = None

@@ -1,0 +1,5 @@
+"""Evaluation: exact-match accuracy on the synthetic reasoning tasks (perplexity and reports later)."""
+
+from .tasks import task_accuracy, task_table
+
+__all__ = ["task_accuracy", "task_table"]

@@ -1,0 +1,129 @@
+"""Document sources, packing, splits and resumable streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elasticlm import ConfigError
+from elasticlm.data.datasets import DataConfig, PackedStream, documents
+from elasticlm.tokenizer import byte_level_tokenizer, train_bpe
+
+TOK = byte_level_tokenizer()
+EOS = 2
+
+
+def encode(text: str) -> list[int]:
+    return TOK.encode(text).ids
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_packing_puts_eos_between_documents_and_loses_nothing():
+    docs = ["alpha", "beta gamma", "d"] * 10
+    stream = PackedStream(lambda start: iter(docs[start:]), encode, EOS, seq_len=7, batch_size=2)
+    got: list[int] = []
+    for _ in range(5):
+        got.extend(stream.next_batch().flatten().tolist())
+    want: list[int] = []
+    for d in docs:
+        want.extend(encode(d) + [EOS])
+    assert got == want[: len(got)]
+    assert stream.next_batch().shape == (2, 8)
+
+
+def test_finite_source_wraps_into_a_new_epoch():
+    stream = PackedStream(lambda start: iter(["ab", "cd"][start:]), encode, EOS, seq_len=3, batch_size=1)
+    for _ in range(4):
+        stream.next_batch()
+    assert stream.state.epoch >= 1
+
+
+def test_resumable_position_gives_identical_batches(tmp_path):
+    cfg = DataConfig(source="synthetic", seed=3)
+    a = PackedStream(documents(cfg, "train"), encode, EOS, 64, 2)
+    for _ in range(3):
+        a.next_batch()
+    saved = json.loads(json.dumps(a.state_dict()))  # survives JSON
+    b = PackedStream(documents(cfg, "train"), encode, EOS, 64, 2)
+    b.load_state_dict(saved)
+    for _ in range(3):
+        assert torch.equal(a.next_batch(), b.next_batch())
+
+
+def test_order_is_deterministic_by_seed():
+    def first(seed):
+        return PackedStream(documents(DataConfig(seed=seed), "train"), encode, EOS, 64, 2).next_batch()
+
+    assert torch.equal(first(0), first(0)) and not torch.equal(first(0), first(1))
+
+
+def test_text_folder_split_is_disjoint_and_deterministic(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"document number {i}" for i in range(300)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("another one\n\nand more")
+    cfg = DataConfig(source="text", path=str(tmp_path), val_fraction=0.1)
+    train, val = list(documents(cfg, "train")(0)), list(documents(cfg, "val")(0))
+    assert len(train) + len(val) == 302 and not set(train) & set(val) and 10 < len(val) < 60
+    assert list(documents(cfg, "train")(5)) == train[5:]
+
+
+def test_jsonl_text_and_prompt_response_fields(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}, {"text": "world", "q": "x", "a": "y"}])
+    assert list(documents(DataConfig(source="jsonl", path=str(f), val_fraction=0.01), "train")(0)) in (
+        ["hello", "world"], ["hello"], ["world"])
+    g = write_jsonl(tmp_path / "p.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(50)])
+    cfg = DataConfig(source="jsonl", path=str(g), prompt_field="q", response_field="a", val_fraction=0.01)
+    docs = list(documents(cfg, "train")(0))
+    assert "question 3\nanswer 3" in docs
+
+
+def test_jsonl_errors_name_file_line_and_field(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"body": "no text field"}])
+    with pytest.raises(ConfigError, match=r"d\.jsonl:2: no field 'text'"):
+        list(documents(DataConfig(source="jsonl", path=str(f)), "train")(0))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: not valid JSON"):
+        list(documents(DataConfig(source="jsonl", path=str(tmp_path / "bad.jsonl")), "train")(0))
+
+
+def test_empty_inputs_give_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ConfigError, match="empty"):
+        list(documents(DataConfig(source="text", path=str(tmp_path / "empty.txt")), "train")(0))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ConfigError, match="no .* files"):
+        documents(DataConfig(source="text", path=str(tmp_path / "nothing")), "train")(0).__next__()
+    with pytest.raises(ConfigError, match="does not exist"):
+        documents(DataConfig(source="text", path=str(tmp_path / "missing")), "train")(0).__next__()
+    with pytest.raises(ConfigError, match="needs data.path"):
+        DataConfig(source="jsonl").validate()
+
+
+def test_bpe_training_round_trips_text(tmp_path):
+    docs = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
+    tok = train_bpe(docs, vocab_size=300)
+    assert 259 < tok.get_vocab_size() <= 300
+    assert tok.token_to_id("</s>") == 2
+    ids = tok.encode("the lazy dog ünïcode").ids
+    assert tok.decode(ids) == "the lazy dog ünïcode"
+    assert len(ids) < len("the lazy dog ünïcode".encode())
+    with pytest.raises(ConfigError, match="empty"):
+        train_bpe(iter([]), vocab_size=300)
+
+
+def test_hugging_face_datasets_source_with_local_files(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    f = write_jsonl(tmp_path / "d.jsonl", [{"body": f"record {i}"} for i in range(40)])
+    cfg = DataConfig(source="hf", hf_name="json", hf_data_files=str(f), text_field="body", val_fraction=0.1)
+    train, val = list(documents(cfg, "train")(0)), list(documents(cfg, "val")(0))
+    assert sorted(train + val) == sorted(f"record {i}" for i in range(40))
+    bad = DataConfig(source="hf", hf_name="json", hf_data_files=str(f), text_field="text")
+    with pytest.raises(ConfigError, match="no field 'text'"):
+        list(documents(bad, "train")(0))

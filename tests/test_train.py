@@ -1,0 +1,138 @@
+"""The parent trainer: exact resume, crash-safe checkpoints, config validation, schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import elasticlm
+from elasticlm import CheckpointError, ConfigError
+from elasticlm.cli import main
+from elasticlm.train.checkpoint import latest
+from elasticlm.train.config import load_run_config, run_config_from_tables
+from elasticlm.train.trainer import lr_at, pretrain
+
+TINY = {
+    "model": dict(pattern="M*-M", vocab_size=260, hidden_size=32, mamba_num_heads=4, mamba_head_dim=8,
+                  mamba_n_groups=2, ssm_state_size=8, chunk_size=16, num_attention_heads=2, num_key_value_heads=1,
+                  attention_head_dim=16, intermediate_size=48),
+    "train": dict(steps=6, batch_size=4, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=2, log_every=1,
+                  eval_every=3, val_batches=2, checkpoint_every=3, keep_checkpoints=5, tensorboard=False),
+    "eval": dict(tasks=False),
+}
+
+
+def run_config(out, **train):
+    tables = json.loads(json.dumps(TINY))
+    tables["train"].update(out=str(out), **train)
+    return run_config_from_tables(tables)
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    pretrain(run_config(tmp_path / "straight"), progress=False)
+    import elasticlm.train.trainer as trainer
+
+    real = trainer.save_checkpoint
+
+    def save_then_stop(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        raise KeyboardInterrupt  # the user presses Ctrl-C right after the step-3 checkpoint
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(run_config(tmp_path / "split"), progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    assert latest(tmp_path / "split").name == "step_0000003"
+    pretrain(run_config(tmp_path / "split"), resume=True, progress=False)
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    wa = elasticlm.load(tmp_path / "straight" / "final").state_dict()
+    wb = elasticlm.load(tmp_path / "split" / "final").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
+
+
+def test_crash_while_checkpointing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    import elasticlm.train.checkpoint as ck
+
+    real = ck.save_file
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's optimizer file
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "save_file", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain(run_config(out), progress=False)
+    monkeypatch.setattr(ck, "save_file", real)
+    found = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert found == ["step_0000003"]  # no half-written step_0000006, no temp dirs
+    assert elasticlm.load(out / "checkpoints" / "step_0000003") is not None
+    pretrain(run_config(out), resume=True, progress=False)
+    assert latest(out).name == "step_0000006"
+
+
+def test_resume_without_checkpoint_and_overwrite_protection(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        pretrain(run_config(tmp_path / "none"), resume=True, progress=False)
+    pretrain(run_config(tmp_path / "r", steps=3), progress=False)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        pretrain(run_config(tmp_path / "r", steps=3), progress=False)
+
+
+@pytest.mark.parametrize("tables,needle", [
+    ({"train": {"lr": "fast"}}, "train.lr must be float"),
+    ({"train": {"stepz": 3}}, "unknown field"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"data": {"source": "web"}}, "data.source"),
+    ({"optim": {}}, "unknown table"),
+    ({"model": {"preset": "nope"}}, "unknown model preset"),
+])
+def test_bad_run_configs_name_the_field(tables, needle):
+    base = json.loads(json.dumps(TINY))
+    for k, v in tables.items():
+        base[k] = {**base.get(k, {}), **v}
+    with pytest.raises(ConfigError, match=needle):
+        run_config_from_tables(base)
+
+
+def test_overrides_and_toml(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 5\n')
+    run = load_run_config(f, ["train.lr=0.01", "model.hidden_size=48", 'data.source="synthetic"'])
+    assert run.train.lr == 0.01 and run.model.hidden_size == 48 and run.train.steps == 5
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_run_config(f, ["lr=3"])
+    (tmp_path / "bad.toml").write_text("[model\n")
+    with pytest.raises(ConfigError, match="malformed"):
+        load_run_config(tmp_path / "bad.toml")
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = run_config("x", steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1).train
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_cli_pretrain_and_generate(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(TINY))
+    assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--set", "train.steps=3"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "o" / "final"), "--prompt", "Q: 1+2", "--max-new-tokens",
+                 "4", "--ignore-eos"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(cfg), "--set", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
