@@ -196,13 +196,38 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                                                      if isinstance(v, float)))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import time
+
+    from .checkpoint import load
+    from .data import synthetic
+    from .eval.tasks import task_table
+    from .tokenizer import load_tokenizer
+
+    device = _device(args.device)
+    model = load(args.model, device=device)
+    tok = load_tokenizer(args.model)
+    subnet = _read_subnet(args.subnet)
+    start = time.perf_counter()
+    table = task_table(model, tok, n=args.n, hard=True, subnet=subnet)
+    fams = list(synthetic.FAMILIES)
+    print("| difficulty | " + " | ".join(fams) + " | mean |")
+    print("|---" * (len(fams) + 2) + "|")
+    for level, row in table.items():
+        levels = " / ".join(str(synthetic.DIFFICULTY[f][0 if level == "default" else 1]) for f in fams)
+        print(f"| {level} ({levels}) | " + " | ".join(f"{100 * row[f]:.0f} %" for f in fams)
+              + f" | **{100 * row['mean']:.1f} %** |")
+    print(f"[{args.n} held-out examples per cell, greedy decoding, {time.perf_counter() - start:.0f}s]",
+          file=sys.stderr)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from .data.datasets import DataConfig, documents
+    from .data.datasets import DataConfig, doc_text, documents
     from .tokenizer import save_tokenizer, train_bpe
 
     data = DataConfig(source=args.source, path=args.path, text_field=args.text_field, hf_name=args.hf_name)
     docs = documents(data, "train")(0)
-    tok = train_bpe((d for _, d in zip(range(args.max_documents), docs, strict=False)), args.vocab_size)
+    tok = train_bpe((doc_text(d) for _, d in zip(range(args.max_documents), docs, strict=False)), args.vocab_size)
     from .checkpoint import atomic_directory
 
     with atomic_directory(args.out, overwrite=args.force) as tmp:
@@ -283,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="exact-match accuracy on the synthetic reasoning tasks",
+                       description="Score greedy generation on held-out synthetic tasks (add, vars, recall, sort) "
+                                   "at their default and hard difficulties; prints a markdown table.")
+    p.add_argument("--model", required=True, help="model directory (with tokenizer.json)")
+    p.add_argument("--n", type=int, default=100, help="examples per family and difficulty")
+    p.add_argument("--subnet", help="JSON file describing the Subnet to evaluate (default: the full model)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools (train)",
                        description="Tokenizer tools. `elasticlm tokenizer train --help` for training a BPE.")

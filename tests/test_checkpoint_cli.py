@@ -116,7 +116,8 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_every_verb_has_help(capsys):
-    for verb in ([], ["init"], ["info"], ["generate"], ["convert"]):
+    for verb in ([], ["init"], ["info"], ["generate"], ["convert"], ["pretrain"], ["eval"], ["tokenizer"],
+                 ["tokenizer", "train"]):
         with pytest.raises(SystemExit) as exc:
             main([*verb, "--help"])
         assert exc.value.code == 0

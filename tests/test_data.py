@@ -127,3 +127,25 @@ def test_hugging_face_datasets_source_with_local_files(tmp_path, monkeypatch):
     bad = DataConfig(source="hf", hf_name="json", hf_data_files=str(f), text_field="text")
     with pytest.raises(ConfigError, match="no field 'text'"):
         list(documents(bad, "train")(0))
+
+
+def test_prompt_masking_marks_only_completions_and_eos():
+    docs = [("Q: a", " answer"), "plain text", ("Q: bb", " x")]
+    stream = PackedStream(lambda start: iter(docs[start:]), encode, EOS, seq_len=40, batch_size=1)
+    tokens, mask = stream.next_masked_batch()
+    want_tokens, want_mask = [], []
+    for d in docs:
+        if isinstance(d, str):
+            want_tokens += encode(d) + [EOS]
+            want_mask += [1] * (len(encode(d)) + 1)
+        else:
+            want_tokens += encode(d[0]) + encode(d[1]) + [EOS]
+            want_mask += [0] * len(encode(d[0])) + [1] * (len(encode(d[1])) + 1)
+    n = len(want_tokens)
+    assert tokens[0, :n].tolist() == want_tokens and mask[0, :n].tolist() == [bool(m) for m in want_mask]
+
+
+def test_synthetic_masking_keeps_the_trace_and_answer():
+    doc = next(documents(DataConfig(mask_prompt=True), "train")(0))
+    prompt, completion = doc
+    assert prompt.startswith("Q: ") and prompt.endswith("\nT:") and "\nA: " in completion

@@ -134,5 +134,22 @@ def test_cli_pretrain_and_generate(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "o" / "final"), "--prompt", "Q: 1+2", "--max-new-tokens",
                  "4", "--ignore-eos"]) == 0
     capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "o" / "final"), "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| difficulty | add | vars | recall | sort | mean |") and "| hard (5 / 6 / 10 / 7) |" in out
     assert main(["pretrain", "--config", str(cfg), "--set", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_cli_tokenizer_train(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"some text number {i} about tokens" for i in range(300)))
+    assert main(["tokenizer", "train", "--path", str(tmp_path / "corpus.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 0
+    from elasticlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.decode(tok.encode("some text").ids) == "some text" and tok.get_vocab_size() <= 300
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--path", str(tmp_path / "empty"), "--out", str(tmp_path / "t2")]) == 2
+    assert "no " in capsys.readouterr().err and not (tmp_path / "t2").exists()

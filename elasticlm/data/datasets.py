@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from . import synthetic
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+Doc = str | tuple[str, str]  # a document, or (prompt, completion) when the loss may skip the prompt
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DataConfig:
     hf_split: str = "train"
     hf_data_files: str | None = None  # hf: local files for a packaged loader (hf_name = "json", "text", …)
     val_fraction: float = 0.01  # documents whose hash falls in this fraction are validation
+    mask_prompt: bool = False  # no loss on prompts (synthetic, prompt/response data): train on answers only
     seed: int = 0
 
     def validate(self) -> None:
@@ -75,12 +77,13 @@ def text_documents(path: Path) -> Iterator[str]:
                 yield doc.strip()
 
 
-def _record_text(record: dict[str, Any], cfg: DataConfig, where: str) -> str:
+def _record_text(record: dict[str, Any], cfg: DataConfig, where: str) -> Doc:
     if cfg.prompt_field is not None:
         for f in (cfg.prompt_field, cfg.response_field):
             if f not in record:
                 raise ConfigError(f"{where}: no field {f!r} (fields: {sorted(record)})")
-        return f"{record[cfg.prompt_field]}\n{record[cfg.response_field]}"
+        prompt, response = f"{record[cfg.prompt_field]}\n", str(record[cfg.response_field])
+        return (prompt, response) if cfg.mask_prompt else prompt + response
     if cfg.text_field not in record:
         raise ConfigError(f"{where}: no field {cfg.text_field!r} (fields: {sorted(record)}); "
                           "set data.text_field, or data.prompt_field and data.response_field")
@@ -90,7 +93,11 @@ def _record_text(record: dict[str, Any], cfg: DataConfig, where: str) -> str:
     return value
 
 
-def jsonl_documents(cfg: DataConfig) -> Iterator[str]:
+def doc_text(doc: Doc) -> str:
+    return doc if isinstance(doc, str) else doc[0] + doc[1]
+
+
+def jsonl_documents(cfg: DataConfig) -> Iterator[Doc]:
     for file in _files(Path(cfg.path or ""), (".jsonl", ".json")):
         with open(file, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -102,12 +109,12 @@ def jsonl_documents(cfg: DataConfig) -> Iterator[str]:
                     raise ConfigError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
                     raise ConfigError(f"{file}:{n}: expected a JSON object per line")
-                text = _record_text(record, cfg, f"{file}:{n}")
-                if text.strip():
-                    yield text
+                doc = _record_text(record, cfg, f"{file}:{n}")
+                if doc_text(doc).strip():
+                    yield doc
 
 
-def hf_documents(cfg: DataConfig) -> Iterator[str]:
+def hf_documents(cfg: DataConfig) -> Iterator[Doc]:
     try:
         import datasets
     except ModuleNotFoundError:
@@ -118,9 +125,9 @@ def hf_documents(cfg: DataConfig) -> Iterator[str]:
     except Exception as exc:  # datasets raises many types for a missing or offline dataset
         raise ConfigError(f"cannot load dataset {cfg.hf_name!r}: {str(exc).splitlines()[0]}") from None
     for n, record in enumerate(ds):
-        text = _record_text(record, cfg, f"{cfg.hf_name}[{n}]")
-        if text.strip():
-            yield text
+        doc = _record_text(record, cfg, f"{cfg.hf_name}[{n}]")
+        if doc_text(doc).strip():
+            yield doc
 
 
 def in_validation(doc: str, fraction: float) -> bool:
@@ -128,29 +135,32 @@ def in_validation(doc: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[str]]:
+def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
     """A function ``start → documents of `split` from document index `start` on`` (restartable)."""
     cfg.validate()
     if cfg.source == "synthetic":
+        def render(ex: synthetic.Example) -> Doc:
+            return (ex.query, ex.text[len(ex.query):]) if cfg.mask_prompt else ex.text
+
         if split == "train":
-            return lambda start: (ex.text for ex in synthetic.blend(cfg.seed, start))
+            return lambda start: (render(ex) for ex in synthetic.blend(cfg.seed, start))
         # validation: held-out prompts at the training difficulties, cycling through the families
         def val(start: int) -> Iterator[str]:
             i = start
             while True:
                 fam = synthetic.FAMILIES[i % len(synthetic.FAMILIES)]
                 d = 1 + (i // len(synthetic.FAMILIES)) % synthetic.DIFFICULTY[fam][0]
-                yield synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0].text
+                yield render(synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0])
                 i += 1
         return val
     source = {"text": lambda: text_documents(Path(cfg.path or "")), "jsonl": lambda: jsonl_documents(cfg),
               "hf": lambda: hf_documents(cfg)}[cfg.source]
     want_val = split != "train"
 
-    def stream(start: int) -> Iterator[str]:
+    def stream(start: int) -> Iterator[Doc]:
         i = 0
         for doc in source():
-            if in_validation(doc, cfg.val_fraction) == want_val:
+            if in_validation(doc_text(doc), cfg.val_fraction) == want_val:
                 if i >= start:
                     yield doc
                 i += 1
@@ -162,11 +172,12 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[str]]:
 
 @dataclass
 class StreamState:
-    """Resumable position: next document index, epoch, tokens carried over to the next window."""
+    """Resumable position: next document index, epoch, tokens (and their loss mask) carried over."""
 
     doc_index: int = 0
     epoch: int = 0
     carry: list[int] = field(default_factory=list)
+    carry_mask: list[int] = field(default_factory=list)
 
 
 class PackedStream:
@@ -174,10 +185,11 @@ class PackedStream:
 
     Documents are tokenized, followed by EOS, concatenated, and cut into windows; a window's
     tail that does not fill a batch row is carried into the next one. Finite sources restart
-    (epoch + 1) when exhausted.
+    (epoch + 1) when exhausted. A ``(prompt, completion)`` document gets loss-mask 0 on its
+    prompt tokens (:meth:`next_masked_batch`).
     """
 
-    def __init__(self, docs: Callable[[int], Iterator[str]], encode: Callable[[str], list[int]], eos_id: int,
+    def __init__(self, docs: Callable[[int], Iterator[Doc]], encode: Callable[[str], list[int]], eos_id: int,
                  seq_len: int, batch_size: int, state: StreamState | None = None) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ConfigError("seq_len and batch_size must be >= 1")
@@ -186,7 +198,7 @@ class PackedStream:
         self.state = state or StreamState()
         self._iter: Iterator[str] | None = None
 
-    def _next_doc(self) -> str:
+    def _next_doc(self) -> Doc:
         for _ in range(2):
             if self._iter is None:
                 self._iter = self.docs(self.state.doc_index)
@@ -201,18 +213,35 @@ class PackedStream:
                 self.state.doc_index, self.state.epoch = 0, self.state.epoch + 1
         raise ConfigError("the dataset yielded no documents")
 
-    def next_batch(self) -> torch.Tensor:
+    def next_masked_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[batch, seq_len + 1]`` and a 0/1 loss mask of the same shape."""
         need = self.batch_size * (self.seq_len + 1)
-        buf = list(self.state.carry)
+        buf, mask = list(self.state.carry), list(self.state.carry_mask)
         while len(buf) < need:
-            buf.extend(self.encode(self._next_doc()))
+            doc = self._next_doc()
+            if isinstance(doc, str):
+                ids = self.encode(doc)
+                buf.extend(ids)
+                mask.extend([1] * len(ids))
+            else:
+                prompt, completion = self.encode(doc[0]), self.encode(doc[1])
+                buf.extend(prompt + completion)
+                mask.extend([0] * len(prompt) + [1] * len(completion))
             buf.append(self.eos_id)
-        self.state.carry = buf[need:]
-        return torch.tensor(buf[:need], dtype=torch.long).view(self.batch_size, self.seq_len + 1)
+            mask.append(1)
+        self.state.carry, self.state.carry_mask = buf[need:], mask[need:]
+        shape = (self.batch_size, self.seq_len + 1)
+        return (torch.tensor(buf[:need], dtype=torch.long).view(shape),
+                torch.tensor(mask[:need], dtype=torch.bool).view(shape))
+
+    def next_batch(self) -> torch.Tensor:
+        return self.next_masked_batch()[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"doc_index": self.state.doc_index, "epoch": self.state.epoch, "carry": list(self.state.carry)}
+        return {"doc_index": self.state.doc_index, "epoch": self.state.epoch, "carry": list(self.state.carry),
+                "carry_mask": list(self.state.carry_mask)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.state = StreamState(int(d["doc_index"]), int(d["epoch"]), [int(t) for t in d["carry"]])
+        self.state = StreamState(int(d["doc_index"]), int(d["epoch"]), [int(t) for t in d["carry"]],
+                                 [int(t) for t in d.get("carry_mask", [1] * len(d["carry"]))])
         self._iter = None

@@ -81,9 +81,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: bool = True  # exact-match task accuracy at each evaluation (synthetic data)
-    n: int = 40  # examples per family and difficulty during training
-    final_n: int = 100  # … for the final table
-    hard: bool = False  # also evaluate the hard difficulty during training (always in the final table)
+    n: int = 40  # held-out examples per family (and difficulty) at each evaluation
+    hard: bool = False  # also evaluate the hard difficulty during training (`elasticlm eval` always does)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import atomic_directory, write_model_files
-from ..data.datasets import PackedStream, documents
+from ..data.datasets import PackedStream, doc_text, documents
 from ..errors import CheckpointError, ConfigError
 from ..model.hybrid import HybridLM
 from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
@@ -72,7 +72,8 @@ def prepare_tokenizer(run: RunConfig, directory: Path) -> Any:
         tok = load_tokenizer(cfg.path or "")
     else:
         docs = documents(run.data, "train")(0)
-        tok = train_bpe((d for _, d in zip(range(cfg.train_documents), docs, strict=False)), cfg.vocab_size)
+        tok = train_bpe((doc_text(d) for _, d in zip(range(cfg.train_documents), docs, strict=False)),
+                        cfg.vocab_size)
     if tok.get_vocab_size() > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
                           f"{tok.get_vocab_size()} tokens")
@@ -114,15 +115,20 @@ class MetricsLog:
             self.writer.close()
 
 
-def lm_loss(model: HybridLM, batch: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    with torch.autocast(batch.device.type, dtype=amp) if amp else contextlib.nullcontext():
+def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets whose loss mask is set."""
+    tokens, mask = batch
+    inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    with torch.autocast(tokens.device.type, dtype=amp) if amp else contextlib.nullcontext():
         logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    keep = keep.flatten().float()
+    return (losses * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
-def validation_loss(model: HybridLM, batches: list[torch.Tensor], amp: torch.dtype | None) -> float:
+def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    amp: torch.dtype | None) -> float:
     was = model.training
     model.eval()
     loss = sum(lm_loss(model, b, amp).item() for b in batches) / len(batches)
@@ -177,7 +183,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     stream = PackedStream(documents(run.data, "train"), encode, eos, cfg.seq_len, micro)
     val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro)
-    val_batches = [val_stream.next_batch().to(device) for _ in range(cfg.val_batches)]
+    val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
 
     start = 0
     if ckpt is not None:
@@ -200,7 +206,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                loss = lm_loss(model, stream.next_batch().to(device), amp)
+                loss = lm_loss(model, tuple(t.to(device) for t in stream.next_masked_batch()), amp)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if not math.isfinite(loss_sum):
