@@ -76,7 +76,7 @@ def make_vars(rng: random.Random, n: int) -> Example:
 
 
 def make_recall(rng: random.Random, n: int) -> Example:
-    keys = rng.sample([a + b for a in string.ascii_lowercase for b in string.ascii_lowercase], n)
+    keys = rng.sample(string.ascii_lowercase, n)  # one-letter keys: a one-token match (n <= 26)
     values = {k: f"{rng.randrange(100):02d}" for k in keys}
     queries = rng.sample(keys, max(1, n // 2))  # more pairs, more queries: the trace grows too
     prompt = " ".join(f"{k}={values[k]}" for k in keys) + "; " + " ".join(f"{q}?" for q in queries)
