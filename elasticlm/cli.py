@@ -25,37 +25,17 @@ def _torch_dtype(name: str | None) -> Any:
 
 
 def _device(name: str) -> Any:
-    import torch
+    from .runtime import resolve_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but this torch build or machine has no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps is not available on this machine; use --device cpu")
-    return device
+    return resolve_device(name)
 
 
 def _read_mapping(path: str) -> dict[str, Any]:
     """A JSON or TOML file as a dict (a TOML file may nest the model under [model])."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
-    try:
-        if p.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(text)
-            return data.get("model", data)
-        return json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{p} is malformed: {exc}") from None
+    from .config import read_config_file
+
+    data = read_config_file(path)
+    return data.get("model", data) if Path(path).suffix == ".toml" else data
 
 
 def _parse_value(text: str) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -31,6 +32,16 @@ MAMBA, ATTENTION, MLP = "M", "*", "-"
 LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
 
 IntOrList = int | list[int]
+
+
+def check_fields(cls: type, data: Any, where: str) -> None:
+    """Raise ConfigError unless ``data`` is a mapping whose keys are fields of dataclass ``cls``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in {where}; known fields: {sorted(known)}")
 
 
 def _per_layer(value: IntOrList, count: int, name: str) -> list[int]:
@@ -182,12 +193,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        check_fields(cls, data, "model config")
         missing = [n for n in ("pattern", "vocab_size", "hidden_size") if n not in data]
         if missing:
             raise ConfigError(f"model config is missing required field(s) {missing}")
@@ -409,6 +415,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         ssm_state_size=128, conv_kernel=4, chunk_size=128, num_attention_heads=40, num_key_value_heads=8,
         attention_head_dim=128, intermediate_size=20480),
 }
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (by suffix) or JSON file as a dict, with one-line errors."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{p} is malformed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a table / JSON object at the top level")
+    return data
 
 
 def preset(name: str) -> ModelConfig:

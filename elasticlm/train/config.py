@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, ModelConfig, check_fields, read_config_file
 from ..data.datasets import DataConfig
 from ..errors import ConfigError
 
@@ -102,12 +102,7 @@ _SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainCon
 
 
 def _build(cls: type, table: dict[str, Any], section: str) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{section}] must be a table")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown} in [{section}]; known: {sorted(known)}")
+    check_fields(cls, table, f"[{section}]")
     try:
         obj = cls(**table)
     except TypeError as exc:
@@ -165,19 +160,5 @@ def run_config_from_tables(tables: dict[str, Any]) -> RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    tables: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
-        try:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            tables = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{p} is malformed: {exc}") from None
+    tables = read_config_file(path) if path is not None else {}
     return run_config_from_tables(apply_overrides(tables, overrides or []))

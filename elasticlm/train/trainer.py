@@ -25,6 +25,7 @@ from ..checkpoint import atomic_directory, write_model_files
 from ..data.datasets import PackedStream, doc_text, documents
 from ..errors import CheckpointError, ConfigError
 from ..model.hybrid import HybridLM
+from ..runtime import resolve_device
 from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from .checkpoint import latest, load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -38,18 +39,6 @@ def lr_at(step: int, cfg: Any) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a torch device (auto, cpu, cuda, cuda:1, …)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA GPU is available; use auto or cpu")
-    return device
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -156,7 +145,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
             raise ConfigError(f"--resume: the [model] table differs from the one {out} was started with")
     (out / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     amp = autocast_dtype(cfg.dtype, device)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
