@@ -7,7 +7,6 @@ Errors caused by input (bad config, missing or corrupt checkpoint, …) print on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,6 @@ def _read_mapping(path: str) -> dict[str, Any]:
     return data.get("model", data) if Path(path).suffix == ".toml" else data
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _read_subnet(path: str | None):  # -> Subnet | None
     from .config import Subnet
 
@@ -58,7 +50,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import save
-    from .config import PRESETS, ModelConfig
+    from .config import PRESETS, ModelConfig, parse_value
     from .model.hybrid import HybridLM
     from .tokenizer import byte_level_tokenizer, save_tokenizer
 
@@ -69,7 +61,7 @@ def cmd_init(args: argparse.Namespace) -> None:
         if "=" not in item:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        fields[key.strip()] = _parse_value(value)
+        fields[key.strip()] = parse_value(value)
     if not fields:
         raise ConfigError("give --preset and/or --config (see --help)")
     config = ModelConfig.from_dict(fields)

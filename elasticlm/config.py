@@ -417,6 +417,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_value(text: str) -> Any:
+    """A command-line override value: JSON when it parses (numbers, booleans, lists, quoted
+    strings), the raw text otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (by suffix) or JSON file as a dict, with one-line errors."""
     p = Path(path)

@@ -26,7 +26,7 @@ from ..config import (
 )
 from .attention import Attention
 from .cache import HybridCache, KVState, MambaState
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
 from .norm import RMSNorm, rms_norm
 from .slicing import prefix
@@ -106,7 +106,7 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Conv1d):
                 module.reset_parameters()
-            elif isinstance(module, (RMSNorm,)) or type(module).__name__ == "_Weight":
+            elif isinstance(module, (RMSNorm, NormWeight)):
                 nn.init.ones_(module.weight)
         for block in self.layers:
             if isinstance(block.mixer, Mamba2Mixer):

@@ -43,7 +43,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(num_heads, **kw))
         self.A_log = nn.Parameter(torch.empty(num_heads, **kw))
         self.D = nn.Parameter(torch.empty(num_heads, **kw))
-        self.norm = _Weight(d_inner, **kw)
+        self.norm = NormWeight(d_inner, **kw)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias, **kw)
 
     # -- slicing ----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
 
-class _Weight(nn.Module):
+class NormWeight(nn.Module):
     """Holds the gated norm's weight under the name ``norm.weight`` (checkpoint compatibility)."""
 
     def __init__(self, size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):

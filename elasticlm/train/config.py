@@ -14,12 +14,11 @@ The elastic trainer (a later issue) extends this format with its own tables.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, check_fields, read_config_file
+from ..config import PRESETS, ModelConfig, check_fields, parse_value, read_config_file
 from ..data.datasets import DataConfig
 from ..errors import ConfigError
 
@@ -117,13 +116,6 @@ def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
