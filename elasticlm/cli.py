@@ -207,6 +207,80 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
 
 
+def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: int, split: str) -> Any:
+    from .data.datasets import data_config_from_spec
+    from .elastic.importance import calibration_batches
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    eos = model.config.eos_token_id
+    if eos is None:
+        raise ConfigError(f"{model_dir}: the model has no eos_token_id, needed to pack calibration documents")
+    data = data_config_from_spec(args.data)
+    return calibration_batches(data, lambda text: tok.encode(text).ids, eos, samples, args.seq_len,
+                               args.batch_size, split)
+
+
+def cmd_importance(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .elastic.importance import estimate
+
+    model = load(args.model, device=_device(args.device))
+    metrics = tuple(m.strip() for m in args.depth_metrics.split(",") if m.strip())
+    start = time.perf_counter()
+    batches = _calibration(args, model, args.model, args.samples, "train")
+    imp = estimate(model, batches, total_batches=-(-args.samples // args.batch_size),
+                   depth_batches=-(-args.depth_samples // args.batch_size), metrics=metrics,
+                   progress=not args.no_progress,
+                   meta={"model": str(args.model), "data": args.data, "samples": args.samples,
+                         "seq_len": args.seq_len, "depth_samples": args.depth_samples})
+    imp.save(args.out)
+    print(f"wrote {args.out} ({args.samples} × {args.seq_len} tokens, {time.perf_counter() - start:.0f}s)")
+    for metric, order in imp.depth.items():
+        print(f"  depth order ({metric}, least important first): {order}")
+
+
+def cmd_reorder(args: argparse.Namespace) -> None:
+    from .checkpoint import load, save
+    from .elastic.importance import Importance
+    from .elastic.reorder import reorder_
+
+    model = load(args.model)
+    imp = Importance.load(args.importance)
+    reorder_(model, imp, args.depth_metric)
+    save(model, args.out, "native", tokenizer_dir=args.model, overwrite=args.force,
+         extra_config={"reordered": {"importance": str(args.importance), "depth_metric": args.depth_metric}})
+    print(f"wrote {args.out}: weights in importance order, depth order {model.config.depth_order} "
+          "(least important first)")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .checkpoint import load, save
+    from .config import parse_budget
+    from .elastic.extract import extract
+    from .elastic.prune import describe_subnet, search
+
+    device = _device(args.device)
+    model = load(args.model, device=device)
+    if model.config.depth_order is None:
+        raise ConfigError(f"{args.model} is not importance-ordered; run `elasticlm importance` and "
+                          "`elasticlm reorder` first (pruning keeps prefixes of every axis)")
+    parent = model.num_parameters()
+    budget = parse_budget(args.budget, parent)
+    batches = list(_calibration(args, model, args.model, args.val_samples, "val"))
+    best, scored = search(model, budget, batches, args.max_candidates, progress=not args.no_progress)
+    print(f"searched {len(scored)} candidates within 1 % of {budget:,} parameters; best by validation loss:")
+    for c in sorted(scored, key=lambda c: c.loss)[: args.show]:
+        print(f"  loss {c.loss:.4f}  {c.parameters:,}  {describe_subnet(model.config, c.subnet)}")
+    small = extract(model, best.subnet)
+    save(small, args.out, args.format, tokenizer_dir=args.model, overwrite=args.force,
+         extra_config={"pruned": {"parent": str(args.model), "budget": args.budget, "parameters": best.parameters,
+                                  "val_loss": best.loss, "subnet": best.subnet.to_dict()}})
+    print(f"wrote {args.out}: {best.parameters:,} parameters ({best.parameters / parent:.1%} of {parent:,}; "
+          f"budget {budget:,}, {best.parameters / budget - 1:+.2%})")
+    print(f"  architecture: {small.config.pattern}  {describe_subnet(model.config, best.subnet)}")
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -289,6 +363,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", help="JSON file describing the Subnet to evaluate (default: the full model)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=cmd_eval)
+
+    data_help = ("calibration data: 'synthetic' (the embedded blend), a .jsonl file (field 'text'), a text "
+                 "file or folder, or hf:NAME[:CONFIG]")
+    p = sub.add_parser("importance", formatter_class=fmt, help="score every width axis and layer (calibration)",
+                       description="Forward passes on calibration data score hidden channels, FFN neurons, "
+                                   "attention heads, Mamba heads and head channels (DESIGN 2.3), and rank layers by "
+                                   "the normalized MSE of the logits when each is removed (iterative and one-shot) "
+                                   "and by cosine block importance. Writes scores.safetensors + importance.json.")
+    p.add_argument("--model", required=True, help="parent model directory (with tokenizer.json)")
+    p.add_argument("--data", default="synthetic", help=data_help)
+    p.add_argument("--samples", type=int, default=256, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--depth-samples", type=int, default=16,
+                   help="sequences used for the depth metrics (each needs one forward per layer and round)")
+    p.add_argument("--depth-metrics", default="iterative_mse,oneshot_mse,cosine", help="depth metrics to compute")
+    p.add_argument("--out", required=True, help="directory for the scores")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("reorder", formatter_class=fmt, help="permute a parent's weights into importance order",
+                       description="Permute every axis of the parent into descending importance (per group for "
+                                   "Mamba and query heads) without changing its function, and record the depth "
+                                   "order in its config. Every nested sub-model is then a prefix.")
+    p.add_argument("--model", required=True, help="parent model directory")
+    p.add_argument("--importance", required=True, help="scores written by `elasticlm importance`")
+    p.add_argument("--depth-metric", default="iterative_mse", choices=["iterative_mse", "oneshot_mse", "cosine"],
+                   help="which depth ranking to record")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_reorder)
+
+    p = sub.add_parser("prune", formatter_class=fmt, help="zero-shot structured pruning to a parameter budget",
+                       description="Search homogeneous architectures of a reordered parent (hidden, Mamba heads and "
+                                   "head channels, attention heads, FFN, dropped layers) that meet the budget within "
+                                   "1 %, keep the one with the lowest validation loss, and write it as a standalone "
+                                   "model. No training.")
+    p.add_argument("--model", required=True, help="reordered parent (`elasticlm reorder`)")
+    p.add_argument("--budget", required=True, help="fraction of the parent (0.5, 75%%) or a count (300M, 6B)")
+    p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
+    p.add_argument("--val-samples", type=int, default=16, help="validation sequences per candidate")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per validation sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--max-candidates", type=int, default=24,
+                   help="candidates evaluated (the most evenly pruned ones when there are more)")
+    p.add_argument("--show", type=int, default=5, help="how many of the best candidates to print")
+    p.add_argument("--format", choices=["native", "hf"], default="native", help="output format")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools (train)",
                        description="Tokenizer tools. `elasticlm tokenizer train --help` for training a BPE.")

@@ -397,6 +397,34 @@ def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
     return total
 
 
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_budget(text: str | float, parent_parameters: int) -> int:
+    """A parameter budget as an exact count: a fraction of the parent (``0.5``, ``50%``) or an
+    absolute count (``300M``, ``6B``, ``1.2e6``, ``250000``).
+
+    >>> parse_budget("0.5", 1000), parse_budget("75%", 1000), parse_budget("300K", 10**6)
+    (500, 750, 300000)
+    """
+    raw = str(text).strip()
+    try:
+        if raw.endswith("%"):
+            value = float(raw[:-1]) / 100 * parent_parameters
+        elif raw[-1:].upper() in _SUFFIX:
+            value = float(raw[:-1]) * _SUFFIX[raw[-1].upper()]
+        else:
+            number = float(raw)
+            value = number * parent_parameters if number <= 1 else number
+    except (ValueError, IndexError):
+        raise ConfigError(f"budget {text!r} is not a fraction (0.5, 50%) or a parameter count (300M, 6B)") from None
+    count = round(value)
+    if not 0 < count <= parent_parameters:
+        raise ConfigError(f"budget {text!r} = {count:,} parameters must be in (0, {parent_parameters:,}] "
+                          "(the parent's size)")
+    return count
+
+
 # -- presets --------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {

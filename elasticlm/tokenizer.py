@@ -36,6 +36,7 @@ def byte_level_tokenizer() -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> None:
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": SPECIAL_TOKENS[0],
               "bos_token": SPECIAL_TOKENS[1], "eos_token": SPECIAL_TOKENS[2]}

@@ -41,6 +41,7 @@ class DataConfig:
     hf_data_files: str | None = None  # hf: local files for a packaged loader (hf_name = "json", "text", …)
     val_fraction: float = 0.01  # documents whose hash falls in this fraction are validation
     mask_prompt: bool = False  # no loss on prompts (synthetic, prompt/response data): train on answers only
+    task_weights: dict[str, float] | None = None  # synthetic: sampling weight per family (missing: 1)
     seed: int = 0
 
     def validate(self) -> None:
@@ -54,6 +55,37 @@ class DataConfig:
             raise ConfigError("data.prompt_field and data.response_field go together")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.task_weights is not None:
+            if not isinstance(self.task_weights, dict):
+                raise ConfigError(f"data.task_weights must be a table of family = weight, got {self.task_weights!r}")
+            try:
+                synthetic.check_weights(self.task_weights)
+            except ValueError as exc:
+                raise ConfigError(f"data.task_weights: {exc}") from None
+
+
+def data_config_from_spec(spec: str, **fields: Any) -> DataConfig:
+    """A DataConfig from a short command-line spec.
+
+    ``synthetic`` → the embedded blend; ``hf:NAME`` or ``hf:NAME:CONFIG`` → Hugging Face datasets;
+    a ``.jsonl``/``.json`` file → JSONL (field ``text``); any other file or folder → plain text.
+
+    >>> data_config_from_spec("hf:wikitext:wikitext-2-raw-v1").hf_config
+    'wikitext-2-raw-v1'
+    """
+    if spec == "synthetic":
+        cfg = DataConfig(source="synthetic", **fields)
+    elif spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        cfg = DataConfig(source="hf", hf_name=name, hf_config=config or None, **fields)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ConfigError(f"data {spec!r} is neither 'synthetic', 'hf:NAME' nor an existing file or folder")
+        jsonl = path.suffix in (".jsonl", ".json")
+        cfg = DataConfig(source="jsonl" if jsonl else "text", path=str(path), **fields)
+    cfg.validate()
+    return cfg
 
 
 def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -143,7 +175,7 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
             return (ex.query, ex.text[len(ex.query):]) if cfg.mask_prompt else ex.text
 
         if split == "train":
-            return lambda start: (render(ex) for ex in synthetic.blend(cfg.seed, start))
+            return lambda start: (render(ex) for ex in synthetic.blend(cfg.seed, start, cfg.task_weights))
         # validation: held-out prompts at the training difficulties, cycling through the families
         def val(start: int) -> Iterator[str]:
             i = start

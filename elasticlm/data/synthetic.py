@@ -20,7 +20,9 @@ Families (default / hard difficulty in ``DIFFICULTY``):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import random
 import re
 import string
@@ -103,15 +105,32 @@ def is_held_out(prompt: str) -> bool:
     return int.from_bytes(hashlib.sha1(prompt.encode()).digest()[:4], "big") % HOLDOUT == 0
 
 
+def check_weights(weights: dict[str, float]) -> None:
+    """Per-family sampling weights: known families, non-negative, not all zero."""
+    unknown = sorted(set(weights) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown task families {unknown} in the weights; choose from {list(FAMILIES)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights.values()):
+        raise ValueError(f"task weights must be non-negative numbers, got {weights}")
+    if not any(weights.get(f, 1.0) > 0 for f in FAMILIES):
+        raise ValueError("task weights are all zero: at least one family must have a positive weight")
+
+
 def example_at(seed: int, index: int, families: tuple[str, ...] = FAMILIES,
-               difficulty: dict[str, tuple[int, int]] | None = None) -> Example:
-    """Example ``index`` of the training blend: a uniform family, a difficulty uniform in
+               difficulty: dict[str, tuple[int, int]] | None = None,
+               weights: dict[str, float] | None = None) -> Example:
+    """Example ``index`` of the training blend: a family drawn by ``weights`` (uniform by
+    default; a family missing from ``weights`` has weight 1), a difficulty uniform in
     [1, default] (so that harder settings stay unseen), never a held-out prompt."""
     ranges = difficulty or {f: (1, DIFFICULTY[f][0]) for f in families}
+    cum = list(itertools.accumulate((weights or {}).get(f, 1.0) for f in families))
     attempt = 0
     while True:
         rng = random.Random(f"{seed}:{index}:{attempt}")
-        family = families[rng.randrange(len(families))]
+        if weights is None:
+            family = families[rng.randrange(len(families))]
+        else:
+            family = families[bisect.bisect_right(cum, rng.random() * cum[-1])]
         lo, hi = ranges[family]
         ex = MAKERS[family](rng, rng.randint(lo, hi))
         if not is_held_out(ex.prompt):
@@ -119,11 +138,11 @@ def example_at(seed: int, index: int, families: tuple[str, ...] = FAMILIES,
         attempt += 1
 
 
-def blend(seed: int, start: int = 0) -> Iterator[Example]:
+def blend(seed: int, start: int = 0, weights: dict[str, float] | None = None) -> Iterator[Example]:
     """The infinite training stream from example ``start`` on."""
     i = start
     while True:
-        yield example_at(seed, i)
+        yield example_at(seed, i, weights=weights)
         i += 1
 
 

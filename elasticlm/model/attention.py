@@ -6,16 +6,21 @@ so keeping the first ``r`` query heads of every KV group is a prefix inside each
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttentionWidth
 from .cache import KVState
+from .documents import DocumentMask
 from .slicing import grouped_prefix, prefix
 
 
 class Attention(nn.Module):
+    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
+
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -36,7 +41,8 @@ class Attention(nn.Module):
             "o_proj.weight": prefix(grouped_prefix(self.o_proj.weight, 1, kv, per, r, self.head_dim), 0, hidden),
         }
 
-    def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         p = self.sliced(x.shape[-1], width)
         q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -46,11 +52,16 @@ class Attention(nn.Module):
         if state is not None:
             past = state.length
             k, v = state.append(k, v)
-        if past == 0 or t == 1:
+        if documents is not None:  # packed training rows: causal within each document
+            mask, causal = documents.attention, False
+        elif past == 0 or t == 1:
             mask, causal = None, past == 0 and t > 1
         else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i
             pos_q = torch.arange(past, past + t, device=x.device)[:, None]
             mask, causal = pos_q >= torch.arange(past + t, device=x.device)[None, :], False
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
-        return F.linear(o.transpose(1, 2).reshape(b, t, -1), p["o_proj.weight"])
+        o = o.transpose(1, 2).reshape(b, t, -1)
+        if self.observer is not None:
+            self.observer("o_in", o)
+        return F.linear(o, p["o_proj.weight"])

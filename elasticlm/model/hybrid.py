@@ -8,6 +8,7 @@ The model knows nothing of routers or training; it only executes a Subnet.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from ..config import (
 )
 from .attention import Attention
 from .cache import HybridCache, KVState, MambaState
+from .documents import DocumentMask
 from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
 from .norm import RMSNorm, rms_norm
@@ -34,7 +36,13 @@ from .slicing import prefix
 Device = torch.device | str | None
 
 
+Observer = Callable[[str, torch.Tensor], None]
+
+
 class Block(nn.Module):
+    # Set by elasticlm.elastic.importance while it records activations; None otherwise.
+    observer: Observer | None = None
+
     def __init__(self, config: ModelConfig, layer: int, device: Device = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.kind = config.pattern[layer]
@@ -52,14 +60,18 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(d, full.intermediate_size, config.mlp_bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
         # nn.Module.__call__ costs as much as a small kernel here.
         h = rms_norm(x, prefix(self.norm.weight, 0, x.shape[-1]), self.norm.eps)
+        if self.observer is not None:
+            self.observer("block_in", x)
+            self.observer("norm", h)
         if self.kind == MAMBA:
             state = cache.layers[layer] if cache is not None else None
             assert state is None or isinstance(state, MambaState)
-            h, new = self.mixer.forward(h, width, state, new_state=cache is not None)
+            h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents)
             if cache is not None:
                 cache.layers[layer] = new
         elif self.kind == ATTENTION:
@@ -67,9 +79,11 @@ class Block(nn.Module):
             if cache is not None:
                 state = cache.layers[layer] or KVState()
                 cache.layers[layer] = state
-            h = self.mixer.forward(h, width, state)
+            h = self.mixer.forward(h, width, state, documents)
         else:
             h = self.mixer.forward(h, width)
+        if self.observer is not None:
+            self.observer("block_out", x + h)
         return x + h
 
     def sliced(self, hidden: int, width: LayerWidth) -> dict[str, torch.Tensor]:
@@ -79,6 +93,8 @@ class Block(nn.Module):
 
 
 class HybridLM(nn.Module):
+    observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
+
     def __init__(self, config: ModelConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         config.validate()
@@ -128,22 +144,35 @@ class HybridLM(nn.Module):
         return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
-                cache: HybridCache | None = None) -> torch.Tensor:
+                cache: HybridCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of the parent or of ``subnet``.
 
         With ``cache`` the call continues from the tokens the cache has seen and updates it.
+        ``document_ids`` ``[batch, seq]`` (packed training rows, see
+        :func:`~elasticlm.model.documents.document_ids_from_eos`): every token sees only earlier
+        tokens of its own document, exactly as if each document ran alone.
         """
         subnet = self.check_subnet(subnet)
         if cache is not None and cache.subnet != subnet:
             raise ValueError("this cache was created for a different Subnet; create one per Subnet")
+        documents = None
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids are for packed training rows; they cannot be used with a cache")
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            documents = DocumentMask.from_ids(document_ids, self.config.conv_kernel)
         d = subnet.hidden_size
         x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
         for i, (block, width) in enumerate(zip(self.layers, subnet.layers, strict=True)):
             if width is not None:
-                x = block.forward(x, width, cache, i)
+                x = block.forward(x, width, cache, i, documents)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         x = self.norm_f(x)
+        if self.observer is not None:
+            self.observer("norm_f", x)
         return F.linear(x, prefix(self.head_weight(), 1, d))
 
     def new_cache(self, subnet: Subnet | None = None) -> HybridCache:

@@ -13,6 +13,7 @@ never sliced. The gated norm normalises per group, over the kept channels of tha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,14 @@ from torch import nn
 
 from ..config import MambaWidth
 from .cache import MambaState
+from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
 from .slicing import grouped_prefix, prefix
 
 
 class Mamba2Mixer(nn.Module):
+    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, n_groups: int, state_size: int,
                  conv_kernel: int, chunk_size: int, time_step_min: float, norm_eps: float,
                  use_bias: bool = False, use_conv_bias: bool = True,
@@ -104,10 +108,11 @@ class Mamba2Mixer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
-                new_state: bool = False) -> tuple[torch.Tensor, MambaState | None]:
+                new_state: bool = False, documents: DocumentMask | None = None,
+                ) -> tuple[torch.Tensor, MambaState | None]:
         """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
         the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
-        token at a time."""
+        token at a time. ``documents`` keeps packed documents apart (training; no state)."""
         b, t, _ = u.shape
         prm = self.sliced(u.shape[-1], width)
         if state is not None and t == 1:
@@ -118,6 +123,8 @@ class Mamba2Mixer(nn.Module):
 
         zxbcdt = F.linear(u, prm["in_proj.weight"], prm.get("in_proj.bias"))
         z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, heads], dim=-1)
+        if self.observer is not None:
+            self.observer("x", xbc[..., :d_inner])  # the x part, before the conv
 
         conv_w, conv_b = prm["conv1d.weight"], prm.get("conv1d.bias")
         xbc = xbc.transpose(1, 2)  # [b, channels, t]
@@ -125,6 +132,9 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             window = torch.cat([state.conv, xbc], dim=-1)
             conv_out = F.conv1d(window, conv_w, conv_b, groups=window.shape[1])
+        elif documents is not None:
+            window = F.pad(xbc, (k - 1, 0))
+            conv_out = document_causal_conv(window, conv_w, conv_b, documents.conv_keep)
         else:
             window = F.pad(xbc, (k - 1, 0)) if track else xbc
             conv_out = F.conv1d(xbc, conv_w, conv_b, padding=k - 1, groups=xbc.shape[1])[..., :t]
@@ -137,7 +147,8 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, t, heads, hd)
         B, C = B.reshape(b, t, g, n), C.reshape(b, t, g, n)
         init = state.ssm if state is not None else None
-        y, ssm = ssd_chunked(x, dt, A, B, C, scan_chunk_size(self.chunk_size, u.device), init)
+        reset = documents.reset if documents is not None else None
+        y, ssm = ssd_chunked(x, dt, A, B, C, scan_chunk_size(self.chunk_size, u.device), init, reset)
         y = y + x.float() * prm["D"].float()[:, None]
         y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps)
         out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
@@ -199,12 +210,28 @@ def scan_chunk_size(config_chunk: int, device: torch.device) -> int:
 
 
 
+def document_causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         keep: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv1d whose taps stop at document starts.
+
+    ``window`` [b, c, k-1+t] (zero-padded on the left), ``weight`` [c, 1, k],
+    ``keep`` [b, k, t]: ``keep[:, j, s]`` is 1 when token ``s - j`` is in the same document as ``s``.
+    """
+    k, t = weight.shape[-1], keep.shape[-1]
+    out = window[..., k - 1:] * weight[:, 0, k - 1, None]  # the token itself (tap k-1) always counts
+    for j in range(1, k):
+        out = out + window[..., k - 1 - j: k - 1 - j + t] * weight[:, 0, k - 1 - j, None] * keep[:, None, j]
+    return out if bias is None else out + bias[:, None]
+
+
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, initial_state: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked state-space-duality scan, in fp32, for any sequence length.
 
     x [b, t, heads, p]; dt [b, t, heads] (after softplus); A [heads] (negative);
-    B, C [b, t, groups, n]; initial_state [b, heads, p, n] or None.
+    B, C [b, t, groups, n]; initial_state [b, heads, p, n] or None; reset [b, t] bool or None:
+    the state restarts at these tokens (their decay of the incoming state is exp(RESET_LOG_DECAY)).
     Returns y [b, t, heads, p] (without the D skip) and the final state [b, heads, p, n].
 
     Everything runs in the layout ``[b, groups, heads_per_group, chunks, positions, ·]`` so that
@@ -220,6 +247,8 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     nc = (t + pad) // l
     xdt = x.float() * dt[..., None]
     a = dt * A  # [b, t, heads]
+    if reset is not None:
+        a = a.masked_fill(reset[..., None], RESET_LOG_DECAY)
     B, C = B.float(), C.float()
     if pad:
         xdt, a = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))

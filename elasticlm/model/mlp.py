@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,8 @@ from .slicing import prefix
 
 
 class MLP(nn.Module):
+    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -32,4 +36,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, width: MlpWidth) -> torch.Tensor:
         p = self.sliced(x.shape[-1], width)
         h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
+        if self.observer is not None:
+            self.observer("down_in", h)
         return F.linear(h, p["down_proj.weight"], p.get("down_proj.bias"))

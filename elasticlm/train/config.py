@@ -50,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
+    document_masking: bool = True  # packed documents do not see each other (attention, conv, SSM state)
     seed: int = 0
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bf16 autocast on cuda, fp32 on cpu; or float32 / bfloat16

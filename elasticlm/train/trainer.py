@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_directory, write_model_files
 from ..data.datasets import PackedStream, doc_text, documents
 from ..errors import CheckpointError, ConfigError
+from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 from ..runtime import resolve_device
 from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
@@ -107,12 +108,15 @@ class MetricsLog:
             self.writer.close()
 
 
-def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets whose loss mask is set."""
+def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torch.dtype | None,
+            eos_token_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets whose loss mask is set. With
+    ``eos_token_id`` the packed documents are kept apart (each sees only itself)."""
     tokens, mask = batch
     inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    doc_ids = document_ids_from_eos(inputs, eos_token_id) if eos_token_id is not None else None
     with torch.autocast(tokens.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        logits = model(inputs)
+        logits = model(inputs, document_ids=doc_ids)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     keep = keep.flatten().float()
     return (losses * keep).sum() / keep.sum().clamp_min(1.0)
@@ -120,10 +124,10 @@ def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torc
 
 @torch.no_grad()
 def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    amp: torch.dtype | None) -> float:
+                    amp: torch.dtype | None, eos_token_id: int | None = None) -> float:
     was = model.training
     model.eval()
-    loss = sum(lm_loss(model, b, amp).item() for b in batches) / len(batches)
+    loss = sum(lm_loss(model, b, amp, eos_token_id).item() for b in batches) / len(batches)
     model.train(was)
     return loss
 
@@ -173,6 +177,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     micro = max(1, cfg.batch_size // cfg.grad_accum)
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
+    doc_eos = eos if cfg.document_masking else None
     stream = PackedStream(documents(run.data, "train"), encode, eos, cfg.seq_len, micro)
     val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
@@ -198,7 +203,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                loss = lm_loss(model, tuple(t.to(device) for t in stream.next_masked_batch()), amp)
+                loss = lm_loss(model, tuple(t.to(device) for t in stream.next_masked_batch()), amp, doc_eos)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if not math.isfinite(loss_sum):
@@ -217,7 +222,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 metrics.write(done, **last)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                evals: dict[str, float] = {"val_loss": validation_loss(model, val_batches, amp)}
+                evals: dict[str, float] = {"val_loss": validation_loss(model, val_batches, amp, doc_eos)}
                 if synthetic:
                     evals.update(_task_metrics(model, tok, run.eval.n, run.eval.hard))
                 metrics.write(done, **evals)
