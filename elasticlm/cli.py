@@ -207,7 +207,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
 
 
-def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: int, split: str) -> Any:
+def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: int, split: str,
+                 loss_mask: bool = False) -> Any:
     from .data.datasets import data_config_from_spec
     from .elastic.importance import calibration_batches
     from .tokenizer import load_tokenizer
@@ -216,9 +217,10 @@ def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: 
     eos = model.config.eos_token_id
     if eos is None:
         raise ConfigError(f"{model_dir}: the model has no eos_token_id, needed to pack calibration documents")
-    data = data_config_from_spec(args.data)
+    # synthetic prompts are random digits: a validation loss counts the trace and answer only
+    data = data_config_from_spec(args.data, mask_prompt=args.data == "synthetic")
     return calibration_batches(data, lambda text: tok.encode(text).ids, eos, samples, args.seq_len,
-                               args.batch_size, split)
+                               args.batch_size, split, loss_mask)
 
 
 def cmd_importance(args: argparse.Namespace) -> None:
@@ -267,7 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                           "`elasticlm reorder` first (pruning keeps prefixes of every axis)")
     parent = model.num_parameters()
     budget = parse_budget(args.budget, parent)
-    batches = list(_calibration(args, model, args.model, args.val_samples, "val"))
+    batches = list(_calibration(args, model, args.model, args.val_samples, "val", loss_mask=True))
     best, scored = search(model, budget, batches, args.max_candidates, progress=not args.no_progress)
     print(f"searched {len(scored)} candidates within 1 % of {budget:,} parameters; best by validation loss:")
     for c in sorted(scored, key=lambda c: c.loss)[: args.show]:

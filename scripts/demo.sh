@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything and run the main job. Until the elastic demo exists this shows the CLI,
-# creates a tiny random model and generates from it (full model, then a nested half-width one).
+# Install everything and run the main job. Until the elastic demo exists this shows the CLI:
+# a tiny random model, generation (full and nested half-width), importance → reorder → prune.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,3 +20,8 @@ json.dump(s.to_dict(), open("runs/tiny-half.json", "w"))
 print(f"half-width subnet: {m.num_parameters(s):,} of {m.num_parameters():,} parameters")
 PY
 elasticlm generate --model runs/tiny --subnet runs/tiny-half.json --prompt "Hello" --max-new-tokens 16 --ignore-eos
+echo "--- importance → reorder → zero-shot prune to 50 % (tiny random model, synthetic calibration data)"
+elasticlm importance --model runs/tiny --samples 16 --seq-len 128 --depth-samples 8 --out runs/tiny-importance --no-progress
+elasticlm reorder --model runs/tiny --importance runs/tiny-importance --out runs/tiny-ordered --force
+elasticlm prune --model runs/tiny-ordered --budget 0.5 --val-samples 8 --out runs/tiny-50 --force --no-progress
+elasticlm generate --model runs/tiny-50 --prompt "Hello" --max-new-tokens 16 --ignore-eos

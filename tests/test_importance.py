@@ -163,7 +163,8 @@ def test_prune_candidates_meet_the_budget_and_keep_groups_equal():
         for c in cands:
             assert abs(c.parameters - budget) <= 0.01 * budget
             assert c.parameters == count_parameters(cfg, c.subnet)
-        best, scored = search(model, budget, batches(1), max_candidates=6, progress=False)
+        val = [(ids, doc, torch.ones_like(ids)) for ids, doc in batches(1, seed=5)]
+        best, scored = search(model, budget, val, max_candidates=6, progress=False)
         small = extract(model, best.subnet)
         assert small.num_parameters() == best.parameters == sum(p.numel() for p in small.parameters())
         for h in small.config.mamba_heads_list():

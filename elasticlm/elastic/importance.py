@@ -127,17 +127,21 @@ class Importance:
 
 
 def calibration_batches(data: DataConfig, encode: Callable[[str], list[int]], eos_token_id: int, samples: int,
-                        seq_len: int, batch_size: int = 8, split: str = "train") -> Iterator[Batch]:
+                        seq_len: int, batch_size: int = 8, split: str = "train",
+                        loss_mask: bool = False) -> Iterator[Any]:
     """``samples`` packed, unpadded windows of ``seq_len`` tokens, in batches, with the document
-    ids that keep packed documents apart."""
+    ids that keep packed documents apart (and, with ``loss_mask``, the 0/1 mask of the tokens a
+    loss should count: ``data.mask_prompt`` leaves prompts out)."""
     if samples < 1 or seq_len < 2:
         raise ConfigError("calibration needs samples >= 1 and seq_len >= 2")
     stream = PackedStream(documents(data, split), encode, eos_token_id, seq_len - 1, batch_size)
     left = samples
     while left > 0:
-        ids = stream.next_batch()[: min(batch_size, left)]
+        ids, mask = stream.next_masked_batch()
+        ids, mask = ids[: min(batch_size, left)], mask[: min(batch_size, left)]
         left -= ids.shape[0]
-        yield ids, document_ids_from_eos(ids, eos_token_id)
+        doc = document_ids_from_eos(ids, eos_token_id)
+        yield (ids, doc, mask) if loss_mask else (ids, doc)
 
 
 # -- width scores ------------------------------------------------------------------------------

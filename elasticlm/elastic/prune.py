@@ -23,7 +23,7 @@ from ..config import MLP, ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
 from ..model.hybrid import HybridLM
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token ids, document ids, loss mask (all [b, t])
 
 # Sensible per-axis limits (Minitron prunes each axis by at most about half).
 WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -142,22 +142,18 @@ def balanced(cands: list[Candidate], limit: int) -> list[Candidate]:
 
 
 @torch.no_grad()
-def subnet_loss(model: HybridLM, subnet: Subnet | None, batches: list[Batch],
-                loss_masks: list[torch.Tensor] | None = None) -> float:
-    """Mean next-token cross-entropy of ``subnet`` on packed ``batches`` (documents kept apart)."""
+def subnet_loss(model: HybridLM, subnet: Subnet | None, batches: list[Batch]) -> float:
+    """Mean next-token cross-entropy of ``subnet`` on packed ``batches`` (documents kept apart),
+    over the targets whose loss mask is set."""
     device = model.embeddings.weight.device
     total, count = 0.0, 0
-    for i, (ids, doc) in enumerate(batches):
+    for ids, doc, mask in batches:
         ids, doc = ids.to(device), doc.to(device)
         logits = model(ids[:, :-1], subnet, document_ids=doc[:, :-1]).float()
         losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        if loss_masks is not None:
-            keep = loss_masks[i][:, 1:].flatten().to(device).float()
-            total += float((losses * keep).sum())
-            count += int(keep.sum())
-        else:
-            total += float(losses.sum())
-            count += losses.numel()
+        keep = mask[:, 1:].flatten().to(device).float()
+        total += float((losses * keep).sum())
+        count += int(keep.sum())
     return total / max(count, 1)
 
 
