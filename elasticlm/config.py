@@ -359,27 +359,42 @@ def subnet_config(config: ModelConfig, subnet: Subnet) -> ModelConfig:
     )
 
 
-def layer_parameters(config: ModelConfig, kind: str, width: LayerWidth, hidden: int) -> int:
-    """Exact parameter count of one block (pre-norm + mixer) at the given widths."""
+def block_parameters(config: ModelConfig, kind: str, hidden: Any, *, mamba_heads_per_group: Any = 0,
+                     mamba_head_dim: Any = 0, heads_per_kv_group: Any = 0, ffn: Any = 0) -> Any:
+    """Parameters of one block (pre-norm + mixer) at the given widths.
+
+    Multilinear in the widths (each appears at most once per term), so it also gives the exact
+    *expected* count when the widths are expectations of independent choices (ints, floats or tensors).
+    """
     if kind == MAMBA:
-        assert isinstance(width, MambaWidth)
         g, n, k = config.mamba_n_groups, config.ssm_state_size, config.conv_kernel
-        heads = g * width.heads_per_group
-        d_inner = heads * width.head_dim
+        heads = g * mamba_heads_per_group
+        d_inner = heads * mamba_head_dim
         conv_dim = d_inner + 2 * g * n
         proj_out = 2 * d_inner + 2 * g * n + heads
         params = hidden * proj_out + conv_dim * k + 3 * heads + d_inner + d_inner * hidden
-        params += (proj_out + hidden) * config.use_bias + conv_dim * config.use_conv_bias
+        params = params + (proj_out + hidden) * int(config.use_bias) + conv_dim * int(config.use_conv_bias)
     elif kind == ATTENTION:
-        assert isinstance(width, AttentionWidth)
         kv, dh = config.num_key_value_heads, config.attention_head_dim
-        q = kv * width.heads_per_kv_group * dh
-        params = 2 * hidden * q + 2 * hidden * kv * dh
+        params = 2 * hidden * kv * heads_per_kv_group * dh + 2 * hidden * kv * dh
     else:
-        assert isinstance(width, MlpWidth)
-        f = width.intermediate_size
-        params = 2 * hidden * f + (f + hidden) * config.mlp_bias
+        params = 2 * hidden * ffn + (ffn + hidden) * int(config.mlp_bias)
     return params + hidden  # the block's pre-norm
+
+
+def width_keywords(width: LayerWidth) -> dict[str, int]:
+    """A layer width as :func:`block_parameters` keywords."""
+    if isinstance(width, MambaWidth):
+        return {"mamba_heads_per_group": width.heads_per_group, "mamba_head_dim": width.head_dim}
+    if isinstance(width, AttentionWidth):
+        return {"heads_per_kv_group": width.heads_per_kv_group}
+    return {"ffn": width.intermediate_size}
+
+
+def layer_parameters(config: ModelConfig, kind: str, width: LayerWidth, hidden: int) -> int:
+    """Exact parameter count of one block (pre-norm + mixer) at the given widths."""
+    assert isinstance(width, _WIDTH_OF_KIND[kind])
+    return int(block_parameters(config, kind, hidden, **width_keywords(width)))
 
 
 def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
