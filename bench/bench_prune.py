@@ -105,9 +105,7 @@ def main() -> None:
     for metric, order in imp.depth.items():
         losses = []
         for k in (1, 2, 3):
-            full = Subnet.full(parent.config)
-            sub = Subnet(full.hidden_size, tuple(None if i in order[:k] else w for i, w in enumerate(full.layers)))
-            losses.append(subnet_loss(parent, sub, report_set))
+            losses.append(subnet_loss(parent, Subnet.uniform(parent.config, drop_layers=order[:k]), report_set))
         depth_rows.append({"metric": metric, "order": order, "loss_after_drop": losses})
 
     print(f"\n## Zero-shot pruning of `{args.parent}` ({parent.num_parameters():,} parameters)\n")

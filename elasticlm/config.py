@@ -382,6 +382,11 @@ def block_parameters(config: ModelConfig, kind: str, hidden: Any, *, mamba_heads
     return params + hidden  # the block's pre-norm
 
 
+def outer_parameters(config: ModelConfig, hidden: Any) -> Any:
+    """Embeddings, head (unless tied) and final norm at hidden size ``hidden`` (linear in it)."""
+    return config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+
+
 def width_keywords(width: LayerWidth) -> dict[str, int]:
     """A layer width as :func:`block_parameters` keywords."""
     if isinstance(width, MambaWidth):
@@ -405,7 +410,7 @@ def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
     subnet = subnet or Subnet.full(config)
     subnet.validate(config)
     d = subnet.hidden_size
-    total = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embeddings, head, final norm
+    total = outer_parameters(config, d)
     for i, width in enumerate(subnet.layers):
         if width is not None:
             total += layer_parameters(config, config.pattern[i], width, d)

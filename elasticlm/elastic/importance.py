@@ -236,11 +236,6 @@ def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], to
 # -- depth scores ------------------------------------------------------------------------------
 
 
-def _without(config: ModelConfig, dropped: set[int]) -> Subnet:
-    full = Subnet.full(config)
-    return Subnet(full.hidden_size, tuple(None if i in dropped else w for i, w in enumerate(full.layers)))
-
-
 @torch.no_grad()
 def layer_mse(model: HybridLM, batches: list[Batch], dropped: set[int] = frozenset(),  # type: ignore[assignment]
               candidates: list[int] | None = None) -> dict[int, float]:
@@ -255,7 +250,7 @@ def layer_mse(model: HybridLM, batches: list[Batch], dropped: set[int] = frozens
         full = model(ids, document_ids=doc).float()
         den += float(full.square().sum())
         for j in candidates:
-            out = model(ids, _without(cfg, set(dropped) | {j}), document_ids=doc).float()
+            out = model(ids, Subnet.uniform(cfg, drop_layers=(*dropped, j)), document_ids=doc).float()
             num[j] += float((full - out).square().sum())
     return {j: num[j] / max(den, 1e-30) for j in candidates}
 

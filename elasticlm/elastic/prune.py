@@ -40,9 +40,6 @@ class Candidate:
     fractions: dict[str, float]
     loss: float | None = None
 
-    def describe(self, config: ModelConfig) -> str:
-        return describe_subnet(config, self.subnet)
-
 
 def describe_subnet(config: ModelConfig, subnet: Subnet) -> str:
     """One line: hidden, the homogeneous widths and the dropped layers."""

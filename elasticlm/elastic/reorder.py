@@ -121,21 +121,4 @@ def reorder_(model: HybridLM, importance: Importance, depth_metric: str = "itera
     return model
 
 
-def sorted_importance(importance: Importance, config_groups: tuple[int, int]) -> Importance:
-    """The scores as they read after :func:`reorder_` (every axis in descending order within its
-    groups), so that a reordered checkpoint's scores still line up with its weights."""
-    mamba_groups, kv_heads = config_groups
-    layers = []
-    for scores in importance.layers:
-        if "channel" in scores:
-            layers.append({"channel": scores["channel"][descending(scores["channel"])],
-                           "head": scores["head"][grouped_order(scores["head"], mamba_groups)]})
-        elif "head" in scores:
-            layers.append({"head": scores["head"][grouped_order(scores["head"], kv_heads)]})
-        else:
-            layers.append({"neuron": scores["neuron"][descending(scores["neuron"])]})
-    return Importance(importance.hidden[descending(importance.hidden)], layers, dict(importance.depth),
-                      dict(importance.depth_scores), dict(importance.meta, reordered=True))
-
-
-__all__ = ["channel_rows", "descending", "grouped_order", "reorder_", "sorted_importance"]
+__all__ = ["channel_rows", "descending", "grouped_order", "reorder_"]

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import AttentionWidth, MambaWidth, ModelConfig, Subnet, block_parameters, count_parameters
+from ..config import (
+    AttentionWidth,
+    MambaWidth,
+    ModelConfig,
+    Subnet,
+    block_parameters,
+    count_parameters,
+    outer_parameters,
+)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -26,7 +34,7 @@ def expected_parameter_count(config: ModelConfig, hidden: Any, layers: list[dict
     widths, ``kept[i]`` the probability that layer ``i`` runs. Differentiable when they are tensors."""
     if len(layers) != config.num_layers or (kept is not None and len(kept) != config.num_layers):
         raise ValueError(f"give one entry per layer ({config.num_layers})")
-    total = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+    total = outer_parameters(config, hidden)
     for i, widths in enumerate(layers):
         p = 1 if kept is None else kept[i]
         total = total + p * block_parameters(config, config.pattern[i], hidden, **widths)
