@@ -137,12 +137,18 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     return model.eval()
 
 
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise CheckpointError if ``path`` may not be written (call it before long work, too)."""
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists and is not empty; choose another path or pass --force")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block completes."""
     path = Path(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"{path} already exists and is not empty; choose another path or pass --force")
+    check_output_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"

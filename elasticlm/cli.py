@@ -257,11 +257,12 @@ def cmd_reorder(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .checkpoint import load, save
+    from .checkpoint import check_output_path, load, save
     from .config import parse_budget
     from .elastic.extract import extract
     from .elastic.prune import describe_subnet, search
 
+    check_output_path(args.out, args.force)  # before the search, not after it
     device = _device(args.device)
     model = load(args.model, device=device)
     if model.config.depth_order is None:

@@ -229,3 +229,15 @@ def test_cli_prune_errors(tmp_path, capsys):
     assert code == 2 and "budget" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert Subnet.full(model.config)  # the parent itself is untouched
+
+
+def test_cli_prune_refuses_an_existing_output_before_searching(tmp_path, capsys, monkeypatch):
+    model = HybridLM(tiny_config("M-*"))
+    model.config.depth_order = [0, 1, 2]
+    elasticlm.save(model, tmp_path / "p")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    monkeypatch.setattr("elasticlm.elastic.prune.search", lambda *a, **k: pytest.fail("searched"))
+    code = main(["prune", "--model", str(tmp_path / "p"), "--budget", "0.5", "--out", str(tmp_path / "out")])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
