@@ -168,6 +168,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                                                      if isinstance(v, float)))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import logging
+
+    from .train.config import load_elastic_run_config
+    from .train.elastic import train_elastic
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run = load_elastic_run_config(args.config, args.set or [])
+    if args.out:
+        run.train.out = args.out
+    if args.parent:
+        run.parent.path = args.parent
+    final = train_elastic(run, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
+                                                     if isinstance(v, float) and k.startswith(("val_", "acc_"))))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import time
 
@@ -357,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", formatter_class=fmt, help="elastic training: every budget of one model at once",
+                       description="Elastic training (knowledge distillation from the frozen parent, router, "
+                                   "budgets, stages) from a TOML config with [parent] path = an importance-ordered "
+                                   "parent (`elasticlm reorder`), [elastic] budgets and choice sets, [distill], "
+                                   "[data], [train], [eval] and [[stages]]. Multi-process: torchrun "
+                                   "--nproc_per_node N -m elasticlm train ... (DDP, or train.parallel=fsdp).")
+    p.add_argument("--config", help="TOML (or JSON) run config, e.g. configs/demo-elastic.toml")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a field, e.g. --set elastic.budgets='[1.0,0.5]' --set stages[0].tokens=100000")
+    p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
+    p.add_argument("--out", help="shortcut for --set train.out=DIR")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", formatter_class=fmt, help="exact-match accuracy on the synthetic reasoning tasks",
                        description="Score greedy generation on held-out synthetic tasks (add, vars, recall, sort) "

@@ -1,4 +1,5 @@
-"""Cost model as pure functions: exact and expected parameter counts, and deployment memory.
+"""The elastic space (budgets and per-axis choice sets) and the cost model as pure functions:
+exact and expected parameter counts, and deployment memory.
 
 The parameter count of a Subnet is *multilinear* in its widths (:func:`elasticlm.config.block_parameters`):
 every term is a product in which each axis (hidden size, Mamba heads per group, Mamba head channels,
@@ -12,17 +13,26 @@ keeping FFN 128 or 64 with probability ½ each gives ``block_parameters(cfg, "-"
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import (
+    ATTENTION,
+    MAMBA,
+    MLP,
     AttentionWidth,
+    LayerWidth,
     MambaWidth,
+    MlpWidth,
     ModelConfig,
     Subnet,
     block_parameters,
     count_parameters,
     outer_parameters,
+    parse_budget,
 )
+from ..errors import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -63,4 +73,310 @@ def memory_bytes(config: ModelConfig, subnet: Subnet | None = None, *, context: 
     return {"weights": weights, "kv_cache": kv, "mamba_state": state, "total": weights + kv + state}
 
 
-__all__ = ["DTYPE_BYTES", "expected_parameter_count", "memory_bytes"]
+def expected_memory_bytes(config: ModelConfig, hidden: Any, layers: list[dict[str, Any]], kept: list[Any] | None,
+                          *, context: int, batch: int, dtype: str, state_dtype: str = "float32") -> Any:
+    """E[:func:`memory_bytes`] under independent per-axis choices (same arguments as
+    :func:`expected_parameter_count`); exact for the same reason: every term is multilinear."""
+    w, s = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
+    g, n = config.mamba_n_groups, config.ssm_state_size
+    total = expected_parameter_count(config, hidden, layers, kept) * w
+    for i, widths in enumerate(layers):
+        p = 1 if kept is None else kept[i]
+        if config.pattern[i] == ATTENTION:
+            total = total + p * 2 * batch * context * config.num_key_value_heads * config.attention_head_dim * w
+        elif config.pattern[i] == MAMBA:
+            d_inner = g * widths["mamba_heads_per_group"] * widths["mamba_head_dim"]
+            total = total + p * batch * ((d_inner + 2 * g * n) * (config.conv_kernel - 1) * w + d_inner * n * s)
+    return total
+
+
+# -- the elastic space ----------------------------------------------------------------------------
+
+# Width axes that act on one kind of layer, and the Subnet field each one sets.
+LAYER_AXES = {"mamba_heads": (MAMBA, "heads_per_group"), "mamba_head_dim": (MAMBA, "head_dim"),
+              "attention_heads": (ATTENTION, "heads_per_kv_group"), "ffn": (MLP, "intermediate_size")}
+AXES = ("hidden", *LAYER_AXES, "depth")
+DEFAULT_WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
+DEFAULT_FFN_FRACTIONS = tuple(i / 32 for i in range(32, 7, -1))  # 1, 31/32, …, 1/4: fine enough to hit budgets
+DEFAULT_DEPTH_FRACTIONS = (1.0, 0.875, 0.75)
+
+
+@dataclass
+class ElasticConfig:
+    """The ``[elastic]`` table: budgets, per-axis choice sets and the router.
+
+    A choice is a fraction of the parent's width (a float ≤ 1: ``0.5``) or an absolute width (an
+    int: ``96``; for ``depth`` the number of layers kept). ``None`` takes the default set. An axis
+    listed in ``heterogeneous`` gets one choice per layer; hidden size and depth are always global.
+    """
+
+    budgets: list[Any] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    target: str = "params"  # params | memory (weights + KV cache + Mamba state at memory_context)
+    memory_context: int = 4096
+    memory_batch: int = 1
+    memory_dtype: str = "bfloat16"
+    hidden: list[Any] | None = None
+    mamba_heads: list[Any] | None = None  # heads per group
+    mamba_head_dim: list[Any] | None = None
+    attention_heads: list[Any] | None = None  # query heads per KV group
+    ffn: list[Any] | None = None
+    depth: list[Any] | None = None  # layers kept
+    heterogeneous: list[str] = field(default_factory=list)
+    # router (DESIGN 2.4)
+    router_mode: str = "hard"  # hard: sliced execution + straight-through gates; soft: nested mask staircase
+    router_hidden: int = 256
+    router_lr: float | None = None  # default: router_lr_ratio × the model's lr
+    router_lr_ratio: float = 100.0
+    router_warmup_steps: int = 60
+    router_init_steps: int = 300  # budget-loss-only steps before training, so every budget starts on target
+    logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    temperature: list[float] = field(default_factory=lambda: [1.0, 0.05])
+    budget_loss_weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.target not in ("params", "memory"):
+            raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
+        if self.router_mode not in ("hard", "soft"):
+            raise ConfigError(f"elastic.router_mode must be hard or soft, got {self.router_mode!r}")
+        if self.memory_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"elastic.memory_dtype must be one of {sorted(DTYPE_BYTES)}")
+        if not isinstance(self.budgets, list) or not self.budgets:
+            raise ConfigError("elastic.budgets must be a non-empty list, e.g. [1.0, 0.75, 0.5]")
+        bad = sorted(set(self.heterogeneous) - set(LAYER_AXES))
+        if bad:
+            raise ConfigError(f"elastic.heterogeneous: {bad} cannot be per-layer; choose from {sorted(LAYER_AXES)}")
+        for name in ("logit_scale", "temperature"):
+            v = getattr(self, name)
+            if len(v) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in v):
+                raise ConfigError(f"elastic.{name} must be [start, end] with positive numbers, got {v!r}")
+        if self.router_hidden < 1 or self.router_warmup_steps < 0 or self.budget_loss_weight < 0:
+            raise ConfigError("elastic.router_hidden must be >= 1, router_warmup_steps and budget_loss_weight >= 0")
+        for axis in AXES:
+            v = getattr(self, axis)
+            if v is not None and (not isinstance(v, list) or not v):
+                raise ConfigError(f"elastic.{axis} must be a non-empty list of choices (or left out for the default)")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One router axis. ``values[j][s]`` is choice ``j`` for slot ``s``: the width of layer
+    ``layers[s]`` for a layer axis (one slot per layer when heterogeneous; when homogeneous
+    one slot whose choice applies to every layer, so ``values[j]`` still lists every layer);
+    the hidden size or the number of kept layers for ``hidden`` / ``depth``."""
+
+    name: str
+    layers: tuple[int, ...]
+    values: tuple[tuple[int, ...], ...]
+    heterogeneous: bool = False
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.values)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.layers) if self.heterogeneous else 1
+
+
+def _resolve_choice(v: Any, full: int, where: str, multiple: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{where}: choice {v!r} must be a fraction (0.5) or a width (96)")
+    if isinstance(v, float):
+        if not 0 < v <= 1:
+            raise ConfigError(f"{where}: fraction {v} must be in (0, 1]")
+        return max(multiple, int(round(v * full / multiple)) * multiple)
+    if not 0 < v <= full:
+        raise ConfigError(f"{where}: width {v} must be in [1, {full}] (the parent's)")
+    return v
+
+
+@dataclass(frozen=True)
+class ElasticSpace:
+    """Budgets (resolved to exact target costs) and the router's axes for one parent."""
+
+    config: ModelConfig
+    budgets: tuple[str, ...]  # as written (labels)
+    targets: tuple[float, ...]  # the cost each budget aims at (parameters, or bytes)
+    axes: tuple[Axis, ...]
+    target: str = "params"
+    memory: tuple[tuple[str, Any], ...] = ()  # context, batch, dtype for target = memory
+
+    @classmethod
+    def build(cls, config: ModelConfig, ec: ElasticConfig) -> ElasticSpace:
+        ec.validate()
+        axes = []
+        for name in AXES:
+            axis = _build_axis(config, name, getattr(ec, name), name in ec.heterogeneous)
+            if axis is not None:
+                axes.append(axis)
+        memory = (("context", ec.memory_context), ("batch", ec.memory_batch), ("dtype", ec.memory_dtype))
+        space = cls(config, (), (), tuple(axes), ec.target, memory)
+        parent = space.cost_of(Subnet.full(config))
+        labels, targets = [], []
+        for b in ec.budgets:
+            label = _budget_label(b)
+            if label in labels:
+                raise ConfigError(f"elastic.budgets lists {label} twice")
+            if ec.target == "params":
+                targets.append(float(parse_budget(b, int(parent))))
+            else:
+                targets.append(float(_parse_memory_budget(b, parent)))
+            labels.append(label)
+        smallest = space.cost_of(space.subnet({a.name: [a.n_choices - 1] * a.n_slots for a in axes}))
+        for label, t in zip(labels, targets, strict=True):
+            if t < smallest * (1 - 0.02):
+                raise ConfigError(f"budget {label} ({t:,.0f}) is below the smallest model the elastic space can "
+                                  f"express ({smallest:,.0f}); add smaller choices or raise the budget")
+        return dataclasses.replace(space, budgets=tuple(labels), targets=tuple(targets))
+
+    # -- choices → Subnet / cost ----------------------------------------------------------
+    def axis(self, name: str) -> Axis | None:
+        return next((a for a in self.axes if a.name == name), None)
+
+    def subnet(self, choices: dict[str, list[int]]) -> Subnet:
+        """The Subnet for choice indices ``choices[axis] = [index per slot]`` (missing axis = full)."""
+        cfg = self.config
+        hidden = cfg.hidden_size
+        widths: list[dict[str, int]] = [dataclasses.asdict(cfg.layer_widths(i)) for i in range(cfg.num_layers)]
+        kept = cfg.num_layers
+        for axis in self.axes:
+            idx = choices.get(axis.name)
+            if idx is None:
+                continue
+            if axis.name == "hidden":
+                hidden = axis.values[idx[0]][0]
+            elif axis.name == "depth":
+                kept = axis.values[idx[0]][0]
+            else:
+                fieldname = LAYER_AXES[axis.name][1]
+                for s, layer in enumerate(axis.layers):
+                    j = idx[s] if axis.heterogeneous else idx[0]
+                    widths[layer][fieldname] = axis.values[j][s]
+        dropped = set(self.dropped_layers(kept))
+        layers: list[LayerWidth | None] = []
+        for i, w in enumerate(widths):
+            kind_cls = {MAMBA: MambaWidth, ATTENTION: AttentionWidth, MLP: MlpWidth}[cfg.pattern[i]]
+            layers.append(None if i in dropped else kind_cls(**w))
+        return Subnet(hidden, tuple(layers))
+
+    def dropped_layers(self, kept: int) -> list[int]:
+        """The layers removed when ``kept`` layers run: the first of the parent's depth order."""
+        drop = self.config.num_layers - kept
+        if drop == 0:
+            return []
+        assert self.config.depth_order is not None
+        return list(self.config.depth_order[:drop])
+
+    def cost_of(self, subnet: Subnet) -> float:
+        """The router's resource for ``subnet``: parameters, or deployment bytes."""
+        if self.target == "params":
+            return float(count_parameters(self.config, subnet))
+        m = dict(self.memory)
+        return float(memory_bytes(self.config, subnet, context=m["context"], batch=m["batch"],
+                                  dtype=m["dtype"])["total"])
+
+    def expected_cost(self, probs: dict[str, Any]) -> Any:
+        """E[cost] when axis ``a`` picks choice ``j`` of slot ``s`` with probability ``probs[a][s, j]``
+        independently (tensors: differentiable). Equals :meth:`cost_of` for one-hot ``probs``."""
+        import torch
+
+        cfg = self.config
+        hidden: Any = float(cfg.hidden_size)
+        widths: list[dict[str, Any]] = [
+            {k: float(v) for k, v in _keywords(cfg, i).items()} for i in range(cfg.num_layers)]
+        kept: list[Any] | None = None
+        for axis in self.axes:
+            p = probs[axis.name]
+            values = torch.tensor(axis.values, dtype=p.dtype, device=p.device)  # [choices, slots]
+            if axis.name == "hidden":
+                hidden = p[0] @ values[:, 0]
+            elif axis.name == "depth":
+                keep = torch.stack([torch.tensor([float(i not in self.dropped_layers(int(v[0])))
+                                                  for i in range(cfg.num_layers)]) for v in axis.values])
+                kept = list(p[0] @ keep.to(p))
+            else:
+                key = _KEYWORD[axis.name]
+                expected = (p @ values).diagonal() if axis.heterogeneous else p[0] @ values  # [slots]
+                for s, layer in enumerate(axis.layers):
+                    widths[layer][key] = expected[s]
+        if self.target == "params":
+            return expected_parameter_count(cfg, hidden, widths, kept)
+        m = dict(self.memory)
+        return expected_memory_bytes(cfg, hidden, widths, kept, context=m["context"], batch=m["batch"],
+                                     dtype=m["dtype"])
+
+
+_KEYWORD = {"mamba_heads": "mamba_heads_per_group", "mamba_head_dim": "mamba_head_dim",
+            "attention_heads": "heads_per_kv_group", "ffn": "ffn"}
+
+
+def _keywords(config: ModelConfig, layer: int) -> dict[str, int]:
+    from ..config import width_keywords
+
+    return width_keywords(config.layer_widths(layer))
+
+
+def _budget_label(b: Any) -> str:
+    if isinstance(b, bool) or not isinstance(b, (int, float, str)):
+        raise ConfigError(f"elastic.budgets: {b!r} is not a budget (0.5, \"75%\", \"300M\")")
+    return str(b).strip()
+
+
+_BYTES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _parse_memory_budget(b: Any, parent_bytes: float) -> float:
+    """A memory budget: a fraction of the parent's memory (0.5, 50%) or bytes (512MiB, 24GB, 24G)."""
+    raw = str(b).strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if raw.endswith("%"):
+            value = float(raw[:-1]) / 100 * parent_bytes
+        elif raw[-1:] in _BYTES:
+            value = float(raw[:-1]) * _BYTES[raw[-1]]
+        else:
+            number = float(raw)
+            value = number * parent_bytes if number <= 1 else number
+    except (ValueError, IndexError):
+        raise ConfigError(f"memory budget {b!r} is not a fraction (0.5, 50%) or a size (24GB, 512MiB)") from None
+    if not 0 < value <= parent_bytes:
+        raise ConfigError(f"memory budget {b!r} = {value:,.0f} bytes must be in (0, {parent_bytes:,.0f}] "
+                          "(the parent's memory)")
+    return value
+
+
+def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogeneous: bool) -> Axis | None:
+    where = f"elastic.{name}"
+    if name == "hidden":
+        choices = raw if raw is not None else list(DEFAULT_WIDTH_FRACTIONS)
+        values = _dedup([(_resolve_choice(v, config.hidden_size, where),) for v in choices])
+        return Axis(name, (), values) if values != ((config.hidden_size,),) or raw is not None else None
+    if name == "depth":
+        L = config.num_layers
+        choices = raw if raw is not None else list(DEFAULT_DEPTH_FRACTIONS)
+        values = _dedup([(_resolve_choice(v, L, where),) for v in choices])
+        if any(v[0] < L for v in values) and config.depth_order is None:
+            raise ConfigError("elastic.depth drops layers, but the parent has no depth order; run `elasticlm "
+                              "importance` and `elasticlm reorder` first (or set elastic.depth = [1.0])")
+        return Axis(name, (), values) if len(values) > 1 or raw is not None else None
+    kind, fieldname = LAYER_AXES[name]
+    layers = tuple(i for i, k in enumerate(config.pattern) if k == kind)
+    if not layers:
+        if raw is not None:
+            raise ConfigError(f"{where} is set but the parent has no {kind!r} layers")
+        return None
+    fulls = [getattr(config.layer_widths(i), fieldname) for i in layers]
+    default = DEFAULT_FFN_FRACTIONS if name == "ffn" else DEFAULT_WIDTH_FRACTIONS
+    choices = raw if raw is not None else list(default)
+    values = _dedup([tuple(_resolve_choice(v, full, where) for full in fulls) for v in choices])
+    if raw is None and len(values) == 1:
+        return None
+    return Axis(name, layers, values, heterogeneous)
+
+
+def _dedup(values: list[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    """Distinct choices, largest first (choice 0 is the parent's width when it is offered)."""
+    return tuple(sorted(set(values), key=lambda v: (-sum(v), v)))
+
+
+__all__ = ["AXES", "Axis", "DTYPE_BYTES", "ElasticConfig", "ElasticSpace", "expected_memory_bytes",
+           "expected_parameter_count", "memory_bytes"]

@@ -42,7 +42,8 @@ class Attention(nn.Module):
         }
 
     def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
-                documents: DocumentMask | None = None) -> torch.Tensor:
+                documents: DocumentMask | None = None, inner: torch.Tensor | None = None) -> torch.Tensor:
+        """``inner`` ([heads·head_dim]) multiplies the attention output before ``o_proj`` (soft masks)."""
         b, t, _ = x.shape
         p = self.sliced(x.shape[-1], width)
         q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -62,6 +63,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
         o = o.transpose(1, 2).reshape(b, t, -1)
+        if inner is not None:
+            o = o * inner
         if self.observer is not None:
             self.observer("o_in", o)
         return F.linear(o, p["o_proj.weight"])

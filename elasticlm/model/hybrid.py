@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,23 @@ Device = torch.device | str | None
 Observer = Callable[[str, torch.Tensor], None]
 
 
+@dataclass
+class Modulation:
+    """Multipliers applied inside one forward pass. The model does not know where they come from
+    (the elastic trainer's router: straight-through gates, or soft nested masks).
+
+    ``embedding`` multiplies the embedding output (a scalar or a [hidden] vector); ``block[i]``
+    multiplies block ``i``'s output before it joins the residual stream (scalar or [hidden]);
+    ``inner[i]`` multiplies the mixer's inner activation just before its output projection
+    (MLP: [ffn]; attention: [heads·head_dim]; Mamba: [heads·head_dim], head-major). ``None``
+    anywhere means 1.
+    """
+
+    embedding: torch.Tensor | None = None
+    block: list[torch.Tensor | None] | None = None
+    inner: list[torch.Tensor | None] | None = None
+
+
 class Block(nn.Module):
     # Set by elasticlm.elastic.importance while it records activations; None otherwise.
     observer: Observer | None = None
@@ -61,7 +79,8 @@ class Block(nn.Module):
             self.mixer = MLP(d, full.intermediate_size, config.mlp_bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
-                documents: DocumentMask | None = None) -> torch.Tensor:
+                documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
+                inner: torch.Tensor | None = None) -> torch.Tensor:
         # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
         # nn.Module.__call__ costs as much as a small kernel here.
         h = rms_norm(x, prefix(self.norm.weight, 0, x.shape[-1]), self.norm.eps)
@@ -71,7 +90,8 @@ class Block(nn.Module):
         if self.kind == MAMBA:
             state = cache.layers[layer] if cache is not None else None
             assert state is None or isinstance(state, MambaState)
-            h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents)
+            h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents,
+                                        inner=inner)
             if cache is not None:
                 cache.layers[layer] = new
         elif self.kind == ATTENTION:
@@ -79,9 +99,11 @@ class Block(nn.Module):
             if cache is not None:
                 state = cache.layers[layer] or KVState()
                 cache.layers[layer] = state
-            h = self.mixer.forward(h, width, state, documents)
+            h = self.mixer.forward(h, width, state, documents, inner)
         else:
-            h = self.mixer.forward(h, width)
+            h = self.mixer.forward(h, width, inner)
+        if scale is not None:
+            h = h * scale
         if self.observer is not None:
             self.observer("block_out", x + h)
         return x + h
@@ -94,6 +116,7 @@ class Block(nn.Module):
 
 class HybridLM(nn.Module):
     observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
+    call_blocks = False  # True once blocks are wrapped (FSDP2): call them through nn.Module.__call__
 
     def __init__(self, config: ModelConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -144,7 +167,8 @@ class HybridLM(nn.Module):
         return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
-                cache: HybridCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                cache: HybridCache | None = None, document_ids: torch.Tensor | None = None,
+                modulation: Modulation | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of the parent or of ``subnet``.
 
         With ``cache`` the call continues from the tokens the cache has seen and updates it.
@@ -165,9 +189,17 @@ class HybridLM(nn.Module):
             documents = DocumentMask.from_ids(document_ids, self.config.conv_kernel)
         d = subnet.hidden_size
         x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
+        mod = modulation or Modulation()
+        if mod.embedding is not None:
+            x = x * mod.embedding
         for i, (block, width) in enumerate(zip(self.layers, subnet.layers, strict=True)):
             if width is not None:
-                x = block.forward(x, width, cache, i, documents)
+                scale = mod.block[i] if mod.block is not None else None
+                inner = mod.inner[i] if mod.inner is not None else None
+                if self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
+                    x = block(x, width, cache, i, documents, scale, inner)
+                else:
+                    x = block.forward(x, width, cache, i, documents, scale, inner)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         x = self.norm_f(x)
@@ -199,4 +231,4 @@ class HybridLM(nn.Module):
         return out
 
 
-__all__ = ["HybridLM", "Block", "MambaWidth", "AttentionWidth", "MlpWidth"]
+__all__ = ["HybridLM", "Block", "Modulation", "MambaWidth", "AttentionWidth", "MlpWidth"]

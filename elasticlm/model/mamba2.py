@@ -109,10 +109,11 @@ class Mamba2Mixer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False, documents: DocumentMask | None = None,
-                ) -> tuple[torch.Tensor, MambaState | None]:
+                inner: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState | None]:
         """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
         the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
-        token at a time. ``documents`` keeps packed documents apart (training; no state)."""
+        token at a time. ``documents`` keeps packed documents apart (training; no state). ``inner``
+        ([heads·head_dim], head-major) multiplies the gated-norm output before ``out_proj`` (soft masks)."""
         b, t, _ = u.shape
         prm = self.sliced(u.shape[-1], width)
         if state is not None and t == 1:
@@ -151,6 +152,8 @@ class Mamba2Mixer(nn.Module):
         y, ssm = ssd_chunked(x, dt, A, B, C, scan_chunk_size(self.chunk_size, u.device), init, reset)
         y = y + x.float() * prm["D"].float()[:, None]
         y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps)
+        if inner is not None:
+            y = y * inner
         out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out, (MambaState(conv_state, ssm) if track else None)
 

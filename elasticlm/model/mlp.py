@@ -33,9 +33,12 @@ class MLP(nn.Module):
             out["down_proj.bias"] = prefix(self.down_proj.bias, 0, hidden)
         return out
 
-    def forward(self, x: torch.Tensor, width: MlpWidth) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None) -> torch.Tensor:
+        """``inner`` ([ffn] or broadcastable) multiplies the activations before ``down_proj`` (soft masks)."""
         p = self.sliced(x.shape[-1], width)
         h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
+        if inner is not None:
+            h = h * inner
         if self.observer is not None:
             self.observer("down_in", h)
         return F.linear(h, p["down_proj.weight"], p.get("down_proj.bias"))

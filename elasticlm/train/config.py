@@ -8,12 +8,14 @@
 
 ``--set train.lr=1e-3 --set model.hidden_size=128`` overrides a field; values are parsed as
 JSON when they can be (numbers, booleans, lists, quoted strings) and kept as text otherwise.
-The elastic trainer (a later issue) extends this format with its own tables.
+The elastic trainer (`elasticlm train`) reads [parent], [elastic], [distill], [data], [train], [eval]
+and an array of [[stages]] (:class:`ElasticRunConfig`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     tensorboard: bool = True  # if the tensorboard package is installed
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (FSDP2, each block sharded); elastic trainer
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "val_batches",
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
         if len(self.betas) != 2:
             raise ConfigError("train.betas must be two numbers")
 
@@ -155,3 +160,142 @@ def run_config_from_tables(tables: dict[str, Any]) -> RunConfig:
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     tables = read_config_file(path) if path is not None else {}
     return run_config_from_tables(apply_overrides(tables, overrides or []))
+
+
+# -- elastic training (`elasticlm train`) ------------------------------------------------------
+
+
+@dataclass
+class ParentConfig:
+    path: str = ""  # the importance-ordered parent directory (`elasticlm reorder`); teacher and student init
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 1.0  # KD temperature τ (logits / τ; the loss is scaled by τ² as usual)
+    trainable_teacher: bool = False  # the teacher is the student's full budget, trained with ce_weight · CE
+    ce_weight: float = 1.0  # α: weight of the full budget's CE when trainable_teacher
+
+    def validate(self) -> None:
+        if not self.temperature > 0 or self.ce_weight < 0:
+            raise ConfigError("distill.temperature must be > 0 and distill.ce_weight >= 0")
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    seq_len: int = 256
+    batch_size: int = 8
+    tokens: int = 1_000_000  # this stage trains ceil(tokens / (batch_size · seq_len)) steps
+    budget_weights: list[float] | None = None  # sampling weight per budget (default: uniform)
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+
+    def check(self, n_budgets: int, where: str) -> None:
+        for name in ("seq_len", "batch_size", "tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{where}.{name} must be a positive int, got {v!r}")
+        w = self.budget_weights
+        if w is not None and (len(w) != n_budgets or any(not isinstance(x, (int, float)) or x < 0 for x in w)
+                              or not sum(w) > 0):
+            raise ConfigError(f"{where}.budget_weights must hold {n_budgets} non-negative numbers (one per budget) "
+                              f"with a positive sum, got {w!r}")
+
+
+def default_stages(train: TrainConfig, n_budgets: int) -> list[StageConfig]:
+    """Stage 1: 70 % of ``train.steps`` at ``train.seq_len``, uniform budgets; stage 2: the rest at
+    four times the context (same tokens per step), weighted to the largest budget (paper: 0.5/0.3/0.2)."""
+    tokens = train.steps * train.batch_size * train.seq_len
+    weights = [0.5, 0.3, 0.2] if n_budgets == 3 else [float(n_budgets - i) for i in range(n_budgets)]
+    long_batch = max(1, train.batch_size // 4)
+    return [StageConfig("short", train.seq_len, train.batch_size, int(tokens * 0.7), None),
+            StageConfig("long", train.seq_len * 4, long_batch, tokens - int(tokens * 0.7), weights)]
+
+
+@dataclass
+class ElasticRunConfig:
+    parent: ParentConfig
+    elastic: Any  # elasticlm.elastic.space.ElasticConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig]:
+        """The stage that trains step ``step`` (0-based)."""
+        end = 0
+        for i, s in enumerate(self.stages):
+            end += s.steps
+            if step < end:
+                return i, s
+        return len(self.stages) - 1, self.stages[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parent", "elastic", "distill", "data",
+                                                                             "train", "eval")}
+        out["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        return out
+
+
+_ELASTIC_SECTIONS = {"parent": ParentConfig, "distill": DistillConfig, "data": DataConfig, "train": TrainConfig,
+                     "eval": EvalConfig}
+
+
+def elastic_run_config_from_tables(tables: dict[str, Any]) -> ElasticRunConfig:
+    from ..elastic.space import ElasticConfig
+
+    known = {*_ELASTIC_SECTIONS, "elastic", "stages"}
+    unknown = sorted(set(tables) - known)
+    if unknown:
+        raise ConfigError(f"unknown table(s) {unknown}; expected {sorted(known)}")
+    parent = _build(ParentConfig, tables.get("parent") or {}, "parent")
+    if not parent.path:
+        raise ConfigError("[parent] path is missing: the importance-ordered parent directory (`elasticlm reorder`)")
+    run = ElasticRunConfig(
+        parent=parent,
+        elastic=_build(ElasticConfig, tables.get("elastic") or {}, "elastic"),
+        **{s: _build(cls, tables.get(s) or {}, s) for s, cls in _ELASTIC_SECTIONS.items() if s != "parent"},
+    )
+    raw = tables.get("stages")
+    n = len(run.elastic.budgets)
+    if raw is None:
+        run.stages = default_stages(run.train, n)
+    else:
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError("[[stages]] must be a non-empty array of tables")
+        run.stages = [_build(StageConfig, dict(t), f"stages[{i}]") for i, t in enumerate(raw)]
+    for i, s in enumerate(run.stages):
+        s.check(n, f"stages[{i}]")
+        if s.batch_size % run.train.grad_accum:
+            raise ConfigError(f"stages[{i}].batch_size={s.batch_size} is not divisible by "
+                              f"train.grad_accum={run.train.grad_accum}")
+    return run
+
+
+def load_elastic_run_config(path: str | Path | None, overrides: list[str] | None = None) -> ElasticRunConfig:
+    tables = read_config_file(path) if path is not None else {}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.lr=1e-3)")
+        key, value = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        if section.startswith("stages["):  # stages[1].tokens=…
+            try:
+                idx = int(section[7:-1])
+                out["stages"][idx][name] = parse_value(value)
+            except (ValueError, IndexError, KeyError, TypeError):
+                raise ConfigError(f"override {item!r}: no such stage (give [[stages]] in the file)") from None
+            continue
+        if section not in (*_ELASTIC_SECTIONS, "elastic"):
+            raise ConfigError(f"override {item!r}: unknown section {section!r}")
+        out.setdefault(section, {})[name] = parse_value(value)
+    return elastic_run_config_from_tables(out)

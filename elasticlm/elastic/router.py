@@ -1,0 +1,249 @@
+"""The router (DESIGN 2.4): per budget, one choice per elastic axis, learned jointly with the model.
+
+One small network per axis reads the one-hot of the target budget and emits logits over that
+axis' choices (one row per layer for a heterogeneous axis). Logits are multiplied by a scale that
+rises 1 → 10 and fed to a Gumbel-softmax whose temperature falls 1.0 → 0.05, so choices sharpen
+over training. Two ways to let the language-model loss reach the router:
+
+* ``hard`` (default): the argmax choice is executed by *slicing* (compute follows the sub-model's
+  size); the chosen option's straight-through value (1 in the forward pass, the gradient of its
+  probability in the backward pass) is a scalar gate multiplied onto the sliced outputs.
+* ``soft``: the full-width model runs with nested masks; an axis' mask is the probability-weighted
+  staircase ``m[c] = Σ_j y_j · [c < width_j]``.
+
+The budget loss ``|E[cost] / target − 1|`` uses the noise-free probabilities at the current scale
+and temperature; :meth:`Router.resolve` (argmax) names each budget's Subnet after training.
+The router knows nothing of the model beyond the Subnet and the multipliers it hands over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import Subnet
+from ..model.hybrid import Modulation
+from .space import ElasticSpace
+
+
+@dataclass(frozen=True)
+class RouterSchedule:
+    """Logit scale (linear) and Gumbel temperature (geometric) from start to end over ``steps``.
+
+    >>> s = RouterSchedule(steps=100, scale=(1.0, 10.0), temperature=(1.0, 0.05))
+    >>> s.scale_at(0), s.scale_at(100), round(s.temperature_at(50), 4)
+    (1.0, 10.0, 0.2236)
+    """
+
+    steps: int
+    scale: tuple[float, float] = (1.0, 10.0)
+    temperature: tuple[float, float] = (1.0, 0.05)
+
+    def progress(self, step: int) -> float:
+        return min(1.0, max(0.0, step / max(1, self.steps)))
+
+    def scale_at(self, step: int) -> float:
+        a, b = self.scale
+        return a + (b - a) * self.progress(step)
+
+    def temperature_at(self, step: int) -> float:
+        a, b = self.temperature
+        return a * (b / a) ** self.progress(step)
+
+
+@dataclass
+class Routing:
+    """One budget's routing for one step: the Subnet to run and the multipliers to run it with."""
+
+    budget: int
+    subnet: Subnet
+    choices: dict[str, list[int]]
+    modulation: Modulation
+
+
+def gumbel_noise(shape: tuple[int, ...], seed: int, *key: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise that depends only on ``(seed, *key)``: every rank of a distributed run
+    draws the same noise for the same step and budget, so all ranks run the same Subnet."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    u = torch.rand(shape, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    return (-torch.log(-torch.log(u))).float()
+
+
+def _axis_key(name: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
+class AxisRouter(nn.Module):
+    """Linear(n_budgets → hidden) → LeakyReLU → Linear(→ slots × choices)."""
+
+    def __init__(self, n_budgets: int, slots: int, choices: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.slots, self.choices = slots, choices
+        self.net = nn.Sequential(nn.Linear(n_budgets, hidden), nn.LeakyReLU(), nn.Linear(hidden, slots * choices))
+        nn.init.zeros_(self.net[2].weight)  # uniform choices at the start; the budget loss breaks the tie
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        return self.net(onehot).view(self.slots, self.choices)
+
+
+class Router(nn.Module):
+    def __init__(self, space: ElasticSpace, hidden: int = 256, mode: str = "hard") -> None:
+        super().__init__()
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"router mode must be hard or soft, got {mode!r}")
+        self.space, self.mode = space, mode
+        n = len(space.budgets)
+        self.axes = nn.ModuleDict({a.name: AxisRouter(n, a.n_slots, a.n_choices, hidden) for a in space.axes})
+        self.register_buffer("targets", torch.tensor(space.targets, dtype=torch.float64), persistent=False)
+
+    @property
+    def n_budgets(self) -> int:
+        return len(self.space.budgets)
+
+    def logits(self, budget: int) -> dict[str, torch.Tensor]:
+        """Raw logits ``[slots, choices]`` per axis for budget index ``budget``."""
+        device = next(self.parameters()).device if len(self.axes) else torch.device("cpu")
+        onehot = torch.zeros(self.n_budgets, device=device)
+        onehot[budget] = 1.0
+        return {name: net(onehot) for name, net in self.axes.items()}
+
+    def probabilities(self, budget: int, scale: float, temperature: float) -> dict[str, torch.Tensor]:
+        return {k: torch.softmax(z * scale / temperature, dim=-1) for k, z in self.logits(budget).items()}
+
+    def resolve(self, budget: int) -> Subnet:
+        """The budget's sub-model: the most probable choice of every axis."""
+        with torch.no_grad():
+            return self.space.subnet({k: z.argmax(-1).tolist() for k, z in self.logits(budget).items()})
+
+    def resolved_choices(self, budget: int) -> dict[str, list[int]]:
+        with torch.no_grad():
+            return {k: z.argmax(-1).tolist() for k, z in self.logits(budget).items()}
+
+    def budget_loss(self, scale: float, temperature: float, seed: int = 0, step: int = 0,
+                    samples: int = 8) -> tuple[torch.Tensor, list[float]]:
+        """Mean over budgets of ``E_y |cost(y) / target − 1|`` over ``samples`` Gumbel-softmax draws
+        ``y`` (soft, at the current scale and temperature); also each budget's noise-free E[cost].
+
+        Averaging the deviation of *sampled* costs, rather than taking the deviation of the mean
+        cost, penalises the spread: a 50/50 mix of two hidden sizes can have the right mean but never
+        a right draw. So the optimum is a committed choice per axis whose exact cost is on target,
+        and the argmax Subnet lands on its budget (the deviation of the mean alone leaves the coarse
+        axes mixed until the temperature freezes them, often several percent off).
+        """
+        losses, costs = [], []
+        for b in range(self.n_budgets):
+            logits = self.logits(b)
+            with torch.no_grad():
+                mean = self.space.expected_cost({k: torch.softmax(z.double() * scale / temperature, -1)
+                                                 for k, z in logits.items()})
+            costs.append(float(mean))
+            for k in range(samples):
+                y = {name: torch.softmax((z.double() * scale + gumbel_noise(
+                    tuple(z.shape), seed, step, b, k, _axis_key(name)).to(z.device, torch.float64)) / temperature, -1)
+                    for name, z in logits.items()}
+                losses.append((self.space.expected_cost(y) / self.targets[b] - 1).abs())
+        if not losses:
+            return torch.zeros(()), costs
+        return torch.stack(losses).mean().float(), costs
+
+    def fit_budgets(self, steps: int, lr: float = 3e-3, scale: float = 1.0, temperature: float = 1.0,
+                    seed: int = 0) -> float:
+        """Train the router on the budget loss alone (a warm start before elastic training, so every
+        budget begins on an architecture of its size instead of a uniform mix). Returns the loss."""
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        loss = torch.zeros(())
+        for step in range(steps):
+            loss, _ = self.budget_loss(scale, temperature, seed, -1 - step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(loss)
+
+    def route(self, budget: int, scale: float, temperature: float, seed: int, step: int) -> Routing:
+        """Sample this step's routing for ``budget`` (Gumbel noise keyed by seed, step and budget)."""
+        soft: dict[str, torch.Tensor] = {}
+        for name, z in self.logits(budget).items():
+            noise = gumbel_noise(tuple(z.shape), seed, step, budget, -1, _axis_key(name)).to(z)
+            soft[name] = torch.softmax((z * scale + noise) / temperature, dim=-1)
+        choices = {k: y.argmax(-1).tolist() for k, y in soft.items()}
+        if self.mode == "hard":
+            return Routing(budget, self.space.subnet(choices), choices, self._gates(soft, choices))
+        return Routing(budget, Subnet.full(self.space.config), choices, self._staircase(soft))
+
+    # -- multipliers ------------------------------------------------------------------------
+    def _gates(self, soft: dict[str, torch.Tensor], choices: dict[str, list[int]]) -> Modulation:
+        """Straight-through scalars: 1 in the forward pass, d(probability of the choice) backward."""
+        def gate(name: str, slot: int) -> torch.Tensor:
+            y = soft[name][slot, choices[name][slot]]
+            return y - y.detach() + 1.0
+
+        cfg = self.space.config
+        block: list[torch.Tensor | None] = [None] * cfg.num_layers
+        for axis in self.space.axes:
+            if axis.name == "hidden":
+                continue
+            for s, layer in enumerate(axis.layers if axis.name != "depth" else range(cfg.num_layers)):
+                g = gate(axis.name, s if axis.heterogeneous else 0)
+                block[layer] = g if block[layer] is None else block[layer] * g
+        embedding = gate("hidden", 0) if "hidden" in soft else None
+        return Modulation(embedding=embedding, block=block)
+
+    def _staircase(self, soft: dict[str, torch.Tensor]) -> Modulation:
+        """Soft nested masks over the full widths."""
+        cfg, space = self.space.config, self.space
+        dev = next(iter(soft.values())).device if soft else torch.device("cpu")
+
+        def stair(y: torch.Tensor, widths: list[int], full: int) -> torch.Tensor:
+            steps = (torch.arange(full, device=dev)[None, :] < torch.tensor(widths, device=dev)[:, None]).to(y)
+            return y @ steps  # [full]
+
+        hidden = None
+        if "hidden" in soft:
+            hidden = stair(soft["hidden"][0], [v[0] for v in space.axis("hidden").values], cfg.hidden_size)
+        keep: list[torch.Tensor | None] = [None] * cfg.num_layers
+        if "depth" in soft:
+            axis = space.axis("depth")
+            table = torch.tensor([[float(i not in space.dropped_layers(v[0])) for i in range(cfg.num_layers)]
+                                  for v in axis.values], device=dev)
+            p = soft["depth"][0] @ table
+            keep = [p[i] for i in range(cfg.num_layers)]
+
+        def layer_stair(name: str, layer: int, full: int) -> torch.Tensor | None:
+            axis = space.axis(name)
+            if axis is None:
+                return None
+            s = axis.layers.index(layer)
+            y = soft[name][s if axis.heterogeneous else 0]
+            return stair(y, [v[s] for v in axis.values], full)
+
+        inner: list[torch.Tensor | None] = [None] * cfg.num_layers
+        for i in range(cfg.num_layers):
+            full = cfg.layer_widths(i)
+            if cfg.pattern[i] == "-":
+                inner[i] = layer_stair("ffn", i, full.intermediate_size)
+            elif cfg.pattern[i] == "*":
+                heads = layer_stair("attention_heads", i, full.heads_per_kv_group)
+                if heads is not None:  # [kv, per group, head_dim], head-major
+                    inner[i] = heads[None, :, None].expand(cfg.num_key_value_heads, -1, cfg.attention_head_dim
+                                                          ).reshape(-1)
+            else:
+                heads = layer_stair("mamba_heads", i, full.heads_per_group)
+                dims = layer_stair("mamba_head_dim", i, full.head_dim)
+                if heads is not None or dims is not None:
+                    h = heads if heads is not None else torch.ones(full.heads_per_group, device=dev)
+                    d = dims if dims is not None else torch.ones(full.head_dim, device=dev)
+                    inner[i] = (h[:, None] * d[None, :]).repeat(cfg.mamba_n_groups, 1).reshape(-1)
+        block: list[torch.Tensor | None] = []
+        for i in range(cfg.num_layers):
+            parts = [t for t in (keep[i], hidden) if t is not None]
+            block.append(math.prod(parts[1:], start=parts[0]) if parts else None)
+        return Modulation(embedding=hidden, block=block, inner=inner)
+
+
+__all__ = ["Router", "RouterSchedule", "Routing", "gumbel_noise"]

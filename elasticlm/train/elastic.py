@@ -1,0 +1,485 @@
+"""Elastic training (DESIGN 2.4, 2.5): one run makes every budget of one model good at once.
+
+The student starts as a copy of the importance-ordered parent; the frozen parent is the teacher.
+Every step draws one budget per sample of the global batch (stage weights; the draw depends only
+on the seed and the step, so every rank agrees), runs the teacher once on the whole micro-batch,
+and the student once per budget present on that budget's rows, with the Subnet and gates the
+router samples for it. Loss per micro-batch: forward KL(teacher ‖ student) at temperature τ,
+token mean, plus the router's budget loss. Stages change context length, batch size and budget
+weights; the learning rate, the router's scale/temperature schedules and the step count run over
+all stages, so ``--resume`` is exact across stage boundaries.
+
+Data parallel: under ``torchrun`` every rank reads the same global batch and keeps its rows (the
+micro-batch split is the same as with gradient accumulation on one process, so a 2-process run
+equals a 1-process run with ``grad_accum`` doubled); ``parallel = "ddp"`` wraps the student and
+router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with FSDP2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import atomic_directory, load, read_json, write_model_files
+from ..config import count_parameters
+from ..data.datasets import PackedStream, documents
+from ..elastic.prune import describe_subnet
+from ..elastic.router import Router, RouterSchedule, Routing
+from ..elastic.space import ElasticSpace, memory_bytes
+from ..errors import CheckpointError, ConfigError
+from ..model.documents import document_ids_from_eos
+from ..model.hybrid import HybridLM
+from ..runtime import resolve_device
+from ..tokenizer import load_tokenizer
+from .checkpoint import OPTIMIZER, STATE, latest, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
+from .config import ElasticRunConfig
+from .trainer import MetricsLog, autocast_dtype, build_optimizer, lr_at
+
+log = logging.getLogger("elasticlm.train")
+
+ROUTER = "router.safetensors"
+ELASTIC = "elastic.json"
+
+
+# -- pure pieces ------------------------------------------------------------------------------
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0,
+            ) -> torch.Tensor:
+    """Sum over kept tokens of KL(teacher ‖ student) on logits at ``temperature`` (× τ², so the
+    gradient scale does not depend on τ). ``student``/``teacher`` [..., vocab], ``keep`` [...] 0/1."""
+    t = temperature
+    log_s = F.log_softmax(student.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return (kl * keep).sum() * t * t
+
+
+def sample_budgets(weights: list[float], n: int, seed: int, step: int) -> list[int]:
+    """One budget index per row of the global batch, from ``weights``; depends only on
+    ``(seed, step)`` so every rank of a distributed run draws the same."""
+    digest = hashlib.blake2b(repr(("budgets", seed, step)).encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    w = torch.tensor(weights, dtype=torch.float64)
+    return torch.multinomial(w / w.sum(), n, replacement=True, generator=gen).tolist()
+
+
+def rows_of(rank: int, world: int, micro: int, micro_step: int) -> slice:
+    """Rows of the global batch that rank ``rank`` trains at accumulation step ``micro_step``.
+
+    >>> rows_of(1, 2, 4, 0), rows_of(0, 1, 4, 1)   # 2 ranks × 4 rows == 1 rank, 2 micro-steps × 4
+    (slice(4, 8, None), slice(4, 8, None))
+    """
+    start = (micro_step * world + rank) * micro
+    return slice(start, start + micro)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Distributed(dist.get_rank(), dist.get_world_size(), backend)
+
+
+class ElasticStudent(nn.Module):
+    """The student and its router as one module, so one data-parallel wrapper covers both and one
+    forward call per micro-batch serves every budget in it."""
+
+    def __init__(self, model: HybridLM, router: Router) -> None:
+        super().__init__()
+        self.model, self.router = model, router
+
+    def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None, keep: torch.Tensor,
+                teacher: torch.Tensor | None, targets: torch.Tensor, budgets: list[int], *, step: int, seed: int,
+                scale: float, temperature: float, kd_temperature: float, ce_weight: float,
+                budget_weight: float, amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss of one micro-batch (KD token mean + budget loss) and per-budget statistics.
+        ``teacher=None`` is the trainable-teacher mode: the student's own full budget is the teacher
+        and trains with ``ce_weight`` · CE."""
+        n_keep = keep.sum().clamp_min(1.0)
+        total = inputs.new_zeros((), dtype=torch.float32)
+        if teacher is None:
+            with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
+                full = self.model(inputs, document_ids=doc_ids)
+            ce = F.cross_entropy(full.float().flatten(0, 1), targets.flatten(), reduction="none")
+            total = total + ce_weight * (ce * keep.flatten()).sum() / n_keep
+            teacher = full.detach()
+        stats: dict[str, Any] = {"kd": {}, "tokens": {}, "routing": {}}
+        for b in sorted(set(budgets)):
+            rows = torch.tensor([i for i, x in enumerate(budgets) if x == b], device=inputs.device)
+            routing = self.router.route(b, scale, temperature, seed, step)
+            doc = doc_ids.index_select(0, rows) if doc_ids is not None else None
+            with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
+                logits = self.model(inputs.index_select(0, rows), routing.subnet, document_ids=doc,
+                                    modulation=routing.modulation)
+            k = keep.index_select(0, rows)
+            kd = kd_loss(logits, teacher.index_select(0, rows), k, kd_temperature)
+            total = total + kd / n_keep
+            stats["kd"][b] = kd.item()
+            stats["tokens"][b] = k.sum().item()
+            stats["routing"][b] = routing
+        bl, costs = self.router.budget_loss(scale, temperature, seed, step)
+        stats["budget_loss"], stats["expected_costs"] = bl.item(), costs
+        return total + budget_weight * bl, stats
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def routing_metadata(space: ElasticSpace, router: Router, context: int = 4096) -> dict[str, Any]:
+    """What `extract`, `info` and nested serving need: each budget's resolved Subnet and costs."""
+    cfg = space.config
+    parent = count_parameters(cfg)
+    budgets = []
+    for b, label in enumerate(space.budgets):
+        subnet = router.resolve(b)
+        n = count_parameters(cfg, subnet)
+        budgets.append({
+            "budget": label, "target": space.targets[b], "target_kind": space.target,
+            "cost": space.cost_of(subnet), "parameters": n, "fraction_of_parent": n / parent,
+            "memory_bytes_bf16": memory_bytes(cfg, subnet, context=context),
+            "architecture": describe_subnet(cfg, subnet), "subnet": subnet.to_dict(),
+        })
+    return {"elasticlm_elastic": 1, "parent_parameters": parent, "target": space.target,
+            "memory": dict(space.memory), "axes": [{"name": a.name, "layers": list(a.layers),
+                                                    "values": [list(v) for v in a.values],
+                                                    "heterogeneous": a.heterogeneous} for a in space.axes],
+            "budgets": budgets}
+
+
+def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path,
+                            optimizers: dict[str, torch.optim.Optimizer] | None = None,
+                            state: dict[str, Any] | None = None) -> None:
+    """A loadable model directory + ``router.safetensors`` + ``elastic.json`` (routing metadata);
+    training checkpoints add the optimizers and ``trainer_state.json`` (written last)."""
+    with atomic_directory(path, overwrite=True) as tmp:
+        write_model_files(student.model, tmp, tokenizer_dir=tok_dir)
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
+        (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
+        if optimizers is not None and state is not None:
+            tensors, groups = {}, {}
+            for name, opt in optimizers.items():
+                t, g = optimizer_to_flat(opt)
+                tensors.update({f"{name}.{k}": v for k, v in t.items()})
+                groups[name] = g
+            save_file(tensors, tmp / OPTIMIZER)
+            (tmp / STATE).write_text(json.dumps({**state, "param_groups": groups, "rng": rng_state()}) + "\n")
+
+
+def load_elastic_checkpoint(path: Path, student: ElasticStudent,
+                            optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    state = read_json(path / STATE)
+    device = student.model.embeddings.weight.device
+    saved = load(path, device=device)
+    if saved.config != student.model.config:
+        raise CheckpointError(f"{path}: the checkpoint's model differs from [parent]; resume with the same parent")
+    student.model.load_state_dict(saved.state_dict())
+    try:
+        student.router.load_state_dict({k: v.to(device) for k, v in load_file(path / ROUTER).items()})
+        tensors = load_file(path / OPTIMIZER)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+    for name, opt in optimizers.items():
+        mine = {k[len(name) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(name + ".")}
+        optimizer_from_flat(opt, mine, state["param_groups"][name])
+    set_rng_state(state["rng"])
+    return state
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+
+def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Elastic training from ``run.parent.path``; writes under ``train.out``: ``run_config.json``,
+    ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (model + router + elastic.json)."""
+    cfg, ec = run.train, run.elastic
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device, "train.device")
+    dist = init_distributed(device)
+    if dist.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    amp = autocast_dtype(cfg.dtype, device)
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    ckpt = latest(out) if resume else None
+    if resume and ckpt is None:
+        raise CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
+
+    parent_dir = Path(run.parent.path)
+    teacher = load(parent_dir, device=device, dtype=torch.float32)
+    if not (parent_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"{parent_dir} has no tokenizer.json; the parent must come from `elasticlm pretrain` "
+                          "or `elasticlm reorder`")
+    tok = load_tokenizer(parent_dir)
+    space = ElasticSpace.build(teacher.config, ec)
+    eos = teacher.config.eos_token_id
+    if eos is None:
+        raise ConfigError(f"{parent_dir}: the model config has no eos_token_id (needed to pack documents)")
+    student_model = copy.deepcopy(teacher)
+    teacher.eval().requires_grad_(False)
+    router = Router(space, ec.router_hidden, ec.router_mode).to(device)
+    if ec.router_init_steps and ckpt is None:
+        loss = router.fit_budgets(ec.router_init_steps, seed=cfg.seed, scale=ec.logit_scale[0],
+                                  temperature=ec.temperature[0])
+        if dist.main:
+            log.info("router warm start: budget loss %.4f after %d steps", loss, ec.router_init_steps)
+    student = ElasticStudent(student_model, router)
+
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        tok_dir = out / "tokenizer"
+        tok_dir.mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (parent_dir / name).is_file():
+                shutil.copy2(parent_dir / name, tok_dir / name)
+    tok_dir = out / "tokenizer"
+
+    opt = build_optimizer(student_model, cfg)
+    router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
+    router_opt = torch.optim.Adam(router.parameters(), lr=router_lr)
+    optimizers = {"model": opt, "router": router_opt}
+    total = run.total_steps
+    sched = RouterSchedule(total, tuple(ec.logit_scale), tuple(ec.temperature))
+    lr_cfg = _LrSchedule(cfg.lr, cfg.warmup_steps, total, cfg.min_lr_ratio)
+
+    first = run.stages[0]
+    stream = PackedStream(documents(run.data, "train"), lambda s: tok.encode(s).ids, eos, first.seq_len,
+                          first.batch_size)
+    val_stream = PackedStream(documents(run.data, "val"), lambda s: tok.encode(s).ids, eos, first.seq_len, 4)
+    val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
+
+    start = 0
+    if ckpt is not None:
+        state = load_elastic_checkpoint(ckpt, student, optimizers)
+        start = int(state["step"])
+        stream.load_state_dict(state["data"])
+        if dist.main:
+            log.info("resumed from %s (step %d of %d)", ckpt, start, total)
+    wrapped: nn.Module = student
+    if dist.world > 1:
+        wrapped = _parallelize(student, run, dist, device)
+
+    metrics = MetricsLog(out, start if ckpt is not None else None, cfg.tensorboard and dist.main) if dist.main \
+        else None
+    synthetic = run.data.source == "synthetic" and run.eval.tasks
+    labels = space.budgets
+    bar = tqdm(total=total, initial=start, disable=not (progress and dist.main), unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    t_log, tok_log = time.perf_counter(), 0
+    student.train()
+    try:
+        for step in range(start, total):
+            stage_index, stage = run.stage_at(step)
+            if (stream.seq_len, stream.batch_size) != (stage.seq_len, stage.batch_size):
+                stream.seq_len, stream.batch_size = stage.seq_len, stage.batch_size
+                bar.write(f"stage {stage_index + 1}/{len(run.stages)} ({stage.name or 'unnamed'}): "
+                          f"seq_len {stage.seq_len}, batch {stage.batch_size}, {stage.steps} steps")
+            lr = lr_cfg.at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            r_lr = router_lr * min(1.0, (step + 1) / max(1, ec.router_warmup_steps))
+            for group in router_opt.param_groups:
+                group["lr"] = r_lr
+            scale, temp = sched.scale_at(step), sched.temperature_at(step)
+            tokens, mask = (t.to(device) for t in stream.next_masked_batch())
+            weights = stage.budget_weights or [1.0] * len(labels)
+            budgets = sample_budgets(weights, stage.batch_size, cfg.seed, step)
+            micro = stage.batch_size // (cfg.grad_accum * dist.world)
+            if micro < 1:
+                raise ConfigError(f"stage {stage_index + 1}: batch_size {stage.batch_size} is smaller than "
+                                  f"grad_accum × world size ({cfg.grad_accum} × {dist.world})")
+            kd_sum: dict[int, float] = {}
+            kd_tok: dict[int, float] = {}
+            loss_sum, stats = 0.0, {}
+            for a in range(cfg.grad_accum):
+                rows = rows_of(dist.rank, dist.world, micro, a)
+                ids, keep_mask = tokens[rows], mask[rows]
+                inputs, targets, keep = ids[:, :-1], ids[:, 1:], keep_mask[:, 1:].float()
+                doc = document_ids_from_eos(inputs, eos) if cfg.document_masking else None
+                t_logits = None
+                if not run.distill.trainable_teacher:  # one teacher forward serves every budget
+                    with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                        t_logits = teacher(inputs, document_ids=doc)
+                sync = a == cfg.grad_accum - 1 or dist.world == 1
+                ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+                with ctx:
+                    loss, stats = wrapped(inputs, doc, keep, t_logits, targets, budgets[rows], step=step,
+                                          seed=cfg.seed, scale=scale, temperature=temp,
+                                          kd_temperature=run.distill.temperature, ce_weight=run.distill.ce_weight,
+                                          budget_weight=ec.budget_loss_weight, amp=amp)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                for b, v in stats["kd"].items():
+                    kd_sum[b] = kd_sum.get(b, 0.0) + v
+                    kd_tok[b] = kd_tok.get(b, 0.0) + stats["tokens"][b]
+            if not math.isfinite(loss_sum):
+                raise ConfigError(f"the loss became {loss_sum} at step {step + 1}; lower train.lr or check the data")
+            grad_norm = torch.nn.utils.clip_grad_norm_(student_model.parameters(),
+                                                       cfg.grad_clip or float("inf")).item()
+            opt.step()
+            router_opt.step()
+            opt.zero_grad(set_to_none=True)
+            router_opt.zero_grad(set_to_none=True)
+            done = step + 1
+            tok_log += stage.batch_size * stage.seq_len
+            bar.update(1)
+            if dist.main and (done % cfg.log_every == 0 or done == total):
+                elapsed = time.perf_counter() - t_log
+                row: dict[str, Any] = {"loss": loss_sum, "lr": lr, "router_lr": r_lr, "grad_norm": grad_norm,
+                                       "tok_s": tok_log / max(elapsed, 1e-9), "stage": stage_index + 1,
+                                       "logit_scale": scale, "temperature": temp,
+                                       "budget_loss": stats["budget_loss"]}
+                t_log, tok_log = time.perf_counter(), 0
+                for b, label in enumerate(labels):
+                    if b in kd_sum:
+                        row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
+                    resolved = router.resolve(b)
+                    row[f"cost_{label}"] = space.cost_of(resolved) / space.targets[b]
+                last = dict(row)
+                metrics.write(done, **row)
+                bar.set_postfix_str(_postfix(row, labels))
+            if done % cfg.eval_every == 0 or done == total:
+                if dist.main:
+                    evals = _evaluate(student_model, router, space, teacher, val_batches, eos, cfg.document_masking,
+                                      amp, tok if synthetic else None, run.eval.n)
+                    metrics.write(done, **evals)
+                    last.update(evals)
+                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+                    student.train()
+            if done % cfg.checkpoint_every == 0 or done == total:
+                if dist.main:
+                    path = out / "checkpoints" / f"step_{done:07d}"
+                    save_elastic_checkpoint(path, student, space, tok_dir, optimizers,
+                                            {"step": done, "stage": stage_index, "data": stream.state_dict()})
+                    for old in sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+                _barrier(dist)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if dist.main:
+        save_elastic_checkpoint(out / "final", student, space, tok_dir)
+        bar.write(summary_table(read_json(out / "final" / ELASTIC)))
+    _barrier(dist)
+    return last
+
+
+class _LrSchedule:
+    def __init__(self, lr: float, warmup: int, steps: int, min_ratio: float) -> None:
+        self.lr, self.warmup_steps, self.steps, self.min_lr_ratio = lr, warmup, steps, min_ratio
+
+    def at(self, step: int) -> float:
+        return lr_at(step, self)
+
+
+def _barrier(dist: Distributed) -> None:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+def _parallelize(student: ElasticStudent, run: ElasticRunConfig, dist: Distributed, device: torch.device) -> nn.Module:
+    mode = run.train.parallel
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in student.model.layers:
+            fully_shard(block)
+        fully_shard(student.model)
+        fully_shard(student.router)
+        student.model.call_blocks = True
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Each step runs a different Subnet: dropped layers and unused budgets leave parameters unused.
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=ids, find_unused_parameters=True)
+
+
+def _postfix(row: dict[str, Any], labels: tuple[str, ...]) -> str:
+    kd = " ".join(f"{label}:{row[f'kd_{label}']:.3f}" for label in labels if f"kd_{label}" in row)
+    cost = " ".join(f"{label}→{row[f'cost_{label}']:.3f}" for label in labels)
+    return f"kd {kd} | cost/target {cost} | tok/s {row['tok_s']:,.0f}"
+
+
+@torch.no_grad()
+def _evaluate(model: HybridLM, router: Router, space: ElasticSpace, teacher: HybridLM, batches: list[Any],
+              eos: int, masking: bool, amp: torch.dtype | None, tok: Any, n: int) -> dict[str, float]:
+    """Per budget (its resolved Subnet): validation CE and KD loss; task accuracy on synthetic data."""
+    model.eval()
+    out: dict[str, float] = {}
+    subnets = [router.resolve(b) for b in range(len(space.budgets))]
+    ce, kd, count = [0.0] * len(subnets), [0.0] * len(subnets), 0.0
+    for tokens, mask in batches:
+        inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:].float()
+        doc = document_ids_from_eos(inputs, eos) if masking else None
+        count += keep.sum().item()
+        with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
+            t = teacher(inputs, document_ids=doc)
+            for b, subnet in enumerate(subnets):
+                s = model(inputs, subnet, document_ids=doc)
+                ce[b] += (F.cross_entropy(s.float().flatten(0, 1), targets.flatten(), reduction="none")
+                          * keep.flatten()).sum().item()
+                kd[b] += kd_loss(s, t, keep).item()
+    for b, (label, subnet) in enumerate(zip(space.budgets, subnets, strict=True)):
+        out[f"val_loss_{label}"] = ce[b] / max(count, 1.0)
+        out[f"val_kd_{label}"] = kd[b] / max(count, 1.0)
+        if tok is not None:
+            from ..eval.tasks import task_table
+
+            table = task_table(model, tok, n=n, hard=False, subnet=subnet)["default"]
+            out[f"acc_{label}"] = sum(table.values()) / len(table)
+    return out
+
+
+def summary_table(meta: dict[str, Any]) -> str:
+    """Markdown table of the resolved budgets in an ``elastic.json``."""
+    lines = ["| budget | target | parameters | of parent | cost/target | architecture |", "|---|---|---|---|---|---|"]
+    for b in meta["budgets"]:
+        lines.append(f"| {b['budget']} | {b['target']:,.0f} | {b['parameters']:,} | {b['fraction_of_parent']:.1%} | "
+                     f"{b['cost'] / b['target']:.4f} | {b['architecture']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["ElasticStudent", "kd_loss", "load_elastic_checkpoint", "rows_of", "routing_metadata", "sample_budgets",
+           "save_elastic_checkpoint", "summary_table", "train_elastic", "Routing"]
