@@ -143,11 +143,10 @@ class Router(nn.Module):
                 mean = self.space.expected_cost({k: torch.softmax(z.double() * scale / temperature, -1)
                                                  for k, z in logits.items()})
             costs.append(float(mean))
-            for k in range(samples):
-                y = {name: torch.softmax((z.double() * scale + gumbel_noise(
-                    tuple(z.shape), seed, step, b, k, _axis_key(name)).to(z.device, torch.float64)) / temperature, -1)
-                    for name, z in logits.items()}
-                losses.append((self.space.expected_cost(y) / self.targets[b] - 1).abs())
+            draws = {name: torch.softmax((z.double() * scale + torch.stack([gumbel_noise(
+                tuple(z.shape), seed, step, b, k, _axis_key(name)) for k in range(samples)]).to(
+                z.device, torch.float64)) / temperature, -1) for name, z in logits.items()}  # [samples, slots, choices]
+            losses.append((self.space.expected_cost(draws) / self.targets[b] - 1).abs().mean())
         if not losses:
             return torch.zeros(()), costs
         return torch.stack(losses).mean().float(), costs
@@ -163,7 +162,7 @@ class Router(nn.Module):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def route(self, budget: int, scale: float, temperature: float, seed: int, step: int) -> Routing:
         """Sample this step's routing for ``budget`` (Gumbel noise keyed by seed, step and budget)."""

@@ -276,8 +276,9 @@ class ElasticSpace:
                                   dtype=m["dtype"])["total"])
 
     def expected_cost(self, probs: dict[str, Any]) -> Any:
-        """E[cost] when axis ``a`` picks choice ``j`` of slot ``s`` with probability ``probs[a][s, j]``
-        independently (tensors: differentiable). Equals :meth:`cost_of` for one-hot ``probs``."""
+        """E[cost] when axis ``a`` picks choice ``j`` of slot ``s`` with probability ``probs[a][..., s, j]``
+        independently (tensors: differentiable; leading dimensions are a batch of distributions).
+        Equals :meth:`cost_of` for one-hot ``probs``."""
         import torch
 
         cfg = self.config
@@ -289,16 +290,17 @@ class ElasticSpace:
             p = probs[axis.name]
             values = torch.tensor(axis.values, dtype=p.dtype, device=p.device)  # [choices, slots]
             if axis.name == "hidden":
-                hidden = p[0] @ values[:, 0]
+                hidden = p[..., 0, :] @ values[:, 0]
             elif axis.name == "depth":
-                keep = torch.stack([torch.tensor([float(i not in self.dropped_layers(int(v[0])))
-                                                  for i in range(cfg.num_layers)]) for v in axis.values])
-                kept = list(p[0] @ keep.to(p))
+                keep = torch.tensor([[float(i not in self.dropped_layers(int(v[0]))) for i in range(cfg.num_layers)]
+                                     for v in axis.values], dtype=p.dtype, device=p.device)
+                runs = p[..., 0, :] @ keep  # [..., layers]
+                kept = [runs[..., i] for i in range(cfg.num_layers)]
             else:
                 key = _KEYWORD[axis.name]
-                expected = (p @ values).diagonal() if axis.heterogeneous else p[0] @ values  # [slots]
+                expected = (p * values.T).sum(-1) if axis.heterogeneous else p[..., 0, :] @ values  # [..., slots]
                 for s, layer in enumerate(axis.layers):
-                    widths[layer][key] = expected[s]
+                    widths[layer][key] = expected[..., s]
         if self.target == "params":
             return expected_parameter_count(cfg, hidden, widths, kept)
         m = dict(self.memory)

@@ -18,7 +18,6 @@ router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -243,7 +242,8 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
 
     parent_dir = Path(run.parent.path)
-    teacher = load(parent_dir, device=device, dtype=torch.float32)
+    # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
+    teacher = load(parent_dir, device=device, dtype=amp or torch.float32)
     if not (parent_dir / "tokenizer.json").is_file():
         raise ConfigError(f"{parent_dir} has no tokenizer.json; the parent must come from `elasticlm pretrain` "
                           "or `elasticlm reorder`")
@@ -252,7 +252,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     eos = teacher.config.eos_token_id
     if eos is None:
         raise ConfigError(f"{parent_dir}: the model config has no eos_token_id (needed to pack documents)")
-    student_model = copy.deepcopy(teacher)
+    student_model = load(parent_dir, device=device, dtype=torch.float32)  # fp32 master weights
     teacher.eval().requires_grad_(False)
     router = Router(space, ec.router_hidden, ec.router_mode).to(device)
     if ec.router_init_steps and ckpt is None:
@@ -294,8 +294,12 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         if dist.main:
             log.info("resumed from %s (step %d of %d)", ckpt, start, total)
     wrapped: nn.Module = student
+    sharded = dist.world > 1 and cfg.parallel == "fsdp"
+    if sharded and resume:
+        raise ConfigError("--resume with train.parallel=fsdp is not supported yet (sharded optimizer state is not "
+                          "saved); resume with train.parallel=ddp, or start a new train.out")
     if dist.world > 1:
-        wrapped = _parallelize(student, run, dist, device)
+        wrapped = _parallelize(student, teacher, run, dist, device)
 
     metrics = MetricsLog(out, start if ckpt is not None else None, cfg.tensorboard and dist.main) if dist.main \
         else None
@@ -350,8 +354,12 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                 for b, v in stats["kd"].items():
                     kd_sum[b] = kd_sum.get(b, 0.0) + v
                     kd_tok[b] = kd_tok.get(b, 0.0) + stats["tokens"][b]
+            if dist.world > 1:  # log the global batch's loss, as one process with accumulation would
+                loss_sum = _mean_over_ranks(loss_sum, device)
             if not math.isfinite(loss_sum):
                 raise ConfigError(f"the loss became {loss_sum} at step {step + 1}; lower train.lr or check the data")
+            if sharded:
+                _average_gradients(router)  # the router is replicated, not sharded
             grad_norm = torch.nn.utils.clip_grad_norm_(student_model.parameters(),
                                                        cfg.grad_clip or float("inf")).item()
             opt.step()
@@ -377,17 +385,19 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                 metrics.write(done, **row)
                 bar.set_postfix_str(_postfix(row, labels))
             if done % cfg.eval_every == 0 or done == total:
-                if dist.main:
+                if dist.main or sharded:  # sharded weights: every rank takes part in each forward
                     evals = _evaluate(student_model, router, space, teacher, val_batches, eos, cfg.document_masking,
                                       amp, tok if synthetic else None, run.eval.n)
-                    metrics.write(done, **evals)
-                    last.update(evals)
-                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+                    if dist.main:
+                        metrics.write(done, **evals)
+                        last.update(evals)
+                        bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
                     student.train()
             if done % cfg.checkpoint_every == 0 or done == total:
+                full = _gathered(student, sharded)
                 if dist.main:
                     path = out / "checkpoints" / f"step_{done:07d}"
-                    save_elastic_checkpoint(path, student, space, tok_dir, optimizers,
+                    save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers,
                                             {"step": done, "stage": stage_index, "data": stream.state_dict()})
                     for old in sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]:
                         shutil.rmtree(old, ignore_errors=True)
@@ -396,11 +406,25 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         bar.close()
         if metrics is not None:
             metrics.close()
+    full = _gathered(student, sharded)
     if dist.main:
-        save_elastic_checkpoint(out / "final", student, space, tok_dir)
+        save_elastic_checkpoint(out / "final", full, space, tok_dir)
         bar.write(summary_table(read_json(out / "final" / ELASTIC)))
     _barrier(dist)
     return last
+
+
+def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
+    """The student with whole (unsharded) weights: itself, or under FSDP2 a gathered copy (every
+    rank must call this; the copy is only needed on rank 0)."""
+    if not sharded:
+        return student
+    from torch.distributed.tensor import DTensor
+
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in student.model.state_dict().items()}
+    plain = HybridLM(student.model.config, device="meta")
+    plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
+    return ElasticStudent(plain, student.router)
 
 
 class _LrSchedule:
@@ -418,16 +442,34 @@ def _barrier(dist: Distributed) -> None:
         tdist.barrier()
 
 
-def _parallelize(student: ElasticStudent, run: ElasticRunConfig, dist: Distributed, device: torch.device) -> nn.Module:
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return float(t) / tdist.get_world_size()
+
+
+def _average_gradients(module: nn.Module) -> None:
+    import torch.distributed as tdist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            tdist.all_reduce(p.grad)
+            p.grad /= tdist.get_world_size()
+
+
+def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConfig, dist: Distributed,
+                 device: torch.device) -> nn.Module:
     mode = run.train.parallel
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in student.model.layers:
-            fully_shard(block)
-        fully_shard(student.model)
-        fully_shard(student.router)
-        student.model.call_blocks = True
+        for model in (student.model, teacher):  # FSDP2: one shard group per block, the rest at the root
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            model.call_blocks = True
         return student
     from torch.nn.parallel import DistributedDataParallel
 
