@@ -355,11 +355,13 @@ def _ddp_worker(rank: int, world: int, port: int, tabs: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_run_matches_one_process_with_accumulation(tmp_path, parallel):
+    """gloo on CPU; DDP replicates, FSDP2 shards every block of student and teacher."""
     parent = make_parent(tmp_path / "parent")
     single = tables(parent, tmp_path / "single", grad_accum=2)
     train_elastic(elastic_run_config_from_tables(single), progress=False)
-    ddp = tables(parent, tmp_path / "ddp", grad_accum=1)
+    ddp = tables(parent, tmp_path / "ddp", grad_accum=1, parallel=parallel)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
     a, b = logged(tmp_path / "single"), logged(tmp_path / "ddp")
     assert len(a) == len(b) == 6

@@ -123,8 +123,11 @@ class ElasticStudent(nn.Module):
     def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None, keep: torch.Tensor,
                 teacher: torch.Tensor | None, targets: torch.Tensor, budgets: list[int], *, step: int, seed: int,
                 scale: float, temperature: float, kd_temperature: float, ce_weight: float,
-                budget_weight: float, amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, Any]]:
+                budget_weight: float, amp: torch.dtype | None, run_budgets: list[int] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of one micro-batch (KD token mean + budget loss) and per-budget statistics.
+        ``run_budgets``: budgets to run even without rows here (FSDP needs every rank to make the
+        same module calls); such a budget runs on one row whose loss is weighted 0.
         ``teacher=None`` is the trainable-teacher mode: the student's own full budget is the teacher
         and trains with ``ce_weight`` · CE."""
         n_keep = keep.sum().clamp_min(1.0)
@@ -136,18 +139,20 @@ class ElasticStudent(nn.Module):
             total = total + ce_weight * (ce * keep.flatten()).sum() / n_keep
             teacher = full.detach()
         stats: dict[str, Any] = {"kd": {}, "tokens": {}, "routing": {}}
-        for b in sorted(set(budgets)):
-            rows = torch.tensor([i for i, x in enumerate(budgets) if x == b], device=inputs.device)
+        for b in sorted(set(budgets) | set(run_budgets or [])):
+            present = [i for i, x in enumerate(budgets) if x == b]
+            rows = torch.tensor(present or [0], device=inputs.device)
             routing = self.router.route(b, scale, temperature, seed, step)
             doc = doc_ids.index_select(0, rows) if doc_ids is not None else None
             with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
                 logits = self.model(inputs.index_select(0, rows), routing.subnet, document_ids=doc,
                                     modulation=routing.modulation)
-            k = keep.index_select(0, rows)
+            k = keep.index_select(0, rows) * (1.0 if present else 0.0)
             kd = kd_loss(logits, teacher.index_select(0, rows), k, kd_temperature)
             total = total + kd / n_keep
-            stats["kd"][b] = kd.item()
-            stats["tokens"][b] = k.sum().item()
+            if present:
+                stats["kd"][b] = kd.item()
+                stats["tokens"][b] = k.sum().item()
             stats["routing"][b] = routing
         bl, costs = self.router.budget_loss(scale, temperature, seed, step)
         stats["budget_loss"], stats["expected_costs"] = bl.item(), costs
@@ -272,10 +277,6 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                 shutil.copy2(parent_dir / name, tok_dir / name)
     tok_dir = out / "tokenizer"
 
-    opt = build_optimizer(student_model, cfg)
-    router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
-    router_opt = torch.optim.Adam(router.parameters(), lr=router_lr)
-    optimizers = {"model": opt, "router": router_opt}
     total = run.total_steps
     sched = RouterSchedule(total, tuple(ec.logit_scale), tuple(ec.temperature))
     lr_cfg = _LrSchedule(cfg.lr, cfg.warmup_steps, total, cfg.min_lr_ratio)
@@ -286,13 +287,6 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     val_stream = PackedStream(documents(run.data, "val"), lambda s: tok.encode(s).ids, eos, first.seq_len, 4)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
 
-    start = 0
-    if ckpt is not None:
-        state = load_elastic_checkpoint(ckpt, student, optimizers)
-        start = int(state["step"])
-        stream.load_state_dict(state["data"])
-        if dist.main:
-            log.info("resumed from %s (step %d of %d)", ckpt, start, total)
     wrapped: nn.Module = student
     sharded = dist.world > 1 and cfg.parallel == "fsdp"
     if sharded and resume:
@@ -300,6 +294,18 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                           "saved); resume with train.parallel=ddp, or start a new train.out")
     if dist.world > 1:
         wrapped = _parallelize(student, teacher, run, dist, device)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
+    opt = build_optimizer(student_model, cfg)
+    router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
+    router_opt = torch.optim.Adam(router.parameters(), lr=router_lr)
+    optimizers = {"model": opt, "router": router_opt}
+    start = 0
+    if ckpt is not None:  # every rank loads the same checkpoint
+        state = load_elastic_checkpoint(ckpt, student, optimizers)
+        start = int(state["step"])
+        stream.load_state_dict(state["data"])
+        if dist.main:
+            log.info("resumed from %s (step %d of %d)", ckpt, start, total)
 
     metrics = MetricsLog(out, start if ckpt is not None else None, cfg.tensorboard and dist.main) if dist.main \
         else None
@@ -335,6 +341,9 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
             loss_sum, stats = 0.0, {}
             for a in range(cfg.grad_accum):
                 rows = rows_of(dist.rank, dist.world, micro, a)
+                # under FSDP every rank runs every budget of this micro-step (same collectives everywhere)
+                everyone = sorted({x for r in range(dist.world) for x in budgets[rows_of(r, dist.world, micro, a)]}
+                                  ) if sharded else None
                 ids, keep_mask = tokens[rows], mask[rows]
                 inputs, targets, keep = ids[:, :-1], ids[:, 1:], keep_mask[:, 1:].float()
                 doc = document_ids_from_eos(inputs, eos) if cfg.document_masking else None
@@ -348,7 +357,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                     loss, stats = wrapped(inputs, doc, keep, t_logits, targets, budgets[rows], step=step,
                                           seed=cfg.seed, scale=scale, temperature=temp,
                                           kd_temperature=run.distill.temperature, ce_weight=run.distill.ce_weight,
-                                          budget_weight=ec.budget_loss_weight, amp=amp)
+                                          budget_weight=ec.budget_loss_weight, amp=amp, run_budgets=everyone)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 for b, v in stats["kd"].items():
