@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
 from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_nemotron_h, name_from_hf, resolve_tied_head
 from .model.hybrid import HybridLM
@@ -134,7 +134,29 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     model.source_dir = path  # so that save() can carry the tokenizer along
+    routing = read_routing(path)
+    if routing is not None:
+        for b in routing["budgets"]:
+            subnet = Subnet.from_dict(b["subnet"])
+            subnet.validate(config)
+            model.budgets[b["budget"]] = subnet
+            model.budget_targets[b["budget"]] = float(b["parameters"] if b.get("target_kind") != "params"
+                                                      else b["target"])
     return model.eval()
+
+
+ROUTING = "elastic.json"
+
+
+def read_routing(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The routing metadata (``elastic.json``) of an elastic checkpoint, or None for a plain model."""
+    file = Path(path) / ROUTING
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    if not isinstance(data.get("budgets"), list) or not all("subnet" in b and "budget" in b for b in data["budgets"]):
+        raise CheckpointError(f"{file} is malformed: expected a 'budgets' list with 'budget' and 'subnet' entries")
+    return data
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -155,9 +177,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             old = path.parent / f".{path.name}.old-{tag}"
             path.rename(old)

@@ -97,6 +97,31 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.layers:
         for i in range(config.num_layers):
             print(f"  layer {i:3d}  {LAYER_NAMES[config.pattern[i]]:9s}  {config.layer_widths(i)}")
+    from .checkpoint import read_routing
+
+    routing = read_routing(args.model)
+    if routing is not None:
+        from .config import Subnet
+        from .elastic.deploy import budget_report
+
+        budgets = {b["budget"]: Subnet.from_dict(b["subnet"]) for b in routing["budgets"]}
+        for subnet in budgets.values():
+            subnet.validate(config)
+        print(budget_report(config, budgets, args.context, args.dtype))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from .checkpoint import check_output_path, load
+    from .config import count_parameters
+    from .elastic.deploy import extract_budgets, select_budgets
+
+    check_output_path(args.out, args.force)
+    model = load(args.checkpoint)
+    labels = select_budgets(model, args.budget)
+    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force):
+        n = count_parameters(model.config, model.budgets[label])
+        print(f"budget {label}: {path} ({'Hugging Face NemotronH' if fmt == 'hf' else 'elasticlm native'}, "
+              f"{n:,} parameters)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -110,6 +135,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = load(args.model, device=device, dtype=_torch_dtype(args.dtype))
     subnet = _read_subnet(args.subnet)
+    if args.budget is not None:
+        if subnet is not None:
+            raise ConfigError("give --budget or --subnet, not both")
+        from .elastic.deploy import select_budgets
+
+        subnet = model.budgets[select_budgets(model, args.budget)[0]] if args.budget.lower() != "all" else None
+        if subnet is None:
+            raise ConfigError("--budget all is for `elasticlm extract`; generate runs one budget")
     tok = None
     if args.prompt is not None:
         from .tokenizer import load_tokenizer
@@ -335,12 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="native or Hugging Face NemotronH directory")
     p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
     p.add_argument("--layers", action="store_true", help="list every layer's widths")
+    p.add_argument("--context", type=int, default=4096, help="context length for the memory of each budget")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="weight / KV-cache dtype for the memory of each budget")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", formatter_class=fmt, help="generate text with cached decoding",
                        description="Generate a continuation of a prompt (greedy by default; temperature and "
                                    "top-p sampling), optionally with a nested sub-model (--subnet).")
-    p.add_argument("--model", required=True, help="native or Hugging Face NemotronH directory")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="native or Hugging Face NemotronH directory, or an elastic checkpoint")
+    p.add_argument("--budget", help="run this trained budget of an elastic checkpoint (nested: no copy), e.g. 0.5")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids instead of text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens")
@@ -352,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: as stored)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("extract", formatter_class=fmt, help="slice trained budgets out as standalone models",
+                       description="Write one trained budget (or all) of an elastic checkpoint as standalone "
+                                   "model directories: weights, config, tokenizer and a model card, no training. "
+                                   "Homogeneous sub-models are written as Hugging Face NemotronH (transformers "
+                                   "loads them without remote code) unless --format native.")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
+    p.add_argument("--budget", required=True, help="a trained budget (0.5, 50%%, 780K) or 'all'")
+    p.add_argument("--out", required=True, help="output directory (with 'all': one budget-<label>/ per budget)")
+    p.add_argument("--format", choices=["auto", "hf", "native"], default="auto",
+                   help="auto: Hugging Face NemotronH when the sub-model's layers of a type share widths")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("convert", formatter_class=fmt, help="convert between native and Hugging Face formats",
                        description="Convert a model directory. --to hf writes a NemotronH directory that "

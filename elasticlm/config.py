@@ -445,6 +445,27 @@ def parse_budget(text: str | float, parent_parameters: int) -> int:
     return count
 
 
+def find_budget(budgets: dict[str, float], text: str | float, parent_parameters: int) -> str:
+    """The label in ``budgets`` (label → target cost) that ``text`` names: the label itself
+    (``"0.5"``), or the same target written another way (``"50%"``, ``"779K"``, within 0.5 %).
+
+    >>> find_budget({"1.0": 1000.0, "0.5": 500.0}, "50%", 1000)
+    '0.5'
+    """
+    raw = str(text).strip()
+    if raw in budgets:
+        return raw
+    known = ", ".join(budgets) or "none"
+    try:
+        count = parse_budget(raw, parent_parameters)
+    except ConfigError:
+        raise ConfigError(f"unknown budget {raw!r}; this checkpoint has budgets {known}") from None
+    for label, target in budgets.items():
+        if abs(target - count) <= 0.005 * target:
+            return label
+    raise ConfigError(f"unknown budget {raw!r}; this checkpoint has budgets {known}")
+
+
 # -- presets --------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import AttentionWidth
 from .cache import KVState
 from .documents import DocumentMask
-from .slicing import grouped_prefix, prefix
+from .slicing import PackedWeights, grouped_prefix, prefix
 
 
 class Attention(nn.Module):
@@ -24,6 +24,7 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         kw = dict(bias=False, device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
@@ -32,7 +33,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, **kw)
 
     def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
+        """This layer's parameters for the sub-model, keyed like its own state_dict (views, except
+        the kept query heads inside each KV group: copies, memoised while decoding)."""
+        per, r = self.num_heads // self.num_kv_heads, width.heads_per_kv_group
+        if r == per:
+            return self._slice(hidden, width)
+        return self.packed.get((hidden, width), [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                                 self.o_proj.weight], lambda: self._slice(hidden, width))
+
+    def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
         kv, per, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, width.heads_per_kv_group
         return {
             "q_proj.weight": prefix(grouped_prefix(self.q_proj.weight, 0, kv, per, r, self.head_dim), 1, hidden),

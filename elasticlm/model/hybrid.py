@@ -130,6 +130,10 @@ class HybridLM(nn.Module):
                                                                           device=device, dtype=dtype)
         self._full = Subnet.full(config)
         self._checked: set[Subnet] = {self._full}
+        # Nested budgets of an elastic checkpoint (label → Subnet, and label → target parameters);
+        # filled by elasticlm.load from elastic.json, empty for a plain model.
+        self.budgets: dict[str, Subnet] = {}
+        self.budget_targets: dict[str, float] = {}
         if torch.device(device or "cpu").type != "meta":
             self.init_weights()
 
@@ -206,6 +210,33 @@ class HybridLM(nn.Module):
         if self.observer is not None:
             self.observer("norm_f", x)
         return F.linear(x, prefix(self.head_weight(), 1, d))
+
+    def clear_packed(self) -> None:
+        """Free the inference-time copies of grouped weight prefixes (see ``PackedWeights``)."""
+        for module in self.modules():
+            if hasattr(module, "packed"):
+                module.packed.clear()
+
+    def budget_subnet(self, budget: str | float) -> Subnet:
+        """The Subnet of a trained budget (``"0.5"``, ``"50%"``, ``"780K"``) of an elastic checkpoint."""
+        from ..config import find_budget
+        from ..errors import ConfigError
+
+        if not self.budgets:
+            raise ConfigError("this model has no budgets: load an elastic checkpoint (from `elasticlm train`)")
+        return self.budgets[find_budget(self.budget_targets, budget, count_parameters(self.config))]
+
+    def generate(self, input_ids: torch.Tensor, *, budget: str | float | None = None, subnet: Subnet | None = None,
+                 **kwargs) -> torch.Tensor:
+        """:func:`elasticlm.generate` at a trained budget (nested: views of these weights, no copy)
+        or an explicit Subnet; each call builds its own decode cache for that sub-model."""
+        from ..generate import generate
+
+        if budget is not None:
+            if subnet is not None:
+                raise ValueError("give budget or subnet, not both")
+            subnet = self.budget_subnet(budget)
+        return generate(self, input_ids, subnet=subnet, **kwargs)
 
     def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
         return HybridCache(self.config.num_layers, self.check_subnet(subnet))

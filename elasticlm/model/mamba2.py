@@ -23,7 +23,7 @@ from ..config import MambaWidth
 from .cache import MambaState
 from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
-from .slicing import grouped_prefix, prefix
+from .slicing import PackedWeights, grouped_prefix, prefix
 
 
 class Mamba2Mixer(nn.Module):
@@ -34,6 +34,7 @@ class Mamba2Mixer(nn.Module):
                  use_bias: bool = False, use_conv_bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.num_heads, self.head_dim, self.n_groups = num_heads, head_dim, n_groups
         self.state_size, self.conv_kernel, self.chunk_size = state_size, conv_kernel, chunk_size
         self.time_step_min, self.norm_eps = time_step_min, norm_eps
@@ -54,12 +55,21 @@ class Mamba2Mixer(nn.Module):
     def sliced(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict.
 
-        Views when the width is full; otherwise small copies of the kept rows.
+        Views when the head widths are full; otherwise copies of the kept rows (memoised while
+        decoding, see :class:`~elasticlm.model.slicing.PackedWeights`).
         """
-        g, hg, p = self.n_groups, self.num_heads // self.n_groups, self.head_dim
+        hg, p = self.num_heads // self.n_groups, self.head_dim
         h, c = width.heads_per_group, width.head_dim
         if h == hg and c == p and hidden == self.out_proj.out_features:
             return self._full_params()
+        if h == hg and c == p:  # only the hidden size is cut: views
+            return self._slice(hidden, width)
+        return self.packed.get((hidden, width), list(self._full_params().values()),
+                               lambda: self._slice(hidden, width))
+
+    def _slice(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
+        g, hg, p = self.n_groups, self.num_heads // self.n_groups, self.head_dim
+        h, c = width.heads_per_group, width.head_dim
         d_inner, bc = self.num_heads * p, 2 * self.n_groups * self.state_size
 
         def heads(w: torch.Tensor, dim: int = 0) -> torch.Tensor:  # [.. heads·head_dim ..] → kept channels

@@ -40,3 +40,39 @@ def grouped_prefix(w: torch.Tensor, dim: int, groups: int, per_group: int, keep:
 def prefix(w: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
     """The first ``keep`` entries along ``dim`` (a view)."""
     return w if w.shape[dim] == keep else w.narrow(dim, 0, keep)
+
+
+class PackedWeights:
+    """Inference-time memo of sliced weights that are copies rather than views.
+
+    A grouped prefix (kept Mamba heads and head channels inside every group, kept query heads inside
+    every KV group) is not one strided view, so slicing it copies; decoding would copy those rows at
+    every token. Under ``torch.inference_mode`` the copies are kept per (width, hidden size) and
+    reused while the parameters are unchanged (their in-place version counters are part of the
+    key, so an optimizer step or ``load_state_dict`` invalidates them). Training never uses it.
+    ``clear()`` frees the memory.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self.entries: dict[object, dict[str, torch.Tensor]] = {}
+
+    def get(self, key: object, params: list[torch.Tensor], make) -> dict[str, torch.Tensor]:
+        if not torch.is_inference_mode_enabled():
+            return make()
+        full_key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        hit = self.entries.get(full_key)
+        if hit is None:
+            stale = [k for k in self.entries if k[0] == key]
+            for k in stale:
+                del self.entries[k]
+            while len(self.entries) >= self.limit:
+                del self.entries[next(iter(self.entries))]
+            hit = self.entries[full_key] = make()
+        return hit
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.entries.values() for t in e.values())

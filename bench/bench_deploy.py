@@ -1,0 +1,144 @@
+"""Serving every budget from one elastic checkpoint vs loading the separate extracted models.
+
+    python bench/bench_deploy.py                 # ≈ 2 min on 2 CPU cores; JSON: docs/bench/deploy.json
+
+A ~100 M-parameter Nano-shaped model (random weights: memory and speed do not depend on training)
+gets routing metadata for budgets 1.0 / 0.75 / 0.5 from the router's budget fit, exactly as
+`elasticlm train` writes it, and every budget is extracted with `elasticlm extract`. Then:
+
+* resident memory (peak RSS of a fresh process, minus that of a process that only imports torch
+  and elasticlm) of (a) loading the elastic checkpoint once and decoding with every budget,
+  (b) loading the three extracted models and decoding with each; and the paper's framing, the
+  nested family vs separate models of the two largest budgets;
+* greedy decode tokens/s at batch 1 of every budget, nested (views of the shared weights) and
+  extracted, as ratios to the full model's decode speed, measured alternately in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = dict(pattern="M-M*-M-M-M*-", vocab_size=8192, hidden_size=1024, mamba_num_heads=32, mamba_head_dim=64,
+              mamba_n_groups=4, ssm_state_size=64, chunk_size=128, num_attention_heads=16, num_key_value_heads=4,
+              attention_head_dim=64, intermediate_size=4096)
+
+PROBE = """
+import sys, torch, elasticlm
+torch.set_num_threads(2)
+mode, paths = sys.argv[1], sys.argv[2:]
+ids = torch.tensor([[5, 6, 7, 8]])
+if mode == "nested":
+    m = elasticlm.load(paths[0])
+    for b in m.budgets:
+        m.generate(ids, budget=b, max_new_tokens=4)
+elif mode == "separate":
+    models = [elasticlm.load(p) for p in paths]
+    for m in models:
+        elasticlm.generate(m, ids, max_new_tokens=4)
+# VmHWM: peak RSS of this program (ru_maxrss would include the forking parent's memory)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def peak_rss(mode: str, paths: list[str]) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, *paths], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def decode_seconds(run, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default="docs/bench/deploy.json")
+    args = ap.parse_args()
+    import elasticlm
+    from elasticlm import ModelConfig
+    from elasticlm.elastic.deploy import extract_budgets
+    from elasticlm.elastic.router import Router
+    from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+    from elasticlm.model.hybrid import HybridLM
+    from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
+    from elasticlm.train.elastic import ElasticStudent, save_elastic_checkpoint
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = ModelConfig(**CONFIG, depth_order=list(range(len(CONFIG["pattern"]))))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_tokenizer(byte_level_tokenizer(), tmp / "tok")
+        model = HybridLM(cfg)
+        space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.75, 0.5]))
+        router = Router(space)
+        router.fit_budgets(300, lr=1e-2)
+        save_elastic_checkpoint(tmp / "elastic", ElasticStudent(model, router), space, tmp / "tok")
+        nested = elasticlm.load(tmp / "elastic")
+        written = extract_budgets(nested, list(nested.budgets), tmp / "separate", "native")
+        separate = {label: elasticlm.load(path) for label, path, _ in written}
+
+        base = peak_rss("none", [])
+        rss_nested = peak_rss("nested", [str(tmp / "elastic")]) - base
+        rss_separate = peak_rss("separate", [str(p) for _, p, _ in written]) - base
+        rss_two = peak_rss("separate", [str(p) for _, p, _ in written[:2]]) - base
+
+        ids = torch.randint(0, cfg.vocab_size, (1, 32))
+        n = args.new_tokens
+        rows = []
+        full_s = decode_seconds(lambda: elasticlm.generate(separate["1.0"], ids, max_new_tokens=n), args.repeats)
+        for label in nested.budgets:
+            t_nested = decode_seconds(lambda label=label: nested.generate(ids, budget=label, max_new_tokens=n),
+                                      args.repeats)
+            t_sep = decode_seconds(lambda label=label: elasticlm.generate(separate[label], ids, max_new_tokens=n),
+                                   args.repeats)
+            rows.append({"budget": label, "parameters": separate[label].num_parameters(),
+                         "nested_tok_s": n / t_nested, "extracted_tok_s": n / t_sep,
+                         "nested_speedup_vs_full": full_s / t_nested, "extracted_speedup_vs_full": full_s / t_sep,
+                         "nested_over_extracted_time": t_nested / t_sep})
+        packed = sum(m.packed.nbytes() for m in nested.modules() if hasattr(m, "packed"))
+    print(f"model: {nested.num_parameters():,} parameters, fp32, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}\n")
+    print("| serving | resident memory (peak RSS − import baseline) | ratio to nested |")
+    print("|---|---|---|")
+    print(f"| one elastic checkpoint, all 3 budgets | {rss_nested / 2**20:,.0f} MiB | 1.00 |")
+    print(f"| 3 extracted models | {rss_separate / 2**20:,.0f} MiB | {rss_separate / rss_nested:.2f} |")
+    print(f"| 2 extracted models (1.0 + 0.75; the paper's 42 GB case) | {rss_two / 2**20:,.0f} MiB | "
+          f"{rss_two / rss_nested:.2f} |")
+    print(f"\nnested model: {packed / 2**20:,.0f} MiB of memoised grouped-prefix copies after decoding every "
+          "budget (included in its resident memory above)")
+    print(f"\ndecode, batch 1, {ids.shape[1]}-token prompt + {n} new tokens; full model "
+          f"{n / full_s:.1f} tok/s\n")
+    print("| budget | parameters | nested tok/s | extracted tok/s | nested ÷ full speed | extracted ÷ full speed | "
+          "nested time ÷ extracted |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['budget']} | {r['parameters']:,} | {r['nested_tok_s']:.1f} | {r['extracted_tok_s']:.1f} | "
+              f"{r['nested_speedup_vs_full']:.2f}x | {r['extracted_speedup_vs_full']:.2f}x | "
+              f"{r['nested_over_extracted_time']:.3f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": platform.platform(), "rss_nested": rss_nested,
+                                           "rss_separate": rss_separate, "rss_two_largest": rss_two,
+                                           "full_tok_s": n / full_s, "packed_bytes": packed, "rows": rows},
+                                          indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

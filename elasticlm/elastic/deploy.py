@@ -1,0 +1,130 @@
+"""Shipping an elastic checkpoint: every trained budget as a standalone model, and what each costs.
+
+``extract_budgets`` slices budgets out of an elastic checkpoint (no training): weights, config,
+tokenizer and a model card per budget; homogeneous sub-models are written as stock NemotronH
+directories (transformers loads them without remote code), heterogeneous ones natively.
+``budget_report`` is what ``elasticlm info`` prints for an elastic checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import atomic_directory, check_output_path, read_routing, write_model_files
+from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
+from ..errors import ConfigError
+from ..model.hf import hf_incompatibility
+from ..model.hybrid import HybridLM
+from .extract import extract
+from .space import memory_bytes
+
+
+def select_budgets(model: HybridLM, budget: str) -> list[str]:
+    """Labels named by ``budget``: one budget (any spelling :func:`find_budget` accepts) or ``all``."""
+    if not model.budgets:
+        source = getattr(model, "source_dir", "the model")
+        raise ConfigError(f"{source} is not an elastic checkpoint (no elastic.json); --budget needs the final/ "
+                          "directory (or a checkpoint) of `elasticlm train`")
+    if budget.strip().lower() == "all":
+        return list(model.budgets)
+    return [find_budget(model.budget_targets, budget, count_parameters(model.config))]
+
+
+def output_format(config: ModelConfig, requested: str, label: str) -> str:
+    """``auto``: Hugging Face NemotronH when the sub-model can be one, else native."""
+    reason = hf_incompatibility(config)
+    if requested == "hf" and reason:
+        raise ConfigError(f"budget {label} cannot be written as Hugging Face NemotronH: {reason}")
+    if requested == "auto":
+        return "native" if reason else "hf"
+    return requested
+
+
+def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: HybridLM, fmt: str,
+               source: str) -> str:
+    """A short README.md: what the model is, its architecture per layer, and how it was made."""
+    n = count_parameters(config)
+    lines = [
+        f"# Budget {label} of an elastic model",
+        "",
+        f"- parameters: {n:,} ({n / count_parameters(parent.config):.1%} of the parent's "
+        f"{count_parameters(parent.config):,})",
+        f"- budget: {label} (target {entry.get('target', n):,.0f} {entry.get('target_kind', 'params')})",
+        f"- format: {'Hugging Face NemotronH (transformers, no remote code)' if fmt == 'hf' else 'elasticlm native'}",
+        f"- made by: `elasticlm extract` (elasticlm {__version__}, {datetime.date.today()}) from the elastic "
+        f"checkpoint `{source}`, by slicing the nested sub-model its router chose for this budget; no training "
+        "after the elastic run. The weights are the prefixes of the importance-ordered parent's axes.",
+        f"- architecture: {entry.get('architecture', '')}",
+        "",
+        "| layer | type | widths |",
+        "|---|---|---|",
+    ]
+    for i in range(config.num_layers):
+        lines.append(f"| {i} | {LAYER_NAMES[config.pattern[i]]} | {config.layer_widths(i)} |")
+    return "\n".join(lines) + "\n"
+
+
+def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",
+                    force: bool = False) -> list[tuple[str, Path, str]]:
+    """Write each budget as a standalone model. One budget: ``out`` is its directory; several:
+    ``out/budget-<label>/`` each. Atomic: an interrupted run leaves nothing at ``out``."""
+    if fmt not in ("auto", "hf", "native"):
+        raise ConfigError(f"--format must be auto, hf or native, got {fmt!r}")
+    out = Path(out)
+    routing = read_routing(model.source_dir) or {"budgets": []}
+    entries = {b["budget"]: b for b in routing["budgets"]}
+    plans = []
+    for label in labels:  # check every budget before writing anything
+        subnet = model.budgets[label]
+        config = subnet_config(model.config, subnet)
+        plans.append((label, subnet, config, output_format(config, fmt, label)))
+    check_output_path(out, force)
+    written = []
+    with atomic_directory(out, overwrite=force) as tmp:
+        for label, subnet, _, f in plans:
+            target = tmp if len(plans) == 1 else tmp / f"budget-{label}"
+            target.mkdir(exist_ok=True)
+            small = extract(model, subnet)
+            write_model_files(small, target, f, tokenizer_dir=model.source_dir)
+            (target / "README.md").write_text(model_card(label, entries.get(label, {}), small.config, model, f,
+                                                         str(model.source_dir)))
+            final = out if len(plans) == 1 else out / f"budget-{label}"
+            written.append((label, final, f))
+    return written
+
+
+def budget_report(cfg: ModelConfig, budgets: dict[str, Subnet], context: int = 4096, dtype: str = "bfloat16") -> str:
+    """Per-budget parameters and deployment memory, and one checkpoint vs separate models."""
+    parent = count_parameters(cfg)
+    lines = [f"budgets      {len(budgets)} (nested in one set of weights)",
+             f"| budget | parameters | of parent | memory @ {context:,} tokens ({dtype}) | architecture |",
+             "|---|---|---|---|---|"]
+    total_separate = 0
+    from .prune import describe_subnet
+
+    for label, subnet in budgets.items():
+        n = count_parameters(cfg, subnet)
+        total_separate += n
+        mem = memory_bytes(cfg, subnet, context=context, dtype=dtype)
+        lines.append(f"| {label} | {n:,} | {n / parent:.1%} | {_size(mem['total'])} (weights {_size(mem['weights'])}, "
+                     f"KV {_size(mem['kv_cache'])}, Mamba state {_size(mem['mamba_state'])}) | "
+                     f"{describe_subnet(cfg, subnet)} |")
+    lines.append(f"one elastic checkpoint holds {parent:,} parameters; the {len(budgets)} budgets as separate "
+                 f"models hold {total_separate:,} ({total_separate / parent:.2f}x)")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+__all__ = ["budget_report", "extract_budgets", "model_card", "select_budgets"]
+
+
