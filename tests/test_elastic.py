@@ -393,3 +393,34 @@ def test_cli_train_and_config_errors(tmp_path, capsys):
         assert main(["train", "--config", str(path), "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+
+
+def test_trainable_teacher_adds_the_full_models_cross_entropy():
+    cfg = ordered_config()
+    model = randomize_(HybridLM(cfg))
+    only_full = ElasticConfig(budgets=[1.0], hidden=[1.0], mamba_heads=[1.0], mamba_head_dim=[1.0],
+                              attention_heads=[1.0], ffn=[1.0], depth=[1.0])
+    student = ElasticStudent(model, Router(ElasticSpace.build(cfg, only_full), hidden=8))
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    inputs, targets, keep = ids[:, :-1], ids[:, 1:], torch.ones(3, 16)
+    loss, _ = student(inputs, None, keep, None, targets, [0, 0, 0], step=0, seed=0, scale=10.0,
+                      temperature=0.05, kd_temperature=1.0, ce_weight=0.5, budget_weight=0.0, amp=None)
+    ce = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(0.5 * ce.item(), rel=1e-5)  # KD of the full model vs itself is 0
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("elastic, distill", [({"router_mode": "soft"}, {}),
+                                              ({"heterogeneous": ["ffn"]}, {"trainable_teacher": True})])
+def test_trainer_runs_soft_heterogeneous_and_trainable_teacher(tmp_path, elastic, distill):
+    parent = make_parent(tmp_path / "parent")
+    t = tables(parent, tmp_path / "run")
+    t["elastic"].update(elastic, router_init_steps=200)
+    t["distill"] = distill
+    t["stages"] = [{"seq_len": 32, "batch_size": 4, "tokens": 3 * 128}]
+    train_elastic(elastic_run_config_from_tables(t), progress=False)
+    losses = logged(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    meta = json.loads((tmp_path / "run" / "final" / "elastic.json").read_text())
+    assert all(abs(b["cost"] / b["target"] - 1) < 0.1 for b in meta["budgets"])

@@ -313,6 +313,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     labels = space.budgets
     bar = tqdm(total=total, initial=start, disable=not (progress and dist.main), unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
+    architectures: dict[str, Any] = {}
     t_log, tok_log = time.perf_counter(), 0
     student.train()
     try:
@@ -390,6 +391,11 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                         row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
                     resolved = router.resolve(b)
                     row[f"cost_{label}"] = space.cost_of(resolved) / space.targets[b]
+                    if resolved != architectures.get(label):  # the router's choice for this budget changed
+                        architectures[label] = resolved
+                        row[f"arch_{label}"] = describe_subnet(space.config, resolved)
+                        bar.write(f"step {done}: budget {label} → {row[f'arch_{label}']} "
+                                  f"({count_parameters(space.config, resolved):,} parameters)")
                 last = dict(row)
                 metrics.write(done, **row)
                 bar.set_postfix_str(_postfix(row, labels))

@@ -1,0 +1,168 @@
+"""Shipping an elastic checkpoint: extract every budget, nested serving equals extracted models,
+Hugging Face export of a budget, info per budget, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import max_rel, randomize_, tiny_config
+
+import elasticlm
+from elasticlm import ConfigError
+from elasticlm.cli import main
+from elasticlm.config import count_parameters
+from elasticlm.elastic.router import Router
+from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+from elasticlm.model.hybrid import HybridLM
+from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
+from elasticlm.train.elastic import ElasticStudent, save_elastic_checkpoint
+
+
+def elastic_checkpoint(tmp_path, heterogeneous=(), name="elastic"):
+    """A real elastic checkpoint (as `elasticlm train` writes it) of a random tiny model whose router
+    was fitted to budgets 1.0 / 0.7 / 0.45."""
+    cfg = tiny_config("M*-M-*-M", hidden=48, vocab_size=260)
+    cfg.depth_order = [4, 2, 6, 0, 7, 1, 3, 5]
+    torch.manual_seed(0)
+    model = randomize_(HybridLM(cfg), seed=2)
+    extra = {"depth": [1.0]} if heterogeneous else {}  # keep every layer, so per-layer widths show
+    space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.7, 0.45], heterogeneous=list(heterogeneous),
+                                                  **extra))
+    router = Router(space, hidden=32)
+    if heterogeneous:  # per-layer choices that differ, so the sub-models are really heterogeneous
+        with torch.no_grad():
+            for p in router.parameters():
+                p.normal_(0, 1.0)
+    else:
+        router.fit_budgets(150, lr=1e-2)
+    save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
+    save_elastic_checkpoint(tmp_path / name, ElasticStudent(model, router), space, tmp_path / "tok")
+    return tmp_path / name
+
+
+def test_every_budget_extracted_equals_nested_logits_and_greedy_generation(tmp_path):
+    path = elastic_checkpoint(tmp_path)
+    nested = elasticlm.load(path)
+    assert list(nested.budgets) == ["1.0", "0.7", "0.45"]
+    assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "out"),
+                 "--format", "native"]) == 0
+    ids = torch.randint(3, 260, (2, 21))
+    for label, subnet in nested.budgets.items():
+        small = elasticlm.load(tmp_path / "out" / f"budget-{label}")
+        assert small.num_parameters() == count_parameters(nested.config, subnet)
+        with torch.no_grad():
+            assert max_rel(nested(ids, subnet), small(ids)) < 1e-5
+        a = nested.generate(ids[:1, :7], budget=label, max_new_tokens=12)
+        b = elasticlm.generate(small, ids[:1, :7], max_new_tokens=12)
+        assert torch.equal(a, b)
+        assert (tmp_path / "out" / f"budget-{label}" / "README.md").read_text().count("| mamba |") == 3
+    # the budgets are different models, and the nested one switches per call without a copy
+    sizes = [count_parameters(nested.config, s) for s in nested.budgets.values()]
+    assert sizes[0] > sizes[1] > sizes[2]
+    ptr = nested.embeddings.weight.data_ptr()
+    nested.generate(ids[:1, :5], budget="0.45", max_new_tokens=3)
+    assert nested.embeddings.weight.data_ptr() == ptr
+
+
+def test_memoised_slices_are_dropped_when_weights_change(tmp_path):
+    nested = elasticlm.load(elastic_checkpoint(tmp_path))
+    ids = torch.randint(3, 260, (1, 9))
+    subnet = nested.budgets["0.45"]
+    with torch.inference_mode():
+        before = nested(ids, subnet)
+    with torch.no_grad():
+        for p in nested.parameters():
+            p.mul_(1.5)
+    with torch.inference_mode():
+        after = nested(ids, subnet)
+    with torch.no_grad():
+        reference = elasticlm.extract(nested, subnet)(ids)
+    assert max_rel(after, reference) < 1e-5 and max_rel(before, reference) > 1e-3
+
+
+def test_hf_extraction_reloads_in_transformers_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = elastic_checkpoint(tmp_path)
+    nested = elasticlm.load(path)
+    assert main(["extract", "--checkpoint", str(path), "--budget", "0.45", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "nemotron_h"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 260, (2, 17))
+    with torch.no_grad():
+        ours = nested(ids, nested.budgets["0.45"])
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_heterogeneous_budgets_are_native_and_hf_explains_why_not(tmp_path, capsys):
+    path = elastic_checkpoint(tmp_path, heterogeneous=["ffn"])
+    model = elasticlm.load(path)
+    hetero = [b for b, s in model.budgets.items()
+              if len({w.intermediate_size for w in s.layers if hasattr(w, "intermediate_size")}) > 1]
+    assert hetero, "the test needs a budget whose FFN widths differ per layer"
+    label = hetero[0]
+    assert main(["extract", "--checkpoint", str(path), "--budget", label, "--out", str(tmp_path / "h"),
+                 "--format", "hf"]) == 2
+    assert "cannot be written as Hugging Face" in capsys.readouterr().err and not (tmp_path / "h").exists()
+    assert main(["extract", "--checkpoint", str(path), "--budget", label, "--out", str(tmp_path / "h")]) == 0
+    assert "elasticlm native" in capsys.readouterr().out
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["elasticlm_format"] == 1
+
+
+def test_info_reports_every_budget(tmp_path, capsys):
+    path = elastic_checkpoint(tmp_path)
+    assert main(["info", str(path), "--context", "1024"]) == 0
+    out = capsys.readouterr().out
+    model = elasticlm.load(path)
+    for label, subnet in model.budgets.items():
+        assert f"| {label} | {count_parameters(model.config, subnet):,} |" in out
+    assert "separate models hold" in out and "memory @ 1,024 tokens" in out
+
+
+def test_bad_input(tmp_path, capsys, monkeypatch):
+    path = elastic_checkpoint(tmp_path)
+    plain = tmp_path / "plain"
+    elasticlm.save(elasticlm.load(path), plain)  # same weights, no elastic.json
+    cases = [
+        (["extract", "--checkpoint", str(path), "--budget", "0.6", "--out", str(tmp_path / "x")],
+         "this checkpoint has budgets 1.0, 0.7, 0.45"),
+        (["extract", "--checkpoint", str(plain), "--budget", "0.5", "--out", str(tmp_path / "x")],
+         "not an elastic checkpoint"),
+        (["generate", "--checkpoint", str(plain), "--budget", "0.5", "--prompt-ids", "5,6"],
+         "not an elastic checkpoint"),
+        (["generate", "--checkpoint", str(path), "--budget", "0.9", "--prompt-ids", "5,6"], "unknown budget"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+    # "70%" names the 0.7 budget; an existing output is refused unless --force
+    out = tmp_path / "b"
+    assert main(["extract", "--checkpoint", str(path), "--budget", "70%", "--out", str(out)]) == 0
+    assert main(["extract", "--checkpoint", str(path), "--budget", "0.7", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["extract", "--checkpoint", str(path), "--budget", "0.45", "--out", str(out), "--force"]) == 0
+    assert elasticlm.load(out).num_parameters() == count_parameters(elasticlm.load(path).config,
+                                                                     elasticlm.load(path).budgets["0.45"])
+    # an interrupted write leaves nothing behind
+    import elasticlm.elastic.deploy as deploy
+
+    calls = []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = deploy.write_model_files
+    monkeypatch.setattr(deploy, "write_model_files", dies_on_second)
+    assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "all")]) == 130
+    assert not (tmp_path / "all").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".all")]
+    with pytest.raises(ConfigError, match="no budgets"):
+        elasticlm.load(plain).budget_subnet("0.5")
