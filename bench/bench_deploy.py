@@ -55,20 +55,23 @@ def peak_rss(mode: str, paths: list[str]) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def decode_seconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def round_robin(runs: dict, repeats: int) -> dict:
+    """Median seconds of every run, executing them in turn ``repeats`` times (after one warm-up)."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default="docs/bench/deploy.json")
     args = ap.parse_args()
     import elasticlm
@@ -102,13 +105,16 @@ def main() -> None:
 
         ids = torch.randint(0, cfg.vocab_size, (1, 32))
         n = args.new_tokens
-        rows = []
-        full_s = decode_seconds(lambda: elasticlm.generate(separate["1.0"], ids, max_new_tokens=n), args.repeats)
+        runs = {("full", "1.0"): lambda: elasticlm.generate(separate["1.0"], ids, max_new_tokens=n)}
         for label in nested.budgets:
-            t_nested = decode_seconds(lambda label=label: nested.generate(ids, budget=label, max_new_tokens=n),
-                                      args.repeats)
-            t_sep = decode_seconds(lambda label=label: elasticlm.generate(separate[label], ids, max_new_tokens=n),
-                                   args.repeats)
+            runs[("nested", label)] = lambda label=label: nested.generate(ids, budget=label, max_new_tokens=n)
+            runs[("extracted", label)] = lambda label=label: elasticlm.generate(separate[label], ids,
+                                                                                  max_new_tokens=n)
+        times = round_robin(runs, args.repeats)  # interleaved, so machine drift hits every run alike
+        full_s = times[("full", "1.0")]
+        rows = []
+        for label in nested.budgets:
+            t_nested, t_sep = times[("nested", label)], times[("extracted", label)]
             rows.append({"budget": label, "parameters": separate[label].num_parameters(),
                          "nested_tok_s": n / t_nested, "extracted_tok_s": n / t_sep,
                          "nested_speedup_vs_full": full_s / t_nested, "extracted_speedup_vs_full": full_s / t_sep,
