@@ -376,6 +376,9 @@ def test_cli_train_and_config_errors(tmp_path, capsys):
     cfg["stages"] = [{"seq_len": 32, "batch_size": 2, "tokens": 128}]
     path = tmp_path / "run.json"
     path.write_text(json.dumps(cfg))
+    from elasticlm.train.config import load_elastic_run_config
+
+    assert load_elastic_run_config(path, ["stages[0].tokens=256", "elastic.budgets=[1.0]"]).stages[0].steps == 4
     assert main(["train", "--config", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| 1.0 |" in out and "| 0.6 |" in out and (tmp_path / "run" / "final" / "router.safetensors").is_file()

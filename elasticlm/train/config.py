@@ -124,15 +124,25 @@ def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     return obj
 
 
-def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` overrides to raw TOML tables (returns a new dict)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
+def apply_overrides(tables: dict[str, Any], overrides: list[str],
+                    sections: tuple[str, ...] = ("model", "tokenizer", "data", "train", "eval")) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides to raw TOML tables (returns a new dict);
+    ``stages[1].tokens=…`` sets a field of one entry of an array of tables."""
+    out = {k: dict(v) if isinstance(v, dict) else [dict(t) for t in v] if isinstance(v, list) else v
+           for k, v in tables.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.lr=1e-3)")
         key, value = item.split("=", 1)
         section, name = key.strip().split(".", 1)
-        if section not in ("model", *_SECTIONS):
+        if "[" in section and section.endswith("]"):
+            array, index = section[:-1].split("[", 1)
+            try:
+                out[array][int(index)][name] = parse_value(value)
+            except (ValueError, IndexError, KeyError, TypeError):
+                raise ConfigError(f"override {item!r}: no {section} in the config file") from None
+            continue
+        if section not in sections:
             raise ConfigError(f"override {item!r}: unknown section {section!r}")
         out.setdefault(section, {})[name] = parse_value(value)
     return out
@@ -282,20 +292,4 @@ def elastic_run_config_from_tables(tables: dict[str, Any]) -> ElasticRunConfig:
 
 def load_elastic_run_config(path: str | Path | None, overrides: list[str] | None = None) -> ElasticRunConfig:
     tables = read_config_file(path) if path is not None else {}
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.lr=1e-3)")
-        key, value = item.split("=", 1)
-        section, name = key.strip().split(".", 1)
-        if section.startswith("stages["):  # stages[1].tokens=…
-            try:
-                idx = int(section[7:-1])
-                out["stages"][idx][name] = parse_value(value)
-            except (ValueError, IndexError, KeyError, TypeError):
-                raise ConfigError(f"override {item!r}: no such stage (give [[stages]] in the file)") from None
-            continue
-        if section not in (*_ELASTIC_SECTIONS, "elastic"):
-            raise ConfigError(f"override {item!r}: unknown section {section!r}")
-        out.setdefault(section, {})[name] = parse_value(value)
-    return elastic_run_config_from_tables(out)
+    return elastic_run_config_from_tables(apply_overrides(tables, overrides or [], (*_ELASTIC_SECTIONS, "elastic")))

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import atomic_directory, load, read_json, write_model_files
+from ..checkpoint import ROUTING, atomic_directory, load, read_json, write_model_files
 from ..config import count_parameters
 from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
@@ -53,7 +53,7 @@ from .trainer import MetricsLog, autocast_dtype, build_optimizer, lr_at
 log = logging.getLogger("elasticlm.train")
 
 ROUTER = "router.safetensors"
-ELASTIC = "elastic.json"
+ELASTIC = ROUTING  # elastic.json: the routing metadata
 
 
 # -- pure pieces ------------------------------------------------------------------------------
