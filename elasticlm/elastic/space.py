@@ -31,6 +31,7 @@ from ..config import (
     count_parameters,
     outer_parameters,
     parse_budget,
+    width_keywords,
 )
 from ..errors import ConfigError
 
@@ -313,8 +314,6 @@ _KEYWORD = {"mamba_heads": "mamba_heads_per_group", "mamba_head_dim": "mamba_hea
 
 
 def _keywords(config: ModelConfig, layer: int) -> dict[str, int]:
-    from ..config import width_keywords
-
     return width_keywords(config.layer_widths(layer))
 
 

@@ -18,6 +18,7 @@ router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from ..checkpoint import ROUTING, atomic_directory, load, read_json, write_model
 from ..config import count_parameters
 from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
-from ..elastic.router import Router, RouterSchedule, Routing
+from ..elastic.router import Router, RouterSchedule
 from ..elastic.space import ElasticSpace, memory_bytes
 from ..errors import CheckpointError, ConfigError
 from ..model.documents import document_ids_from_eos
@@ -279,7 +280,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
 
     total = run.total_steps
     sched = RouterSchedule(total, tuple(ec.logit_scale), tuple(ec.temperature))
-    lr_cfg = _LrSchedule(cfg.lr, cfg.warmup_steps, total, cfg.min_lr_ratio)
+    lr_cfg = dataclasses.replace(cfg, steps=total)  # the parent trainer's schedule, over all stages
 
     first = run.stages[0]
     stream = PackedStream(documents(run.data, "train"), lambda s: tok.encode(s).ids, eos, first.seq_len,
@@ -323,7 +324,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                 stream.seq_len, stream.batch_size = stage.seq_len, stage.batch_size
                 bar.write(f"stage {stage_index + 1}/{len(run.stages)} ({stage.name or 'unnamed'}): "
                           f"seq_len {stage.seq_len}, batch {stage.batch_size}, {stage.steps} steps")
-            lr = lr_cfg.at(step)
+            lr = lr_at(step, lr_cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             r_lr = router_lr * min(1.0, (step + 1) / max(1, ec.router_warmup_steps))
@@ -442,14 +443,6 @@ def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
     return ElasticStudent(plain, student.router)
 
 
-class _LrSchedule:
-    def __init__(self, lr: float, warmup: int, steps: int, min_ratio: float) -> None:
-        self.lr, self.warmup_steps, self.steps, self.min_lr_ratio = lr, warmup, steps, min_ratio
-
-    def at(self, step: int) -> float:
-        return lr_at(step, self)
-
-
 def _barrier(dist: Distributed) -> None:
     if dist.world > 1:
         import torch.distributed as tdist
@@ -539,4 +532,4 @@ def summary_table(meta: dict[str, Any]) -> str:
 
 
 __all__ = ["ElasticStudent", "kd_loss", "load_elastic_checkpoint", "rows_of", "routing_metadata", "sample_budgets",
-           "save_elastic_checkpoint", "summary_table", "train_elastic", "Routing"]
+           "save_elastic_checkpoint", "summary_table", "train_elastic"]
