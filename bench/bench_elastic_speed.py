@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_model import timed  # bench/ is on sys.path when run as a script
 
 from elasticlm import ModelConfig, count_parameters
 from elasticlm.elastic.router import Router
@@ -39,13 +38,7 @@ def step_time(model: HybridLM, ids: torch.Tensor, route, repeats: int) -> float:
         logits.float().logsumexp(-1).mean().backward()
         model.zero_grad(set_to_none=True)
 
-    once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(once, repeats)
 
 
 def main() -> None:
