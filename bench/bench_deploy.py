@@ -118,7 +118,8 @@ def main() -> None:
         rows = []
         for label in nested.budgets:
             t_nested, t_sep = times[("nested", label)], times[("extracted", label)]
-            ratios = sorted(a / b for a, b in zip(samples[("nested", label)], samples[("extracted", label)]))
+            ratios = sorted(a / b for a, b in zip(samples[("nested", label)], samples[("extracted", label)],
+                                                  strict=True))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             rows.append({"budget": label, "parameters": separate[label].num_parameters(),
                          "nested_tok_s": n / t_nested, "extracted_tok_s": n / t_sep,

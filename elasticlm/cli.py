@@ -213,34 +213,75 @@ def cmd_train(args: argparse.Namespace) -> None:
         run.train.out = args.out
     if args.parent:
         run.parent.path = args.parent
-    final = train_elastic(run, resume=args.resume, progress=not args.no_progress)
+    final = train_elastic(run, resume=args.resume, progress=not args.no_progress, resume_from=args.resume_from)
     print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
                                                      if isinstance(v, float) and k.startswith(("val_", "acc_"))))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import time
-
     from .checkpoint import load
-    from .data import synthetic
-    from .eval.tasks import task_table
+    from .data.datasets import data_config_from_spec
+    from .elastic.deploy import select_budgets
+    from .eval.report import Entry, evaluate_entries, markdown_table, parse_levels, parse_tasks, save_report
     from .tokenizer import load_tokenizer
 
+    ppl, families = parse_tasks(args.tasks)
+    levels = parse_levels(args.difficulty)
     device = _device(args.device)
-    model = load(args.model, device=device)
-    tok = load_tokenizer(args.model)
-    subnet = _read_subnet(args.subnet)
+    model = load(args.checkpoint, device=device)
+    tok = load_tokenizer(args.checkpoint)
+    name = Path(args.checkpoint).resolve().name
+    if model.budgets:
+        if args.subnet:
+            raise ConfigError("--subnet is for plain models; an elastic checkpoint is evaluated by --budgets")
+        entries = [Entry("elastic", label, model, tok, model.budgets[label], str(args.checkpoint))
+                   for label in select_budgets(model, args.budgets)]
+    else:
+        if args.budgets.strip().lower() != "all":
+            select_budgets(model, args.budgets)  # raises: not an elastic checkpoint
+        entries = [Entry(name, "1.0", model, tok, _read_subnet(args.subnet), str(args.checkpoint))]
+    reference = model.num_parameters()
+    for spec in args.baseline or []:
+        label, _, path = spec.rpartition("=")
+        base = load(path, device=device)
+        entries.append(Entry(label or Path(path).resolve().name, f"{base.num_parameters() / reference:.2f}", base,
+                             load_tokenizer(path), None, path))
+    val = data_config_from_spec(args.data, mask_prompt=args.data == "synthetic") if ppl else None
     start = time.perf_counter()
-    table = task_table(model, tok, n=args.n, hard=True, subnet=subnet)
-    fams = list(synthetic.FAMILIES)
-    print("| difficulty | " + " | ".join(fams) + " | mean |")
-    print("|---" * (len(fams) + 2) + "|")
-    for level, row in table.items():
-        levels = " / ".join(str(synthetic.DIFFICULTY[f][0 if level == "default" else 1]) for f in fams)
-        print(f"| {level} ({levels}) | " + " | ".join(f"{100 * row[f]:.0f} %" for f in fams)
-              + f" | **{100 * row['mean']:.1f} %** |")
-    print(f"[{args.n} held-out examples per cell, greedy decoding, {time.perf_counter() - start:.0f}s]",
-          file=sys.stderr)
+    points = evaluate_entries(entries, families=families, levels=levels, n=args.n, val_data=val,
+                              val_samples=args.val_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(args.out) if args.out else Path(str(Path(args.checkpoint).resolve()) + "-eval")
+    meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
+            "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len}
+    paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}")
+    print(markdown_table(points))
+    print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"
+          + (f"; loss on {args.val_samples} held-out sequences of {args.seq_len} tokens" if ppl else "")
+          + f"; {time.perf_counter() - start:.0f}s]")
+    print("wrote " + ", ".join(str(p) for p in paths.values())
+          + ("" if "plot" in paths else "  (no plot: pip install matplotlib)"))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import logging
+
+    from .demo import comparison_lines, run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    result = run_demo(out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress,
+                      log=lambda msg: print(msg, flush=True))
+    print("\n## elasticlm demo" + (" --quick" if args.quick else "") + "\n")
+    print(result["table"])
+    print()
+    for line in comparison_lines(result["points"]):
+        print(line)
+    print(f"\nelastic checkpoint (every budget, shared weights): {result['elastic']}")
+    print("extracted models: " + ", ".join(result["family"]))
+    print("report: " + ", ".join(str(p) for p in result["paths"].values())
+          + ("" if "plot" in result["paths"] else "  (no plot: pip install matplotlib)"))
+    print(f"total {result['timings']['total'] / 60:.1f} min")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -438,20 +479,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this training checkpoint into a new train.out, e.g. stages/1-short of "
+                        "another run to branch a stage-2 ablation (later stages may differ)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", formatter_class=fmt, help="exact-match accuracy on the synthetic reasoning tasks",
-                       description="Score greedy generation on held-out synthetic tasks (add, vars, recall, sort) "
-                                   "at their default and hard difficulties; prints a markdown table.")
-    p.add_argument("--model", required=True, help="model directory (with tokenizer.json)")
+    data_help = ("calibration data: 'synthetic' (the embedded blend), a .jsonl file (field 'text'), a text "
+                 "file or folder, or hf:NAME[:CONFIG]")
+
+    p = sub.add_parser("demo", formatter_class=fmt, help="the whole method end to end on the embedded data",
+                       description="Train the small parent on the synthetic reasoning blend (or reuse the one a "
+                                   "previous demo left), estimate importance and reorder, train budgets 1.0 / 0.75 "
+                                   "/ 0.5 in one elastic run (two stages), extract every budget, build zero-shot "
+                                   "pruned baselines of the same sizes, evaluate all of them and write the table, "
+                                   "eval.json and the Pareto plot. ≈ 25 min on 2 CPU cores; --quick: a tiny run of "
+                                   "the same pipeline in about a minute. An interrupted demo resumes where it "
+                                   "stopped.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run; quality is not "
+                                                        "meaningful)")
+    p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument("--fresh", action="store_true", help="delete the working directory first (retrain everything)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="per-budget loss and task accuracy: table, JSON, plot",
+                       description="Evaluate every budget of an elastic checkpoint (or a plain model, or one "
+                                   "--subnet of it): validation loss / perplexity on held-out data and exact-match "
+                                   "accuracy of greedy generation on the synthetic tasks (add, vars, recall, sort) "
+                                   "per difficulty. Prints a markdown table; writes eval.json, eval.md and a Pareto "
+                                   "plot pareto.png (parameters vs accuracy and vs loss; needs matplotlib).")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="elastic checkpoint (final/ of `elasticlm train`) or model directory (with tokenizer.json)")
+    p.add_argument("--budgets", default="all", help="'all' or one budget (0.5, 50%%, 780K) of an elastic checkpoint")
+    p.add_argument("--tasks", default="ppl,reasoning,recall",
+                   help="comma list: ppl, reasoning (add, vars, sort), recall, or single families")
+    p.add_argument("--difficulty", default="default,hard", help="difficulty levels to score: default, hard")
     p.add_argument("--n", type=int, default=100, help="examples per family and difficulty")
-    p.add_argument("--subnet", help="JSON file describing the Subnet to evaluate (default: the full model)")
+    p.add_argument("--baseline", action="append", metavar="[LABEL=]DIR",
+                   help="another model directory to score and plot alongside (repeatable), e.g. a pruned model")
+    p.add_argument("--subnet", help="JSON Subnet of a plain model to evaluate (default: the full model)")
+    p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
+    p.add_argument("--val-samples", type=int, default=48, help="held-out sequences for the loss")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--out", help="report directory (default: CHECKPOINT-eval next to the checkpoint)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=cmd_eval)
 
-    data_help = ("calibration data: 'synthetic' (the embedded blend), a .jsonl file (field 'text'), a text "
-                 "file or folder, or hf:NAME[:CONFIG]")
     p = sub.add_parser("importance", formatter_class=fmt, help="score every width axis and layer (calibration)",
                        description="Forward passes on calibration data score hidden channels, FFN neurons, "
                                    "attention heads, Mamba heads and head channels (DESIGN 2.3), and rank layers by "

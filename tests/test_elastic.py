@@ -14,7 +14,7 @@ import torch
 from conftest import max_rel, randomize_, tiny_config
 
 import elasticlm
-from elasticlm import ConfigError, Subnet
+from elasticlm import CheckpointError, ConfigError, Subnet
 from elasticlm.cli import main
 from elasticlm.config import MlpWidth, count_parameters
 from elasticlm.elastic.router import Router, RouterSchedule, gumbel_noise
@@ -333,6 +333,29 @@ def test_resume_across_a_stage_boundary_continues_exactly(tmp_path, monkeypatch)
     assert [m["budget"] for m in meta["budgets"]] == ["1.0", "0.6"]
     for m in meta["budgets"]:
         assert count_parameters(weights_config(tmp_path), Subnet.from_dict(m["subnet"])) == m["parameters"]
+
+
+def test_stage_checkpoint_branches_a_stage_two_ablation(tmp_path):
+    parent = make_parent(tmp_path / "parent")
+    train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "straight")), progress=False)
+    stage1 = tmp_path / "straight" / "stages" / "1-a"
+    assert json.loads((stage1 / "trainer_state.json").read_text())["step"] == 3
+    assert list(elasticlm.load(stage1).budgets) == ["1.0", "0.6"]  # an evaluable elastic checkpoint
+    # the same stage 2 from the stage-1 state reproduces the straight run
+    train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "same")), progress=False,
+                  resume_from=stage1)
+    assert logged(tmp_path / "same") == pytest.approx(logged(tmp_path / "straight")[3:], rel=1e-5, abs=1e-7)
+    wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "same" / "final")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+    # a different stage-2 budget sampling branches off the same state
+    tabs = tables(parent, tmp_path / "uniform")
+    tabs["stages"][1]["budget_weights"] = [0.0, 1.0]
+    train_elastic(elastic_run_config_from_tables(tabs), progress=False, resume_from=stage1)
+    kd = logged(tmp_path / "uniform", "kd_1.0")
+    assert kd == [] and len(logged(tmp_path / "uniform", "kd_0.6")) == 3  # only the 0.6 budget trained
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "x")), progress=False,
+                      resume_from=tmp_path / "straight" / "final")
 
 
 def weights_config(tmp_path):

@@ -1,4 +1,4 @@
-"""Evaluation: exact-match accuracy on the synthetic reasoning tasks (perplexity and reports later)."""
+"""Evaluation: exact-match accuracy on the synthetic reasoning tasks, perplexity, per-budget reports."""
 
 from .tasks import task_accuracy, task_table
 

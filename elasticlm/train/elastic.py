@@ -226,9 +226,14 @@ def load_elastic_checkpoint(path: Path, student: ElasticStudent,
 # -- the trainer -------------------------------------------------------------------------------
 
 
-def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = True,
+                  resume_from: str | Path | None = None) -> dict[str, Any]:
     """Elastic training from ``run.parent.path``; writes under ``train.out``: ``run_config.json``,
-    ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (model + router + elastic.json)."""
+    ``metrics.jsonl``, ``checkpoints/step_*``, ``stages/<i>-<name>/`` (the state at the end of every
+    stage but the last) and ``final/`` (model + router + elastic.json).
+
+    ``resume_from`` continues from a given training checkpoint (e.g. ``stages/1-short`` of another
+    run) into a new ``train.out`` — how to branch a stage-2 ablation off one stage-1 run."""
     cfg, ec = run.train, run.elastic
     out = Path(cfg.out)
     device = resolve_device(cfg.device, "train.device")
@@ -246,6 +251,13 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         raise CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
+    if resume_from is not None:
+        if resume:
+            raise ConfigError("give either --resume or --resume-from, not both")
+        ckpt = Path(resume_from)
+        if not (ckpt / STATE).is_file():
+            raise CheckpointError(f"--resume-from {ckpt}: not a training checkpoint of `elasticlm train` (no "
+                                  f"{STATE}); use checkpoints/step_* or stages/* of a run")
 
     parent_dir = Path(run.parent.path)
     # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
@@ -409,12 +421,17 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                         last.update(evals)
                         bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
                     student.train()
-            if done % cfg.checkpoint_every == 0 or done == total:
+            stage_done = done < total and run.stage_at(done)[0] != stage_index
+            if done % cfg.checkpoint_every == 0 or done == total or stage_done:
                 full = _gathered(student, sharded)
                 if dist.main:
+                    state = {"step": done, "stage": stage_index, "data": stream.state_dict()}
                     path = out / "checkpoints" / f"step_{done:07d}"
-                    save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers,
-                                            {"step": done, "stage": stage_index, "data": stream.state_dict()})
+                    save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers, state)
+                    if stage_done:  # kept out of the rotation: evaluate it, or branch a run from it
+                        save_elastic_checkpoint(out / "stages" / f"{stage_index + 1}-{stage.name or 'stage'}", full,
+                                                space, tok_dir, None if sharded else optimizers, state)
+                        bar.write(f"stage {stage_index + 1} done: {out / 'stages'}")
                     for old in sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]:
                         shutil.rmtree(old, ignore_errors=True)
                 _barrier(dist)

@@ -1,0 +1,260 @@
+"""``elasticlm demo``: the whole method end to end on the embedded synthetic reasoning blend.
+
+1. train the small parent (or reuse the one a previous demo left, if its recipe is unchanged);
+2. importance estimation and reordering, so that every nested sub-model is a prefix;
+3. elastic training of budgets 1.0 / 0.75 / 0.5 in one run (two stages: short, then 4× context);
+4. extract every budget as a standalone model;
+5. zero-shot pruned baselines of the same sizes (the same importance order, no training);
+6. evaluate every model and write the table, eval.json and the Pareto plot.
+
+An interrupted demo picks up where it stopped: training runs resume from their last checkpoint.
+The recipes below are lighter than the benchmark configs in ``configs/`` so that the full demo fits
+in 30 minutes on 2 CPU cores; ``--quick`` is a tiny smoke run of the same pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUDGETS = [1.0, 0.75, 0.5]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    parent: dict[str, Any]  # run-config tables for `elasticlm pretrain`
+    importance: dict[str, int]  # samples, seq_len, depth_samples
+    elastic: dict[str, Any]  # run-config tables for `elasticlm train` (parent path and out are filled in)
+    eval: dict[str, Any]  # n, levels, val_samples, search_samples
+
+
+FULL = Recipe(
+    parent={
+        "model": dict(pattern="M*-M*-M*-", vocab_size=288, hidden_size=192, mamba_num_heads=4, mamba_head_dim=64,
+                      mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
+                      num_key_value_heads=2, attention_head_dim=32, intermediate_size=576),
+        "tokenizer": {"kind": "bytes"},
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 0},
+        "train": dict(steps=900, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, min_lr_ratio=0.05,
+                      weight_decay=0.1, eval_every=900, checkpoint_every=100, log_every=10),
+        "eval": {"n": 24},
+    },
+    importance={"samples": 64, "seq_len": 256, "depth_samples": 16},
+    elastic={
+        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2},
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 1},
+        "train": dict(lr=5e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.0, eval_every=10_000,
+                      checkpoint_every=100, log_every=10),
+        "eval": {"n": 24},
+        "stages": [dict(name="short", seq_len=256, batch_size=8, tokens=450 * 8 * 256),
+                   dict(name="long", seq_len=1024, batch_size=2, tokens=120 * 2 * 1024,
+                        budget_weights=[0.5, 0.3, 0.2])],
+    },
+    eval={"n": 100, "levels": ["default", "hard"], "val_samples": 48, "search_samples": 16},
+)
+
+QUICK = Recipe(
+    parent={
+        "model": dict(pattern="M*-M-", vocab_size=288, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
+                      mamba_n_groups=2, ssm_state_size=8, chunk_size=32, num_attention_heads=4,
+                      num_key_value_heads=2, attention_head_dim=16, intermediate_size=128),
+        "tokenizer": {"kind": "bytes"},
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 0},
+        "train": dict(steps=60, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=10, eval_every=60,
+                      checkpoint_every=30, log_every=10, val_batches=1),
+        "eval": {"n": 4},
+    },
+    importance={"samples": 8, "seq_len": 128, "depth_samples": 4},
+    elastic={
+        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2, "router_init_steps": 100},
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 1},
+        "train": dict(lr=5e-4, warmup_steps=5, eval_every=10_000, checkpoint_every=20, log_every=10,
+                      val_batches=1),
+        "eval": {"n": 4},
+        "stages": [dict(name="short", seq_len=128, batch_size=4, tokens=30 * 4 * 128),
+                   dict(name="long", seq_len=256, batch_size=2, tokens=10 * 2 * 256,
+                        budget_weights=[0.5, 0.3, 0.2])],
+    },
+    eval={"n": 6, "levels": ["default"], "val_samples": 8, "search_samples": 8},
+)
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _reusable(out: Path, expected: dict[str, Any]) -> str:
+    """``final`` when ``out`` holds a finished run of exactly ``expected``, ``resume`` when it holds
+    checkpoints of it, ``fresh`` otherwise (including a run of a different recipe)."""
+    saved = out / "run_config.json"
+    if not saved.is_file():
+        return "fresh"
+    try:
+        same = json.loads(saved.read_text()) == _plain(expected)
+    except ValueError:
+        same = False
+    if not same:
+        return "fresh"
+    if (out / "final" / "config.json").is_file():
+        return "final"
+    return "resume" if any((out / "checkpoints").glob("step_*")) else "fresh"
+
+
+def _train(kind: str, out: Path, run: Any, train: Callable[..., Any], progress: bool, log: Callable[[str], None]
+           ) -> bool:
+    """Run (or resume, or reuse) one training run; True when it trained anything."""
+    state = _reusable(out, run.to_dict())
+    if state == "final":
+        log(f"reusing the {kind} in {out}/final (same recipe; delete it or pass --fresh to retrain)")
+        return False
+    if state == "fresh" and out.exists():
+        shutil.rmtree(out)
+    log(f"{'resuming' if state == 'resume' else 'training'} the {kind} → {out}")
+    train(run, resume=state == "resume", progress=progress)
+    return True
+
+
+def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole pipeline under ``out``; returns the evaluation points and the paths written."""
+    from .checkpoint import atomic_directory, load, save, write_model_files
+    from .data.datasets import data_config_from_spec
+    from .data.synthetic import FAMILIES
+    from .elastic.deploy import extract_budgets
+    from .elastic.extract import extract
+    from .elastic.importance import calibration_batches, estimate
+    from .elastic.prune import describe_subnet, search
+    from .elastic.reorder import reorder_
+    from .eval.report import Entry, evaluate_entries, markdown_table, save_report
+    from .tokenizer import load_tokenizer
+    from .train.config import elastic_run_config_from_tables, run_config_from_tables
+    from .train.elastic import train_elastic
+    from .train.trainer import pretrain
+
+    recipe = QUICK if quick else FULL
+    out = Path(out)
+    if fresh and out.exists():
+        log(f"--fresh: removing {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        log(f"  {name}: {timings[name]:.0f}s (total {time.perf_counter() - start:.0f}s)")
+
+    # 1. parent
+    t0 = time.perf_counter()
+    log("== 1/6 parent")
+    tables = _plain(recipe.parent)
+    tables["train"]["out"] = str(out / "parent")
+    parent_run = run_config_from_tables(tables)
+    trained = _train("parent", out / "parent", parent_run, pretrain, progress, log)
+    step("parent", t0)
+
+    # 2. importance + reorder (deterministic given the parent; recomputed when the parent changed)
+    t0 = time.perf_counter()
+    log("== 2/6 importance + reorder")
+    parent_dir, ordered_dir = out / "parent" / "final", out / "parent-ordered"
+    if trained or not (ordered_dir / "config.json").is_file():
+        model = load(parent_dir)
+        tok = load_tokenizer(parent_dir)
+        data = data_config_from_spec("synthetic")
+        imp_cfg = recipe.importance
+        batches = calibration_batches(data, lambda s: tok.encode(s).ids, model.config.eos_token_id,
+                                      imp_cfg["samples"], imp_cfg["seq_len"], 8, "train")
+        imp = estimate(model, batches, total_batches=-(-imp_cfg["samples"] // 8),
+                       depth_batches=-(-imp_cfg["depth_samples"] // 8), progress=progress,
+                       meta={"model": str(parent_dir), "data": "synthetic", **imp_cfg})
+        imp.save(out / "importance")
+        reorder_(model, imp)
+        save(model, ordered_dir, "native", tokenizer_dir=parent_dir, overwrite=True,
+             extra_config={"reordered": {"importance": str(out / "importance"), "depth_metric": "iterative_mse"}})
+        log(f"wrote {ordered_dir} (depth order, least important first: {model.config.depth_order})")
+    else:
+        log(f"reusing {ordered_dir}")
+    step("importance + reorder", t0)
+
+    # 3. elastic training
+    t0 = time.perf_counter()
+    log("== 3/6 elastic training (budgets " + " / ".join(str(b) for b in BUDGETS) + ")")
+    tables = _plain(recipe.elastic)
+    tables["parent"] = {"path": str(ordered_dir)}
+    tables["train"]["out"] = str(out / "elastic")
+    elastic_run = elastic_run_config_from_tables(tables)
+    if trained and (out / "elastic").exists():
+        shutil.rmtree(out / "elastic")  # trained on a previous parent
+    _train("elastic model", out / "elastic", elastic_run, train_elastic, progress, log)
+    step("elastic training", t0)
+
+    # 4. extract every budget
+    t0 = time.perf_counter()
+    log("== 4/6 extract every budget")
+    elastic = load(out / "elastic" / "final")
+    written = extract_budgets(elastic, list(elastic.budgets), out / "family", "auto", force=True)
+    for label, path, fmt in written:
+        log(f"budget {label}: {path} ({'Hugging Face NemotronH' if fmt == 'hf' else 'native'}, "
+            f"{elastic.num_parameters(elastic.budgets[label]):,} parameters)")
+    step("extract", t0)
+
+    # 5. zero-shot pruned baselines of the same sizes
+    t0 = time.perf_counter()
+    log("== 5/6 zero-shot pruned baselines (importance order, no training)")
+    ordered = load(ordered_dir)
+    tok = load_tokenizer(ordered_dir)
+    val = data_config_from_spec("synthetic", mask_prompt=True)
+    n_search = recipe.eval["search_samples"]
+    search_set = list(calibration_batches(val, lambda s: tok.encode(s).ids, ordered.config.eos_token_id, n_search,
+                                          256, 8, "val", True))
+    zero_shot = {}
+    for label, subnet in elastic.budgets.items():
+        target = elastic.num_parameters(subnet)
+        if target >= ordered.num_parameters():
+            continue
+        best, _ = search(ordered, target, search_set, progress=progress)
+        zero_shot[label] = best.subnet
+        with atomic_directory(out / f"zero-shot-{label}", overwrite=True) as tmp:
+            write_model_files(extract(ordered, best.subnet), tmp, "native", tokenizer_dir=ordered_dir)
+        log(f"zero-shot {label}: {best.parameters:,} parameters, {describe_subnet(ordered.config, best.subnet)}")
+    step("zero-shot baselines", t0)
+
+    # 6. evaluate
+    t0 = time.perf_counter()
+    log("== 6/6 evaluation")
+    ev = recipe.eval
+    entries = [Entry("parent", "1.0", ordered, tok, None, str(ordered_dir))]
+    entries += [Entry("elastic", label, elastic, tok, subnet, str(out / "elastic" / "final"))
+                for label, subnet in elastic.budgets.items()]
+    entries += [Entry("zero-shot pruned", label, ordered, tok, subnet, str(out / f"zero-shot-{label}"))
+                for label, subnet in zero_shot.items()]
+    points = evaluate_entries(entries, families=FAMILIES, levels=tuple(ev["levels"]), n=ev["n"], val_data=val,
+                              val_samples=ev["val_samples"], log=log)
+    meta = {"demo": "quick" if quick else "full", "out": str(out), "n": ev["n"], "difficulty": ev["levels"],
+            "val_samples": ev["val_samples"], "timings_s": timings}
+    paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""))
+    step("evaluation", t0)
+    timings["total"] = time.perf_counter() - start
+    (out / "eval" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    return {"points": points, "paths": paths, "family": [str(p) for _, p, _ in written],
+            "elastic": str(out / "elastic" / "final"), "table": markdown_table(points), "timings": timings}
+
+
+def comparison_lines(points: list[Any]) -> list[str]:
+    """One line per budget: the elastic sub-model vs the zero-shot pruned model of the same size."""
+    elastic = {p.budget: p for p in points if p.series == "elastic"}
+    lines = []
+    for p in points:
+        if p.series != "zero-shot pruned" or p.budget not in elastic:
+            continue
+        e = elastic[p.budget]
+        acc = (f"accuracy {100 * e.mean_accuracy():.1f} % vs {100 * p.mean_accuracy():.1f} %"
+               if e.mean_accuracy() is not None else "")
+        loss = f"val loss {e.val_loss:.3f} vs {p.val_loss:.3f}" if e.val_loss is not None else ""
+        lines.append(f"budget {p.budget}: elastic vs zero-shot pruned — " + ", ".join(x for x in (acc, loss) if x))
+    return lines

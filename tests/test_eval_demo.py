@@ -1,0 +1,129 @@
+"""`elasticlm eval` (per-budget table, JSON, Pareto plot) and the `elasticlm demo --quick` smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_deploy import elastic_checkpoint
+
+import elasticlm
+from elasticlm import ConfigError
+from elasticlm.cli import main
+from elasticlm.data.datasets import data_config_from_spec
+from elasticlm.elastic.importance import calibration_batches
+from elasticlm.eval.report import Point, markdown_table, parse_tasks
+from elasticlm.tokenizer import load_tokenizer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def naive_loss(model, batches) -> float:
+    """Cross-entropy of a plain model over the masked targets, one document at a time (no packing
+    masks needed: each document is run on its own, so documents cannot see each other)."""
+    total, count = 0.0, 0
+    for ids, doc, mask in batches:
+        for row in range(ids.shape[0]):
+            for d in doc[row].unique():
+                sel = (doc[row] == d).nonzero().flatten()
+                seg, keep = ids[row, sel], mask[row, sel]
+                if len(seg) < 2:
+                    continue
+                with torch.no_grad():
+                    logits = model(seg[None, :-1])[0]
+                losses = F.cross_entropy(logits, seg[1:], reduction="none")
+                total += float((losses * keep[1:]).sum())
+                count += int(keep[1:].sum())
+    return total / count
+
+
+def test_parse_tasks_groups_and_errors():
+    assert parse_tasks("ppl,reasoning,recall") == (True, ("add", "vars", "recall", "sort"))
+    assert parse_tasks("recall") == (False, ("recall",))
+    with pytest.raises(ConfigError, match="unknown task 'mmlu'"):
+        parse_tasks("ppl,mmlu")
+    with pytest.raises(ConfigError, match="empty"):
+        parse_tasks(" , ")
+
+
+def test_markdown_table_shows_every_point_and_means():
+    pts = [Point("elastic", "1.0", 1000, 0.5, {"default": {"add": 1.0, "sort": 0.5}}),
+           Point("zero-shot pruned", "0.5", 500, 2.0, {"default": {"add": 0.0, "sort": 0.25}})]
+    table = markdown_table(pts)
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "add (d3)" in lines[0] and "sort (d4)" in lines[0]
+    assert "| elastic | 1.0 | 1,000 | 0.500 | 1.649 | 100 % | 50 % | **75.0 %** |" == lines[2]
+    assert "**12.5 %**" in lines[3]
+
+
+def test_eval_elastic_checkpoint_loss_matches_extracted_models(tmp_path, capsys):
+    path = elastic_checkpoint(tmp_path)
+    out = tmp_path / "report"
+    assert main(["eval", "--checkpoint", str(path), "--tasks", "ppl,recall", "--difficulty", "default", "--n", "3",
+                 "--val-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "eval.json").read_text())
+    assert [p["budget"] for p in data["points"]] == ["1.0", "0.7", "0.45"]
+    assert (out / "pareto.png").read_bytes()[:8] == PNG
+    assert "| elastic | 0.45 |" in printed and "wrote" in printed
+    # independent reference: the extracted model of each budget, run document by document
+    assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "fam")]) == 0
+    tok = load_tokenizer(path)
+    nested = elasticlm.load(path)
+    batches = list(calibration_batches(data_config_from_spec("synthetic", mask_prompt=True),
+                                       lambda s: tok.encode(s).ids, nested.config.eos_token_id, 4, 64, 8, "val", True))
+    for p in data["points"]:
+        small = elasticlm.load(tmp_path / "fam" / f"budget-{p['budget']}")
+        assert p["parameters"] == small.num_parameters()
+        assert p["val_loss"] == pytest.approx(naive_loss(small, batches), rel=1e-4)
+        assert set(p["accuracy"]["default"]) == {"recall"}
+
+
+def test_eval_with_baseline_and_bad_input(tmp_path, capsys):
+    path = elastic_checkpoint(tmp_path)
+    assert main(["extract", "--checkpoint", str(path), "--budget", "0.45", "--out", str(tmp_path / "small")]) == 0
+    out = tmp_path / "report"
+    assert main(["eval", "--checkpoint", str(path), "--budgets", "0.7", "--tasks", "add", "--difficulty", "default",
+                 "--n", "2", "--baseline", f"pruned={tmp_path / 'small'}", "--out", str(out)]) == 0
+    pts = json.loads((out / "eval.json").read_text())["points"]
+    full = elasticlm.load(path).num_parameters()
+    assert [(p["series"], p["budget"]) for p in pts] == [("elastic", "0.7"),
+                                                         ("pruned", f"{pts[1]['parameters'] / full:.2f}")]
+    assert pts[1]["parameters"] == elasticlm.load(tmp_path / "small").num_parameters()
+    assert pts[0]["val_loss"] is None  # no ppl task asked for
+    capsys.readouterr()
+    for argv, message in [(["--tasks", "mmlu"], "unknown task"),
+                          (["--budgets", "0.3"], "0.3"),
+                          (["--difficulty", "extreme"], "unknown difficulty"),
+                          (["--baseline", str(tmp_path / "missing")], "missing")]:
+        assert main(["eval", "--checkpoint", str(path), "--out", str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_demo_quick_runs_the_whole_pipeline_and_reuses_its_parent(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    pts = json.loads((out / "eval" / "eval.json").read_text())["points"]
+    assert [(p["series"], p["budget"]) for p in pts] == [
+        ("parent", "1.0"), ("elastic", "1.0"), ("elastic", "0.75"), ("elastic", "0.5"),
+        ("zero-shot pruned", "0.75"), ("zero-shot pruned", "0.5")]
+    assert all(p["val_loss"] is not None and p["accuracy"]["default"] for p in pts)
+    parent = pts[0]["parameters"]
+    for p in pts[1:]:  # every budget within 2 % of its target, the baselines within 1 % of the elastic size
+        target = float(p["budget"]) * parent
+        assert abs(p["parameters"] / target - 1) < 0.03, p
+    elastic = elasticlm.load(out / "elastic" / "final")
+    for label, subnet in elastic.budgets.items():
+        assert elasticlm.load(out / "family" / f"budget-{label}").num_parameters() == elastic.num_parameters(subnet)
+    assert (out / "eval" / "pareto.png").read_bytes()[:8] == PNG
+    assert "budget 0.5: elastic vs zero-shot pruned" in printed and "pareto.png" in printed
+    # a second run reuses the parent and the elastic model (same recipe) instead of training again
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the parent" in again and "reusing the elastic model" in again
