@@ -105,7 +105,7 @@ def _reusable(out: Path, expected: dict[str, Any]) -> str:
     return "resume" if any((out / "checkpoints").glob("step_*")) else "fresh"
 
 
-def _train(kind: str, out: Path, run: Any, train: Callable[..., Any], progress: bool, log: Callable[[str], None]
+def train_or_reuse(kind: str, out: Path, run: Any, train: Callable[..., Any], progress: bool, log: Callable[[str], None]
            ) -> bool:
     """Run (or resume, or reuse) one training run; True when it trained anything."""
     state = _reusable(out, run.to_dict())
@@ -155,7 +155,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     tables = _plain(recipe.parent)
     tables["train"]["out"] = str(out / "parent")
     parent_run = run_config_from_tables(tables)
-    trained = _train("parent", out / "parent", parent_run, pretrain, progress, log)
+    trained = train_or_reuse("parent", out / "parent", parent_run, pretrain, progress, log)
     step("parent", t0)
 
     # 2. importance + reorder (deterministic given the parent; recomputed when the parent changed)
@@ -190,7 +190,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     elastic_run = elastic_run_config_from_tables(tables)
     if trained and (out / "elastic").exists():
         shutil.rmtree(out / "elastic")  # trained on a previous parent
-    _train("elastic model", out / "elastic", elastic_run, train_elastic, progress, log)
+    train_or_reuse("elastic model", out / "elastic", elastic_run, train_elastic, progress, log)
     step("elastic training", t0)
 
     # 4. extract every budget

@@ -358,6 +358,34 @@ def test_stage_checkpoint_branches_a_stage_two_ablation(tmp_path):
                       resume_from=tmp_path / "straight" / "final")
 
 
+def test_separate_teacher_distills_a_fixed_student(tmp_path):
+    """distill.teacher: KD of one (e.g. pruned) student from another model, as Minitron does per size."""
+    parent = make_parent(tmp_path / "parent")
+    base = tables(parent, tmp_path / "default")
+    base["elastic"].update(budgets=[1.0], depth=[1.0])
+    train_elastic(elastic_run_config_from_tables(base), progress=False)
+    same = tables(parent, tmp_path / "same")
+    same["elastic"].update(budgets=[1.0], depth=[1.0])
+    same["distill"] = {"teacher": str(parent)}
+    train_elastic(elastic_run_config_from_tables(same), progress=False)
+    assert logged(tmp_path / "same") == pytest.approx(logged(tmp_path / "default"), rel=1e-6)
+    other = tmp_path / "other"
+    elasticlm.save(randomize_(HybridLM(ordered_config(vocab_size=260)), seed=9), other, tokenizer_dir=tmp_path / "tok")
+    diff = tables(parent, tmp_path / "diff")
+    diff["elastic"].update(budgets=[1.0], depth=[1.0])
+    diff["distill"] = {"teacher": str(other)}
+    train_elastic(elastic_run_config_from_tables(diff), progress=False)
+    assert logged(tmp_path / "diff")[0] != pytest.approx(logged(tmp_path / "default")[0], rel=1e-3)
+    small_vocab = tmp_path / "v300"
+    elasticlm.save(HybridLM(ordered_config(vocab_size=300)), small_vocab, tokenizer_dir=tmp_path / "tok")
+    diff["distill"] = {"teacher": str(small_vocab)}
+    diff["train"]["out"] = str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="same vocabulary"):
+        train_elastic(elastic_run_config_from_tables(diff), progress=False)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        elastic_run_config_from_tables({**diff, "distill": {"teacher": str(other), "trainable_teacher": True}})
+
+
 def weights_config(tmp_path):
     return elasticlm.load(tmp_path / "straight" / "final").config
 

@@ -185,10 +185,14 @@ class DistillConfig:
     temperature: float = 1.0  # KD temperature τ (logits / τ; the loss is scaled by τ² as usual)
     trainable_teacher: bool = False  # the teacher is the student's full budget, trained with ce_weight · CE
     ce_weight: float = 1.0  # α: weight of the full budget's CE when trainable_teacher
+    teacher: str | None = None  # another teacher directory (default: the parent), e.g. KD of one pruned model
 
     def validate(self) -> None:
         if not self.temperature > 0 or self.ce_weight < 0:
             raise ConfigError("distill.temperature must be > 0 and distill.ce_weight >= 0")
+        if self.teacher is not None and self.trainable_teacher:
+            raise ConfigError("distill.teacher and distill.trainable_teacher exclude each other (a trainable "
+                              "teacher is the student's own full budget)")
 
 
 @dataclass

@@ -261,16 +261,20 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
 
     parent_dir = Path(run.parent.path)
     # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
-    teacher = load(parent_dir, device=device, dtype=amp or torch.float32)
+    teacher = load(run.distill.teacher or parent_dir, device=device, dtype=amp or torch.float32)
     if not (parent_dir / "tokenizer.json").is_file():
         raise ConfigError(f"{parent_dir} has no tokenizer.json; the parent must come from `elasticlm pretrain` "
                           "or `elasticlm reorder`")
     tok = load_tokenizer(parent_dir)
-    space = ElasticSpace.build(teacher.config, ec)
     eos = teacher.config.eos_token_id
     if eos is None:
         raise ConfigError(f"{parent_dir}: the model config has no eos_token_id (needed to pack documents)")
     student_model = load(parent_dir, device=device, dtype=torch.float32)  # fp32 master weights
+    space = ElasticSpace.build(student_model.config, ec)
+    if run.distill.teacher:
+        if teacher.config.vocab_size != student_model.config.vocab_size:
+            raise ConfigError(f"distill.teacher {run.distill.teacher} has vocab_size {teacher.config.vocab_size}, "
+                              f"the parent {student_model.config.vocab_size}; KD needs the same vocabulary")
     teacher.eval().requires_grad_(False)
     router = Router(space, ec.router_hidden, ec.router_mode).to(device)
     if ec.router_init_steps and ckpt is None:
