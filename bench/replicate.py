@@ -1,5 +1,6 @@
 """The paper's tables in miniature, on the parent that `elasticlm demo` trained (run it first).
 
+    python bench/replicate.py demo     # the table `elasticlm demo` printed, with its timings
     python bench/replicate.py table1   # elastic vs Minitron-style (prune + KD per size) vs from scratch (≈ 35 min)
     python bench/replicate.py table3   # deployment memory: the nested family vs separate models (≈ 1 min)
     python bench/replicate.py table4   # stage 1 only vs stage 1 + 2, per budget (≈ 2 min)
@@ -31,7 +32,7 @@ from elasticlm import load
 from elasticlm.config import PRESETS, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
-from elasticlm.demo import FULL, train_or_reuse
+from elasticlm.demo import FULL, QUICK, Recipe, train_or_reuse
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -41,12 +42,18 @@ from elasticlm.train.trainer import pretrain
 SIZES = ("0.75", "0.5")
 
 
+def demo_recipe(demo: Path) -> Recipe:
+    """The recipe the demo in ``demo`` was made with (``--quick`` or not): the runs here must match it."""
+    meta = json.loads((demo / "eval" / "eval.json").read_text())
+    return QUICK if meta.get("demo") == "quick" else FULL
+
+
 def stage_tokens(recipe_stages: list[dict]) -> int:
     return sum(s["tokens"] for s in recipe_stages)
 
 
-def parent_tokens() -> int:
-    t = FULL.parent["train"]
+def parent_tokens(recipe: Recipe) -> int:
+    t = recipe.parent["train"]
     return t["steps"] * t["batch_size"] * t["seq_len"]
 
 
@@ -81,19 +88,41 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
 
+# -- the demo itself -------------------------------------------------------------------------------
+
+
+def demo(args) -> None:
+    """The table `elasticlm demo` printed, its timings, and the comparison with zero-shot pruning."""
+    from elasticlm.demo import comparison_lines
+    from elasticlm.eval.report import load_points, markdown_table
+
+    d = Path(args.demo)
+    points = load_points(d / "eval" / "eval.json")
+    timings = json.loads((d / "eval" / "timings.json").read_text())
+    steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != "total")
+    meta = json.loads((d / "eval" / "eval.json").read_text())
+    body = (f"`elasticlm demo` ({'--quick' if meta.get('demo') == 'quick' else 'full recipe'}): "
+            f"**{timings['total'] / 60:.1f} min** in all ({steps}). n = {meta['n']} held-out prompts per task family "
+            "and difficulty; loss on 48 held-out sequences.\n\n" + markdown_table(points) + "\n\n"
+            + "\n".join(f"- {line}" for line in comparison_lines(points)))
+    write_section(Path(args.results), "demo", "The demo: one elastic run, three sizes, vs zero-shot pruning", body,
+                  "elasticlm demo  (then: python bench/replicate.py demo)")
+
+
 # -- Table 1/2 -------------------------------------------------------------------------------------
 
 
 def table1(args) -> None:
     demo, work = Path(args.demo), Path(args.work)
+    recipe = demo_recipe(demo)
     ordered = demo / "parent-ordered"
-    elastic_tokens = stage_tokens(FULL.elastic["stages"])
+    elastic_tokens = stage_tokens(recipe.elastic["stages"])
     runs: dict[str, dict[str, Path]] = {"kd": {}, "scratch": {}}
     for label in SIZES:
         pruned = demo / f"zero-shot-{label}"
         # Minitron-style: the zero-shot pruned model of this size, distilled from the parent on the
         # same stages (tokens) as the elastic run — once per size
-        tabs = copy.deepcopy(FULL.elastic)
+        tabs = copy.deepcopy(recipe.elastic)
         tabs["parent"] = {"path": str(pruned)}
         tabs["distill"] = {"teacher": str(ordered)}
         tabs["elastic"] = {**tabs["elastic"], "budgets": [1.0], "depth": [1.0]}
@@ -104,7 +133,7 @@ def table1(args) -> None:
                        elastic_run_config_from_tables(tabs), train_elastic, not args.no_progress, print)
         runs["kd"][label] = work / f"kd-{label}" / "final"
         # from scratch: the same architecture, randomly initialised, trained like the parent
-        tabs = copy.deepcopy(FULL.parent)
+        tabs = copy.deepcopy(recipe.parent)
         model = load(pruned).config.to_dict()
         model.pop("depth_order", None)
         tabs["model"] = model
@@ -137,7 +166,7 @@ def table1(args) -> None:
         rows.append(f"| {label} | {points[('elastic', label)].parameters:,} | {cell('elastic', label)} | "
                     f"{cell('prune + KD', label)} | {cell('from scratch', label)} | "
                     f"{cell('zero-shot pruned', label)} |")
-    p_tok = parent_tokens()
+    p_tok = parent_tokens(recipe)
     rows.append(f"| **tokens** (beyond the parent's {p_tok / 1e6:.2f} M) | | **{elastic_tokens / 1e6:.2f} M** for "
                 f"all sizes | **{len(SIZES) * elastic_tokens / 1e6:.2f} M** ({elastic_tokens / 1e6:.2f} M per size) | "
                 f"**{len(SIZES) * p_tok / 1e6:.2f} M** ({p_tok / 1e6:.2f} M per size, no parent needed) | 0 |")
@@ -231,7 +260,7 @@ def table4(args) -> None:
                                                  for f in longest)
                     + f" | {pct(la)} → {pct(lb)} | {pct(a.mean_accuracy())} → {pct(b.mean_accuracy())} | "
                     f"{pct(a.mean_accuracy('hard'))} → {pct(b.mean_accuracy('hard'))} | {100 * (lb - la):+.1f} pt |")
-    s = FULL.elastic["stages"]
+    s = demo_recipe(demo).elastic["stages"]
     body = (f"The same elastic run (`elasticlm demo`) evaluated at the end of stage 1 (`{stage1.relative_to(demo)}`: "
             f"{s[0]['tokens'] / 1e6:.2f} M tokens at {s[0]['seq_len']} context, uniform budgets) and after stage 2 "
             f"(+{s[1]['tokens'] / 1e6:.2f} M tokens at {s[1]['seq_len']} context, budget weights "
@@ -249,7 +278,7 @@ def table5(args) -> None:
     demo, work = Path(args.demo), Path(args.work)
     stage1 = next((demo / "elastic" / "stages").glob("1-*"))
     out = work / "stage2-uniform"
-    tabs = copy.deepcopy(FULL.elastic)
+    tabs = copy.deepcopy(demo_recipe(demo).elastic)
     tabs["parent"] = {"path": str(demo / "parent-ordered")}
     tabs["train"]["out"] = str(out)
     tabs["stages"][1]["budget_weights"] = None
@@ -279,7 +308,7 @@ def table5(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["table1", "table3", "table4", "table5", "all"])
+    ap.add_argument("table", choices=["demo", "table1", "table3", "table4", "table5", "all"])
     ap.add_argument("--demo", default="runs/demo", help="the working directory of a finished `elasticlm demo`")
     ap.add_argument("--work", default="runs/replicate", help="where the extra training runs go")
     ap.add_argument("--results", default="docs/results.md")
@@ -290,7 +319,7 @@ def main() -> None:
         sys.exit(f"error: {args.demo} holds no finished demo; run `elasticlm demo` first (or pass --demo)")
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    for name in (["table1", "table3", "table4", "table5"] if args.table == "all" else [args.table]):
+    for name in (["demo", "table1", "table3", "table4", "table5"] if args.table == "all" else [args.table]):
         start = time.perf_counter()
         globals()[name](args)
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
