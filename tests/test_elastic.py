@@ -361,18 +361,22 @@ def test_stage_checkpoint_branches_a_stage_two_ablation(tmp_path):
 def test_separate_teacher_distills_a_fixed_student(tmp_path):
     """distill.teacher: KD of one (e.g. pruned) student from another model, as Minitron does per size."""
     parent = make_parent(tmp_path / "parent")
-    base = tables(parent, tmp_path / "default")
-    base["elastic"].update(budgets=[1.0], depth=[1.0])
+
+    def one_budget(out):
+        tabs = tables(parent, out)
+        tabs["elastic"].update(budgets=[1.0], depth=[1.0])
+        tabs["stages"][1].pop("budget_weights")
+        return tabs
+
+    base = one_budget(tmp_path / "default")
     train_elastic(elastic_run_config_from_tables(base), progress=False)
-    same = tables(parent, tmp_path / "same")
-    same["elastic"].update(budgets=[1.0], depth=[1.0])
+    same = one_budget(tmp_path / "same")
     same["distill"] = {"teacher": str(parent)}
     train_elastic(elastic_run_config_from_tables(same), progress=False)
     assert logged(tmp_path / "same") == pytest.approx(logged(tmp_path / "default"), rel=1e-6)
     other = tmp_path / "other"
     elasticlm.save(randomize_(HybridLM(ordered_config(vocab_size=260)), seed=9), other, tokenizer_dir=tmp_path / "tok")
-    diff = tables(parent, tmp_path / "diff")
-    diff["elastic"].update(budgets=[1.0], depth=[1.0])
+    diff = one_budget(tmp_path / "diff")
     diff["distill"] = {"teacher": str(other)}
     train_elastic(elastic_run_config_from_tables(diff), progress=False)
     assert logged(tmp_path / "diff")[0] != pytest.approx(logged(tmp_path / "default")[0], rel=1e-3)
