@@ -133,6 +133,7 @@ def pareto_plot(points: list[Point], path: Path, title: str = "") -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     panels = [("mean accuracy (default difficulty, %)", lambda p: None if p.mean_accuracy() is None
@@ -153,6 +154,7 @@ def pareto_plot(points: list[Point], path: Path, title: str = "") -> bool:
             ax.plot(xs, ys, marker=markers[i % len(markers)], label=name, linestyle="-" if len(pts) > 1 else "")
             for p, x, y in zip(pts, xs, ys, strict=True):
                 ax.annotate(p.budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.xaxis.set_major_formatter(FuncFormatter(_short_count))
         ax.set_xlabel("parameters")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -165,6 +167,14 @@ def pareto_plot(points: list[Point], path: Path, title: str = "") -> bool:
     plt.close(fig)
     tmp.replace(path)
     return True
+
+
+def _short_count(x: float, _pos: object = None) -> str:
+    """Axis labels for parameter counts: 780000 → '780K', 1.56e6 → '1.56M'."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
 
 
 def save_report(points: list[Point], out: str | Path, meta: dict[str, Any], title: str = "") -> dict[str, Path]:
