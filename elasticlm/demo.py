@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 BUDGETS = [1.0, 0.75, 0.5]
 
 
@@ -138,6 +140,8 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
 
     recipe = QUICK if quick else FULL
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the demo's runs")
     if fresh and out.exists():
         log(f"--fresh: removing {out}")
         shutil.rmtree(out)

@@ -127,3 +127,12 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_its_parent(tmp_path, caps
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     again = capsys.readouterr().out
     assert "reusing the parent" in again and "reusing the elastic model" in again
+
+
+def test_demo_refuses_a_file_as_its_directory(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["demo", "--quick", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    assert target.read_text() == "x"
