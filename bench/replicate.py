@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from elasticlm import load
+from elasticlm.checkpoint import atomic_write_text
 from elasticlm.config import PRESETS, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
@@ -72,9 +73,7 @@ def write_section(results: Path, key: str, title: str, body: str, command: str) 
         text = text[:a] + section + text[b:]
     else:
         text = text.rstrip() + "\n\n" + section
-    tmp = results.with_name(results.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(results)
+    atomic_write_text(results, text)
     print(f"\n{section}\nwrote section {key} of {results}")
 
 
@@ -230,6 +229,14 @@ def table3(args) -> None:
                   "python bench/replicate.py table3")
 
 
+def stage1_checkpoint(demo: Path) -> Path:
+    """The demo's elastic run as it stood at the end of stage 1 (kept by the trainer)."""
+    found = sorted((demo / "elastic" / "stages").glob("1-*"))
+    if not found:
+        sys.exit(f"error: {demo}/elastic/stages holds no stage-1 checkpoint; rerun `elasticlm demo --fresh`")
+    return found[0]
+
+
 # -- Table 4 ---------------------------------------------------------------------------------------
 
 
@@ -243,7 +250,7 @@ def longest_families(k: int = 2) -> list[str]:
 
 def table4(args) -> None:
     demo = Path(args.demo)
-    stage1 = next((demo / "elastic" / "stages").glob("1-*"))
+    stage1 = stage1_checkpoint(demo)
     tok = load_tokenizer(demo / "parent-ordered")
     models = {"stage 1 only": load(stage1), "stage 1 + stage 2": load(demo / "elastic" / "final")}
     entries = [Entry(name, label, m, tok, m.budgets[label]) for name, m in models.items() for label in m.budgets]
@@ -276,7 +283,7 @@ def table4(args) -> None:
 
 def table5(args) -> None:
     demo, work = Path(args.demo), Path(args.work)
-    stage1 = next((demo / "elastic" / "stages").glob("1-*"))
+    stage1 = stage1_checkpoint(demo)
     out = work / "stage2-uniform"
     tabs = copy.deepcopy(demo_recipe(demo).elastic)
     tabs["parent"] = {"path": str(demo / "parent-ordered")}
@@ -306,9 +313,12 @@ def table5(args) -> None:
                   body, "python bench/replicate.py table5")
 
 
+TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "table5": table5}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["demo", "table1", "table3", "table4", "table5", "all"])
+    ap.add_argument("table", choices=[*TABLES, "all"])
     ap.add_argument("--demo", default="runs/demo", help="the working directory of a finished `elasticlm demo`")
     ap.add_argument("--work", default="runs/replicate", help="where the extra training runs go")
     ap.add_argument("--results", default="docs/results.md")
@@ -319,9 +329,9 @@ def main() -> None:
         sys.exit(f"error: {args.demo} holds no finished demo; run `elasticlm demo` first (or pass --demo)")
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    for name in (["demo", "table1", "table3", "table4", "table5"] if args.table == "all" else [args.table]):
+    for name in (list(TABLES) if args.table == "all" else [args.table]):
         start = time.perf_counter()
-        globals()[name](args)
+        TABLES[name](args)
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
 
 

@@ -193,6 +193,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
          tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
          extra_config: dict[str, Any] | None = None) -> Path:

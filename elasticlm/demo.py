@@ -124,7 +124,7 @@ def train_or_reuse(kind: str, out: Path, run: Any, train: Callable[..., Any], pr
 def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole pipeline under ``out``; returns the evaluation points and the paths written."""
-    from .checkpoint import atomic_directory, load, save, write_model_files
+    from .checkpoint import atomic_directory, atomic_write_text, load, save, write_model_files
     from .data.datasets import data_config_from_spec
     from .data.synthetic import FAMILIES
     from .elastic.deploy import extract_budgets
@@ -244,7 +244,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""))
     step("evaluation", t0)
     timings["total"] = time.perf_counter() - start
-    (out / "eval" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    atomic_write_text(out / "eval" / "timings.json", json.dumps(timings, indent=2) + "\n")
     return {"points": points, "paths": paths, "family": [str(p) for _, p, _ in written],
             "elastic": str(out / "elastic" / "final"), "table": markdown_table(points), "timings": timings}
 

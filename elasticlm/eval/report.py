@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write_text
 from ..config import Subnet
 from ..data import synthetic
 from ..errors import ConfigError
@@ -185,11 +186,8 @@ def save_report(points: list[Point], out: str | Path, meta: dict[str, Any], titl
     paths = {"json": out / "eval.json", "table": out / "eval.md"}
     payload = {**meta, "points": [asdict(p) | {"perplexity": p.perplexity, "mean_accuracy": p.mean_accuracy(),
                                                "mean_accuracy_hard": p.mean_accuracy("hard")} for p in points]}
-    for key, text in (("json", json.dumps(payload, indent=2) + "\n"), ("table", (title and f"# {title}\n\n")
-                                                                        + table + "\n")):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(paths["table"], (f"# {title}\n\n" if title else "") + table + "\n")
     if pareto_plot(points, out / "pareto.png", title):
         paths["plot"] = out / "pareto.png"
     return paths

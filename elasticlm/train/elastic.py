@@ -433,9 +433,11 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                     path = out / "checkpoints" / f"step_{done:07d}"
                     save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers, state)
                     if stage_done:  # kept out of the rotation: evaluate it, or branch a run from it
-                        save_elastic_checkpoint(out / "stages" / f"{stage_index + 1}-{stage.name or 'stage'}", full,
-                                                space, tok_dir, None if sharded else optimizers, state)
-                        bar.write(f"stage {stage_index + 1} done: {out / 'stages'}")
+                        keep = out / "stages" / f"{stage_index + 1}-{stage.name or 'stage'}"
+                        with atomic_directory(keep, overwrite=True) as tmp:
+                            # hard links: checkpoint files are never modified in place, so this costs no copy
+                            shutil.copytree(path, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+                        bar.write(f"stage {stage_index + 1} done: {keep}")
                     for old in sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]:
                         shutil.rmtree(old, ignore_errors=True)
                 _barrier(dist)
@@ -449,6 +451,13 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         bar.write(summary_table(read_json(out / "final" / ELASTIC)))
     _barrier(dist)
     return last
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
 
 
 def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
