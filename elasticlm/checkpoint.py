@@ -98,8 +98,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> HybridLM:
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+         serving: bool = False) -> HybridLM:
     """Load a native elasticlm or Hugging Face NemotronH directory as a HybridLM (eval mode).
+
+    ``serving=True`` (an elastic checkpoint, inference only) lays the weights out so that every
+    trained budget decodes from contiguous memory (:meth:`HybridLM.pack_for_serving`).
 
     Raises CheckpointError with a one-line message for a missing, corrupt, truncated or
     mismatched checkpoint.
@@ -142,6 +146,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
             model.budgets[b["budget"]] = subnet
             model.budget_targets[b["budget"]] = float(b["parameters"] if b.get("target_kind") != "params"
                                                       else b["target"])
+    if serving:
+        model.pack_for_serving()
     return model.eval()
 
 

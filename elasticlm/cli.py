@@ -143,6 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         subnet = model.budgets[select_budgets(model, args.budget)[0]] if args.budget.lower() != "all" else None
         if subnet is None:
             raise ConfigError("--budget all is for `elasticlm extract`; generate runs one budget")
+        model.pack_for_serving()  # nested serving: the budget's weights read from contiguous memory, no copy
     tok = None
     if args.prompt is not None:
         from .tokenizer import load_tokenizer

@@ -42,6 +42,24 @@ def prefix(w: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
     return w if w.shape[dim] == keep else w.narrow(dim, 0, keep)
 
 
+def compact_copies(sliced: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Make every tensor of ``sliced`` that is not a view of ``params`` compact.
+
+    A grouped prefix is copied rows of the full width; its column (or row) prefix is then a view of
+    that copy. Keeping it as is holds the unused part in memory and, strided, streams slower when
+    decoding.
+    """
+    owned = {p.untyped_storage().data_ptr() for p in params}
+
+    def compact(v: torch.Tensor) -> torch.Tensor:
+        if v.untyped_storage().data_ptr() in owned:
+            return v
+        whole = v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        return v if whole else v.clone(memory_format=torch.contiguous_format)
+
+    return {k: compact(v) for k, v in sliced.items()}
+
+
 class PackedWeights:
     """Inference-time memo of sliced weights that are copies rather than views.
 
@@ -68,7 +86,7 @@ class PackedWeights:
                 del self.entries[k]
             while len(self.entries) >= self.limit:
                 del self.entries[next(iter(self.entries))]
-            hit = self.entries[full_key] = make()
+            hit = self.entries[full_key] = compact_copies(make(), params)
         return hit
 
     def clear(self) -> None:
