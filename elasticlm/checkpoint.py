@@ -102,8 +102,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
          serving: bool = False) -> HybridLM:
     """Load a native elasticlm or Hugging Face NemotronH directory as a HybridLM (eval mode).
 
-    ``serving=True`` (an elastic checkpoint, inference only) lays the weights out so that every
-    trained budget decodes from contiguous memory (:meth:`HybridLM.pack_for_serving`).
+    ``serving=True`` stores the projections in the layout that decodes fastest, for the parent and
+    every nested budget alike (:meth:`HybridLM.use_decode_layout`; one copy of the weights).
 
     Raises CheckpointError with a one-line message for a missing, corrupt, truncated or
     mismatched checkpoint.
@@ -137,6 +137,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     target = dtype or next(iter(weights.values())).dtype
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
+    del raw, weights  # the model holds them now; dropping these lets use_decode_layout free what it replaces
     model.source_dir = path  # so that save() can carry the tokenizer along
     routing = read_routing(path)
     if routing is not None:
@@ -147,7 +148,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
             model.budget_targets[b["budget"]] = float(b["parameters"] if b.get("target_kind") != "params"
                                                       else b["target"])
     if serving:
-        model.pack_for_serving()
+        model.use_decode_layout()
     return model.eval()
 
 

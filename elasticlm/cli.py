@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     device = _device(args.device)
-    model = load(args.model, device=device, dtype=_torch_dtype(args.dtype))
+    model = load(args.model, device=device, dtype=_torch_dtype(args.dtype), serving=True)
     subnet = _read_subnet(args.subnet)
     if args.budget is not None:
         if subnet is not None:
@@ -143,7 +143,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         subnet = model.budgets[select_budgets(model, args.budget)[0]] if args.budget.lower() != "all" else None
         if subnet is None:
             raise ConfigError("--budget all is for `elasticlm extract`; generate runs one budget")
-        model.pack_for_serving()  # nested serving: the budget's weights read from contiguous memory, no copy
     tok = None
     if args.prompt is not None:
         from .tokenizer import load_tokenizer

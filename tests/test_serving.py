@@ -1,94 +1,69 @@
-"""Serving layout: column blocks equal the strided slices they replace, a packed elastic model equals
-the extracted models, holds no second copy of any weight, and refuses what needs the normal layout."""
+"""Decoding layout: same values and shapes, column-major exactly where a matrix has more outputs than
+inputs; a nested model in it equals the extracted models, holds one copy of the weights, and still
+saves, slices and trains; grouped-prefix copies hold only the kept part."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.nn.functional as F
 from conftest import max_rel
 from test_deploy import elastic_checkpoint
 
 import elasticlm
-from elasticlm import ConfigError
 from elasticlm.cli import main
-from elasticlm.model.serving import ColumnBlocks
+from elasticlm.model.serving import decode_layout
 
 
-def test_column_blocks_equal_every_strided_slice():
-    torch.manual_seed(0)
-    w, bias = torch.randn(7, 10), torch.randn(7)
-    blocks = ColumnBlocks(w, [3, 7, 3, 10, 0])
-    assert blocks.cuts == [3, 7, 10]
-    assert torch.equal(blocks.dense(), w) and blocks.nbytes() == w.numel() * w.element_size()
-    x = torch.randn(2, 5, 10)
-    ids = torch.randint(0, 7, (2, 5))
-    for cols in range(1, 11):
-        assert torch.equal(blocks.embedding(ids, cols), F.embedding(ids, w[:, :cols]))
-        for rows in range(1, 8):
-            expect = F.linear(x[..., :cols], w[:rows, :cols], bias[:rows])
-            assert torch.allclose(blocks.linear(x[..., :cols], rows, bias[:rows]), expect, atol=1e-6, rtol=1e-5)
-            if cols in blocks.cuts:  # a served width reads only contiguous memory
-                assert all(piece.is_contiguous() for _, _, piece in blocks._pieces(rows, cols))
-    with pytest.raises(ValueError, match="requested"):
-        blocks.linear(torch.randn(1, 11), 3)
+def test_decode_layout_transposes_strides_of_wide_outputs_only():
+    wide, narrow, square = torch.randn(6, 2), torch.randn(2, 6), torch.randn(3, 3)
+    w = decode_layout(wide)
+    assert torch.equal(w, wide) and w.stride() == (1, 6)
+    assert w[:4, :2].stride() == (1, 6)  # a nested slice: 2 runs of 4 consecutive values
+    assert decode_layout(w) is w  # already in layout: no copy
+    assert decode_layout(narrow) is narrow and decode_layout(square) is square
+    strided = torch.randn(2, 12)[:, ::2]
+    assert torch.equal(decode_layout(strided), strided) and decode_layout(strided).is_contiguous()
 
 
-@pytest.mark.parametrize("variant", ["plain", "tied_and_bias"])
-def test_packed_model_equals_extracted_models_without_a_copy(tmp_path, variant):
+def test_nested_model_in_decode_layout_equals_extracted_models_with_one_copy(tmp_path):
     path = elastic_checkpoint(tmp_path)
-    if variant == "tied_and_bias":  # the same checkpoint with a tied head and MLP biases
-        base = elasticlm.load(path)
-        base.config.tie_word_embeddings, base.config.mlp_bias = True, True
-        model = elasticlm.HybridLM(base.config)
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.3)
-        model.budgets, model.budget_targets = base.budgets, base.budget_targets
-    else:
-        model = elasticlm.load(path)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    extracted = {label: elasticlm.extract(model, s) for label, s in model.budgets.items()}
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    model.pack_for_serving()
-    assert model.serving
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    blocks = [model.head_blocks] + [b for layer in model.layers if getattr(layer.mixer, "blocks", None)
-                                    for b in layer.mixer.blocks.values()]
-    assert held + sum(b.nbytes() for b in blocks) == param_bytes  # the blocks replace the weights
+    plain = elasticlm.load(path)
+    model = elasticlm.load(path, serving=True)
+    wide = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[0] > p.shape[1]
+            and not n.startswith("embeddings")]
+    assert wide and all(model.get_parameter(n).stride() == (1, model.get_parameter(n).shape[0]) for n in wide)
+    assert all(p.is_contiguous() for n, p in model.named_parameters() if n not in wide)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == len(list(model.parameters()))  # one storage per parameter: no second copy
+    assert sum(p.untyped_storage().nbytes() for p in model.parameters()) == \
+        sum(p.numel() * p.element_size() for p in plain.parameters())
     ids = torch.randint(3, 260, (2, 19))
     for label, subnet in model.budgets.items():
+        small = elasticlm.extract(plain, subnet)
         with torch.inference_mode():
-            assert max_rel(model(ids, subnet), extracted[label](ids)) < 1e-5
+            assert max_rel(model(ids, subnet), small(ids)) < 1e-5
         assert torch.equal(model.generate(ids[:1, :6], budget=label, max_new_tokens=10),
-                           elasticlm.generate(extracted[label], ids[:1, :6], max_new_tokens=10))
+                           elasticlm.generate(small, ids[:1, :6], max_new_tokens=10))
+    # saving and reloading round-trips exactly; gradients flow in this layout too
+    elasticlm.save(model, tmp_path / "resaved")
+    again = elasticlm.load(tmp_path / "resaved")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), plain.state_dict().values(), strict=True))
+    model.train()
+    model(ids, model.budgets["0.45"]).logsumexp(-1).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n in wide and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
-    for refused in (model.state_dict, lambda: model.to(torch.float64),
-                    lambda: model.sliced_state_dict(model.budgets["0.45"]), lambda: model(ids)):
-        with pytest.raises(ConfigError, match="serving"):
-            refused()
-    model.unpack()
-    assert not model.serving
-    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
-
-def test_serving_load_and_cli_generate(tmp_path, capsys):
+def test_cli_generate_uses_the_decode_layout(tmp_path, capsys):
     path = elastic_checkpoint(tmp_path)
-    packed = elasticlm.load(path, serving=True)
-    plain = elasticlm.load(path)
-    ids = torch.randint(3, 260, (1, 8))
-    for label in plain.budgets:
-        assert torch.equal(packed.generate(ids, budget=label, max_new_tokens=8),
-                           plain.generate(ids, budget=label, max_new_tokens=8))
+    ids = [5, 6, 7]
+    expect = elasticlm.load(path).generate(torch.tensor([ids]), budget="0.45", max_new_tokens=4)[0, 3:].tolist()
     assert main(["generate", "--checkpoint", str(path), "--budget", "0.45", "--prompt-ids", "5,6,7",
-                 "--max-new-tokens", "4"]) == 0
-    with pytest.raises(ConfigError, match="budgets of an elastic checkpoint"):
-        elasticlm.extract(plain, plain.budgets["0.45"]).pack_for_serving()
+                 "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    assert all(str(t) in out for t in expect)
 
 
-def test_grouped_prefix_copies_hold_only_the_kept_columns(tmp_path):
+def test_grouped_prefix_copies_hold_only_the_kept_part_in_decode_layout(tmp_path):
     model = elasticlm.load(elastic_checkpoint(tmp_path))
     subnet = model.budgets["0.45"]
     assert subnet.hidden_size < model.config.hidden_size
@@ -98,4 +73,5 @@ def test_grouped_prefix_copies_hold_only_the_kept_columns(tmp_path):
               for t in e.values() if t.untyped_storage().data_ptr() not in owned]
     assert copies, "the 0.45 budget cuts heads inside groups, so some slices are copies"
     for t in copies:
-        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert t.stride() == decode_layout(t.contiguous()).stride()

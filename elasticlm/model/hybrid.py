@@ -26,14 +26,13 @@ from ..config import (
     Subnet,
     count_parameters,
 )
-from ..errors import ConfigError
 from .attention import Attention
 from .cache import HybridCache, KVState, MambaState
 from .documents import DocumentMask
 from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
 from .norm import RMSNorm, rms_norm
-from .serving import ColumnBlocks
+from .serving import decode_layout
 from .slicing import prefix
 
 Device = torch.device | str | None
@@ -136,7 +135,6 @@ class HybridLM(nn.Module):
         # filled by elasticlm.load from elastic.json, empty for a plain model.
         self.budgets: dict[str, Subnet] = {}
         self.budget_targets: dict[str, float] = {}
-        self.head_blocks: ColumnBlocks | None = None  # set by pack_for_serving
         if torch.device(device or "cpu").type != "meta":
             self.init_weights()
 
@@ -184,8 +182,6 @@ class HybridLM(nn.Module):
         tokens of its own document, exactly as if each document ran alone.
         """
         subnet = self.check_subnet(subnet)
-        if self.serving and torch.is_grad_enabled():
-            raise ConfigError("this model is packed for serving (inference only); call unpack() to train it")
         if cache is not None and cache.subnet != subnet:
             raise ValueError("this cache was created for a different Subnet; create one per Subnet")
         documents = None
@@ -197,10 +193,7 @@ class HybridLM(nn.Module):
                                  f"{tuple(input_ids.shape)}")
             documents = DocumentMask.from_ids(document_ids, self.config.conv_kernel)
         d = subnet.hidden_size
-        if self.head_blocks is not None and self.lm_head is None:  # tied: the embeddings are packed too
-            x = self.head_blocks.embedding(input_ids, d)
-        else:
-            x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
+        x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
         mod = modulation or Modulation()
         if mod.embedding is not None:
             x = x * mod.embedding
@@ -217,60 +210,20 @@ class HybridLM(nn.Module):
         x = self.norm_f(x)
         if self.observer is not None:
             self.observer("norm_f", x)
-        if self.head_blocks is not None:
-            return self.head_blocks.linear(x, self.config.vocab_size)
         return F.linear(x, prefix(self.head_weight(), 1, d))
 
-    # -- serving --------------------------------------------------------------------------------
-    @property
-    def serving(self) -> bool:
-        return self.head_blocks is not None
-
     @torch.no_grad()
-    def pack_for_serving(self) -> None:
-        """Lay the MLP and head weights out so that every trained budget's slice is contiguous
-        (:class:`~elasticlm.model.serving.ColumnBlocks`): nested decoding then reads memory as its
-        extracted model would, with no extra copy. Inference only; ``unpack()`` restores the normal
-        layout (needed for training, ``state_dict`` and moving the model: pack last)."""
-        if not self.budgets:
-            raise ConfigError("pack_for_serving needs the budgets of an elastic checkpoint (elastic.json)")
-        if self.serving:
-            return
-        subnets = list(self.budgets.values())
-        for i, block in enumerate(self.layers):
-            if isinstance(block.mixer, MLP):
-                kept = [s for s in subnets if s.layers[i] is not None]
-                block.mixer.pack([s.hidden_size for s in kept],
-                                 [s.layers[i].intermediate_size for s in kept])  # type: ignore[union-attr]
-        head = self.embeddings if self.lm_head is None else self.lm_head
-        self.head_blocks = ColumnBlocks(head.weight.detach(), [s.hidden_size for s in subnets])
-        head.weight = nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
-
-    @torch.no_grad()
-    def unpack(self) -> None:
-        """Undo :meth:`pack_for_serving` (the weights are exactly the same)."""
-        if not self.serving:
-            return
-        for block in self.layers:
-            if isinstance(block.mixer, MLP) and block.mixer.blocks is not None:
-                block.mixer.unpack()
-        assert self.head_blocks is not None
-        head = self.embeddings if self.lm_head is None else self.lm_head
-        head.weight = nn.Parameter(self.head_blocks.dense())
-        self.head_blocks = None
-
-    def _refuse_if_serving(self, what: str) -> None:
-        if self.serving:
-            raise ConfigError(f"{what} needs the normal weight layout; this model is packed for serving: "
-                              "call unpack() first")
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        self._refuse_if_serving("state_dict")
-        return super().state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]  # .to(), .cuda(), .half() ...
-        self._refuse_if_serving("moving or casting the model")
-        return super()._apply(fn, recurse)
+    def use_decode_layout(self) -> HybridLM:
+        """Store every projection in the layout that decodes fastest (column-major when it has more
+        outputs than inputs, see :mod:`elasticlm.model.serving`); values, shapes, slicing, saving and
+        training are unaffected. Nested budgets then decode within a few percent of their extracted
+        models. ``elasticlm.load(..., serving=True)`` and ``elasticlm generate`` call it."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        weights = [m.weight for m in linears] + ([self.embeddings.weight] if self.lm_head is None else [])
+        for w in weights:
+            w.data = decode_layout(w.data)
+        self.clear_packed()
+        return self
 
     def clear_packed(self) -> None:
         """Free the inference-time copies of grouped weight prefixes (see ``PackedWeights``)."""
@@ -310,7 +263,6 @@ class HybridLM(nn.Module):
     def sliced_state_dict(self, subnet: Subnet) -> dict[str, torch.Tensor]:
         """The sub-model's parameters under the extracted model's names (views where possible)."""
         subnet = self.check_subnet(subnet)
-        self._refuse_if_serving("slicing a sub-model's weights")
         d = subnet.hidden_size
         out = {"embeddings.weight": prefix(self.embeddings.weight, 1, d),
                "norm_f.weight": prefix(self.norm_f.weight, 0, d)}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .serving import decode_layout
+
 
 def grouped_prefix(w: torch.Tensor, dim: int, groups: int, per_group: int, keep: int, inner: int = 1,
                    keep_inner: int | None = None) -> torch.Tensor:
@@ -43,19 +45,21 @@ def prefix(w: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
 
 
 def compact_copies(sliced: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Make every tensor of ``sliced`` that is not a view of ``params`` compact.
+    """Give every tensor of ``sliced`` that is not a view of ``params`` its own compact storage,
+    in the decoding layout (:func:`~elasticlm.model.serving.decode_layout`).
 
     A grouped prefix is copied rows of the full width; its column (or row) prefix is then a view of
-    that copy. Keeping it as is holds the unused part in memory and, strided, streams slower when
-    decoding.
+    that copy. Kept as is, it holds the unused part in memory and streams slower when decoding.
     """
     owned = {p.untyped_storage().data_ptr() for p in params}
 
     def compact(v: torch.Tensor) -> torch.Tensor:
         if v.untyped_storage().data_ptr() in owned:
             return v
-        whole = v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
-        return v if whole else v.clone(memory_format=torch.contiguous_format)
+        c = decode_layout(v)
+        if c.untyped_storage().nbytes() > c.numel() * c.element_size():  # a view of a larger copy
+            c = decode_layout(c.clone(memory_format=torch.contiguous_format))
+        return c
 
     return {k: compact(v) for k, v in sliced.items()}
 
