@@ -69,8 +69,18 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     )
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's safetensors file(s), single or sharded."""
+def _read_safetensors(file: Path, private: bool) -> dict[str, torch.Tensor]:
+    if private:  # each tensor in its own memory, so one replaced later is freed (safetensors >= 0.8)
+        try:
+            return load_file(file, backend="pread")
+        except TypeError:
+            pass
+    return load_file(file)  # memory-mapped: pages stay mapped while any tensor of the file lives
+
+
+def read_weights(path: Path, private: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's safetensors file(s), single or sharded. ``private``: read each
+    tensor into its own memory instead of mapping the file (see :func:`load` with ``serving``)."""
     if (path / WEIGHTS_INDEX).exists():
         index = read_json(path / WEIGHTS_INDEX)
         shards = sorted(set((index.get("weight_map") or {}).values()))
@@ -89,7 +99,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         file = path / shard
         try:
-            out.update(load_file(file))
+            out.update(_read_safetensors(file, private))
         except FileNotFoundError:
             raise CheckpointError(f"{file} is listed in the index but missing") from None
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -110,7 +120,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     """
     path = Path(path)
     config, kind = read_config(path)
-    raw = read_weights(path)
+    raw = read_weights(path, private=serving)
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         name = name_from_hf(key) if kind == "hf" else key
