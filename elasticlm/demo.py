@@ -214,8 +214,9 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     tok = load_tokenizer(ordered_dir)
     val = data_config_from_spec("synthetic", mask_prompt=True)
     n_search = recipe.eval["search_samples"]
+    # calibration text from the training split, as a user would prune: the report's loss is on validation
     search_set = list(calibration_batches(val, lambda s: tok.encode(s).ids, ordered.config.eos_token_id, n_search,
-                                          256, 8, "val", True))
+                                          256, 8, "train", True))
     zero_shot = {}
     for label, subnet in elastic.budgets.items():
         target = elastic.num_parameters(subnet)
