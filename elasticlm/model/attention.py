@@ -51,10 +51,11 @@ class Attention(nn.Module):
         }
 
     def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
-                documents: DocumentMask | None = None, inner: torch.Tensor | None = None) -> torch.Tensor:
+                documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``inner`` ([heads·head_dim]) multiplies the attention output before ``o_proj`` (soft masks)."""
         b, t, _ = x.shape
-        p = self.sliced(x.shape[-1], width)
+        p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
         q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = F.linear(x, p["k_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = F.linear(x, p["v_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)

@@ -52,6 +52,10 @@ class HybridCache:
         self.subnet = subnet
         self.layers: list[MambaState | KVState | None] = [None] * num_layers
         self.seq_len = 0  # tokens already consumed
+        # The sub-model's weight slices per layer, made on the first call and reused by every later
+        # token: slicing is a handful of view ops per layer, several percent of a decode step.
+        # Views follow in-place weight updates; a cache is meant for one generation, not across them.
+        self.weights: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # layer → (norm, mixer)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows ``index`` (e.g. beams or finished sequences dropped)."""

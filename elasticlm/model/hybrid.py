@@ -84,7 +84,14 @@ class Block(nn.Module):
                 inner: torch.Tensor | None = None) -> torch.Tensor:
         # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
         # nn.Module.__call__ costs as much as a small kernel here.
-        h = rms_norm(x, prefix(self.norm.weight, 0, x.shape[-1]), self.norm.eps)
+        if cache is not None:  # the sub-model's slices of this block, made once per generation
+            if layer not in cache.weights:
+                cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
+                                        self.mixer.sliced(x.shape[-1], width))
+            norm_weight, prm = cache.weights[layer]
+        else:
+            norm_weight, prm = prefix(self.norm.weight, 0, x.shape[-1]), None
+        h = rms_norm(x, norm_weight, self.norm.eps)
         if self.observer is not None:
             self.observer("block_in", x)
             self.observer("norm", h)
@@ -92,7 +99,7 @@ class Block(nn.Module):
             state = cache.layers[layer] if cache is not None else None
             assert state is None or isinstance(state, MambaState)
             h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents,
-                                        inner=inner)
+                                        inner=inner, params=prm)
             if cache is not None:
                 cache.layers[layer] = new
         elif self.kind == ATTENTION:
@@ -100,9 +107,9 @@ class Block(nn.Module):
             if cache is not None:
                 state = cache.layers[layer] or KVState()
                 cache.layers[layer] = state
-            h = self.mixer.forward(h, width, state, documents, inner)
+            h = self.mixer.forward(h, width, state, documents, inner, params=prm)
         else:
-            h = self.mixer.forward(h, width, inner)
+            h = self.mixer.forward(h, width, inner, params=prm)
         if scale is not None:
             h = h * scale
         if self.observer is not None:

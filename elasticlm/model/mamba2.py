@@ -119,13 +119,14 @@ class Mamba2Mixer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False, documents: DocumentMask | None = None,
-                inner: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState | None]:
+                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, MambaState | None]:
         """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
         the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
         token at a time. ``documents`` keeps packed documents apart (training; no state). ``inner``
         ([heads·head_dim], head-major) multiplies the gated-norm output before ``out_proj`` (soft masks)."""
         b, t, _ = u.shape
-        prm = self.sliced(u.shape[-1], width)
+        prm = params if params is not None else self.sliced(u.shape[-1], width)  # params: sliced() made earlier
         if state is not None and t == 1:
             return self._step(u, prm, width, state)
         g, n, k = self.n_groups, self.state_size, self.conv_kernel

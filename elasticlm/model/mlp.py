@@ -33,9 +33,10 @@ class MLP(nn.Module):
             out["down_proj.bias"] = prefix(self.down_proj.bias, 0, hidden)
         return out
 
-    def forward(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``inner`` ([ffn] or broadcastable) multiplies the activations before ``down_proj`` (soft masks)."""
-        p = self.sliced(x.shape[-1], width)
+        p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
         h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
         if inner is not None:
             h = h * inner
