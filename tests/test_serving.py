@@ -75,3 +75,19 @@ def test_grouped_prefix_copies_hold_only_the_kept_part_in_decode_layout(tmp_path
     for t in copies:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
         assert t.stride() == decode_layout(t.contiguous()).stride()
+
+
+def test_decode_slices_the_weights_once_per_generation(tmp_path, monkeypatch):
+    from elasticlm.model.attention import Attention
+    from elasticlm.model.mamba2 import Mamba2Mixer
+    from elasticlm.model.mlp import MLP
+
+    model = elasticlm.load(elastic_checkpoint(tmp_path), serving=True)
+    subnet = model.budgets["0.45"]
+    calls = []
+    for cls in (Attention, Mamba2Mixer, MLP):
+        original = cls.sliced
+        monkeypatch.setattr(cls, "sliced", lambda self, *a, _o=original, **k: calls.append(self) or _o(self, *a, **k))
+    out = model.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=12)
+    assert out.shape[1] == 15
+    assert len(calls) == len(subnet.kept_layers) == len(set(map(id, calls)))  # once per kept layer, not per token
