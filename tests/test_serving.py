@@ -91,3 +91,56 @@ def test_decode_slices_the_weights_once_per_generation(tmp_path, monkeypatch):
     out = model.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=12)
     assert out.shape[1] == 15
     assert len(calls) == len(subnet.kept_layers) == len(set(map(id, calls)))  # once per kept layer, not per token
+
+
+def _sharded_generation_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from conftest import randomize_, tiny_config
+    from torch.distributed.fsdp import fully_shard
+
+    from elasticlm.config import Subnet
+    from elasticlm.model.hybrid import HybridLM
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    cfg = tiny_config("M*-M-*-M", hidden=48, vocab_size=260)
+    model = randomize_(HybridLM(cfg), seed=2)
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    model.mark_sharded()
+    half = Subnet.uniform(cfg, hidden_size=32, mamba_heads_per_group=2, attention_heads_per_kv_group=1,
+                          intermediate_size=24)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = [elasticlm.generate(model, ids, max_new_tokens=8, subnet=s) for s in (None, half)]
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+def test_generation_on_a_sharded_model_equals_the_plain_model(tmp_path):
+    """FSDP2 (gloo): a block's full parameters exist only inside its forward, so decoding must not
+    keep slices or memoised copies of them between tokens (task accuracy during sharded training)."""
+    import socket
+
+    from conftest import randomize_, tiny_config
+
+    from elasticlm.config import Subnet
+    from elasticlm.model.hybrid import HybridLM
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_generation_worker, args=(port, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    cfg = tiny_config("M*-M-*-M", hidden=48, vocab_size=260)
+    plain = randomize_(HybridLM(cfg), seed=2)
+    half = Subnet.uniform(cfg, hidden_size=32, mamba_heads_per_group=2, attention_heads_per_kv_group=1,
+                          intermediate_size=24)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = [elasticlm.generate(plain, ids, max_new_tokens=8, subnet=s) for s in (None, half)]
+    got = torch.load(tmp_path / "out.pt")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

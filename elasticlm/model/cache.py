@@ -48,14 +48,15 @@ class KVState:
 class HybridCache:
     """Per-layer decoding state for one Subnet of one model."""
 
-    def __init__(self, num_layers: int, subnet: Subnet) -> None:
+    def __init__(self, num_layers: int, subnet: Subnet, keep_weights: bool = True) -> None:
         self.subnet = subnet
         self.layers: list[MambaState | KVState | None] = [None] * num_layers
         self.seq_len = 0  # tokens already consumed
         # The sub-model's weight slices per layer, made on the first call and reused by every later
         # token: slicing is a handful of view ops per layer, several percent of a decode step.
         # Views follow in-place weight updates; a cache is meant for one generation, not across them.
-        self.weights: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # layer → (norm, mixer)
+        # None (sharded models): slice on every call.
+        self.weights: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = {} if keep_weights else None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows ``index`` (e.g. beams or finished sequences dropped)."""

@@ -84,7 +84,7 @@ class Block(nn.Module):
                 inner: torch.Tensor | None = None) -> torch.Tensor:
         # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
         # nn.Module.__call__ costs as much as a small kernel here.
-        if cache is not None:  # the sub-model's slices of this block, made once per generation
+        if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
             if layer not in cache.weights:
                 cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
                                         self.mixer.sliced(x.shape[-1], width))
@@ -124,7 +124,7 @@ class Block(nn.Module):
 
 class HybridLM(nn.Module):
     observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
-    call_blocks = False  # True once blocks are wrapped (FSDP2): call them through nn.Module.__call__
+    call_blocks = False  # True once blocks are sharded (see mark_sharded): call them through nn.Module.__call__
 
     def __init__(self, config: ModelConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -260,7 +260,15 @@ class HybridLM(nn.Module):
         return generate(self, input_ids, subnet=subnet, **kwargs)
 
     def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
-        return HybridCache(self.config.num_layers, self.check_subnet(subnet))
+        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.call_blocks)
+
+    def mark_sharded(self) -> None:
+        """Called once FSDP2 wraps the blocks: run them through their hooks, and keep no slices or copies
+        of parameters between calls (a sharded block's full parameters exist only inside its forward)."""
+        self.call_blocks = True
+        for module in self.modules():
+            if hasattr(module, "packed"):
+                module.packed.enabled = False
 
     # -- sizes ----------------------------------------------------------------------------------
     def num_parameters(self, subnet: Subnet | None = None) -> int:

@@ -77,10 +77,11 @@ class PackedWeights:
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit
+        self.enabled = True  # False for sharded models (HybridLM.mark_sharded)
         self.entries: dict[object, dict[str, torch.Tensor]] = {}
 
     def get(self, key: object, params: list[torch.Tensor], make) -> dict[str, torch.Tensor]:
-        if not torch.is_inference_mode_enabled():
+        if not (self.enabled and torch.is_inference_mode_enabled()):
             return make()
         full_key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         hit = self.entries.get(full_key)

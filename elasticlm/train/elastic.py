@@ -507,7 +507,7 @@ def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConf
             for block in model.layers:
                 fully_shard(block)
             fully_shard(model)
-            model.call_blocks = True
+            model.mark_sharded()
         return student
     from torch.nn.parallel import DistributedDataParallel
 
