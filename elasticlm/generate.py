@@ -64,7 +64,7 @@ def _decode(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
             eos_token_id: int | None, subnet: Subnet | None, generator: torch.Generator | None,
             on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
     cache = model.new_cache(subnet)
-    logits = model(input_ids, subnet=subnet, cache=cache)[:, -1]
+    logits = model(input_ids, subnet=subnet, cache=cache, logits_to_keep=1)[:, -1]
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):

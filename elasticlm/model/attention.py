@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AttentionWidth
 from .cache import KVState
-from .documents import DocumentMask
+from .documents import DocumentMask, document_attention
 from .slicing import PackedWeights, grouped_prefix, prefix
 
 
@@ -63,15 +63,20 @@ class Attention(nn.Module):
         if state is not None:
             past = state.length
             k, v = state.append(k, v)
-        if documents is not None:  # packed training rows: causal within each document
-            mask, causal = documents.attention, False
-        elif past == 0 or t == 1:
+        if documents is not None:  # packed training rows: each document attends on its own
+            o = document_attention(q, k, v, documents.buckets, self.head_dim**-0.5)
+            return self._out(o, b, t, inner, p)
+        if past == 0 or t == 1:
             mask, causal = None, past == 0 and t > 1
         else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i
             pos_q = torch.arange(past, past + t, device=x.device)[:, None]
             mask, causal = pos_q >= torch.arange(past + t, device=x.device)[None, :], False
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
+        return self._out(o, b, t, inner, p)
+
+    def _out(self, o: torch.Tensor, b: int, t: int, inner: torch.Tensor | None,
+             p: dict[str, torch.Tensor]) -> torch.Tensor:
         o = o.transpose(1, 2).reshape(b, t, -1)
         if inner is not None:
             o = o * inner

@@ -3,9 +3,12 @@
 Training packs many documents into one row. Without a mask, attention (which has no positions
 in Nemotron-H) cannot tell the current document's ``x=45`` from an earlier document's ``x=12``,
 and the Mamba state carries the previous document in. A :class:`DocumentMask` makes a packed
-row compute exactly what each document would compute alone:
+row compute exactly what each document computes alone, in memory linear in the row length:
 
-- attention: causal *and* same-document;
+- attention: each document runs as its own causal sequence (:func:`document_attention`): the
+  documents are gathered into a few right-padded batches of similar length and each batch is one
+  ``is_causal`` SDPA call, so the flash / memory-efficient kernels apply and no ``[t, t]`` mask
+  exists (a right pad is never seen by a real query under a causal mask);
 - causal conv1d: a tap that reaches back into the previous document reads zero (as the zero
   padding at the start of a sequence does);
 - SSD scan: the log-decay of a document's first token is set to ``RESET_LOG_DECAY``, so the state
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 RESET_LOG_DECAY = -60.0
 
@@ -34,8 +38,66 @@ def document_ids_from_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tens
 
 
 @dataclass(frozen=True)
+class DocumentBucket:
+    """Documents of similar length, right-padded to ``length``: ``gather`` [n, length] indexes the
+    flattened ``[batch·seq]`` tokens (pads repeat the document's first token); ``valid`` [n, length]
+    marks real tokens; ``scatter`` holds the flat index of every real token, in ``valid`` order."""
+
+    gather: torch.Tensor
+    valid: torch.Tensor
+    scatter: torch.Tensor
+
+
+def document_buckets(starts: list[int], lengths: list[int], device: torch.device | str,
+                     max_waste: float = 2.0) -> list[DocumentBucket]:
+    """Group documents (flat ``starts``, ``lengths``) into buckets whose padded size is at most
+    ``max_waste`` × their real tokens, longest first, so a row costs a handful of kernel calls.
+
+    >>> [b.gather.tolist() for b in document_buckets([0, 8, 9], [8, 1, 2], "cpu")]
+    [[[0, 1, 2, 3, 4, 5, 6, 7], [9, 10, 9, 9, 9, 9, 9, 9]], [[8]]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            size = lengths[g[0]] * (len(g) + 1)
+            if size <= max_waste * (sum(lengths[j] for j in g) + lengths[i]):
+                g.append(i)
+                continue
+        groups.append([i])
+    out = []
+    for g in groups:
+        n, length = len(g), lengths[g[0]]
+        pos = torch.arange(length)
+        st = torch.tensor([starts[i] for i in g])[:, None]
+        ln = torch.tensor([lengths[i] for i in g])[:, None]
+        valid = pos[None] < ln
+        gather = torch.where(valid, st + pos[None], st)
+        out.append(DocumentBucket(gather.to(device), valid.to(device), gather[valid].to(device)))
+    return out
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: list[DocumentBucket],
+                       scale: float) -> torch.Tensor:
+    """Causal attention of every document on its own. ``q`` [b, heads, t, d], ``k``/``v``
+    [b, kv_heads, t, d] → [b, heads, t, d]; equal to SDPA with the dense same-document causal mask."""
+    b, h, t, d = q.shape
+    rep = h // k.shape[1]
+    qf, kf, vf = (z.transpose(1, 2).reshape(b * t, z.shape[1], d) for z in (q, k, v))
+    out = qf.new_zeros(b * t, h, d)
+    for bucket in buckets:
+        qb, kb, vb = (z[bucket.gather].transpose(1, 2) for z in (qf, kf, vf))  # [n, heads, L, d]
+        if rep > 1:  # expanded here: the CPU flash kernel takes no GQA
+            kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        out = out.index_put((bucket.scatter,), ob.transpose(1, 2)[bucket.valid])
+    return out.view(b, t, h, d).transpose(1, 2)
+
+
+@dataclass(frozen=True)
 class DocumentMask:
-    attention: torch.Tensor  # [batch, 1, seq, seq] bool: key visible to query (causal, same document)
+    buckets: list[DocumentBucket]  # the documents of every row, for document_attention
     reset: torch.Tensor  # [batch, seq] bool: the token starts a new document (not at position 0)
     conv_keep: torch.Tensor  # [batch, kernel, seq] float: the token `j` back is in the same document
 
@@ -44,11 +106,13 @@ class DocumentMask:
         if document_ids.dim() != 2:
             raise ValueError(f"document_ids must be [batch, seq], got shape {tuple(document_ids.shape)}")
         b, t = document_ids.shape
-        same = document_ids[:, :, None] == document_ids[:, None, :]
-        causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
-        reset = torch.zeros_like(same[:, 0])
+        reset = torch.zeros_like(document_ids, dtype=torch.bool)
         reset[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
         keep = torch.zeros(b, conv_kernel, t, device=document_ids.device)
         for j in range(conv_kernel):
             keep[:, j, j:] = (document_ids[:, j:] == document_ids[:, : t - j]).float()
-        return cls((same & causal)[:, None], reset, keep)
+        first = reset.clone()
+        first[:, 0] = True
+        starts = first.flatten().nonzero().flatten().tolist()
+        lengths = [e - s for s, e in zip(starts, starts[1:] + [b * t], strict=True)]
+        return cls(document_buckets(starts, lengths, document_ids.device), reset, keep)

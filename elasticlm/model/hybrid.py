@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import (
     ATTENTION,
@@ -122,9 +123,15 @@ class Block(nn.Module):
         return out
 
 
+Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class HybridLM(nn.Module):
     observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
     call_blocks = False  # True once blocks are sharded (see mark_sharded): call them through nn.Module.__call__
+    # Per-block activation checkpointing while gradients are on: each block keeps only its input and
+    # recomputes its inside during backward (activation memory ≈ one hidden state per block).
+    activation_checkpointing = False
 
     def __init__(self, config: ModelConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -180,13 +187,19 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                 cache: HybridCache | None = None, document_ids: torch.Tensor | None = None,
-                modulation: Modulation | None = None) -> torch.Tensor:
+                modulation: Modulation | None = None, logits_to_keep: int = 0,
+                head: Head | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of the parent or of ``subnet``.
 
         With ``cache`` the call continues from the tokens the cache has seen and updates it.
         ``document_ids`` ``[batch, seq]`` (packed training rows, see
         :func:`~elasticlm.model.documents.document_ids_from_eos`): every token sees only earlier
         tokens of its own document, exactly as if each document ran alone.
+        ``logits_to_keep`` > 0 computes logits for the last that many positions only (prefill).
+        ``head(hidden, weight)`` replaces the output projection: it receives the final norm's output
+        ``[batch, seq, hidden]`` and the (sliced) head weight ``[vocab, hidden]`` and its result is
+        returned — how the trainer computes a loss over token chunks without ever holding the whole
+        ``[seq, vocab]`` logits (and, under FSDP2, while the head weight is gathered).
         """
         subnet = self.check_subnet(subnet)
         if cache is not None and cache.subnet != subnet:
@@ -208,16 +221,22 @@ class HybridLM(nn.Module):
             if width is not None:
                 scale = mod.block[i] if mod.block is not None else None
                 inner = mod.inner[i] if mod.inner is not None else None
-                if self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
+                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                    call = block if self.call_blocks else block.forward
+                    x = checkpoint(call, x, width, None, i, documents, scale, inner, use_reentrant=False)
+                elif self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
                     x = block(x, width, cache, i, documents, scale, inner)
                 else:
                     x = block.forward(x, width, cache, i, documents, scale, inner)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         x = self.norm_f(x)
         if self.observer is not None:
             self.observer("norm_f", x)
-        return F.linear(x, prefix(self.head_weight(), 1, d))
+        weight = prefix(self.head_weight(), 1, d)
+        return head(x, weight) if head is not None else F.linear(x, weight)
 
     @torch.no_grad()
     def use_decode_layout(self) -> HybridLM:

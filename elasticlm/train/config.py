@@ -53,6 +53,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     document_masking: bool = True  # packed documents do not see each other (attention, conv, SSM state)
+    # Per-block activation checkpointing: true / false, or unset = auto (on when `elasticlm plan`
+    # predicts that the activations without it would not fit this device's memory).
+    activation_checkpointing: bool | None = None
     seed: int = 0
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bf16 autocast on cuda, fp32 on cpu; or float32 / bfloat16

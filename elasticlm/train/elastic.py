@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..checkpoint import ROUTING, atomic_directory, load, read_json, write_model_files
@@ -69,6 +70,53 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, te
     log_t = F.log_softmax(teacher.float() / t, dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     return (kl * keep).sum() * t * t
+
+
+KD_CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the KD loss: 256 MB in fp32, whatever the vocabulary
+
+
+def kd_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of :func:`kd_loss_from_hidden` (512 at Nano V2's vocabulary of 131,072)."""
+    return max(16, KD_CHUNK_ELEMENTS // vocab_size)
+
+
+def _kd_chunk(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, keep: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        teacher = F.linear(h_t, w_t)
+    return kd_loss(F.linear(h_s, w_s), teacher, keep, temperature)
+
+
+def kd_loss_from_hidden(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
+                        keep: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """:func:`kd_loss` of the logits ``h_s·w_sᵀ`` against ``h_t·w_tᵀ``, computed over chunks of kept tokens.
+
+    ``h_s``/``h_t`` [..., hidden] are the final norms' outputs, ``w_s``/``w_t`` [vocab, hidden] the
+    heads. Each chunk is recomputed in backward (activation checkpointing), so no ``[tokens, vocab]``
+    tensor larger than one chunk ever exists — at 49K tokens × 131K vocabulary the full fp32 logits
+    would be 26 GB per tensor. Masked tokens (``keep`` 0) are skipped, not computed."""
+    rows = keep.flatten().nonzero().flatten()
+    h_s, h_t = h_s.flatten(0, -2).index_select(0, rows), h_t.flatten(0, -2).index_select(0, rows)
+    k = keep.flatten().index_select(0, rows)
+    step = chunk or kd_chunk_tokens(w_s.shape[0])
+    # zero, but connected to the graph: a rank whose rows are all masked must still run every backward
+    # hook (FSDP's collectives) that the other ranks run
+    total = (h_s.sum() + w_s.sum()).float() * 0.0
+    for i in range(0, rows.numel(), step):
+        args = (h_s[i:i + step], w_s, h_t[i:i + step], w_t, k[i:i + step], temperature)
+        if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
+            total = total + checkpoint(_kd_chunk, *args, use_reentrant=False)
+        else:
+            total = total + _kd_chunk(*args)
+    return total
+
+
+def teacher_hidden(teacher: HybridLM, inputs: torch.Tensor, doc: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's final-norm output and head weight (a copy when the teacher is sharded:
+    its gathered weight is freed after the forward)."""
+    sharded = teacher.call_blocks
+    return teacher(inputs, document_ids=doc, head=lambda h, w: (h, w.detach().clone() if sharded else w.detach()))
 
 
 def sample_budgets(weights: list[float], n: int, seed: int, step: int) -> list[int]:
@@ -122,13 +170,15 @@ class ElasticStudent(nn.Module):
         self.model, self.router = model, router
 
     def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None, keep: torch.Tensor,
-                teacher: torch.Tensor | None, targets: torch.Tensor, budgets: list[int], *, step: int, seed: int,
+                teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, targets: torch.Tensor, budgets: list[int], *, step: int, seed: int,
                 scale: float, temperature: float, kd_temperature: float, ce_weight: float,
                 budget_weight: float, amp: torch.dtype | None, run_budgets: list[int] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of one micro-batch (KD token mean + budget loss) and per-budget statistics.
         ``run_budgets``: budgets to run even without rows here (FSDP needs every rank to make the
         same module calls); such a budget runs on one row whose loss is weighted 0.
+        ``teacher``: the teacher's logits, or its final-norm output and head weight (see
+        :func:`teacher_hidden`; the KD loss then runs over token chunks).
         ``teacher=None`` is the trainable-teacher mode: the student's own full budget is the teacher
         and trains with ``ce_weight`` · CE."""
         n_keep = keep.sum().clamp_min(1.0)
@@ -145,11 +195,20 @@ class ElasticStudent(nn.Module):
             rows = torch.tensor(present or [0], device=inputs.device)
             routing = self.router.route(b, scale, temperature, seed, step)
             doc = doc_ids.index_select(0, rows) if doc_ids is not None else None
-            with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
-                logits = self.model(inputs.index_select(0, rows), routing.subnet, document_ids=doc,
-                                    modulation=routing.modulation)
             k = keep.index_select(0, rows) * (1.0 if present else 0.0)
-            kd = kd_loss(logits, teacher.index_select(0, rows), k, kd_temperature)
+            if isinstance(teacher, tuple):  # teacher hidden states + head: the loss runs over token chunks
+                h_t, w_t = teacher[0].index_select(0, rows), teacher[1]
+
+                def head(h: torch.Tensor, w: torch.Tensor, h_t=h_t, w_t=w_t, k=k) -> torch.Tensor:
+                    return kd_loss_from_hidden(h, w, h_t, w_t, k, kd_temperature)
+            else:
+                t_rows = teacher.index_select(0, rows)
+
+                def head(h: torch.Tensor, w: torch.Tensor, t_rows=t_rows, k=k) -> torch.Tensor:
+                    return kd_loss(F.linear(h, w), t_rows, k, kd_temperature)
+            with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
+                kd = self.model(inputs.index_select(0, rows), routing.subnet, document_ids=doc,
+                                modulation=routing.modulation, head=head)
             total = total + kd / n_keep
             if present:
                 stats["kd"][b] = kd.item()
@@ -368,7 +427,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                 t_logits = None
                 if not run.distill.trainable_teacher:  # one teacher forward serves every budget
                     with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                        t_logits = teacher(inputs, document_ids=doc)
+                        t_logits = teacher_hidden(teacher, inputs, doc)
                 sync = a == cfg.grad_accum - 1 or dist.world == 1
                 ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
                 with ctx:
@@ -561,5 +620,5 @@ def summary_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ElasticStudent", "kd_loss", "load_elastic_checkpoint", "rows_of", "routing_metadata", "sample_budgets",
+__all__ = ["ElasticStudent", "kd_loss", "kd_loss_from_hidden", "teacher_hidden", "load_elastic_checkpoint", "rows_of", "routing_metadata", "sample_budgets",
            "save_elastic_checkpoint", "summary_table", "train_elastic"]
