@@ -218,6 +218,79 @@ def cmd_train(args: argparse.Namespace) -> None:
                                                      if isinstance(v, float) and k.startswith(("val_", "acc_"))))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json as _json
+
+    from .config import read_config_file
+    from .train.plan import Cluster, format_plan, parse_bytes, parse_flops, plan_elastic, plan_pretrain
+
+    if not args.config:
+        raise ConfigError("--config is required: the run's TOML file (pretrain or elastic)")
+    for name in ("gpus", "nodes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    device = args.device or ("cpu" if args.gpu_memory is None and args.gpus == 1 and args.nodes == 1
+                             and not _cuda() else "cuda")
+    memory = parse_bytes(args.gpu_memory) if args.gpu_memory else _device_memory(device)
+    flops, source = None, ""
+    if args.flops:
+        flops, source = parse_flops(args.flops), "given with --flops"
+    elif device == "cuda":
+        from .train.plan import DEFAULT_GPU_FLOPS
+
+        flops, source = DEFAULT_GPU_FLOPS, "assumed: H100/H200 dense bf16 peak; pass --flops for your device"
+    cluster = Cluster(args.gpus, args.nodes, memory, flops, device=device)
+    tables = read_config_file(args.config)
+    if "parent" in tables or "stages" in tables or "elastic" in tables:
+        from .train.config import load_elastic_run_config
+
+        run = load_elastic_run_config(args.config, args.set or [])
+        plan = plan_elastic(run, _parent_architecture(run.parent), cluster, args.checkpointing)
+    else:
+        from .train.config import load_run_config
+
+        run = load_run_config(args.config, args.set or [])
+        plan = plan_pretrain(run, cluster, args.checkpointing)
+    plan.flops_source = source
+    print(_json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_memory(device: str) -> float | None:
+    """Total memory of this machine's GPU, or the memory available to this process on a CPU."""
+    if device == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _parent_architecture(parent: Any) -> Any:
+    from .checkpoint import read_config
+    from .config import ModelConfig, preset, read_config_file
+
+    if parent.path and Path(parent.path).is_dir():
+        return read_config(parent.path)[0]
+    arch = parent.architecture
+    if not arch:
+        raise ConfigError(f"[parent] path {parent.path!r} does not exist yet; to plan before it does, set "
+                          "[parent] architecture = a preset name or a config.json")
+    if Path(arch).is_file():
+        return ModelConfig.from_dict(read_config_file(arch))
+    return preset(arch)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load
     from .data.datasets import data_config_from_spec
@@ -485,6 +558,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("plan", formatter_class=fmt, help="will a training run fit? per-GPU memory and time",
+                       description="Per-rank peak memory of a pretrain or elastic run config, broken down (student "
+                                   "weights / grads / AdamW, teacher, activations with and without checkpointing, "
+                                   "KD chunk, FSDP buffers), whether it fits the device, which knob to turn when "
+                                   "not, and throughput / wall-time estimates. An elastic config whose [parent] "
+                                   "path does not exist yet is sized from [parent] architecture (a preset).")
+    p.add_argument("--config", help="TOML run config (pretrain or elastic), e.g. configs/nano-12b-elastic.toml")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a field")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per device, e.g. 141GB or 80GiB (default: this "
+                                                         "machine's GPU, or available RAM with --device cpu)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="plan for GPUs (default when --gpus/--gpu-memory "
+                                                              "are given or a GPU is present) or this CPU")
+    p.add_argument("--flops", help="peak FLOP/s per device for the estimates, e.g. 989T (default: H100/H200 bf16)")
+    p.add_argument("--checkpointing", type=_on_off, default=None, metavar="on|off",
+                   help="force activation checkpointing on or off (default: the config's, else auto)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
     data_help = ("calibration data: 'synthetic' (the embedded blend), a .jsonl file (field 'text'), a text "
                  "file or folder, or hf:NAME[:CONFIG]")
 
@@ -595,6 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

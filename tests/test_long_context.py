@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import max_rel, random_subnet, randomize_, tiny_config
 
 from elasticlm import HybridLM
-from elasticlm.elastic.space import ElasticConfig, ElasticSpace
 from elasticlm.elastic.router import Router
+from elasticlm.elastic.space import ElasticConfig, ElasticSpace
 from elasticlm.model.documents import DocumentMask, document_attention, document_ids_from_eos
 from elasticlm.train.elastic import ElasticStudent, kd_loss, kd_loss_from_hidden, teacher_hidden
 

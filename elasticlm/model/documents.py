@@ -68,7 +68,7 @@ def document_buckets(starts: list[int], lengths: list[int], device: torch.device
         groups.append([i])
     out = []
     for g in groups:
-        n, length = len(g), lengths[g[0]]
+        length = lengths[g[0]]
         pos = torch.arange(length)
         st = torch.tensor([starts[i] for i in g])[:, None]
         ln = torch.tensor([lengths[i] for i in g])[:, None]

@@ -181,6 +181,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 @dataclass
 class ParentConfig:
     path: str = ""  # the importance-ordered parent directory (`elasticlm reorder`); teacher and student init
+    # The parent's architecture when path does not exist yet: a preset name (e.g. "nemotron-nano-12b-v2") or a
+    # config.json. Only `elasticlm plan` reads it (training needs the weights at path).
+    architecture: str | None = None
 
 
 @dataclass

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..checkpoint import ROUTING, atomic_directory, load, read_json, write_model_files
@@ -50,6 +49,7 @@ from ..runtime import resolve_device
 from ..tokenizer import load_tokenizer
 from .checkpoint import OPTIMIZER, STATE, latest, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from .config import ElasticRunConfig
+from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
 from .trainer import MetricsLog, autocast_dtype, build_optimizer, lr_at
 
 log = logging.getLogger("elasticlm.train")
@@ -59,64 +59,6 @@ ELASTIC = ROUTING  # elastic.json: the routing metadata
 
 
 # -- pure pieces ------------------------------------------------------------------------------
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0,
-            ) -> torch.Tensor:
-    """Sum over kept tokens of KL(teacher ‖ student) on logits at ``temperature`` (× τ², so the
-    gradient scale does not depend on τ). ``student``/``teacher`` [..., vocab], ``keep`` [...] 0/1."""
-    t = temperature
-    log_s = F.log_softmax(student.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-    return (kl * keep).sum() * t * t
-
-
-KD_CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the KD loss: 256 MB in fp32, whatever the vocabulary
-
-
-def kd_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of :func:`kd_loss_from_hidden` (512 at Nano V2's vocabulary of 131,072)."""
-    return max(16, KD_CHUNK_ELEMENTS // vocab_size)
-
-
-def _kd_chunk(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, keep: torch.Tensor,
-              temperature: float) -> torch.Tensor:
-    with torch.no_grad():
-        teacher = F.linear(h_t, w_t)
-    return kd_loss(F.linear(h_s, w_s), teacher, keep, temperature)
-
-
-def kd_loss_from_hidden(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
-                        keep: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
-    """:func:`kd_loss` of the logits ``h_s·w_sᵀ`` against ``h_t·w_tᵀ``, computed over chunks of kept tokens.
-
-    ``h_s``/``h_t`` [..., hidden] are the final norms' outputs, ``w_s``/``w_t`` [vocab, hidden] the
-    heads. Each chunk is recomputed in backward (activation checkpointing), so no ``[tokens, vocab]``
-    tensor larger than one chunk ever exists — at 49K tokens × 131K vocabulary the full fp32 logits
-    would be 26 GB per tensor. Masked tokens (``keep`` 0) are skipped, not computed."""
-    rows = keep.flatten().nonzero().flatten()
-    h_s, h_t = h_s.flatten(0, -2).index_select(0, rows), h_t.flatten(0, -2).index_select(0, rows)
-    k = keep.flatten().index_select(0, rows)
-    step = chunk or kd_chunk_tokens(w_s.shape[0])
-    # zero, but connected to the graph: a rank whose rows are all masked must still run every backward
-    # hook (FSDP's collectives) that the other ranks run
-    total = (h_s.sum() + w_s.sum()).float() * 0.0
-    for i in range(0, rows.numel(), step):
-        args = (h_s[i:i + step], w_s, h_t[i:i + step], w_t, k[i:i + step], temperature)
-        if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
-            total = total + checkpoint(_kd_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _kd_chunk(*args)
-    return total
-
-
-def teacher_hidden(teacher: HybridLM, inputs: torch.Tensor, doc: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen teacher's final-norm output and head weight (a copy when the teacher is sharded:
-    its gathered weight is freed after the forward)."""
-    sharded = teacher.call_blocks
-    return teacher(inputs, document_ids=doc, head=lambda h, w: (h, w.detach().clone() if sharded else w.detach()))
 
 
 def sample_budgets(weights: list[float], n: int, seed: int, step: int) -> list[int]:
@@ -170,7 +112,8 @@ class ElasticStudent(nn.Module):
         self.model, self.router = model, router
 
     def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None, keep: torch.Tensor,
-                teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, targets: torch.Tensor, budgets: list[int], *, step: int, seed: int,
+                teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, targets: torch.Tensor,
+                budgets: list[int], *, step: int, seed: int,
                 scale: float, temperature: float, kd_temperature: float, ce_weight: float,
                 budget_weight: float, amp: torch.dtype | None, run_budgets: list[int] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -620,5 +563,6 @@ def summary_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ElasticStudent", "kd_loss", "kd_loss_from_hidden", "teacher_hidden", "load_elastic_checkpoint", "rows_of", "routing_metadata", "sample_budgets",
-           "save_elastic_checkpoint", "summary_table", "train_elastic"]
+__all__ = ["ElasticStudent", "kd_loss", "kd_loss_from_hidden", "load_elastic_checkpoint", "rows_of",
+           "routing_metadata", "sample_budgets", "save_elastic_checkpoint", "summary_table", "teacher_hidden",
+           "train_elastic"]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import atomic_directory, write_model_files
@@ -30,6 +29,7 @@ from ..runtime import resolve_device
 from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from .checkpoint import latest, load_checkpoint, save_checkpoint
 from .config import RunConfig
+from .losses import ce_loss_from_hidden
 
 log = logging.getLogger("elasticlm.train")
 
@@ -115,11 +115,10 @@ def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torc
     tokens, mask = batch
     inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     doc_ids = document_ids_from_eos(inputs, eos_token_id) if eos_token_id is not None else None
+    keep = keep.float()
     with torch.autocast(tokens.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        logits = model(inputs, document_ids=doc_ids)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    keep = keep.flatten().float()
-    return (losses * keep).sum() / keep.sum().clamp_min(1.0)
+        total = model(inputs, document_ids=doc_ids, head=lambda h, w: ce_loss_from_hidden(h, w, targets, keep))
+    return total / keep.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
