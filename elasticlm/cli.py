@@ -286,9 +286,10 @@ def _parent_architecture(parent: Any) -> Any:
     if not arch:
         raise ConfigError(f"[parent] path {parent.path!r} does not exist yet; to plan before it does, set "
                           "[parent] architecture = a preset name or a config.json")
-    if Path(arch).is_file():
-        return ModelConfig.from_dict(read_config_file(arch))
-    return preset(arch)
+    config = ModelConfig.from_dict(read_config_file(arch)) if Path(arch).is_file() else preset(arch)
+    if config.depth_order is None:  # sizes do not depend on which layers the importance pass drops first
+        config.depth_order = list(range(config.num_layers))
+    return config
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

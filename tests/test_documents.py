@@ -9,6 +9,7 @@ import torch
 from conftest import max_rel, random_subnet, randomize_, tiny_config
 
 from elasticlm import HybridLM
+from elasticlm.model import documents
 from elasticlm.model.documents import document_ids_from_eos
 
 EOS = 2
@@ -18,8 +19,16 @@ def _pack(docs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat([d, torch.tensor([EOS])]) for d in docs])
 
 
+@pytest.fixture(params=["dense", "buckets"])
+def attention_path(request, monkeypatch):
+    """Run a test with the short-row dense mask and with the per-document buckets (long rows, GPUs)."""
+    if request.param == "buckets":
+        monkeypatch.setattr(documents, "DENSE_MASK_MAX_LEN", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("pattern,groups", [("M-*M-M*", 2), ("MM*", 1), ("*M", 4)])
-def test_packed_row_equals_separate_documents(pattern: str, groups: int) -> None:
+def test_packed_row_equals_separate_documents(pattern: str, groups: int, attention_path: str) -> None:
     cfg = tiny_config(pattern, groups=groups, chunk=8)
     model = randomize_(HybridLM(cfg)).eval()
     g = torch.Generator().manual_seed(1)
@@ -36,7 +45,7 @@ def test_packed_row_equals_separate_documents(pattern: str, groups: int) -> None
                 pos += len(d) + 1
 
 
-def test_document_mask_with_a_subnet() -> None:
+def test_document_mask_with_a_subnet(attention_path: str) -> None:
     cfg = tiny_config("M-*M-M*", chunk=4)
     model = randomize_(HybridLM(cfg)).eval()
     subnet = random_subnet(cfg, random.Random(3), allow_drop=False)

@@ -13,10 +13,17 @@ from conftest import max_rel, random_subnet, randomize_, tiny_config
 from elasticlm import HybridLM
 from elasticlm.elastic.router import Router
 from elasticlm.elastic.space import ElasticConfig, ElasticSpace
-from elasticlm.model.documents import DocumentMask, document_attention, document_ids_from_eos
+from elasticlm.model import documents
+from elasticlm.model.documents import document_attention, document_ids_from_eos
 from elasticlm.train.elastic import ElasticStudent, kd_loss, kd_loss_from_hidden, teacher_hidden
 
 EOS = 2
+
+
+def _starts_lengths(lengths: list[list[int]]) -> tuple[list[int], list[int]]:
+    flat = [n for row in lengths for n in row]
+    starts = [sum(flat[:i]) for i in range(len(flat))]
+    return starts, flat
 
 
 def _dense_reference(q, k, v, doc_ids, scale):
@@ -37,7 +44,7 @@ def test_document_attention_equals_the_dense_mask(lengths):
     q = torch.randn(b, 4, t, 8, generator=g, requires_grad=True)
     k = torch.randn(b, 2, t, 8, generator=g, requires_grad=True)
     v = torch.randn(b, 2, t, 8, generator=g, requires_grad=True)
-    buckets = DocumentMask.from_ids(doc_ids, 4).buckets
+    buckets = documents.document_buckets(*_starts_lengths(lengths), "cpu")
     ours = document_attention(q, k, v, buckets, 8**-0.5)
     ref = _dense_reference(q, k, v, doc_ids, 8**-0.5)
     assert max_rel(ours, ref) < 1e-5
@@ -50,8 +57,7 @@ def test_document_attention_equals_the_dense_mask(lengths):
 def test_buckets_cover_every_token_once_with_bounded_padding():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(60)]
-    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    buckets = DocumentMask.from_ids(doc_ids, 4).buckets
+    buckets = documents.document_buckets(*_starts_lengths([lengths]), "cpu")
     flat = torch.cat([bk.scatter for bk in buckets]).sort().values
     assert torch.equal(flat, torch.arange(sum(lengths)))
     padded = sum(bk.gather.numel() for bk in buckets)
@@ -63,7 +69,9 @@ def _model(pattern="M-*M-M*"):
     return randomize_(HybridLM(tiny_config(pattern, chunk=8)))
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(rng):
+@pytest.mark.parametrize("dense_max", [0, 4096])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(rng, monkeypatch, dense_max):
+    monkeypatch.setattr(documents, "DENSE_MASK_MAX_LEN", dense_max)
     model = _model()
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 64, (2, 40), generator=g)

@@ -63,10 +63,12 @@ class Attention(nn.Module):
         if state is not None:
             past = state.length
             k, v = state.append(k, v)
-        if documents is not None:  # packed training rows: each document attends on its own
+        if documents is not None and documents.dense is None:  # packed rows: each document attends on its own
             o = document_attention(q, k, v, documents.buckets, self.head_dim**-0.5)
             return self._out(o, b, t, inner, p)
-        if past == 0 or t == 1:
+        if documents is not None:  # short packed rows on CPU: causal within each document by a dense mask
+            mask, causal = documents.dense, False
+        elif past == 0 or t == 1:
             mask, causal = None, past == 0 and t > 1
         else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i
             pos_q = torch.arange(past, past + t, device=x.device)[:, None]

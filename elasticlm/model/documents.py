@@ -8,7 +8,8 @@ row compute exactly what each document computes alone, in memory linear in the r
 - attention: each document runs as its own causal sequence (:func:`document_attention`): the
   documents are gathered into a few right-padded batches of similar length and each batch is one
   ``is_causal`` SDPA call, so the flash / memory-efficient kernels apply and no ``[t, t]`` mask
-  exists (a right pad is never seen by a real query under a causal mask);
+  exists (a right pad is never seen by a real query under a causal mask); short rows on CPU use a
+  dense same-document mask instead (faster there, see ``DENSE_MASK_MAX_LEN``);
 - causal conv1d: a tap that reaches back into the previous document reads zero (as the zero
   padding at the start of a sequence does);
 - SSD scan: the log-decay of a document's first token is set to ``RESET_LOG_DECAY``, so the state
@@ -95,11 +96,19 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket
     return out.view(b, t, h, d).transpose(1, 2)
 
 
+# Up to this many tokens per row on CPU, attention takes a dense [t, t] same-document mask instead of the
+# buckets: at short contexts the gather / scatter of the buckets costs more than the masked positions
+# (bench/bench_memory.py: fwd+bwd of 8 × 256 tokens, 77 ms with buckets vs 27 ms dense), and the mask is
+# small (4 MB per row at 2K). On GPUs the buckets always run (a mask rules out the flash kernels).
+DENSE_MASK_MAX_LEN = 2048
+
+
 @dataclass(frozen=True)
 class DocumentMask:
     buckets: list[DocumentBucket]  # the documents of every row, for document_attention
     reset: torch.Tensor  # [batch, seq] bool: the token starts a new document (not at position 0)
     conv_keep: torch.Tensor  # [batch, kernel, seq] float: the token `j` back is in the same document
+    dense: torch.Tensor | None = None  # [batch, 1, seq, seq] bool (causal, same document) for short CPU rows
 
     @classmethod
     def from_ids(cls, document_ids: torch.Tensor, conv_kernel: int) -> DocumentMask:
@@ -111,6 +120,10 @@ class DocumentMask:
         keep = torch.zeros(b, conv_kernel, t, device=document_ids.device)
         for j in range(conv_kernel):
             keep[:, j, j:] = (document_ids[:, j:] == document_ids[:, : t - j]).float()
+        if document_ids.device.type == "cpu" and t <= DENSE_MASK_MAX_LEN:
+            same = document_ids[:, :, None] == document_ids[:, None, :]
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            return cls([], reset, keep, (same & causal)[:, None])
         first = reset.clone()
         first[:, 0] = True
         starts = first.flatten().nonzero().flatten().tolist()

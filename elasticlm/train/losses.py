@@ -38,21 +38,26 @@ def _kd_chunk(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torc
 
 
 def kd_loss_from_hidden(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
-                        keep: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+                        keep: torch.Tensor, temperature: float = 1.0, chunk: int | None = None,
+                        select: bool = True) -> torch.Tensor:
     """:func:`kd_loss` of the logits ``h_s·w_sᵀ`` against ``h_t·w_tᵀ``, computed over chunks of kept tokens.
 
     ``h_s``/``h_t`` [..., hidden] are the final norms' outputs, ``w_s``/``w_t`` [vocab, hidden] the
     heads. Each chunk is recomputed in backward (activation checkpointing), so no ``[tokens, vocab]``
     tensor larger than one chunk ever exists — at 49K tokens × 131K vocabulary the full fp32 logits
-    would be 26 GB per tensor. Masked tokens (``keep`` 0) are skipped, not computed."""
-    rows = keep.flatten().nonzero().flatten()
-    h_s, h_t = h_s.flatten(0, -2).index_select(0, rows), h_t.flatten(0, -2).index_select(0, rows)
-    k = keep.flatten().index_select(0, rows)
+    would be 26 GB per tensor. Masked tokens (``keep`` 0) are skipped, not computed (``select=False``
+    computes them and multiplies by 0: no data-dependent shapes, for fake-tensor memory simulation)."""
+    h_s, h_t, k = h_s.flatten(0, -2), h_t.flatten(0, -2), keep.flatten()
+    if select:
+        rows = k.nonzero().flatten()
+        h_s, h_t, k = h_s.index_select(0, rows), h_t.index_select(0, rows), k.index_select(0, rows)
     step = chunk or kd_chunk_tokens(w_s.shape[0])
+    if k.numel() <= step:  # one chunk holds everything: no recompute needed (it cost 20 % of a small step)
+        return _kd_chunk(h_s, w_s, h_t, w_t, k, temperature) + (h_s.sum() + w_s.sum()).float() * 0.0
     # zero, but connected to the graph: a rank whose rows are all masked must still run every backward
     # hook (FSDP's collectives) that the other ranks run
     total = (h_s.sum() + w_s.sum()).float() * 0.0
-    for i in range(0, rows.numel(), step):
+    for i in range(0, k.numel(), step):
         args = (h_s[i:i + step], w_s, h_t[i:i + step], w_t, k[i:i + step], temperature)
         if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
             total = total + checkpoint(_kd_chunk, *args, use_reentrant=False)
@@ -80,6 +85,8 @@ def ce_loss_from_hidden(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     rows = keep.flatten().nonzero().flatten()
     h, y = h.flatten(0, -2).index_select(0, rows), targets.flatten().index_select(0, rows)
     step = chunk or kd_chunk_tokens(w.shape[0])
+    if y.numel() <= step:
+        return _ce_chunk(h, w, y) + (h.sum() + w.sum()).float() * 0.0
     total = (h.sum() + w.sum()).float() * 0.0  # connected to the graph even with no kept token
     for i in range(0, rows.numel(), step):
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
