@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from elasticlm import HybridLM
 from elasticlm.config import count_parameters, preset
+from elasticlm.model import mamba2
 from elasticlm.train.losses import kd_loss_from_hidden, teacher_hidden
 from elasticlm.train.plan import Cluster, GiB, plan_stage
 
@@ -43,34 +44,39 @@ def main() -> None:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
+    # Fake tensors on the "cpu" device: this machine has no CUDA, and a device mesh must be built outside
+    # FakeTensorMode. The tracked sizes do not depend on the device.
+    mesh = init_device_mesh("cpu", (args.world,))
+    dev = torch.device("cpu")
+    mamba2.scan_chunk_size = lambda config_chunk, device: config_chunk  # the scan tile a GPU runs (not CPU's 32)
     cfg = preset(args.preset)
     ckpt = not args.no_checkpointing
     t0 = time.perf_counter()
     with FakeTensorMode():
-        torch.set_default_device("cuda")
         student = HybridLM(cfg, device="meta")
         teacher = HybridLM(cfg, device="meta", dtype=torch.bfloat16)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for model, policy in ((student, mp), (teacher, MixedPrecisionPolicy())):
             for block in model.layers:
-                fully_shard(block, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
-            model.to_empty(device="cuda")
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            model.to_empty(device=dev)
             model.mark_sharded()
         student.activation_checkpointing = ckpt
         teacher.requires_grad_(False)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        ids = torch.randint(0, cfg.vocab_size, (args.rows, args.seq_len), device="cuda")
-        keep = torch.ones(args.rows, args.seq_len, device="cuda")
+        ids = torch.randint(0, cfg.vocab_size, (args.rows, args.seq_len), device=dev)
+        keep = torch.ones(args.rows, args.seq_len, device=dev)
         tracker = FSDPMemTracker(student, opt)
         tracker.track_external(teacher)
         tracker.track_inputs((ids,))
         with tracker:
-            for _ in range(2):  # the second step has the optimizer states
+            for i in range(2):  # the second step has the optimizer states
                 with torch.no_grad():
                     target = teacher_hidden(teacher, ids, None)
 
@@ -82,15 +88,24 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 del target, loss
-        peak = sum(tracker.get_tracker_snapshot("peak")[torch.device("cuda", 0)]["Total"] for _ in [0])
+                if i == 0:
+                    tracker.reset_mod_stats()
+        snapshot = tracker.get_tracker_snapshot("peak")[dev]
+        # the tracker sees the student; the sharded bf16 teacher's parameters are added here
+        teacher_bytes = 2 * count_parameters(cfg) / args.world
+        snapshot = {**{str(k): v for k, v in snapshot.items()}, "teacher (sharded, added)": teacher_bytes}
+        peak = snapshot.pop("Total") + teacher_bytes
     cluster = Cluster(args.world, 1, None, None, device="cuda")
     plan = plan_stage(cfg, name="sim", seq_len=args.seq_len, batch_size=args.rows * args.world, grad_accum=1,
-                      cluster=cluster, sharded=True, amp=True, checkpointing=ckpt, teacher=True)
+                      cluster=cluster, sharded=True, amp=True, checkpointing=ckpt, teacher=True, documents=False)
     result = {"command": "python bench/simulate_plan.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out",)),
               "parameters": count_parameters(cfg), "seq_len": args.seq_len, "rows": args.rows, "world": args.world,
-              "checkpointing": ckpt, "simulated_peak_bytes": peak, "plan_peak_bytes": plan.peak,
+              "checkpointing": ckpt, "simulated_peak_bytes": peak,
+              "simulated_breakdown_bytes": snapshot, "plan_peak_bytes": plan.peak,
               "ratio": peak / plan.peak, "plan_items": plan.items, "seconds": time.perf_counter() - t0}
+    for k, v in snapshot.items():
+        print(f"  {k}: {v / GiB:.2f} GiB")
     print(f"simulated peak {peak / GiB:.2f} GiB, plan {plan.peak / GiB:.2f} GiB, ratio {peak / plan.peak:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -13,19 +13,12 @@ The plan adds up what one rank holds at its peak (``elasticlm plan``):
   (``[chunk, vocab]`` logits, log-softmaxes and their gradients), FSDP2's all-gather and
   reduce-scatter buffers (two blocks in flight).
 
-Values saved per token and layer (fp32 count; ``d`` hidden, ``Di`` Mamba inner width = heads ×
-head_dim, ``H`` Mamba heads, ``GN`` groups × state, ``L`` scan chunk, ``q`` query width, ``f`` FFN
-width). They were counted with ``torch.autograd.graph.saved_tensors_hooks`` on this code (a
-least-squares fit over 11 Mamba, 7 attention and 4 MLP shapes, each within 3 %), and
-``bench/bench_plan.py`` holds the whole plan against measured peak memory:
-
-    Mamba-2:   2·d + 12.5·Di + 15·GN + 24·H + 2.5·H·L + 3·Di·N/L
-    attention: 3·d + 5·q
-    MLP:       3·d + 2·f
-
-Under bf16 (autocast on fp32 weights) projection outputs are bf16 while the scan and norms stay fp32;
-under FSDP2 with bf16 parameters the residual stream is bf16 too. These dtype splits are design
-estimates: checked on CPU in fp32, not yet measured on a GPU (see docs/scale.md).
+Bytes saved per token and layer come from ``LAYER_BYTES`` (counted on this code with
+``torch.autograd.graph.saved_tensors_hooks``, per precision mode: fp32, bf16 autocast on fp32 weights, bf16
+weights as FSDP2's mixed precision runs them). Note that bf16 saves little inside a Mamba-2 layer: the scan
+and the gated norm upcast to fp32. ``bench/bench_plan.py`` holds the whole plan against measured peak memory
+of real training steps on CPU (fp32); ``bench/simulate_plan.py`` against PyTorch's FSDPMemTracker on a
+fake-tensor FSDP2 step of the 12B parent (bf16 weights).
 """
 
 from __future__ import annotations
@@ -76,30 +69,50 @@ def parse_flops(text: str) -> float:
 # -- activations -------------------------------------------------------------------------------
 
 
-def layer_values_per_token(config: ModelConfig, layer: int, width: Any, hidden: int, scan_chunk: int
-                           ) -> tuple[float, float]:
-    """Values one block saves for backward per token: ``(projection-dtype values, fp32 values)``."""
+# Bytes saved for backward per token and layer, by precision mode, as coefficients of the layer's widths:
+#   Mamba-2:   d, Di, G·N, H, H·L, Di·N/L      attention: d, q      MLP: d, f
+# ("fp32": fp32 weights; "autocast": fp32 weights under bf16 autocast; "bf16": bf16 weights, as FSDP2's
+# MixedPrecisionPolicy runs them). Counted with torch.autograd.graph.saved_tensors_hooks on this code,
+# least-squares over 11 Mamba, 7 attention and 4 MLP shapes (Mamba and MLP within 5 %, attention 15 %).
+LAYER_BYTES = {
+    "fp32": {MAMBA: (8.4, 46.1, 53.1, 96.4, 9.5, 12.0), ATTENTION: (13.0, 11.2), "-": (12.0, 8.0)},
+    "autocast": {MAMBA: (3.7, 40.1, 31.6, 119.5, 5.9, 7.3), ATTENTION: (14.6, 5.6), "-": (10.0, 4.0)},
+    "bf16": {MAMBA: (6.4, 45.2, 38.3, 84.1, 9.9, 14.4), ATTENTION: (10.6, 5.6), "-": (10.0, 4.0)},
+}
+# Packed documents add, in fp32 (half in the bf16 modes): Mamba's masked conv taps (Di, G·N) and
+# attention's per-document gather / scatter (q).
+DOCUMENT_BYTES = {MAMBA: (4.0, 7.0), ATTENTION: 8.9}
+
+
+def layer_bytes_per_token(config: ModelConfig, layer: int, width: Any, hidden: int, scan_chunk: int, mode: str,
+                          documents: bool = True) -> float:
+    """Bytes one block saves for backward per token (see ``LAYER_BYTES``)."""
     kind = config.pattern[layer]
-    d = hidden
+    d, doc_scale = hidden, (1.0 if mode == "fp32" else 0.5) * float(documents)
     if kind == MAMBA:
         assert isinstance(width, MambaWidth)
         g, n = config.mamba_n_groups, config.ssm_state_size
         heads = g * width.heads_per_group
         di = heads * width.head_dim
-        return 2 * d + 6 * di, 6.5 * di + 15 * g * n + 24 * heads + 2.5 * heads * scan_chunk + 3 * di * n / scan_chunk
+        c = LAYER_BYTES[mode][MAMBA]
+        doc = DOCUMENT_BYTES[MAMBA]
+        return (c[0] * d + c[1] * di + c[2] * g * n + c[3] * heads + c[4] * heads * scan_chunk
+                + c[5] * di * n / scan_chunk + doc_scale * (doc[0] * di + doc[1] * g * n))
     if kind == ATTENTION:
         assert isinstance(width, AttentionWidth)
         q = config.num_key_value_heads * width.heads_per_kv_group * config.attention_head_dim
-        return 3 * d + 5 * q, 0.0
-    return 3 * d + 2 * width.intermediate_size, 0.0
+        c = LAYER_BYTES[mode][ATTENTION]
+        return c[0] * d + c[1] * q + doc_scale * DOCUMENT_BYTES[ATTENTION] * q
+    c = LAYER_BYTES[mode]["-"]
+    return c[0] * d + c[1] * width.intermediate_size
 
 
 @dataclass
 class Precision:
-    """Bytes per value: ``weights`` of the compute copy, ``proj`` of projection outputs, ``residual`` of
-    the residual stream (what a checkpointed block keeps)."""
+    """How a run stores values: ``mode`` (a ``LAYER_BYTES`` key) and bytes per value of the residual
+    stream (what a checkpointed block keeps) and of the teacher's weights and hidden states."""
 
-    proj: int = 4
+    mode: str = "fp32"
     residual: int = 4
     teacher: int = 4
 
@@ -107,11 +120,11 @@ class Precision:
     def of(cls, amp: bool, fsdp: bool) -> Precision:
         if not amp:
             return cls()
-        return cls(proj=2, residual=2 if fsdp else 4, teacher=2)
+        return cls("bf16", 2, 2) if fsdp else cls("autocast", 4, 2)
 
 
 def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, precision: Precision,
-                     checkpointing: bool, scan_chunk: int | None = None) -> dict[str, float]:
+                     checkpointing: bool, scan_chunk: int | None = None, documents: bool = True) -> dict[str, float]:
     """Saved activations of the student for ``tokens`` tokens at ``subnet`` (default: the full model):
     ``saved`` (held from forward to backward) and ``block_workspace`` (one block recomputed and its
     backward: only the largest block at a time)."""
@@ -122,8 +135,7 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
     for i, width in enumerate(subnet.layers):
         if width is None:
             continue
-        proj, f32 = layer_values_per_token(config, i, width, d, chunk)
-        per_block.append(proj * precision.proj + f32 * 4)
+        per_block.append(layer_bytes_per_token(config, i, width, d, chunk, precision.mode, documents))
     largest = max(per_block, default=0.0) * tokens
     outer = (2 * d * precision.residual + 16) * tokens  # embedding output, final norm input / output, ids
     # The backward of one block: its (recomputed) saved values, their gradients and the scan's temporaries.
@@ -135,8 +147,8 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
     else:
         saved = sum(per_block) * tokens + outer
         workspace = 1.2 * largest
-    documents = (1 + 4 * config.conv_kernel + 3 * 8 * 2) * tokens  # reset, conv taps, bucket indices
-    return {"saved": saved + documents, "block_workspace": workspace}
+    doc_index = (1 + 4 * config.conv_kernel + 3 * 8 * 2) * tokens if documents else 0  # reset, taps, buckets
+    return {"saved": saved + doc_index, "block_workspace": workspace}
 
 
 def layer_flops_per_token(config: ModelConfig, context: int) -> float:
@@ -234,13 +246,14 @@ class Plan:
 
 def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: int, sharded: bool, amp: bool,
                  checkpointing: bool, teacher: bool, grad_accum: int, router_parameters: int = 0,
-                 subnet: Subnet | None = None, scan_chunk: int | None = None) -> dict[str, float]:
+                 subnet: Subnet | None = None, scan_chunk: int | None = None, documents: bool = True
+                 ) -> dict[str, float]:
     """Per-rank bytes of one training step, broken down (see the module docstring)."""
     p = count_parameters(config)
     shard = world if sharded else 1
     prec = Precision.of(amp, sharded)
     tokens = micro_batch * seq_len
-    act = activation_bytes(config, subnet, tokens, prec, checkpointing, scan_chunk)
+    act = activation_bytes(config, subnet, tokens, prec, checkpointing, scan_chunk, documents)
     d = (subnet or Subnet.full(config)).hidden_size
     chunk_tokens = min(tokens, max(16, CHUNK_ELEMENTS // config.vocab_size))
     items = {
@@ -258,7 +271,8 @@ def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: 
     if sharded:  # two blocks in flight: bf16 (or fp32) all-gather of parameters, fp32 reduce-scatter of grads
         largest_block = max(_block_parameters(config, i) for i in range(config.num_layers))
         outer = config.vocab_size * config.hidden_size
-        items["communication"] = 2 * largest_block * (prec.proj + 4) + outer * prec.proj
+        weight_bytes = 2 if prec.mode == "bf16" else 4
+        items["communication"] = 2 * largest_block * (weight_bytes + 4) + outer * weight_bytes
     return items
 
 
@@ -283,12 +297,13 @@ def peak_of(items: dict[str, float], grad_accum: int, checkpointing: bool) -> fl
 
 def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int, grad_accum: int, cluster: Cluster,
                sharded: bool, amp: bool, checkpointing: bool | None, teacher: bool, router_parameters: int = 0,
-               tokens: int = 0) -> StagePlan:
+               tokens: int = 0, documents: bool = True) -> StagePlan:
     world = cluster.world
     micro = max(1, batch_size // (grad_accum * world))
     scan_chunk = min(config.chunk_size, 32) if cluster.device == "cpu" else config.chunk_size  # see scan_chunk_size
     common = dict(seq_len=seq_len, micro_batch=micro, world=world, sharded=sharded, amp=amp, teacher=teacher,
-                  grad_accum=grad_accum, router_parameters=router_parameters, scan_chunk=scan_chunk)
+                  grad_accum=grad_accum, router_parameters=router_parameters, scan_chunk=scan_chunk,
+                  documents=documents)
     without = stage_memory(config, checkpointing=False, **common)
     peak_without = peak_of(without, grad_accum, False)
     usable = cluster.usable()
