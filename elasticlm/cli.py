@@ -222,7 +222,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     import json as _json
 
     from .config import read_config_file
-    from .train.plan import Cluster, format_plan, parse_bytes, parse_flops, plan_elastic, plan_pretrain
+    from .train.plan import (
+        Cluster,
+        device_memory,
+        format_plan,
+        parse_bytes,
+        parse_flops,
+        plan_elastic,
+        plan_pretrain,
+    )
 
     if not args.config:
         raise ConfigError("--config is required: the run's TOML file (pretrain or elastic)")
@@ -231,7 +239,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     device = args.device or ("cpu" if args.gpu_memory is None and args.gpus == 1 and args.nodes == 1
                              and not _cuda() else "cuda")
-    memory = parse_bytes(args.gpu_memory) if args.gpu_memory else _device_memory(device)
+    memory = parse_bytes(args.gpu_memory) if args.gpu_memory else (
+        device_memory(device) if device == "cpu" or _cuda() else None)
     flops, source = None, ""
     if args.flops:
         flops, source = parse_flops(args.flops), "given with --flops"
@@ -259,21 +268,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _device_memory(device: str) -> float | None:
-    """Total memory of this machine's GPU, or the memory available to this process on a CPU."""
-    if device == "cuda":
-        import torch
-
-        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _parent_architecture(parent: Any) -> Any:

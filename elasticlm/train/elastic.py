@@ -50,7 +50,7 @@ from ..tokenizer import load_tokenizer
 from .checkpoint import OPTIMIZER, STATE, latest, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from .config import ElasticRunConfig
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
-from .trainer import MetricsLog, autocast_dtype, build_optimizer, lr_at
+from .trainer import MetricsLog, amp_from_record, amp_record, autocast_dtype, build_optimizer, lr_at
 
 log = logging.getLogger("elasticlm.train")
 
@@ -272,6 +272,13 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     if eos is None:
         raise ConfigError(f"{parent_dir}: the model config has no eos_token_id (needed to pack documents)")
     student_model = load(parent_dir, device=device, dtype=torch.float32)  # fp32 master weights
+    if cfg.dtype == "auto" and device.type == "cpu":  # bf16 only where it pays here; a resume keeps the choice
+        recorded = read_json(ckpt / STATE).get("amp") if ckpt is not None else None
+        first_stage = run.stages[0]
+        amp = amp_from_record(recorded) if recorded is not None else autocast_dtype(
+            cfg.dtype, device, student_model,
+            (max(1, first_stage.batch_size // (cfg.grad_accum * dist.world)), first_stage.seq_len))
+        amp = _from_rank0(amp, dist)
     space = ElasticSpace.build(student_model.config, ec)
     if run.distill.teacher:
         if teacher.config.vocab_size != student_model.config.vocab_size:
@@ -285,6 +292,14 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         if dist.main:
             log.info("router warm start: budget loss %.4f after %d steps", loss, ec.router_init_steps)
     student = ElasticStudent(student_model, router)
+    from .plan import Cluster, device_memory, plan_elastic, resolve_checkpointing
+
+    cluster = Cluster(dist.world, 1, device_memory(device), device=device.type)
+    student_model.activation_checkpointing = resolve_checkpointing(
+        cfg.activation_checkpointing, plan_elastic(run, student_model.config, cluster))
+    if student_model.activation_checkpointing and dist.main:
+        log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
+                 cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +446,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
             if done % cfg.checkpoint_every == 0 or done == total or stage_done:
                 full = _gathered(student, sharded)
                 if dist.main:
-                    state = {"step": done, "stage": stage_index, "data": stream.state_dict()}
+                    state = {"step": done, "stage": stage_index, "data": stream.state_dict(), "amp": amp_record(amp)}
                     path = out / "checkpoints" / f"step_{done:07d}"
                     save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers, state)
                     if stage_done:  # kept out of the rotation: evaluate it, or branch a run from it
@@ -475,6 +490,17 @@ def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
     return ElasticStudent(plain, student.router)
 
 
+def _from_rank0(value: Any, dist: Distributed) -> Any:
+    """Rank 0's value on every rank (a measured choice must be the same everywhere)."""
+    if dist.world == 1:
+        return value
+    import torch.distributed as tdist
+
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _barrier(dist: Distributed) -> None:
     if dist.world > 1:
         import torch.distributed as tdist
@@ -503,12 +529,15 @@ def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConf
                  device: torch.device) -> nn.Module:
     mode = run.train.parallel
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for model in (student.model, teacher):  # FSDP2: one shard group per block, the rest at the root
-            for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
+        # bf16 compute on fp32 master weights, gradients reduced in fp32 (the teacher is stored in bf16 already)
+        amp = autocast_dtype(run.train.dtype, device)
+        mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+        for model, policy in ((student.model, mp), (teacher, MixedPrecisionPolicy())):
+            for block in model.layers:  # FSDP2: one shard group per block, the rest at the root
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
             model.mark_sharded()
         return student
     from torch.nn.parallel import DistributedDataParallel

@@ -404,6 +404,30 @@ def _finish(plan: Plan, config: ModelConfig, cluster: Cluster, grad_accum: int) 
     return plan
 
 
+def device_memory(device: str | Any) -> float | None:
+    """Total memory of the current CUDA device, or the memory available to a process on a CPU host."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def resolve_checkpointing(setting: bool | None, plan: Plan) -> bool:
+    """``train.activation_checkpointing``: an explicit true / false wins; unset (auto) turns it on when
+    the plan of this run on this device does not fit without it."""
+    if setting is not None:
+        return setting
+    return any(s.checkpointing for s in plan.stages)
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a readable table."""
     gib = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
@@ -439,5 +463,5 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Cluster", "Plan", "StagePlan", "activation_bytes", "format_plan", "parse_bytes", "parse_flops",
-           "plan_elastic", "plan_pretrain", "stage_memory"]
+__all__ = ["Cluster", "Plan", "StagePlan", "activation_bytes", "device_memory", "format_plan", "parse_bytes",
+           "parse_flops", "plan_elastic", "plan_pretrain", "resolve_checkpointing", "stage_memory"]

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import atomic_directory, write_model_files
+from ..checkpoint import atomic_directory, read_json, write_model_files
 from ..data.datasets import PackedStream, doc_text, documents
 from ..errors import CheckpointError, ConfigError
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 from ..runtime import resolve_device
 from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
-from .checkpoint import latest, load_checkpoint, save_checkpoint
+from .checkpoint import STATE, latest, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .losses import ce_loss_from_hidden
 
@@ -42,10 +43,72 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(name: str, device: torch.device, model: HybridLM | None = None,
+                   shape: tuple[int, int] = (1, 256)) -> torch.dtype | None:
+    """The autocast dtype of ``train.dtype``: ``bfloat16`` / ``float32`` as given; ``auto`` = bf16 on CUDA,
+    and on a CPU bf16 only where it measurably pays (:func:`bf16_pays_on_cpu`: some CPUs run bf16 matmuls
+    4x faster than fp32, others 100x slower)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "cpu" and model is not None and bf16_pays_on_cpu(model, shape):
+            return torch.bfloat16
+        return None
     return torch.bfloat16 if name == "bfloat16" else None
+
+
+def amp_record(amp: torch.dtype | None) -> str:
+    """The autocast dtype as trainer_state.json records it."""
+    return "bfloat16" if amp == torch.bfloat16 else "none"
+
+
+def amp_from_record(text: str) -> torch.dtype | None:
+    return torch.bfloat16 if text == "bfloat16" else None
+
+
+def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float = 1.25) -> bool:
+    """Time one forward + backward of ``model`` on a random ``[rows, seq]`` batch in fp32 and under bf16
+    autocast (median of 3 after a warm-up each, a few seconds at most) and say whether bf16 is at least
+    ``threshold``x faster. The decision and both timings are logged."""
+    import statistics
+
+    rows, seq = shape
+    rows, seq = max(1, min(rows, 4)), max(8, min(seq, 1024))  # enough to see the matmuls, short enough to be cheap
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq))
+    cpu_flags = _cpu_flags()
+    if "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
+        log.info("train.dtype auto: fp32 (this CPU has no AVX512-BF16 / AMX: bf16 matmuls are emulated)")
+        return False
+
+    def step(amp: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(ids, head=lambda h, w: F.linear(h[:, -8:], w).float().logsumexp(-1).mean())
+        loss.backward()
+        return time.perf_counter() - t0
+
+    times = {}
+    for amp in (False, True):
+        step(amp)
+        times[amp] = statistics.median(step(amp) for _ in range(3))
+    model.zero_grad(set_to_none=True)
+    ratio = times[False] / times[True]
+    choice = ratio >= threshold
+    log.info("train.dtype auto: %s (a step took %.0f ms in fp32, %.0f ms under bf16 autocast: %.2fx; set "
+             "train.dtype to override)", "bf16 autocast" if choice else "fp32", 1e3 * times[False],
+             1e3 * times[True], ratio)
+    return choice
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def build_optimizer(model: HybridLM, cfg: Any) -> torch.optim.AdamW:
@@ -149,7 +212,6 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     (out / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
     device = resolve_device(cfg.device, "train.device")
-    amp = autocast_dtype(cfg.dtype, device)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -170,6 +232,18 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     assert eos is not None
 
     model = HybridLM(run.model).to(device)
+    # A resumed run keeps the dtype it started with (auto measures, and a measurement can differ)
+    recorded = read_json(ckpt / STATE).get("amp", "none") if ckpt is not None else None
+    amp = amp_from_record(recorded) if recorded is not None else autocast_dtype(
+        cfg.dtype, device, model, (max(1, cfg.batch_size // cfg.grad_accum), cfg.seq_len))
+    from .plan import Cluster, device_memory, plan_pretrain, resolve_checkpointing
+
+    cluster = Cluster(memory=device_memory(device), device=device.type)
+    model.activation_checkpointing = resolve_checkpointing(cfg.activation_checkpointing,
+                                                           plan_pretrain(run, cluster))
+    if model.activation_checkpointing:
+        log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
+                 cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
     if cfg.dtype == "bfloat16" and device.type == "cpu":
         log.warning("bf16 on CPU is ~100x slower than fp32 for matmuls; consider train.dtype=float32")
     opt = build_optimizer(model, cfg)
@@ -228,7 +302,8 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 last.update(evals)
                 bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(out, done, model, opt, {"data": stream.state_dict()}, tok_dir, cfg.keep_checkpoints)
+                save_checkpoint(out, done, model, opt, {"data": stream.state_dict(), "amp": amp_record(amp)}, tok_dir,
+                                cfg.keep_checkpoints)
     finally:
         bar.close()
         metrics.close()
