@@ -74,7 +74,8 @@ def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float =
 
     rows, seq = shape
     rows, seq = max(1, min(rows, 4)), max(8, min(seq, 1024))  # enough to see the matmuls, short enough to be cheap
-    ids = torch.randint(0, model.config.vocab_size, (rows, seq))
+    # its own generator: the measurement must not move the run's random stream (router init, data, noise)
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
     cpu_flags = _cpu_flags()
     if "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
         log.info("train.dtype auto: fp32 (this CPU has no AVX512-BF16 / AMX: bf16 matmuls are emulated)")
