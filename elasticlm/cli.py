@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                                                      if isinstance(v, float) and k.startswith(("val_", "acc_"))))
 
 
-def cmd_plan(args: argparse.Namespace) -> None:
+def cmd_plan(args: argparse.Namespace) -> int:
     import json as _json
 
     from .config import read_config_file
@@ -262,6 +262,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         plan = plan_pretrain(run, cluster, args.checkpointing)
     plan.flops_source = source
     print(_json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 1 if plan.fits is False else 0
 
 
 def _cuda() -> bool:
@@ -558,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights / grads / AdamW, teacher, activations with and without checkpointing, "
                                    "KD chunk, FSDP buffers), whether it fits the device, which knob to turn when "
                                    "not, and throughput / wall-time estimates. An elastic config whose [parent] "
-                                   "path does not exist yet is sized from [parent] architecture (a preset).")
+                                   "path does not exist yet is sized from [parent] architecture (a preset). "
+                                   "Exit status 0 when the run fits, 1 when it does not, 2 on bad input.")
     p.add_argument("--config", help="TOML run config (pretrain or elastic), e.g. configs/nano-12b-elastic.toml")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a field")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
@@ -696,14 +698,14 @@ def _on_off(text: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except ElasticLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import ATTENTION, MAMBA, AttentionWidth, MambaWidth, ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
+from ..model.documents import DENSE_MASK_MAX_LEN
 
 GiB = 1024**3
 # One KD / CE chunk of logits (elements); must match elasticlm.train.losses.KD_CHUNK_ELEMENTS.
@@ -124,10 +125,12 @@ class Precision:
 
 
 def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, precision: Precision,
-                     checkpointing: bool, scan_chunk: int | None = None, documents: bool = True) -> dict[str, float]:
+                     checkpointing: bool, scan_chunk: int | None = None, documents: bool = True,
+                     dense_mask_len: int = 0) -> dict[str, float]:
     """Saved activations of the student for ``tokens`` tokens at ``subnet`` (default: the full model):
     ``saved`` (held from forward to backward) and ``block_workspace`` (one block recomputed and its
-    backward: only the largest block at a time)."""
+    backward: only the largest block at a time). ``dense_mask_len``: the row length when the model uses a
+    dense document mask (short rows on CPU, see ``elasticlm.model.documents``), else 0."""
     subnet = subnet or Subnet.full(config)
     chunk = scan_chunk or config.chunk_size
     d = subnet.hidden_size
@@ -136,6 +139,10 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
         if width is None:
             continue
         per_block.append(layer_bytes_per_token(config, i, width, d, chunk, precision.mode, documents))
+    # A width cut inside KV / B-C groups slices weight rows per group: a copy (not a view), which
+    # autograd keeps for backward; with checkpointing only the recomputed block's copy exists.
+    copies = [_sliced_copy_parameters(config, i, width, d) * precision.residual
+              for i, width in enumerate(subnet.layers) if width is not None]
     largest = max(per_block, default=0.0) * tokens
     outer = (2 * d * precision.residual + 16) * tokens  # embedding output, final norm input / output, ids
     # The backward of one block: its (recomputed) saved values, their gradients and the scan's temporaries.
@@ -143,12 +150,27 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
     # included), 1.2x on top of them without; see peak_of for how it overlaps the loss chunk.
     if checkpointing:
         saved = len(per_block) * d * precision.residual * tokens + outer
-        workspace = 1.25 * largest
+        workspace = 1.25 * largest + max(copies, default=0.0)
     else:
-        saved = sum(per_block) * tokens + outer
+        saved = sum(per_block) * tokens + outer + sum(copies)
         workspace = 1.2 * largest
     doc_index = (1 + 4 * config.conv_kernel + 3 * 8 * 2) * tokens if documents else 0  # reset, taps, buckets
+    if documents and dense_mask_len and config.count(ATTENTION):  # short CPU rows: one [t, t] bool mask, and
+        doc_index += 3.6 * tokens * dense_mask_len  # what SDPA makes of it (measured with saved_tensors_hooks)
     return {"saved": saved + doc_index, "block_workspace": workspace}
+
+
+def _sliced_copy_parameters(config: ModelConfig, layer: int, width: Any, hidden: int) -> int:
+    """Parameters of the block that slicing copies (grouped prefixes) rather than views."""
+    from ..config import layer_parameters
+
+    full = config.layer_widths(layer)
+    if isinstance(width, MambaWidth) and (width.heads_per_group, width.head_dim) != (full.heads_per_group,
+                                                                                      full.head_dim):
+        return layer_parameters(config, MAMBA, width, hidden)
+    if isinstance(width, AttentionWidth) and width.heads_per_kv_group != full.heads_per_kv_group:
+        return layer_parameters(config, ATTENTION, width, hidden)
+    return 0
 
 
 def layer_flops_per_token(config: ModelConfig, context: int) -> float:
@@ -246,14 +268,15 @@ class Plan:
 
 def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: int, sharded: bool, amp: bool,
                  checkpointing: bool, teacher: bool, grad_accum: int, router_parameters: int = 0,
-                 subnet: Subnet | None = None, scan_chunk: int | None = None, documents: bool = True
-                 ) -> dict[str, float]:
+                 subnet: Subnet | None = None, scan_chunk: int | None = None, documents: bool = True,
+                 dense_mask: bool = False) -> dict[str, float]:
     """Per-rank bytes of one training step, broken down (see the module docstring)."""
     p = count_parameters(config)
     shard = world if sharded else 1
     prec = Precision.of(amp, sharded)
     tokens = micro_batch * seq_len
-    act = activation_bytes(config, subnet, tokens, prec, checkpointing, scan_chunk, documents)
+    dense = seq_len if dense_mask and seq_len <= DENSE_MASK_MAX_LEN else 0
+    act = activation_bytes(config, subnet, tokens, prec, checkpointing, scan_chunk, documents, dense)
     d = (subnet or Subnet.full(config)).hidden_size
     chunk_tokens = min(tokens, max(16, CHUNK_ELEMENTS // config.vocab_size))
     items = {
@@ -303,7 +326,7 @@ def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int,
     scan_chunk = min(config.chunk_size, 32) if cluster.device == "cpu" else config.chunk_size  # see scan_chunk_size
     common = dict(seq_len=seq_len, micro_batch=micro, world=world, sharded=sharded, amp=amp, teacher=teacher,
                   grad_accum=grad_accum, router_parameters=router_parameters, scan_chunk=scan_chunk,
-                  documents=documents)
+                  documents=documents, dense_mask=cluster.device == "cpu")
     without = stage_memory(config, checkpointing=False, **common)
     peak_without = peak_of(without, grad_accum, False)
     usable = cluster.usable()
