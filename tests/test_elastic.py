@@ -288,7 +288,7 @@ def tables(parent, out, **train):
         "parent": {"path": str(parent)},
         "elastic": {"budgets": [1.0, 0.6], "router_hidden": 32, "router_init_steps": 50},
         "data": {"source": "synthetic", "mask_prompt": True},
-        "train": {"out": str(out), "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 100,
+        "train": {"out": str(out), "dtype": "float32", "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 100,
                   "val_batches": 1, "checkpoint_every": 2, "keep_checkpoints": 10, "tensorboard": False,
                   **train},
         "eval": {"tasks": False},
@@ -482,3 +482,47 @@ def test_trainer_runs_soft_heterogeneous_and_trainable_teacher(tmp_path, elastic
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     meta = json.loads((tmp_path / "run" / "final" / "elastic.json").read_text())
     assert all(abs(b["cost"] / b["target"] - 1) < 0.1 for b in meta["budgets"])
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tabs: dict, stop_after: str | None, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import elasticlm.train.elastic as el
+
+    real = el.save_sharded_checkpoint
+
+    def save_then_stop(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if path.name == stop_after:
+            raise KeyboardInterrupt  # every rank stops here, as a killed job would
+
+    el.save_sharded_checkpoint = save_then_stop
+    try:
+        train_elastic(elastic_run_config_from_tables(tabs), resume=resume, progress=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_resume_from_sharded_checkpoints_continues_exactly(tmp_path):
+    """2-process gloo FSDP2: stopped in stage 1, resumed from its torch.distributed.checkpoint shards (student,
+    AdamW, router and its optimizer, data position, RNG), the run continues as if never stopped."""
+    parent = make_parent(tmp_path / "parent")
+    straight = tables(parent, tmp_path / "straight", parallel="fsdp")
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), straight, None, False), nprocs=2, join=True)
+    split = tables(parent, tmp_path / "split", parallel="fsdp")
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), split, "step_0000002", False), nprocs=2,
+                                join=True)
+    ckpt = latest(tmp_path / "split")
+    assert ckpt.name == "step_0000002" and (ckpt / "dcp" / ".metadata").is_file()
+    assert not (tmp_path / "split" / "final").exists()
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), split, None, True), nprocs=2, join=True)
+    a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert len(a) == len(b) == 6 and logged(tmp_path / "split", "stage") == [1, 1, 1, 2, 2, 2]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
+    assert max(max_rel(wb[k], wa[k]) for k in wa) < 1e-5

@@ -225,6 +225,74 @@ def load_elastic_checkpoint(path: Path, student: ElasticStudent,
     return state
 
 
+# -- sharded (FSDP2) checkpoints -----------------------------------------------------------------
+
+DCP_DIR = "dcp"  # torch.distributed.checkpoint shards: student, AdamW, router, router optimizer
+
+
+def _sharded_state(student: ElasticStudent, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(student.model, [optimizers["model"]])
+    router_sd, router_optim_sd = get_state_dict(student.router, [optimizers["router"]])
+    return {"model": model_sd, "optim": optim_sd, "router": router_sd, "router_optim": router_optim_sd}
+
+
+def save_sharded_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path,
+                            optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
+                            dist: Distributed) -> None:
+    """An FSDP2 training checkpoint: every rank writes its own shards of the student, its optimizer and
+    the router (``dcp/``, torch.distributed.checkpoint); the whole student is gathered to rank 0 only,
+    parameter by parameter into CPU memory, for the loadable ``model.safetensors``; rank 0 adds
+    ``router.safetensors``, ``elastic.json`` and ``trainer_state.json`` (last) and publishes the
+    directory with a rename. Every rank must call this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    tmp = path.parent / f".{path.name}.tmp-sharded"  # one name every rank can agree on
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(dist)
+    dcp.save(_sharded_state(student, optimizers), checkpoint_id=tmp / DCP_DIR)
+    full = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.main:
+        plain = HybridLM(student.model.config, device="meta")
+        plain.load_state_dict(full, assign=True)
+        write_model_files(plain, tmp, tokenizer_dir=tok_dir)
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
+        (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
+        (tmp / STATE).write_text(json.dumps({**state, "rng": rng_state(), "sharded": True}) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    del full
+    _barrier(dist)
+
+
+def load_sharded_checkpoint(path: Path, student: ElasticStudent, optimizers: dict[str, torch.optim.Optimizer]
+                            ) -> dict[str, Any]:
+    """Every rank reads its own shards of a :func:`save_sharded_checkpoint` directory (the world size may
+    differ from the one that wrote it: torch.distributed.checkpoint reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = read_json(path / STATE)
+    if not (path / DCP_DIR).is_dir():
+        raise CheckpointError(f"{path} has no {DCP_DIR}/ shards: it was written by an unsharded run; resume it with "
+                              "train.parallel=ddp")
+    sd = _sharded_state(student, optimizers)
+    try:
+        dcp.load(sd, checkpoint_id=path / DCP_DIR)
+    except Exception as exc:
+        raise CheckpointError(f"{path / DCP_DIR} is corrupt or incomplete ({str(exc).splitlines()[0]})") from None
+    set_state_dict(student.model, [optimizers["model"]], model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(student.router, [optimizers["router"]], model_state_dict=sd["router"],
+                   optim_state_dict=sd["router_optim"])
+    set_rng_state(state["rng"])
+    return state
+
+
 # -- the trainer -------------------------------------------------------------------------------
 
 
@@ -323,9 +391,6 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
 
     wrapped: nn.Module = student
     sharded = dist.world > 1 and cfg.parallel == "fsdp"
-    if sharded and resume:
-        raise ConfigError("--resume with train.parallel=fsdp is not supported yet (sharded optimizer state is not "
-                          "saved); resume with train.parallel=ddp, or start a new train.out")
     if dist.world > 1:
         wrapped = _parallelize(student, teacher, run, dist, device)
     # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
@@ -334,8 +399,9 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     router_opt = torch.optim.Adam(router.parameters(), lr=router_lr)
     optimizers = {"model": opt, "router": router_opt}
     start = 0
-    if ckpt is not None:  # every rank loads the same checkpoint
-        state = load_elastic_checkpoint(ckpt, student, optimizers)
+    if ckpt is not None:  # every rank loads the same checkpoint (its own shards of it when sharded)
+        state = load_sharded_checkpoint(ckpt, student, optimizers) if sharded else \
+            load_elastic_checkpoint(ckpt, student, optimizers)
         start = int(state["step"])
         stream.load_state_dict(state["data"])
         if dist.main:
@@ -444,11 +510,13 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
                     student.train()
             stage_done = done < total and run.stage_at(done)[0] != stage_index
             if done % cfg.checkpoint_every == 0 or done == total or stage_done:
-                full = _gathered(student, sharded)
+                state = {"step": done, "stage": stage_index, "data": stream.state_dict(), "amp": amp_record(amp)}
+                path = out / "checkpoints" / f"step_{done:07d}"
+                if sharded:
+                    save_sharded_checkpoint(path, student, space, tok_dir, optimizers, state, dist)
+                elif dist.main:
+                    save_elastic_checkpoint(path, student, space, tok_dir, optimizers, state)
                 if dist.main:
-                    state = {"step": done, "stage": stage_index, "data": stream.state_dict(), "amp": amp_record(amp)}
-                    path = out / "checkpoints" / f"step_{done:07d}"
-                    save_elastic_checkpoint(path, full, space, tok_dir, None if sharded else optimizers, state)
                     if stage_done:  # kept out of the rotation: evaluate it, or branch a run from it
                         keep = out / "stages" / f"{stage_index + 1}-{stage.name or 'stage'}"
                         with atomic_directory(keep, overwrite=True) as tmp:
@@ -478,15 +546,17 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
-    """The student with whole (unsharded) weights: itself, or under FSDP2 a gathered copy (every
-    rank must call this; the copy is only needed on rank 0)."""
+    """The student with whole (unsharded) weights: itself, or under FSDP2 a copy gathered to rank 0 (every
+    rank must call this; the others get a model without weights)."""
     if not sharded:
         return student
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in student.model.state_dict().items()}
+    # parameter by parameter, into rank 0's CPU memory only (the other ranks get an empty dict)
+    state = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     plain = HybridLM(student.model.config, device="meta")
-    plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
+    if state:
+        plain.load_state_dict(state, assign=True)
     return ElasticStudent(plain, student.router)
 
 
