@@ -412,9 +412,13 @@ def _ddp_worker(rank: int, world: int, port: int, tabs: dict) -> None:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_run_matches_one_process_with_accumulation(tmp_path, parallel):
-    """gloo on CPU; DDP replicates, FSDP2 shards every block of student and teacher."""
+    """gloo on CPU; DDP replicates, FSDP2 shards every block of student and teacher. Under FSDP2 all rows of a
+    micro-step across ranks share one budget (no rank runs a budget without rows): with grad_accum 1 that is
+    one draw per step, which the single process gets from elastic.budget_rows."""
     parent = make_parent(tmp_path / "parent")
     single = tables(parent, tmp_path / "single", grad_accum=2)
+    if parallel == "fsdp":
+        single["elastic"]["budget_rows"] = 1000
     train_elastic(elastic_run_config_from_tables(single), progress=False)
     ddp = tables(parent, tmp_path / "ddp", grad_accum=1, parallel=parallel)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
@@ -526,3 +530,18 @@ def test_fsdp_resume_from_sharded_checkpoints_continues_exactly(tmp_path):
     assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
     wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
     assert max(max_rel(wb[k], wa[k]) for k in wa) < 1e-5
+
+
+def test_under_fsdp_every_micro_step_has_one_budget_across_ranks():
+    from elasticlm.train.elastic import budget_per_row, rows_of
+
+    world, accum, micro = 4, 3, 2
+    rows = world * accum * micro
+    seen = set()
+    for step in range(40):
+        budgets = budget_per_row([0.5, 0.3, 0.2], rows, micro * world, seed=0, step=step)
+        for a in range(accum):
+            per_rank = [set(budgets[rows_of(r, world, micro, a)]) for r in range(world)]
+            assert all(len(s) == 1 for s in per_rank) and len(set.union(*per_rank)) == 1
+            seen |= per_rank[0]
+    assert seen == {0, 1, 2}

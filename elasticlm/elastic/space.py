@@ -133,6 +133,10 @@ class ElasticConfig:
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
     temperature: list[float] = field(default_factory=lambda: [1.0, 0.05])
     budget_loss_weight: float = 1.0
+    # Consecutive rows of the global batch that share one budget draw. 0 = auto: 1 (every row draws its own)
+    # unless FSDP2 shards the model, where all rows of one micro-step across ranks share a budget, so no rank
+    # runs a budget it has no rows for. The marginal distribution of budgets is the same either way.
+    budget_rows: int = 0
 
     def validate(self) -> None:
         if self.target not in ("params", "memory"):
@@ -150,6 +154,8 @@ class ElasticConfig:
             v = getattr(self, name)
             if len(v) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in v):
                 raise ConfigError(f"elastic.{name} must be [start, end] with positive numbers, got {v!r}")
+        if isinstance(self.budget_rows, bool) or not isinstance(self.budget_rows, int) or self.budget_rows < 0:
+            raise ConfigError(f"elastic.budget_rows must be an int >= 0 (0 = auto), got {self.budget_rows!r}")
         if self.router_hidden < 1 or self.router_warmup_steps < 0 or self.budget_loss_weight < 0:
             raise ConfigError("elastic.router_hidden must be >= 1, router_warmup_steps and budget_loss_weight >= 0")
         for axis in AXES:

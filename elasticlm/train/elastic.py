@@ -2,7 +2,8 @@
 
 The student starts as a copy of the importance-ordered parent; the frozen parent is the teacher.
 Every step draws one budget per sample of the global batch (stage weights; the draw depends only
-on the seed and the step, so every rank agrees), runs the teacher once on the whole micro-batch,
+on the seed and the step, so every rank agrees; under FSDP2 one draw per micro-step across ranks, see
+``elastic.budget_rows``), runs the teacher once on the whole micro-batch,
 and the student once per budget present on that budget's rows, with the Subnet and gates the
 router samples for it. Loss per micro-batch: forward KL(teacher ‖ student) at temperature τ,
 token mean, plus the router's budget loss. Stages change context length, batch size and budget
@@ -68,6 +69,19 @@ def sample_budgets(weights: list[float], n: int, seed: int, step: int) -> list[i
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
     w = torch.tensor(weights, dtype=torch.float64)
     return torch.multinomial(w / w.sum(), n, replacement=True, generator=gen).tolist()
+
+
+def budget_per_row(weights: list[float], rows: int, group: int, seed: int, step: int) -> list[int]:
+    """A budget index for each row of the global batch, one draw per ``group`` consecutive rows (the draw
+    depends only on seed, step and group index, so every rank agrees).
+
+    >>> budget_per_row([1.0, 1.0], 6, 3, seed=0, step=0) == budget_per_row([1.0, 1.0], 6, 3, 0, 0)
+    True
+    >>> b = budget_per_row([1.0, 1.0], 6, 3, seed=0, step=0); b[:3] == [b[0]] * 3 and b[3:] == [b[3]] * 3
+    True
+    """
+    draws = sample_budgets(weights, math.ceil(rows / group), seed, step)
+    return [draws[r // group] for r in range(rows)]
 
 
 def rows_of(rank: int, world: int, micro: int, micro_step: int) -> slice:
@@ -432,11 +446,12 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
             scale, temp = sched.scale_at(step), sched.temperature_at(step)
             tokens, mask = (t.to(device) for t in stream.next_masked_batch())
             weights = stage.budget_weights or [1.0] * len(labels)
-            budgets = sample_budgets(weights, stage.batch_size, cfg.seed, step)
             micro = stage.batch_size // (cfg.grad_accum * dist.world)
             if micro < 1:
                 raise ConfigError(f"stage {stage_index + 1}: batch_size {stage.batch_size} is smaller than "
                                   f"grad_accum × world size ({cfg.grad_accum} × {dist.world})")
+            budgets = budget_per_row(weights, stage.batch_size, ec.budget_rows or (micro * dist.world if sharded
+                                                                                   else 1), cfg.seed, step)
             kd_sum: dict[int, float] = {}
             kd_tok: dict[int, float] = {}
             loss_sum, stats = 0.0, {}
