@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import ROUTING, atomic_directory, load, read_json, write_model_files
+from ..checkpoint import ROUTING, atomic_directory, load, read_config, read_json, write_model_files
 from ..config import count_parameters
 from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
@@ -345,7 +345,15 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
 
     parent_dir = Path(run.parent.path)
     # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
-    teacher = load(run.distill.teacher or parent_dir, device=device, dtype=amp or torch.float32)
+    teacher_dir = Path(run.distill.teacher or parent_dir)
+    # Under FSDP2 nothing is loaded whole: models are built on the meta device, sharded, and every rank reads
+    # only its rows (elasticlm.train.sharded). Native directories only; a Hugging Face parent loads whole.
+    meta_init = (dist.world > 1 and cfg.parallel == "fsdp" and read_config(parent_dir)[1] == "native"
+                 and read_config(teacher_dir)[1] == "native")
+    if meta_init:
+        teacher = HybridLM(read_config(teacher_dir)[0], device="meta", dtype=amp or torch.float32)
+    else:
+        teacher = load(teacher_dir, device=device, dtype=amp or torch.float32)
     if not (parent_dir / "tokenizer.json").is_file():
         raise ConfigError(f"{parent_dir} has no tokenizer.json; the parent must come from `elasticlm pretrain` "
                           "or `elasticlm reorder`")
@@ -353,8 +361,10 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     eos = teacher.config.eos_token_id
     if eos is None:
         raise ConfigError(f"{parent_dir}: the model config has no eos_token_id (needed to pack documents)")
-    student_model = load(parent_dir, device=device, dtype=torch.float32)  # fp32 master weights
-    if cfg.dtype == "auto" and device.type == "cpu":  # bf16 only where it pays here; a resume keeps the choice
+    # fp32 master weights
+    student_model = HybridLM(read_config(parent_dir)[0], device="meta") if meta_init else \
+        load(parent_dir, device=device, dtype=torch.float32)
+    if cfg.dtype == "auto" and device.type == "cpu" and not meta_init:  # bf16 only where it pays; kept on resume
         recorded = read_json(ckpt / STATE).get("amp") if ckpt is not None else None
         first_stage = run.stages[0]
         amp = amp_from_record(recorded) if recorded is not None else autocast_dtype(
@@ -406,7 +416,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     wrapped: nn.Module = student
     sharded = dist.world > 1 and cfg.parallel == "fsdp"
     if dist.world > 1:
-        wrapped = _parallelize(student, teacher, run, dist, device)
+        wrapped = _parallelize(student, teacher, run, dist, device, (parent_dir, teacher_dir) if meta_init else None)
     # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
     opt = build_optimizer(student_model, cfg)
     router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
@@ -611,19 +621,23 @@ def _average_gradients(module: nn.Module) -> None:
 
 
 def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConfig, dist: Distributed,
-                 device: torch.device) -> nn.Module:
+                 device: torch.device, sources: tuple[Path, Path] | None = None) -> nn.Module:
+    """DDP, or FSDP2 per block; ``sources`` (student, teacher directories): the models are on the meta
+    device and every rank fills only its own shards from those files."""
     mode = run.train.parallel
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from .sharded import fill_shards, shard_model
 
         # bf16 compute on fp32 master weights, gradients reduced in fp32 (the teacher is stored in bf16 already)
         amp = autocast_dtype(run.train.dtype, device)
         mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
-        for model, policy in ((student.model, mp), (teacher, MixedPrecisionPolicy())):
-            for block in model.layers:  # FSDP2: one shard group per block, the rest at the root
-                fully_shard(block, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
-            model.mark_sharded()
+        for i, (model, policy) in enumerate(((student.model, mp), (teacher, MixedPrecisionPolicy()))):
+            shard_model(model, policy)
+            if sources is not None:
+                model.to_empty(device=device)
+                fill_shards(model, sources[i])
         return student
     from torch.nn.parallel import DistributedDataParallel
 
