@@ -39,15 +39,19 @@ def main() -> None:
     ap.add_argument("--baseline-max-seq", type=int, default=8192,
                     help="longest context the baseline runs (its dense mask and scores grow as t²)")
     ap.add_argument("--repeats", type=int, default=3, help="speed: interleaved repeats per length")
+    ap.add_argument("--speed-only", action="store_true", help="skip part 1 (memory); keep its earlier figures")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "memory.json"))
     args = ap.parse_args()
     base = worktree(args.baseline_ref)
-    result: dict = {"command": "python bench/bench_memory.py", "baseline_ref": args.baseline_ref,
+    result: dict = {"command": "python bench/bench_memory.py" + (f" --repeats {args.repeats}" if args.repeats != 3
+                                                                 else ""), "baseline_ref": args.baseline_ref,
                     "memory": [], "speed": []}
     try:
         print("| seq_len | checkpointing | peak MiB | × previous | baseline peak MiB |")
         print("|---|---|---|---|---|")
-        for ckpt in (False, True):
+        if args.speed_only and Path(args.out).exists():
+            result["memory"] = json.loads(Path(args.out).read_text())["memory"]
+        for ckpt in () if args.speed_only else (False, True):
             prev = None
             for t in (2048, 4096, 8192, 16384):
                 spec = {"preset": "demo", "seq_len": t, "rows": 1, "checkpointing": ckpt, "steps": 2}

@@ -98,8 +98,9 @@ def main() -> None:
     cluster = Cluster(args.world, 1, None, None, device="cuda")
     plan = plan_stage(cfg, name="sim", seq_len=args.seq_len, batch_size=args.rows * args.world, grad_accum=1,
                       cluster=cluster, sharded=True, amp=True, checkpointing=ckpt, teacher=True, documents=False)
-    result = {"command": "python bench/simulate_plan.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out",)),
+    flags = [f"--preset {args.preset}", f"--seq-len {args.seq_len}", f"--rows {args.rows}", f"--world {args.world}"]
+    result = {"command": "python bench/simulate_plan.py " + " ".join(flags + (["--no-checkpointing"] if not ckpt
+                                                                              else [])),
               "parameters": count_parameters(cfg), "seq_len": args.seq_len, "rows": args.rows, "world": args.world,
               "checkpointing": ckpt, "simulated_peak_bytes": peak,
               "simulated_breakdown_bytes": snapshot, "plan_peak_bytes": plan.peak,
