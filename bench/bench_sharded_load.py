@@ -18,16 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from step_probe import proc_status
 
 MiB = 2**20
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _worker(rank: int, world: int, port: int, directory: str, mode: str, out: str) -> None:
@@ -44,7 +37,7 @@ def _worker(rank: int, world: int, port: int, directory: str, mode: str, out: st
     HybridLM(config, device="meta")  # import-time and first-use allocations before the baseline
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    base = _status("VmRSS:")
+    base = proc_status("VmRSS")
     if mode == "whole":  # every rank loads the whole model, then shards it
         model = load(directory, dtype=torch.float32)
         shard_model(model)
@@ -52,8 +45,11 @@ def _worker(rank: int, world: int, port: int, directory: str, mode: str, out: st
         model = HybridLM(config, device="meta")
         shard_model(model)
         model.to_empty(device="cpu")
+        after_empty = proc_status("VmRSS") - base
         fill_shards(model, directory)
-    peak = _status("VmHWM:") - base
+        print(f"rank {rank}: after to_empty {after_empty / 2**20:.0f} MiB, after fill "
+              f"{(proc_status('VmRSS') - base) / 2**20:.0f} MiB", flush=True)
+    peak = proc_status("VmHWM") - base
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps({"peak_bytes": peak}))
     dist.destroy_process_group()
 

@@ -20,20 +20,21 @@ import time
 import torch
 
 
-def rss() -> int:
+def proc_status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss() -> int:
+    return proc_status("VmRSS")
 
 
 def hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    return proc_status("VmHWM")
 
 
 def reset_hwm() -> None:

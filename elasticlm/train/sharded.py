@@ -13,11 +13,13 @@ Host memory per rank while loading is about 1/N of the model plus one tensor's s
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..checkpoint import WEIGHTS, WEIGHTS_INDEX, read_config
 from ..errors import CheckpointError
@@ -66,50 +68,89 @@ def local_rows(global_shape: torch.Size, param: Any) -> tuple[slice, ...]:
         return (slice(min(rank * per, n), min((rank + 1) * per, n)),) + tuple(slice(0, s) for s in global_shape[1:])
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorFile:
+    """Rows of tensors from a safetensors file with plain positioned reads (``os.pread``): only the bytes
+    asked for are read, and nothing is memory-mapped, so resident memory holds just the rows read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, n, 8))
+        except Exception as exc:
+            os.close(self.fd)
+            raise CheckpointError(f"{path} is corrupt or truncated ({exc})") from None
+        header.pop("__metadata__", None)
+        self.base, self.header = 8 + n, header
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def read_rows_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Fill ``out`` with rows ``start:start + len(out)`` (dim 0) of tensor ``key``: read straight into
+        ``out``'s memory when it is contiguous and of the file's dtype, else through one buffer."""
+        info = self.header[key]
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        stop = start + (out.shape[0] if out.dim() else 1)
+        nbytes = (stop - start) * row
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
+        buffer = memoryview(target.view(torch.uint8).numpy()).cast("B") if target.dim() else bytearray(nbytes)
+        got = os.preadv(self.fd, [buffer], self.base + info["data_offsets"][0] + start * row)
+        if got != nbytes:
+            raise CheckpointError(f"{self.path} is truncated (tensor {key})")
+        if not target.dim():
+            target.copy_(torch.frombuffer(buffer, dtype=dtype).view(()))
+        if target is not out:
+            out.copy_(target)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @torch.no_grad()
 def fill_shards(model: HybridLM, path: str | Path) -> None:
     """Copy this rank's rows of every parameter from the model directory at ``path`` (native or Hugging
-    Face NemotronH, single or sharded safetensors) into the sharded ``model``, in its dtype."""
+    Face NemotronH, single or sharded safetensors) into the FSDP2-sharded ``model``, in its dtype."""
     from torch.distributed.tensor import DTensor
 
     path = Path(path)
     config, kind = read_config(path)
     if config != model.config and kind == "native":
         raise CheckpointError(f"{path}: its config.json differs from the model being filled")
-    where: dict[str, tuple[Path, str]] = {}
-    for file in _weight_files(path):
-        try:
-            with safe_open(file, "pt") as f:
-                for key in f.keys():
-                    name = name_from_hf(key) if kind == "hf" else key
-                    if name is not None:
-                        where[name] = (file, key)
-        except Exception as exc:
-            raise CheckpointError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
-    if model.lm_head is not None and "lm_head.weight" not in where and "embeddings.weight" in where:
-        where["lm_head.weight"] = where["embeddings.weight"]  # a tied checkpoint read into an untied model
-    handles: dict[Path, Any] = {}
+    files = [TensorFile(f) for f in _weight_files(path)]
     try:
+        where: dict[str, tuple[TensorFile, str]] = {}
+        for f in files:
+            for key in f.keys():
+                name = name_from_hf(key) if kind == "hf" else key
+                if name is not None:
+                    where[name] = (f, key)
+        if model.lm_head is not None and "lm_head.weight" not in where and "embeddings.weight" in where:
+            where["lm_head.weight"] = where["embeddings.weight"]  # a tied checkpoint read into an untied model
         for name, param in model.state_dict().items():
             if name not in where:
                 raise CheckpointError(f"{path}: weight {name} is missing; the checkpoint does not match its config")
-            file, key = where[name]
-            if file not in handles:
-                handles[file] = safe_open(file, "pt").__enter__()
-            piece = handles[file].get_slice(key)
-            if tuple(piece.get_shape()) != tuple(param.shape):
-                raise CheckpointError(f"{path}: {name} has shape {tuple(piece.get_shape())}, the model "
-                                      f"{tuple(param.shape)}")
+            f, key = where[name]
+            if f.shape(key) != tuple(param.shape):
+                raise CheckpointError(f"{path}: {name} has shape {f.shape(key)}, the model {tuple(param.shape)}")
             if isinstance(param, DTensor):
-                index = local_rows(param.shape, param)
                 local = param.to_local()
                 if local.numel():
-                    local.copy_(piece[index].to(local.dtype))
+                    f.read_rows_into(key, local_rows(param.shape, param)[0].start, local)
             else:
-                param.copy_(piece[:].to(param.dtype))
+                f.read_rows_into(key, 0, param.data)
     finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        for f in files:
+            f.close()
 
 
 __all__ = ["fill_shards", "local_rows", "shard_model"]
