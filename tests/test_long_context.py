@@ -143,3 +143,28 @@ def test_prefill_keeps_only_the_last_logits(rng):
         cached = model(ids, subnet, cache=model.new_cache(subnet), logits_to_keep=1)
     assert last.shape == (2, 1, 64)
     assert max_rel(last, full[:, -1:]) < 1e-6 and max_rel(cached, full[:, -1:]) < 1e-5
+
+
+def test_tensor_file_reads_rows_like_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from elasticlm.train.sharded import TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(10, 3, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randn(4, 2, 5, generator=g), "s": torch.tensor(3.5)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    ref = load_file(tmp_path / "w.safetensors")
+    f = TensorFile(tmp_path / "w.safetensors")
+    try:
+        cases = [("a", 3, 6, torch.float32), ("a", 9, 10, torch.float32), ("b", 0, 7, torch.bfloat16),
+                 ("b", 2, 5, torch.float32), ("c", 1, 3, torch.float64)]
+        for key, start, stop, dtype in cases:
+            out = torch.empty((stop - start, *ref[key].shape[1:]), dtype=dtype)
+            f.read_rows_into(key, start, out)
+            assert torch.equal(out, ref[key][start:stop].to(dtype)), key
+        scalar = torch.empty(())
+        f.read_rows_into("s", 0, scalar)
+        assert scalar.item() == 3.5
+    finally:
+        f.close()
