@@ -45,10 +45,7 @@ def _worker(rank: int, world: int, port: int, directory: str, mode: str, out: st
         model = HybridLM(config, device="meta")
         shard_model(model)
         model.to_empty(device="cpu")
-        after_empty = proc_status("VmRSS") - base
         fill_shards(model, directory)
-        print(f"rank {rank}: after to_empty {after_empty / 2**20:.0f} MiB, after fill "
-              f"{(proc_status('VmRSS') - base) / 2**20:.0f} MiB", flush=True)
     peak = proc_status("VmHWM") - base
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps({"peak_bytes": peak}))
     dist.destroy_process_group()

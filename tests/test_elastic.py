@@ -545,3 +545,14 @@ def test_under_fsdp_every_micro_step_has_one_budget_across_ranks():
             assert all(len(s) == 1 for s in per_rank) and len(set.union(*per_rank)) == 1
             seen |= per_rank[0]
     assert seen == {0, 1, 2}
+
+
+def test_activation_checkpointing_in_the_trainer_changes_nothing_but_memory(tmp_path):
+    parent = make_parent(tmp_path / "parent")
+    for name, ckpt in (("plain", False), ("ckpt", True)):
+        tabs = tables(parent, tmp_path / name, activation_checkpointing=ckpt)
+        tabs["stages"] = tabs["stages"][:1]
+        train_elastic(elastic_run_config_from_tables(tabs), progress=False)
+    assert logged(tmp_path / "plain") == pytest.approx(logged(tmp_path / "ckpt"), rel=1e-6, abs=1e-7)
+    wa, wb = weights(tmp_path / "plain" / "final"), weights(tmp_path / "ckpt" / "final")
+    assert max(max_rel(wb[k], wa[k]) for k in wa) < 1e-5
