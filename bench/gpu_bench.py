@@ -55,7 +55,7 @@ def elastic_step(student: HybridLM, teacher: HybridLM, opt: torch.optim.Optimize
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def measure_step(cfg: ModelConfig, device: torch.device, rows: int, t: int, ckpt: bool, amp: bool, steps: int,

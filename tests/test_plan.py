@@ -99,5 +99,10 @@ def test_plan_a_pretrain_config_on_this_cpu(capsys):
     assert plan["peak_bytes"] < 4 * GiB
 
 
+def test_plan_refuses_multi_gpu_pretraining(capsys):
+    assert main(["plan", "--config", "configs/demo-parent.toml", "--gpus", "8", "--gpu-memory", "80GB"]) == 2
+    assert "one device" in capsys.readouterr().err
+
+
 def test_parse_bytes():
     assert parse_bytes("141GB") == 141e9 and parse_bytes("80GiB") == 80 * GiB and parse_bytes("2e9") == 2e9

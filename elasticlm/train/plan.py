@@ -377,8 +377,11 @@ def plan_elastic(run: Any, config: ModelConfig, cluster: Cluster, checkpointing:
 def plan_pretrain(run: Any, cluster: Cluster, checkpointing: bool | None = None) -> Plan:
     """The plan of a parent pretraining run (:class:`~elasticlm.train.config.RunConfig`)."""
     cfg = run.train
+    if cluster.world > 1:
+        raise ConfigError("`elasticlm pretrain` trains on one device (torchrun is supported by `elasticlm train` "
+                          "only); plan it with --gpus 1 --nodes 1")
     amp = _amp(cfg.dtype, cluster)
-    sharded = cluster.world > 1 and cfg.parallel == "fsdp"
+    sharded = False
     ckpt = checkpointing if checkpointing is not None else cfg.activation_checkpointing
     stage = plan_stage(run.model, name="pretrain", seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, cluster=cluster, sharded=sharded, amp=amp, checkpointing=ckpt,
@@ -479,6 +482,8 @@ def format_plan(plan: Plan) -> str:
             if s.tokens_per_s:
                 hours = f", {s.tokens / 1e9:.2f} B tokens ≈ {s.hours:.1f} h" if s.hours else ""
                 lines.append(f"  {s.name}: ≈ {s.tokens_per_s:,.0f} tokens/s{hours}")
+    if plan.memory is None:
+        lines += ["", "device memory unknown: pass --gpu-memory (e.g. 141GB) to say whether it fits."]
     if plan.fits is True:
         lines += ["", "fits."]
     elif plan.fits is False:
