@@ -355,7 +355,10 @@ def plan_elastic(run: Any, config: ModelConfig, cluster: Cluster, checkpointing:
     amp = _amp(cfg.dtype, cluster)
     sharded = cluster.world > 1 and cfg.parallel == "fsdp"
     space = ElasticSpace.build(config, run.elastic)
-    router_params = sum(p.numel() for p in Router(space, run.elastic.router_hidden).parameters())
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # building a router to count it must not move the run's RNG
+        router_params = sum(p.numel() for p in Router(space, run.elastic.router_hidden).parameters())
     fractions = [t / count_parameters(config) if space.target == "params" else 1.0 for t in space.targets]
     stages = []
     for i, s in enumerate(run.stages):
