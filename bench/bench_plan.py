@@ -27,7 +27,7 @@ WIDE = dict(pattern="M-M*-M-", vocab_size=8192, hidden_size=512, mamba_num_heads
             mamba_n_groups=2, ssm_state_size=64, num_attention_heads=8, num_key_value_heads=2,
             attention_head_dim=64, intermediate_size=1536, chunk_size=64)
 
-CONFIGS = [  # (label, model, seq_len, rows, budget, checkpointing)
+CONFIGS = [  # (label, model, seq_len, rows, budget, checkpointing); budget None = a pretraining step
     ("demo", "demo", 512, 4, 0, False),
     ("demo", "demo", 2048, 1, 0, False),
     ("demo", "demo", 2048, 1, 0, True),
@@ -37,6 +37,8 @@ CONFIGS = [  # (label, model, seq_len, rows, budget, checkpointing)
     ("wide", WIDE, 1024, 2, 0, True),
     ("wide", WIDE, 2048, 1, 1, False),
     ("wide", WIDE, 4096, 1, 1, True),
+    ("demo", "demo", 2048, 2, None, False),
+    ("wide", WIDE, 4096, 1, None, True),
 ]
 
 
@@ -49,32 +51,36 @@ def probe(spec: dict, pythonpath: str | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def planned(cfg: ModelConfig, seq_len: int, rows: int, checkpointing: bool, subnet: Subnet) -> tuple[float, dict]:
+def planned(cfg: ModelConfig, seq_len: int, rows: int, checkpointing: bool, subnet: Subnet, teacher: bool = True
+            ) -> tuple[float, dict]:
     items = stage_memory(cfg, seq_len=seq_len, micro_batch=rows, world=1, sharded=False, amp=False,
-                         checkpointing=checkpointing, teacher=True, grad_accum=1, subnet=subnet,
-                         scan_chunk=min(cfg.chunk_size, 32))
+                         checkpointing=checkpointing, teacher=teacher, grad_accum=1, subnet=subnet,
+                         scan_chunk=min(cfg.chunk_size, 32), dense_mask=True)
     return peak_of(items, 1, checkpointing), items
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the first three configurations only")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N configurations")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "plan.json"))
     args = ap.parse_args()
     rows_out = []
     print("| model | params | seq_len × rows | budget | checkpointing | measured MiB | plan MiB | measured/plan |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, model, seq_len, rows, budget, ckpt in CONFIGS[:3] if args.quick else CONFIGS:
-        spec = {"seq_len": seq_len, "rows": rows, "budget": budget, "checkpointing": ckpt}
+    for label, model, seq_len, rows, budget, ckpt in (CONFIGS[:3] if args.quick else CONFIGS)[args.skip:]:
+        spec = {"seq_len": seq_len, "rows": rows, "budget": budget or 0, "checkpointing": ckpt,
+                "pretrain": budget is None}
         spec.update({"preset": model} if isinstance(model, str) else {"model": model})
         r = probe(spec)
         cfg = preset(model) if isinstance(model, str) else ModelConfig(**model)
-        plan, items = planned(cfg, seq_len, rows, ckpt, Subnet.from_dict(r["subnet"]))
+        plan, items = planned(cfg, seq_len, rows, ckpt, Subnet.from_dict(r["subnet"]), teacher=budget is not None)
         ratio = r["peak_bytes"] / plan
         rows_out.append({"model": label, "parameters": r["parameters"], "seq_len": seq_len, "rows": rows,
                          "budget": budget, "checkpointing": ckpt, "measured_bytes": r["peak_bytes"],
                          "plan_bytes": plan, "ratio": ratio, "plan_items": items})
-        print(f"| {label} | {r['parameters'] / 1e6:.1f} M | {seq_len} × {rows} | {budget} | {'on' if ckpt else 'off'} "
+        print(f"| {label} | {r['parameters'] / 1e6:.1f} M | {seq_len} × {rows} | "
+              f"{'pretrain' if budget is None else budget} | {'on' if ckpt else 'off'} "
               f"| {r['peak_bytes'] / MiB:,.0f} | {plan / MiB:,.0f} | {ratio:.3f} |", flush=True)
     worst = max(abs(r["ratio"] - 1) for r in rows_out)
     print(f"\nworst |measured/plan - 1| = {worst:.1%} over {len(rows_out)} configurations")

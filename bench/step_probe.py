@@ -53,7 +53,7 @@ def packed_batch(rows: int, seq_len: int, vocab: int, eos: int, doc_len: int, se
 def main(spec: dict) -> dict:
     import elasticlm.train.elastic as E
     from elasticlm import HybridLM
-    from elasticlm.config import ModelConfig, preset
+    from elasticlm.config import ModelConfig, Subnet, preset
     from elasticlm.elastic.router import Router
     from elasticlm.elastic.space import ElasticConfig, ElasticSpace
     from elasticlm.model.documents import document_ids_from_eos
@@ -90,16 +90,25 @@ def main(spec: dict) -> dict:
     keep = torch.ones(rows, t)
     doc = document_ids_from_eos(inputs, eos)
     new_api = hasattr(E, "teacher_hidden")
+    pretrain = spec.get("pretrain", False)
+    if pretrain:  # a parent pretraining step: no teacher, no router, next-token CE
+        from elasticlm.train.trainer import lm_loss
+
+        del teacher
     times, peaks = [], []
     steps = spec.get("steps", 3)
     for step in range(steps):
         if step == steps - 1:  # the last step is the measured one: optimizer states exist by now
             reset_hwm()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            tgt = E.teacher_hidden(teacher, inputs, doc) if new_api else teacher(inputs, document_ids=doc)
-        loss, _ = student(inputs, doc, keep, tgt, targets, [budget] * rows, step=0, seed=0, scale=1.0,
-                          temperature=1.0, kd_temperature=1.0, ce_weight=0.0, budget_weight=1.0, amp=None)
+        if pretrain:
+            tgt = None
+            loss = lm_loss(model, (batch, torch.ones_like(batch, dtype=torch.bool)), None, eos)
+        else:
+            with torch.no_grad():
+                tgt = E.teacher_hidden(teacher, inputs, doc) if new_api else teacher(inputs, document_ids=doc)
+            loss, _ = student(inputs, doc, keep, tgt, targets, [budget] * rows, step=0, seed=0, scale=1.0,
+                              temperature=1.0, kd_temperature=1.0, ce_weight=0.0, budget_weight=1.0, amp=None)
         loss.backward()
         opt.step()
         router_opt.step()
@@ -109,7 +118,7 @@ def main(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         if step == steps - 1:
             peaks.append(hwm() - base)
-    subnet = router.route(budget, 1.0, 1.0, 0, 0).subnet
+    subnet = Subnet.full(cfg) if pretrain else router.route(budget, 1.0, 1.0, 0, 0).subnet
     return {"peak_bytes": peaks[-1], "tok_s": rows * t / statistics.median(times[1:] or times),
             "subnet": subnet.to_dict(), "parameters": model.num_parameters(), "new_api": new_api}
 
