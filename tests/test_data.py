@@ -149,3 +149,39 @@ def test_synthetic_masking_keeps_the_trace_and_answer():
     doc = next(documents(DataConfig(mask_prompt=True), "train")(0))
     prompt, completion = doc
     assert prompt.startswith("Q: ") and prompt.endswith("\nT:") and "\nA: " in completion
+
+
+@pytest.mark.parametrize("source", ["jsonl", "text"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_local_files_resume_by_seeking_not_rereading(tmp_path, source, split):
+    """The saved position names the file and offset of the next document: a resumed stream gives the same
+    batches as one that never stopped, without reading the files before that position (here: the first
+    file is made unreadable after the position was saved)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        texts = [f"file {k} document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(60)]
+        if source == "jsonl":
+            write_jsonl(data / f"part{k}.jsonl", [{"text": t} for t in texts])
+        else:
+            (data / f"part{k}.txt").write_text("\n\n".join(texts))
+    cfg = DataConfig(source=source, path=str(data), val_fraction=0.3)
+    a = PackedStream(documents(cfg, split), encode, EOS, 64, 2)
+    while (a.state.cursor or {}).get("file", 0) < 1:  # move into the second file
+        a.next_batch()
+    saved = json.loads(json.dumps(a.state_dict()))
+    assert saved["cursor"]["file"] >= 1 and saved["cursor"]["index"] == saved["doc_index"]
+    expected = [a.next_batch() for _ in range(4)]
+    first = data / ("part0.jsonl" if source == "jsonl" else "part0.txt")
+    first.write_bytes(b"\xff\xfe not what was there {" * 10)  # re-reading it would fail or change the data
+    b = PackedStream(documents(cfg, split), encode, EOS, 64, 2)
+    b.load_state_dict(saved)
+    for want in expected:
+        assert torch.equal(b.next_batch(), want)
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not UTF-8"):
+        list(documents(DataConfig(source="jsonl", path=str(f), val_fraction=1e-9), "train")(0))

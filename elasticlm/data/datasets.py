@@ -99,14 +99,22 @@ def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 def text_documents(path: Path) -> Iterator[str]:
     """Each file is split into documents at blank lines."""
-    for file in _files(path, TEXT_SUFFIXES):
+    for doc, _ in _text_from(_files(path, TEXT_SUFFIXES), 0, 0):
+        yield doc
+
+
+def _text_from(files: list[Path], file_index: int, skip: int) -> Iterator[tuple[str, tuple[int, int]]]:
+    """Documents of text files from file ``file_index`` on (its first ``skip`` documents skipped), each with
+    the position after it: (file index, documents of that file read)."""
+    for k in range(file_index, len(files)):
+        file = files[k]
         try:
             text = file.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
-        for doc in text.split("\n\n"):
-            if doc.strip():
-                yield doc.strip()
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        for j in range(skip if k == file_index else 0, len(docs)):
+            yield docs[j], (k, j + 1)
 
 
 def _record_text(record: dict[str, Any], cfg: DataConfig, where: str) -> Doc:
@@ -130,20 +138,41 @@ def doc_text(doc: Doc) -> str:
 
 
 def jsonl_documents(cfg: DataConfig) -> Iterator[Doc]:
-    for file in _files(Path(cfg.path or ""), (".jsonl", ".json")):
-        with open(file, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
+    for doc, _ in _jsonl_from(cfg, _files(Path(cfg.path or ""), (".jsonl", ".json")), 0, 0, 1):
+        yield doc
+
+
+def _jsonl_from(cfg: DataConfig, files: list[Path], file_index: int, offset: int, line: int
+                ) -> Iterator[tuple[Doc, tuple[int, int, int]]]:
+    """Records of JSON-lines files from file ``file_index`` at byte ``offset`` (line number ``line``) on, each
+    with the position after it: (file index, byte offset, next line number) — a resume seeks there."""
+    for k in range(file_index, len(files)):
+        file = files[k]
+        pos, n = (offset, line) if k == file_index else (0, 1)
+        try:
+            fh = open(file, "rb")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
+        with fh:
+            fh.seek(pos)
+            for raw in fh:
+                here, pos, n = n, pos + len(raw), n + 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ConfigError(f"{file}:{here}: not UTF-8 (byte {pos - len(raw) + exc.start} of the file); "
+                                      "is this a JSON-lines text file?") from None
+                if not text.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
+                    raise ConfigError(f"{file}:{here}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
-                    raise ConfigError(f"{file}:{n}: expected a JSON object per line")
-                doc = _record_text(record, cfg, f"{file}:{n}")
+                    raise ConfigError(f"{file}:{here}: expected a JSON object per line")
+                doc = _record_text(record, cfg, f"{file}:{here}")
                 if doc_text(doc).strip():
-                    yield doc
+                    yield doc, (k, pos, n)
 
 
 def hf_documents(cfg: DataConfig) -> Iterator[Doc]:
@@ -185,8 +214,9 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
                 yield render(synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0])
                 i += 1
         return val
-    source = {"text": lambda: text_documents(Path(cfg.path or "")), "jsonl": lambda: jsonl_documents(cfg),
-              "hf": lambda: hf_documents(cfg)}[cfg.source]
+    if cfg.source in ("text", "jsonl"):
+        return FileDocuments(cfg, split)
+    source = {"hf": lambda: hf_documents(cfg)}[cfg.source]
     want_val = split != "train"
 
     def stream(start: int) -> Iterator[Doc]:
@@ -202,6 +232,46 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
     return stream
 
 
+class FileDocuments:
+    """The documents of one split of local text / JSON-lines files: ``docs(start)`` iterates from the
+    ``start``-th document of the split (reading from the beginning), ``docs.resume(start, cursor)`` seeks
+    straight to the position :attr:`cursor` recorded after that document (the file, and the byte offset
+    for JSON lines), so a resumed run does not re-read the data before it."""
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        self.cfg, self.split, self.want_val = cfg, split, split != "train"
+        self.cursor: dict[str, int] | None = None  # position after the last document yielded
+
+    def _raw(self, cursor: dict[str, int] | None) -> Iterator[tuple[Doc, tuple[int, ...]]]:
+        c = cursor or {}
+        if self.cfg.source == "jsonl":
+            files = _files(Path(self.cfg.path or ""), (".jsonl", ".json"))
+            return _jsonl_from(self.cfg, files, c.get("file", 0), c.get("offset", 0), c.get("line", 1))
+        return _text_from(_files(Path(self.cfg.path or ""), TEXT_SUFFIXES), c.get("file", 0), c.get("offset", 0))
+
+    def _split(self, cursor: dict[str, int] | None, start: int) -> Iterator[Doc]:
+        i = cursor["index"] if cursor else 0
+        for doc, pos in self._raw(cursor):
+            if in_validation(doc_text(doc), self.cfg.val_fraction) == self.want_val:
+                if i >= start:
+                    self.cursor = {"index": i + 1, "file": pos[0], "offset": pos[1],
+                                   **({"line": pos[2]} if len(pos) > 2 else {})}
+                    yield doc
+                i += 1
+        if i == 0:
+            raise ConfigError(f"the {self.split} split of {self.cfg.source} data {self.cfg.path} is empty"
+                              + (" (too few documents for data.val_fraction?)" if self.want_val else ""))
+
+    def __call__(self, start: int) -> Iterator[Doc]:
+        return self._split(None, start)
+
+    def resume(self, start: int, cursor: dict[str, int] | None) -> Iterator[Doc]:
+        """From document ``start`` on, seeking to ``cursor`` when it is the position of that document."""
+        if cursor is not None and cursor.get("index") == start:
+            return self._split(dict(cursor), start)
+        return self._split(None, start)
+
+
 @dataclass
 class StreamState:
     """Resumable position: next document index, epoch, tokens (and their loss mask) carried over."""
@@ -210,6 +280,7 @@ class StreamState:
     epoch: int = 0
     carry: list[int] = field(default_factory=list)
     carry_mask: list[int] = field(default_factory=list)
+    cursor: dict[str, int] | None = None  # where the source stands after document doc_index - 1 (seekable sources)
 
 
 class PackedStream:
@@ -233,16 +304,19 @@ class PackedStream:
     def _next_doc(self) -> Doc:
         for _ in range(2):
             if self._iter is None:
-                self._iter = self.docs(self.state.doc_index)
+                resume = getattr(self.docs, "resume", None)
+                self._iter = resume(self.state.doc_index, self.state.cursor) if resume is not None else \
+                    self.docs(self.state.doc_index)
             try:
                 doc = next(self._iter)
                 self.state.doc_index += 1
+                self.state.cursor = getattr(self.docs, "cursor", None)
                 return doc
             except StopIteration:
                 self._iter = None
                 if self.state.doc_index == 0:
                     break
-                self.state.doc_index, self.state.epoch = 0, self.state.epoch + 1
+                self.state.doc_index, self.state.epoch, self.state.cursor = 0, self.state.epoch + 1, None
         raise ConfigError("the dataset yielded no documents")
 
     def next_masked_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,9 +345,11 @@ class PackedStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"doc_index": self.state.doc_index, "epoch": self.state.epoch, "carry": list(self.state.carry),
-                "carry_mask": list(self.state.carry_mask)}
+                "carry_mask": list(self.state.carry_mask), "cursor": self.state.cursor}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        cursor = d.get("cursor")
         self.state = StreamState(int(d["doc_index"]), int(d["epoch"]), [int(t) for t in d["carry"]],
-                                 [int(t) for t in d.get("carry_mask", [1] * len(d["carry"]))])
+                                 [int(t) for t in d.get("carry_mask", [1] * len(d["carry"]))],
+                                 {k: int(v) for k, v in cursor.items()} if isinstance(cursor, dict) else None)
         self._iter = None
