@@ -119,6 +119,8 @@ def _sharded_generation_worker(rank: int, port: int, out: str) -> None:
     got = [elasticlm.generate(model, ids, max_new_tokens=8, subnet=s) for s in (None, half)]
     if rank == 0:
         torch.save(got, out)
+    # leave the group together: rank 1 tearing gloo down while rank 0 still saves aborted it (SIGABRT, flaky)
+    dist.barrier()
     dist.destroy_process_group()
 
 
