@@ -410,17 +410,19 @@ def _ddp_worker(rank: int, world: int, port: int, tabs: dict) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp+checkpointing"])
 def test_two_process_run_matches_one_process_with_accumulation(tmp_path, parallel):
     """gloo on CPU; DDP replicates, FSDP2 shards every block of student and teacher. Under FSDP2 all rows of a
     micro-step across ranks share one budget (no rank runs a budget without rows): with grad_accum 1 that is
     one draw per step, which the single process gets from elastic.budget_rows."""
     parent = make_parent(tmp_path / "parent")
     single = tables(parent, tmp_path / "single", grad_accum=2)
+    ckpt = parallel.endswith("+checkpointing")  # per-block recompute through FSDP2's hooks
+    parallel = parallel.split("+")[0]
     if parallel == "fsdp":
         single["elastic"]["budget_rows"] = 1000
     train_elastic(elastic_run_config_from_tables(single), progress=False)
-    ddp = tables(parent, tmp_path / "ddp", grad_accum=1, parallel=parallel)
+    ddp = tables(parent, tmp_path / "ddp", grad_accum=1, parallel=parallel, activation_checkpointing=ckpt)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
     a, b = logged(tmp_path / "single"), logged(tmp_path / "ddp")
     assert len(a) == len(b) == 6
