@@ -168,3 +168,19 @@ def test_tensor_file_reads_rows_like_safetensors(tmp_path):
         assert scalar.item() == 3.5
     finally:
         f.close()
+
+
+def test_ce_loss_over_chunks_equals_the_whole_logits():
+    from elasticlm.train.losses import ce_loss_from_hidden
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 11, 8, generator=g, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 30, (2, 11), generator=g)
+    keep = (torch.rand(2, 11, generator=g) > 0.3).float()
+    whole = (F.cross_entropy(F.linear(h, w).flatten(0, 1), y.flatten(), reduction="none") * keep.flatten()).sum()
+    for chunk in (3, 100):
+        chunked = ce_loss_from_hidden(h, w, y, keep, chunk=chunk)
+        assert max_rel(chunked, whole) < 1e-6
+        for a, b in zip(torch.autograd.grad(whole, (h, w)), torch.autograd.grad(chunked, (h, w)), strict=True):
+            assert max_rel(b, a) < 1e-5

@@ -30,11 +30,29 @@ def kd_chunk_tokens(vocab_size: int) -> int:
     return max(16, KD_CHUNK_ELEMENTS // vocab_size)
 
 
-def _kd_chunk(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, keep: torch.Tensor,
+def _kd_chunk(h_s: torch.Tensor, h_t: torch.Tensor, keep: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor,
               temperature: float) -> torch.Tensor:
     with torch.no_grad():
         teacher = F.linear(h_t, w_t)
     return kd_loss(F.linear(h_s, w_s), teacher, keep, temperature)
+
+
+def _sum_over_chunks(fn, per_token: tuple[torch.Tensor, ...], shared: tuple, step: int) -> torch.Tensor:
+    """``Σ fn(*chunk, *shared)`` over chunks of ``step`` tokens of the ``per_token`` tensors (rows = tokens),
+    each chunk recomputed in backward so that no more than one chunk of logits exists; a single chunk is
+    computed directly (its recompute cost 20 % of a small step). The sum stays connected to the graph of
+    ``per_token[0]`` and ``shared[0]`` even with no token: a rank whose rows are all masked must still run
+    every backward hook (FSDP's collectives) that the other ranks run."""
+    h, w = per_token[0], shared[0]
+    total = (h.sum() + w.sum()).float() * 0.0
+    n = h.shape[0]
+    if n <= step:
+        return total + fn(*per_token, *shared)
+    recompute = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    for i in range(0, n, step):
+        part = tuple(t[i:i + step] for t in per_token)
+        total = total + (checkpoint(fn, *part, *shared, use_reentrant=False) if recompute else fn(*part, *shared))
+    return total
 
 
 def kd_loss_from_hidden(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
@@ -51,19 +69,8 @@ def kd_loss_from_hidden(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor,
     if select:
         rows = k.nonzero().flatten()
         h_s, h_t, k = h_s.index_select(0, rows), h_t.index_select(0, rows), k.index_select(0, rows)
-    step = chunk or kd_chunk_tokens(w_s.shape[0])
-    if k.numel() <= step:  # one chunk holds everything: no recompute needed (it cost 20 % of a small step)
-        return _kd_chunk(h_s, w_s, h_t, w_t, k, temperature) + (h_s.sum() + w_s.sum()).float() * 0.0
-    # zero, but connected to the graph: a rank whose rows are all masked must still run every backward
-    # hook (FSDP's collectives) that the other ranks run
-    total = (h_s.sum() + w_s.sum()).float() * 0.0
-    for i in range(0, k.numel(), step):
-        args = (h_s[i:i + step], w_s, h_t[i:i + step], w_t, k[i:i + step], temperature)
-        if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
-            total = total + checkpoint(_kd_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _kd_chunk(*args)
-    return total
+    return _sum_over_chunks(_kd_chunk, (h_s, h_t, k), (w_s, w_t, temperature),
+                            chunk or kd_chunk_tokens(w_s.shape[0]))
 
 
 def teacher_hidden(teacher: HybridLM, inputs: torch.Tensor, doc: torch.Tensor | None
@@ -74,7 +81,7 @@ def teacher_hidden(teacher: HybridLM, inputs: torch.Tensor, doc: torch.Tensor | 
     return teacher(inputs, document_ids=doc, head=lambda h, w: (h, w.detach().clone() if sharded else w.detach()))
 
 
-def _ce_chunk(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _ce_chunk(h: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum")
 
 
@@ -84,16 +91,7 @@ def ce_loss_from_hidden(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     recomputed in backward (``h`` [..., hidden], ``w`` [vocab, hidden], ``targets``/``keep`` [...])."""
     rows = keep.flatten().nonzero().flatten()
     h, y = h.flatten(0, -2).index_select(0, rows), targets.flatten().index_select(0, rows)
-    step = chunk or kd_chunk_tokens(w.shape[0])
-    if y.numel() <= step:
-        return _ce_chunk(h, w, y) + (h.sum() + w.sum()).float() * 0.0
-    total = (h.sum() + w.sum()).float() * 0.0  # connected to the graph even with no kept token
-    for i in range(0, rows.numel(), step):
-        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            total = total + checkpoint(_ce_chunk, h[i:i + step], w, y[i:i + step], use_reentrant=False)
-        else:
-            total = total + _ce_chunk(h[i:i + step], w, y[i:i + step])
-    return total
+    return _sum_over_chunks(_ce_chunk, (h, y), (w,), chunk or kd_chunk_tokens(w.shape[0]))
 
 
 __all__ = ["ce_loss_from_hidden", "kd_chunk_tokens", "kd_loss", "kd_loss_from_hidden", "teacher_hidden"]
