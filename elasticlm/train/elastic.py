@@ -51,7 +51,7 @@ from ..tokenizer import load_tokenizer
 from .checkpoint import OPTIMIZER, STATE, latest, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from .config import ElasticRunConfig
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
-from .trainer import MetricsLog, amp_from_record, amp_record, autocast_dtype, build_optimizer, lr_at
+from .trainer import MetricsLog, amp_record, autocast_dtype, build_optimizer, lr_at, run_autocast
 
 log = logging.getLogger("elasticlm.train")
 
@@ -261,7 +261,6 @@ def save_sharded_checkpoint(path: Path, student: ElasticStudent, space: ElasticS
     ``router.safetensors``, ``elastic.json`` and ``trainer_state.json`` (last) and publishes the
     directory with a rename. Every rank must call this."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     tmp = path.parent / f".{path.name}.tmp-sharded"  # one name every rank can agree on
     if dist.main:
@@ -269,11 +268,9 @@ def save_sharded_checkpoint(path: Path, student: ElasticStudent, space: ElasticS
         tmp.mkdir(parents=True)
     _barrier(dist)
     dcp.save(_sharded_state(student, optimizers), checkpoint_id=tmp / DCP_DIR)
-    full = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = _gathered(student, sharded=True)
     if dist.main:
-        plain = HybridLM(student.model.config, device="meta")
-        plain.load_state_dict(full, assign=True)
-        write_model_files(plain, tmp, tokenizer_dir=tok_dir)
+        write_model_files(full.model, tmp, tokenizer_dir=tok_dir)
         save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
         (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
         (tmp / STATE).write_text(json.dumps({**state, "rng": rng_state(), "sharded": True}) + "\n")
@@ -365,12 +362,9 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     student_model = HybridLM(read_config(parent_dir)[0], device="meta") if meta_init else \
         load(parent_dir, device=device, dtype=torch.float32)
     if cfg.dtype == "auto" and device.type == "cpu" and not meta_init:  # bf16 only where it pays; kept on resume
-        recorded = read_json(ckpt / STATE).get("amp") if ckpt is not None else None
-        first_stage = run.stages[0]
-        amp = amp_from_record(recorded) if recorded is not None else autocast_dtype(
-            cfg.dtype, device, student_model,
-            (max(1, first_stage.batch_size // (cfg.grad_accum * dist.world)), first_stage.seq_len))
-        amp = _from_rank0(amp, dist)
+        first = run.stages[0]
+        shape = (max(1, first.batch_size // (cfg.grad_accum * dist.world)), first.seq_len)
+        amp = _from_rank0(run_autocast(cfg.dtype, device, student_model, shape, ckpt), dist)
     space = ElasticSpace.build(student_model.config, ec)
     if run.distill.teacher:
         if teacher.config.vocab_size != student_model.config.vocab_size:

@@ -57,6 +57,17 @@ def autocast_dtype(name: str, device: torch.device, model: HybridLM | None = Non
     return torch.bfloat16 if name == "bfloat16" else None
 
 
+def run_autocast(name: str, device: torch.device, model: HybridLM, shape: tuple[int, int],
+                 resumed_from: Path | None) -> torch.dtype | None:
+    """The run's autocast dtype: what the checkpoint it resumes from recorded (``auto`` measures, and a second
+    measurement could choose differently), else :func:`autocast_dtype`."""
+    if resumed_from is not None:
+        recorded = read_json(resumed_from / STATE).get("amp")
+        if recorded is not None:
+            return amp_from_record(recorded)
+    return autocast_dtype(name, device, model, shape)
+
+
 def amp_record(amp: torch.dtype | None) -> str:
     """The autocast dtype as trainer_state.json records it."""
     return "bfloat16" if amp == torch.bfloat16 else "none"
@@ -233,10 +244,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     assert eos is not None
 
     model = HybridLM(run.model).to(device)
-    # A resumed run keeps the dtype it started with (auto measures, and a measurement can differ)
-    recorded = read_json(ckpt / STATE).get("amp", "none") if ckpt is not None else None
-    amp = amp_from_record(recorded) if recorded is not None else autocast_dtype(
-        cfg.dtype, device, model, (max(1, cfg.batch_size // cfg.grad_accum), cfg.seq_len))
+    amp = run_autocast(cfg.dtype, device, model, (max(1, cfg.batch_size // cfg.grad_accum), cfg.seq_len), ckpt)
     from .plan import Cluster, device_memory, plan_pretrain, resolve_checkpointing
 
     cluster = Cluster(memory=device_memory(device), device=device.type)
