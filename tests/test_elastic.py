@@ -526,6 +526,9 @@ def test_fsdp_resume_from_sharded_checkpoints_continues_exactly(tmp_path):
     ckpt = latest(tmp_path / "split")
     assert ckpt.name == "step_0000002" and (ckpt / "dcp" / ".metadata").is_file()
     assert not (tmp_path / "split" / "final").exists()
+    with pytest.raises(CheckpointError, match="FSDP2 run"):  # its optimizer state is only in the shards
+        train_elastic(elastic_run_config_from_tables({**split, "train": {**split["train"], "parallel": "ddp"}}),
+                      resume=True, progress=False)
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), split, None, True), nprocs=2, join=True)
     a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
     assert len(a) == len(b) == 6 and logged(tmp_path / "split", "stage") == [1, 1, 1, 2, 2, 2]

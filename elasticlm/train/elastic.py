@@ -222,6 +222,9 @@ def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticS
 def load_elastic_checkpoint(path: Path, student: ElasticStudent,
                             optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
     state = read_json(path / STATE)
+    if state.get("sharded"):
+        raise CheckpointError(f"{path} was written by an FSDP2 run (its optimizer state is in {DCP_DIR}/ shards); "
+                              "resume it under torchrun with train.parallel=fsdp")
     device = student.model.embeddings.weight.device
     saved = load(path, device=device)
     if saved.config != student.model.config:
