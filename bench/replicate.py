@@ -38,7 +38,7 @@ from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
 from elasticlm.train.elastic import train_elastic
-from elasticlm.train.trainer import pretrain
+from elasticlm.train.pretrain import pretrain
 
 SIZES = ("0.75", "0.5")
 

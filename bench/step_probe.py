@@ -92,7 +92,7 @@ def main(spec: dict) -> dict:
     new_api = hasattr(E, "teacher_hidden")
     pretrain = spec.get("pretrain", False)
     if pretrain:  # a parent pretraining step: no teacher, no router, next-token CE
-        from elasticlm.train.trainer import lm_loss
+        from elasticlm.train.pretrain import lm_loss
 
         del teacher
     times, peaks = [], []

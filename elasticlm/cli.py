@@ -190,7 +190,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     import logging
 
     from .train.config import load_run_config
-    from .train.trainer import pretrain
+    from .train.pretrain import pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = load_run_config(args.config, args.set or [])

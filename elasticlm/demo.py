@@ -136,7 +136,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .tokenizer import load_tokenizer
     from .train.config import elastic_run_config_from_tables, run_config_from_tables
     from .train.elastic import train_elastic
-    from .train.trainer import pretrain
+    from .train.pretrain import pretrain
 
     recipe = QUICK if quick else FULL
     out = Path(out)

@@ -23,7 +23,8 @@ from elasticlm.model.hybrid import HybridLM, Modulation
 from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
 from elasticlm.train.checkpoint import latest
 from elasticlm.train.config import elastic_run_config_from_tables
-from elasticlm.train.elastic import ElasticStudent, kd_loss, rows_of, sample_budgets, train_elastic
+from elasticlm.train.distributed import rows_of
+from elasticlm.train.elastic import ElasticStudent, kd_loss, sample_budgets, train_elastic
 
 PATTERN = "M*-M-*-M"
 
@@ -309,19 +310,19 @@ def weights(path):
 def test_resume_across_a_stage_boundary_continues_exactly(tmp_path, monkeypatch):
     parent = make_parent(tmp_path / "parent")
     train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "straight")), progress=False)
-    import elasticlm.train.elastic as el
+    import elasticlm.train.trainer as trainer
 
-    real = el.save_elastic_checkpoint
+    real = trainer.save_training_checkpoint
 
     def save_then_stop(path, *args, **kwargs):
         real(path, *args, **kwargs)
         if path.name == "step_0000002":
             raise KeyboardInterrupt  # stopped in stage 1; the resume crosses into stage 2 at step 3
 
-    monkeypatch.setattr(el, "save_elastic_checkpoint", save_then_stop)
+    monkeypatch.setattr(trainer, "save_training_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "split")), progress=False)
-    monkeypatch.setattr(el, "save_elastic_checkpoint", real)
+    monkeypatch.setattr(trainer, "save_training_checkpoint", real)
     assert latest(tmp_path / "split").name == "step_0000002"
     train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "split")), resume=True, progress=False)
     a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
@@ -496,16 +497,16 @@ def _fsdp_worker(rank: int, world: int, port: int, tabs: dict, stop_after: str |
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    import elasticlm.train.elastic as el
+    import elasticlm.train.trainer as trainer
 
-    real = el.save_sharded_checkpoint
+    real = trainer.save_sharded_checkpoint
 
     def save_then_stop(path, *args, **kwargs):
         real(path, *args, **kwargs)
         if path.name == stop_after:
             raise KeyboardInterrupt  # every rank stops here, as a killed job would
 
-    el.save_sharded_checkpoint = save_then_stop
+    trainer.save_sharded_checkpoint = save_then_stop
     try:
         train_elastic(elastic_run_config_from_tables(tabs), resume=resume, progress=False)
     except KeyboardInterrupt:
@@ -538,7 +539,8 @@ def test_fsdp_resume_from_sharded_checkpoints_continues_exactly(tmp_path):
 
 
 def test_under_fsdp_every_micro_step_has_one_budget_across_ranks():
-    from elasticlm.train.elastic import budget_per_row, rows_of
+    from elasticlm.train.distributed import rows_of
+    from elasticlm.train.elastic import budget_per_row
 
     world, accum, micro = 4, 3, 2
     rows = world * accum * micro

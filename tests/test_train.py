@@ -12,7 +12,8 @@ from elasticlm import CheckpointError, ConfigError
 from elasticlm.cli import main
 from elasticlm.train.checkpoint import latest
 from elasticlm.train.config import load_run_config, run_config_from_tables
-from elasticlm.train.trainer import lr_at, pretrain
+from elasticlm.train.pretrain import pretrain
+from elasticlm.train.trainer import lr_at
 
 TINY = {
     "model": dict(pattern="M*-M", vocab_size=260, hidden_size=32, mamba_num_heads=4, mamba_head_dim=8,
@@ -38,16 +39,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     pretrain(run_config(tmp_path / "straight"), progress=False)
     import elasticlm.train.trainer as trainer
 
-    real = trainer.save_checkpoint
+    real = trainer.save_training_checkpoint
 
-    def save_then_stop(out, step, *args, **kwargs):
-        real(out, step, *args, **kwargs)
+    def save_then_stop(path, *args, **kwargs):
+        real(path, *args, **kwargs)
         raise KeyboardInterrupt  # the user presses Ctrl-C right after the step-3 checkpoint
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(trainer, "save_training_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         pretrain(run_config(tmp_path / "split"), progress=False)
-    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    monkeypatch.setattr(trainer, "save_training_checkpoint", real)
     assert latest(tmp_path / "split").name == "step_0000003"
     pretrain(run_config(tmp_path / "split"), resume=True, progress=False)
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
@@ -155,3 +156,49 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tokenizer", "train", "--path", str(tmp_path / "empty"), "--out", str(tmp_path / "t2")]) == 2
     assert "no " in capsys.readouterr().err and not (tmp_path / "t2").exists()
+
+
+def test_validation_loss_is_a_token_mean_like_the_elastic_trainers():
+    """One definition for both trainers: a batch with fewer loss tokens weighs less (not a mean of batch means)."""
+    from elasticlm.config import ModelConfig
+    from elasticlm.model.hybrid import HybridLM
+    from elasticlm.train.pretrain import validation_loss
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(**TINY["model"], eos_token_id=0)).eval()
+    tokens = [torch.randint(1, 260, (2, 17)) for _ in range(2)]
+    masks = [torch.ones(2, 17, dtype=torch.bool), torch.zeros(2, 17, dtype=torch.bool)]
+    masks[1][:, 12:] = True  # the second batch has 5 loss tokens per row, the first 16
+    got = validation_loss(model, list(zip(tokens, masks, strict=True)), None, eos_token_id=None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t, m in zip(tokens, masks, strict=True):
+            for row in range(2):
+                for pos in range(16):
+                    if m[row, pos + 1]:
+                        logits = model(t[row:row + 1, :pos + 1])[0, -1]
+                        total += torch.nn.functional.cross_entropy(logits, t[row, pos + 1]).item()
+                        count += 1
+    assert count == 42 and got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_resume_reads_a_checkpoint_from_before_the_trainers_merged(tmp_path):
+    """Pretrain checkpoints used to store one optimizer with unprefixed keys and a list of param groups."""
+    from safetensors.torch import load_file, save_file
+
+    pretrain(run_config(tmp_path / "straight"), progress=False)
+    old = tmp_path / "old"
+    pretrain(run_config(old, steps=6), progress=False)
+    ckpt = old / "checkpoints" / "step_0000003"
+    for later in (old / "checkpoints").glob("step_*"):
+        if later.name != ckpt.name:
+            import shutil
+
+            shutil.rmtree(later)
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, ckpt / "optimizer.safetensors")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["param_groups"] = state["param_groups"]["model"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    pretrain(run_config(old), resume=True, progress=False)
+    assert losses(old) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)

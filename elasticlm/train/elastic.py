@@ -19,23 +19,19 @@ router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from ..checkpoint import ROUTING, atomic_directory, load, read_config, read_json, write_model_files
 from ..config import count_parameters
@@ -43,15 +39,16 @@ from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
 from ..elastic.router import Router, RouterSchedule
 from ..elastic.space import ElasticSpace, memory_bytes
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 from ..runtime import resolve_device
 from ..tokenizer import load_tokenizer
-from .checkpoint import OPTIMIZER, STATE, latest, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
+from .checkpoint import gathered
 from .config import ElasticRunConfig
+from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
-from .trainer import MetricsLog, amp_record, autocast_dtype, build_optimizer, lr_at, run_autocast
+from .trainer import Objective, Phase, autocast_dtype, build_optimizer, fit, open_run, run_autocast
 
 log = logging.getLogger("elasticlm.train")
 
@@ -82,39 +79,6 @@ def budget_per_row(weights: list[float], rows: int, group: int, seed: int, step:
     """
     draws = sample_budgets(weights, math.ceil(rows / group), seed, step)
     return [draws[r // group] for r in range(rows)]
-
-
-def rows_of(rank: int, world: int, micro: int, micro_step: int) -> slice:
-    """Rows of the global batch that rank ``rank`` trains at accumulation step ``micro_step``.
-
-    >>> rows_of(1, 2, 4, 0), rows_of(0, 1, 4, 1)   # 2 ranks × 4 rows == 1 rank, 2 micro-steps × 4
-    (slice(4, 8, None), slice(4, 8, None))
-    """
-    start = (micro_step * world + rank) * micro
-    return slice(start, start + micro)
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    backend: str | None = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return Distributed(dist.get_rank(), dist.get_world_size(), backend)
 
 
 class ElasticStudent(nn.Module):
@@ -200,111 +164,114 @@ def routing_metadata(space: ElasticSpace, router: Router, context: int = 4096) -
             "budgets": budgets}
 
 
-def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path,
-                            optimizers: dict[str, torch.optim.Optimizer] | None = None,
-                            state: dict[str, Any] | None = None) -> None:
-    """A loadable model directory + ``router.safetensors`` + ``elastic.json`` (routing metadata);
-    training checkpoints add the optimizers and ``trainer_state.json`` (written last)."""
+def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path) -> None:
+    """An elastic model directory: a loadable model + ``router.safetensors`` + ``elastic.json`` (routing
+    metadata) — what `extract`, `serve` and `eval` read."""
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(student.model, tmp, tokenizer_dir=tok_dir)
         save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
         (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
-        if optimizers is not None and state is not None:
-            tensors, groups = {}, {}
-            for name, opt in optimizers.items():
-                t, g = optimizer_to_flat(opt)
-                tensors.update({f"{name}.{k}": v for k, v in t.items()})
-                groups[name] = g
-            save_file(tensors, tmp / OPTIMIZER)
-            (tmp / STATE).write_text(json.dumps({**state, "param_groups": groups, "rng": rng_state()}) + "\n")
 
 
-def load_elastic_checkpoint(path: Path, student: ElasticStudent,
-                            optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    state = read_json(path / STATE)
-    if state.get("sharded"):
-        raise CheckpointError(f"{path} was written by an FSDP2 run (its optimizer state is in {DCP_DIR}/ shards); "
-                              "resume it under torchrun with train.parallel=fsdp")
-    device = student.model.embeddings.weight.device
-    saved = load(path, device=device)
-    if saved.config != student.model.config:
-        raise CheckpointError(f"{path}: the checkpoint's model differs from [parent]; resume with the same parent")
-    student.model.load_state_dict(saved.state_dict())
-    try:
-        student.router.load_state_dict({k: v.to(device) for k, v in load_file(path / ROUTER).items()})
-        tensors = load_file(path / OPTIMIZER)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
-    for name, opt in optimizers.items():
-        mine = {k[len(name) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(name + ".")}
-        optimizer_from_flat(opt, mine, state["param_groups"][name])
-    set_rng_state(state["rng"])
-    return state
+# -- the objective -------------------------------------------------------------------------------
 
 
-# -- sharded (FSDP2) checkpoints -----------------------------------------------------------------
+class ElasticDistillation(Objective):
+    """Every budget of one model trained at once (the module docstring): the plug-in of elastic training
+    into the one training loop."""
 
-DCP_DIR = "dcp"  # torch.distributed.checkpoint shards: student, AdamW, router, router optimizer
+    def __init__(self, run: ElasticRunConfig, student: ElasticStudent, wrapped: nn.Module, teacher: HybridLM,
+                 space: ElasticSpace, amp: torch.dtype | None, sharded: bool, val_batches: list[Any], tok: Any,
+                 ) -> None:
+        cfg, ec = run.train, run.elastic
+        self.run, self.student, self.teacher, self.space, self.tok = run, student, teacher, space, tok
+        self.model, self.module, self.router = student.model, wrapped, student.router
+        self.amp, self.sharded, self.val_batches = amp, sharded, val_batches
+        self.eos = teacher.config.eos_token_id
+        self.router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
+        # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
+        self.parts = {"model": (student.model, build_optimizer(student.model, cfg)),
+                      "router": (student.router, torch.optim.Adam(student.router.parameters(), lr=self.router_lr))}
+        self.phases = [Phase(i, s.name, s.seq_len, s.batch_size, s.steps) for i, s in enumerate(run.stages)]
+        self.schedule = RouterSchedule(self.total_steps, tuple(ec.logit_scale), tuple(ec.temperature))
+        self.architectures: dict[str, Any] = {}
+        self.dist = Distributed()
 
+    def set_learning_rates(self, step: int, lr: float) -> dict[str, float]:
+        super().set_learning_rates(step, lr)
+        r_lr = self.router_lr * min(1.0, (step + 1) / max(1, self.run.elastic.router_warmup_steps))
+        for group in self.parts["router"][1].param_groups:
+            group["lr"] = r_lr
+        return {"router_lr": r_lr}
 
-def _sharded_state(student: ElasticStudent, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    def begin_step(self, step: int, phase: Phase, micro: int, dist: Distributed) -> None:
+        ec, stage = self.run.elastic, self.run.stages[phase.index]
+        weights = stage.budget_weights or [1.0] * len(self.space.budgets)
+        group = ec.budget_rows or (micro * dist.world if self.sharded else 1)
+        self.budgets = budget_per_row(weights, stage.batch_size, group, self.run.train.seed, step)
+        self.scale, self.temp = self.schedule.scale_at(step), self.schedule.temperature_at(step)
+        self.micro, self.dist = micro, dist
 
-    model_sd, optim_sd = get_state_dict(student.model, [optimizers["model"]])
-    router_sd, router_optim_sd = get_state_dict(student.router, [optimizers["router"]])
-    return {"model": model_sd, "optim": optim_sd, "router": router_sd, "router_optim": router_optim_sd}
+    def micro_loss(self, step: int, micro_step: int, rows: slice, tokens: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+        dist, run = self.dist, self.run
+        # under FSDP every rank runs every budget of this micro-step (same collectives everywhere)
+        everyone = sorted({x for r in range(dist.world)
+                           for x in self.budgets[rows_of(r, dist.world, self.micro, micro_step)]}
+                          ) if self.sharded else None
+        inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:].float()
+        doc = document_ids_from_eos(inputs, self.eos) if run.train.document_masking else None
+        t_logits = None
+        if not run.distill.trainable_teacher:  # one teacher forward serves every budget
+            with torch.no_grad(), torch.autocast(inputs.device.type, dtype=self.amp) if self.amp else \
+                    contextlib.nullcontext():
+                t_logits = teacher_hidden(self.teacher, inputs, doc)
+        return self.module(inputs, doc, keep, t_logits, targets, self.budgets[rows], step=step,
+                           seed=run.train.seed, scale=self.scale, temperature=self.temp,
+                           kd_temperature=run.distill.temperature, ce_weight=run.distill.ce_weight,
+                           budget_weight=run.elastic.budget_loss_weight, amp=self.amp, run_budgets=everyone)
 
+    def before_update(self) -> None:
+        if self.sharded:
+            average_gradients(self.router, self.dist)  # the router is replicated, not sharded
 
-def save_sharded_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path,
-                            optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
-                            dist: Distributed) -> None:
-    """An FSDP2 training checkpoint: every rank writes its own shards of the student, its optimizer and
-    the router (``dcp/``, torch.distributed.checkpoint); the whole student is gathered to rank 0 only,
-    parameter by parameter into CPU memory, for the loadable ``model.safetensors``; rank 0 adds
-    ``router.safetensors``, ``elastic.json`` and ``trainer_state.json`` (last) and publishes the
-    directory with a rename. Every rank must call this."""
-    import torch.distributed.checkpoint as dcp
+    def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        kd_sum: dict[int, float] = {}
+        kd_tok: dict[int, float] = {}
+        for st in stats:
+            for b, v in st["kd"].items():
+                kd_sum[b] = kd_sum.get(b, 0.0) + v
+                kd_tok[b] = kd_tok.get(b, 0.0) + st["tokens"][b]
+        row: dict[str, Any] = {"stage": phase.index + 1, "logit_scale": self.scale, "temperature": self.temp,
+                               "budget_loss": stats[-1]["budget_loss"]}
+        for b, label in enumerate(self.space.budgets):
+            if b in kd_sum:
+                row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
+            resolved = self.router.resolve(b)
+            row[f"cost_{label}"] = self.space.cost_of(resolved) / self.space.targets[b]
+            if resolved != self.architectures.get(label):  # the router's choice for this budget changed
+                self.architectures[label] = resolved
+                row[f"arch_{label}"] = describe_subnet(self.space.config, resolved)
+                self.say(f"step {step}: budget {label} → {row[f'arch_{label}']} "
+                         f"({count_parameters(self.space.config, resolved):,} parameters)")
+        return row
 
-    tmp = path.parent / f".{path.name}.tmp-sharded"  # one name every rank can agree on
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(dist)
-    dcp.save(_sharded_state(student, optimizers), checkpoint_id=tmp / DCP_DIR)
-    full = _gathered(student, sharded=True)
-    if dist.main:
-        write_model_files(full.model, tmp, tokenizer_dir=tok_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
-        (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
-        (tmp / STATE).write_text(json.dumps({**state, "rng": rng_state(), "sharded": True}) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    del full
-    _barrier(dist)
+    def postfix(self, row: dict[str, Any]) -> str:
+        return _postfix(row, self.space.budgets)
 
+    def evaluate(self, step: int) -> dict[str, float]:
+        synthetic = self.run.data.source == "synthetic" and self.run.eval.tasks
+        return _evaluate(self.model, self.router, self.space, self.teacher, self.val_batches, self.eos,
+                         self.run.train.document_masking, self.amp, self.tok if synthetic else None, self.run.eval.n)
 
-def load_sharded_checkpoint(path: Path, student: ElasticStudent, optimizers: dict[str, torch.optim.Optimizer]
-                            ) -> dict[str, Any]:
-    """Every rank reads its own shards of a :func:`save_sharded_checkpoint` directory (the world size may
-    differ from the one that wrote it: torch.distributed.checkpoint reshards)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    def write_files(self, directory: Path) -> None:
+        (directory / ELASTIC).write_text(json.dumps(routing_metadata(self.space, self.router), indent=2) + "\n")
 
-    state = read_json(path / STATE)
-    if not (path / DCP_DIR).is_dir():
-        raise CheckpointError(f"{path} has no {DCP_DIR}/ shards: it was written by an unsharded run; resume it with "
-                              "train.parallel=ddp")
-    sd = _sharded_state(student, optimizers)
-    try:
-        dcp.load(sd, checkpoint_id=path / DCP_DIR)
-    except Exception as exc:
-        raise CheckpointError(f"{path / DCP_DIR} is corrupt or incomplete ({str(exc).splitlines()[0]})") from None
-    set_state_dict(student.model, [optimizers["model"]], model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    set_state_dict(student.router, [optimizers["router"]], model_state_dict=sd["router"],
-                   optim_state_dict=sd["router_optim"])
-    set_rng_state(state["rng"])
-    return state
+    def finish(self, out: Path, dist: Distributed) -> None:
+        full = gathered(self.model, self.sharded)
+        if dist.main:
+            save_elastic_checkpoint(out / "final", ElasticStudent(full, self.router), self.space, out / "tokenizer")
+            self.say(summary_table(read_json(out / "final" / ELASTIC)))
 
 
 # -- the trainer -------------------------------------------------------------------------------
@@ -329,19 +296,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-
-    ckpt = latest(out) if resume else None
-    if resume and ckpt is None:
-        raise CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
-        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
-    if resume_from is not None:
-        if resume:
-            raise ConfigError("give either --resume or --resume-from, not both")
-        ckpt = Path(resume_from)
-        if not (ckpt / STATE).is_file():
-            raise CheckpointError(f"--resume-from {ckpt}: not a training checkpoint of `elasticlm train` (no "
-                                  f"{STATE}); use checkpoints/step_* or stages/* of a run")
+    ckpt = open_run(out, run.to_dict(), resume=resume, resume_from=resume_from, dist=dist)
 
     parent_dir = Path(run.parent.path)
     # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
@@ -367,7 +322,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     if cfg.dtype == "auto" and device.type == "cpu" and not meta_init:  # bf16 only where it pays; kept on resume
         first = run.stages[0]
         shape = (max(1, first.batch_size // (cfg.grad_accum * dist.world)), first.seq_len)
-        amp = _from_rank0(run_autocast(cfg.dtype, device, student_model, shape, ckpt), dist)
+        amp = from_rank0(run_autocast(cfg.dtype, device, student_model, shape, ckpt), dist)
     space = ElasticSpace.build(student_model.config, ec)
     if run.distill.teacher:
         if teacher.config.vocab_size != student_model.config.vocab_size:
@@ -390,231 +345,26 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
                  cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
 
+    tok_dir = out / "tokenizer"
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-        tok_dir = out / "tokenizer"
         tok_dir.mkdir(exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (parent_dir / name).is_file():
                 shutil.copy2(parent_dir / name, tok_dir / name)
-    tok_dir = out / "tokenizer"
-
-    total = run.total_steps
-    sched = RouterSchedule(total, tuple(ec.logit_scale), tuple(ec.temperature))
-    lr_cfg = dataclasses.replace(cfg, steps=total)  # the parent trainer's schedule, over all stages
 
     first = run.stages[0]
-    stream = PackedStream(documents(run.data, "train"), lambda s: tok.encode(s).ids, eos, first.seq_len,
-                          first.batch_size)
-    val_stream = PackedStream(documents(run.data, "val"), lambda s: tok.encode(s).ids, eos, first.seq_len, 4)
+    encode = lambda s: tok.encode(s).ids  # noqa: E731
+    stream = PackedStream(documents(run.data, "train"), encode, eos, first.seq_len, first.batch_size)
+    val_stream = PackedStream(documents(run.data, "val"), encode, eos, first.seq_len, 4)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
 
     wrapped: nn.Module = student
     sharded = dist.world > 1 and cfg.parallel == "fsdp"
     if dist.world > 1:
         wrapped = _parallelize(student, teacher, run, dist, device, (parent_dir, teacher_dir) if meta_init else None)
-    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
-    opt = build_optimizer(student_model, cfg)
-    router_lr = ec.router_lr if ec.router_lr is not None else ec.router_lr_ratio * cfg.lr
-    router_opt = torch.optim.Adam(router.parameters(), lr=router_lr)
-    optimizers = {"model": opt, "router": router_opt}
-    start = 0
-    if ckpt is not None:  # every rank loads the same checkpoint (its own shards of it when sharded)
-        state = load_sharded_checkpoint(ckpt, student, optimizers) if sharded else \
-            load_elastic_checkpoint(ckpt, student, optimizers)
-        start = int(state["step"])
-        stream.load_state_dict(state["data"])
-        if dist.main:
-            log.info("resumed from %s (step %d of %d)", ckpt, start, total)
-
-    metrics = MetricsLog(out, start if ckpt is not None else None, cfg.tensorboard and dist.main) if dist.main \
-        else None
-    synthetic = run.data.source == "synthetic" and run.eval.tasks
-    labels = space.budgets
-    bar = tqdm(total=total, initial=start, disable=not (progress and dist.main), unit="step", dynamic_ncols=True)
-    last: dict[str, Any] = {}
-    architectures: dict[str, Any] = {}
-    t_log, tok_log = time.perf_counter(), 0
-    student.train()
-    try:
-        for step in range(start, total):
-            stage_index, stage = run.stage_at(step)
-            if (stream.seq_len, stream.batch_size) != (stage.seq_len, stage.batch_size):
-                stream.seq_len, stream.batch_size = stage.seq_len, stage.batch_size
-                bar.write(f"stage {stage_index + 1}/{len(run.stages)} ({stage.name or 'unnamed'}): "
-                          f"seq_len {stage.seq_len}, batch {stage.batch_size}, {stage.steps} steps")
-            lr = lr_at(step, lr_cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            r_lr = router_lr * min(1.0, (step + 1) / max(1, ec.router_warmup_steps))
-            for group in router_opt.param_groups:
-                group["lr"] = r_lr
-            scale, temp = sched.scale_at(step), sched.temperature_at(step)
-            tokens, mask = (t.to(device) for t in stream.next_masked_batch())
-            weights = stage.budget_weights or [1.0] * len(labels)
-            micro = stage.batch_size // (cfg.grad_accum * dist.world)
-            if micro < 1:
-                raise ConfigError(f"stage {stage_index + 1}: batch_size {stage.batch_size} is smaller than "
-                                  f"grad_accum × world size ({cfg.grad_accum} × {dist.world})")
-            budgets = budget_per_row(weights, stage.batch_size, ec.budget_rows or (micro * dist.world if sharded
-                                                                                   else 1), cfg.seed, step)
-            kd_sum: dict[int, float] = {}
-            kd_tok: dict[int, float] = {}
-            loss_sum, stats = 0.0, {}
-            for a in range(cfg.grad_accum):
-                rows = rows_of(dist.rank, dist.world, micro, a)
-                # under FSDP every rank runs every budget of this micro-step (same collectives everywhere)
-                everyone = sorted({x for r in range(dist.world) for x in budgets[rows_of(r, dist.world, micro, a)]}
-                                  ) if sharded else None
-                ids, keep_mask = tokens[rows], mask[rows]
-                inputs, targets, keep = ids[:, :-1], ids[:, 1:], keep_mask[:, 1:].float()
-                doc = document_ids_from_eos(inputs, eos) if cfg.document_masking else None
-                t_logits = None
-                if not run.distill.trainable_teacher:  # one teacher forward serves every budget
-                    with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                        t_logits = teacher_hidden(teacher, inputs, doc)
-                sync = a == cfg.grad_accum - 1 or dist.world == 1
-                ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
-                with ctx:
-                    loss, stats = wrapped(inputs, doc, keep, t_logits, targets, budgets[rows], step=step,
-                                          seed=cfg.seed, scale=scale, temperature=temp,
-                                          kd_temperature=run.distill.temperature, ce_weight=run.distill.ce_weight,
-                                          budget_weight=ec.budget_loss_weight, amp=amp, run_budgets=everyone)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                for b, v in stats["kd"].items():
-                    kd_sum[b] = kd_sum.get(b, 0.0) + v
-                    kd_tok[b] = kd_tok.get(b, 0.0) + stats["tokens"][b]
-            if dist.world > 1:  # log the global batch's loss, as one process with accumulation would
-                loss_sum = _mean_over_ranks(loss_sum, device)
-            if not math.isfinite(loss_sum):
-                raise ConfigError(f"the loss became {loss_sum} at step {step + 1}; lower train.lr or check the data")
-            if sharded:
-                _average_gradients(router)  # the router is replicated, not sharded
-            grad_norm = torch.nn.utils.clip_grad_norm_(student_model.parameters(),
-                                                       cfg.grad_clip or float("inf")).item()
-            opt.step()
-            router_opt.step()
-            opt.zero_grad(set_to_none=True)
-            router_opt.zero_grad(set_to_none=True)
-            done = step + 1
-            tok_log += stage.batch_size * stage.seq_len
-            bar.update(1)
-            if dist.main and (done % cfg.log_every == 0 or done == total):
-                elapsed = time.perf_counter() - t_log
-                row: dict[str, Any] = {"loss": loss_sum, "lr": lr, "router_lr": r_lr, "grad_norm": grad_norm,
-                                       "tok_s": tok_log / max(elapsed, 1e-9), "stage": stage_index + 1,
-                                       "logit_scale": scale, "temperature": temp,
-                                       "budget_loss": stats["budget_loss"]}
-                t_log, tok_log = time.perf_counter(), 0
-                for b, label in enumerate(labels):
-                    if b in kd_sum:
-                        row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
-                    resolved = router.resolve(b)
-                    row[f"cost_{label}"] = space.cost_of(resolved) / space.targets[b]
-                    if resolved != architectures.get(label):  # the router's choice for this budget changed
-                        architectures[label] = resolved
-                        row[f"arch_{label}"] = describe_subnet(space.config, resolved)
-                        bar.write(f"step {done}: budget {label} → {row[f'arch_{label}']} "
-                                  f"({count_parameters(space.config, resolved):,} parameters)")
-                last = dict(row)
-                metrics.write(done, **row)
-                bar.set_postfix_str(_postfix(row, labels))
-            if done % cfg.eval_every == 0 or done == total:
-                if dist.main or sharded:  # sharded weights: every rank takes part in each forward
-                    evals = _evaluate(student_model, router, space, teacher, val_batches, eos, cfg.document_masking,
-                                      amp, tok if synthetic else None, run.eval.n)
-                    if dist.main:
-                        metrics.write(done, **evals)
-                        last.update(evals)
-                        bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-                    student.train()
-            stage_done = done < total and run.stage_at(done)[0] != stage_index
-            if done % cfg.checkpoint_every == 0 or done == total or stage_done:
-                state = {"step": done, "stage": stage_index, "data": stream.state_dict(), "amp": amp_record(amp)}
-                path = out / "checkpoints" / f"step_{done:07d}"
-                if sharded:
-                    save_sharded_checkpoint(path, student, space, tok_dir, optimizers, state, dist)
-                elif dist.main:
-                    save_elastic_checkpoint(path, student, space, tok_dir, optimizers, state)
-                if dist.main:
-                    if stage_done:  # kept out of the rotation: evaluate it, or branch a run from it
-                        keep = out / "stages" / f"{stage_index + 1}-{stage.name or 'stage'}"
-                        with atomic_directory(keep, overwrite=True) as tmp:
-                            # hard links: checkpoint files are never modified in place, so this costs no copy
-                            shutil.copytree(path, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
-                        bar.write(f"stage {stage_index + 1} done: {keep}")
-                    for old in sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-                _barrier(dist)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    full = _gathered(student, sharded)
-    if dist.main:
-        save_elastic_checkpoint(out / "final", full, space, tok_dir)
-        bar.write(summary_table(read_json(out / "final" / ELASTIC)))
-    _barrier(dist)
-    return last
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not supported
-        shutil.copy2(src, dst)
-
-
-def _gathered(student: ElasticStudent, sharded: bool) -> ElasticStudent:
-    """The student with whole (unsharded) weights: itself, or under FSDP2 a copy gathered to rank 0 (every
-    rank must call this; the others get a model without weights)."""
-    if not sharded:
-        return student
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # parameter by parameter, into rank 0's CPU memory only (the other ranks get an empty dict)
-    state = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    plain = HybridLM(student.model.config, device="meta")
-    if state:
-        plain.load_state_dict(state, assign=True)
-    return ElasticStudent(plain, student.router)
-
-
-def _from_rank0(value: Any, dist: Distributed) -> Any:
-    """Rank 0's value on every rank (a measured choice must be the same everywhere)."""
-    if dist.world == 1:
-        return value
-    import torch.distributed as tdist
-
-    box = [value]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(dist: Distributed) -> None:
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    import torch.distributed as tdist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    return float(t) / tdist.get_world_size()
-
-
-def _average_gradients(module: nn.Module) -> None:
-    import torch.distributed as tdist
-
-    for p in module.parameters():
-        if p.grad is not None:
-            tdist.all_reduce(p.grad)
-            p.grad /= tdist.get_world_size()
+    objective = ElasticDistillation(run, student, wrapped, teacher, space, amp, sharded, val_batches, tok)
+    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, resumed_from=ckpt, dist=dist, device=device,
+               progress=progress)
 
 
 def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConfig, dist: Distributed,
@@ -688,6 +438,6 @@ def summary_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ElasticStudent", "kd_loss", "kd_loss_from_hidden", "load_elastic_checkpoint", "rows_of",
+__all__ = ["ElasticDistillation", "ElasticStudent", "kd_loss", "kd_loss_from_hidden", "rows_of",
            "routing_metadata", "sample_budgets", "save_elastic_checkpoint", "summary_table", "teacher_hidden",
            "train_elastic"]

@@ -1,36 +1,52 @@
-"""Plain (non-elastic) language-model training of a HybridLM parent.
+"""The one training loop. Parent pretraining (:mod:`elasticlm.train.pretrain`) and elastic distillation
+(:mod:`elasticlm.train.elastic`) are :class:`Objective` s plugged into :func:`fit`, which owns everything they
+share: the step loop over phases (elastic stages), gradient accumulation and data-parallel micro-batches,
+AdamW with linear warm-up and cosine decay, clipping, the non-finite-loss guard, JSONL/TensorBoard metrics
+and the progress bar, periodic evaluation, atomic (or FSDP2-sharded) checkpoints with rotation, exact
+``--resume`` (same losses, same weights as an uninterrupted run) and the checkpoint kept at the end of every
+phase but the last.
 
-AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, fp32 on CPU and
-bf16 autocast on CUDA, periodic validation loss and task accuracy, a progress bar, JSONL metrics
-(TensorBoard too when installed) and atomic checkpoints; ``resume=True`` continues exactly from
-the newest complete checkpoint (same losses, same weights as an uninterrupted run).
+    out = Path(cfg.out)
+    ckpt = open_run(out, run.to_dict(), resume=..., resume_from=..., same=("model",))
+    objective = MyObjective(...)                    # builds models, optimizers, validation batches
+    fit(objective, cfg, stream, out=out, tokenizer_dir=..., resumed_from=ckpt, dist=dist, device=device)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import atomic_directory, read_json, write_model_files
-from ..data.datasets import PackedStream, doc_text, documents
+from ..checkpoint import atomic_directory, read_json
+from ..data.datasets import PackedStream
 from ..errors import CheckpointError, ConfigError
-from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
-from ..runtime import resolve_device
-from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
-from .checkpoint import STATE, latest, load_checkpoint, save_checkpoint
-from .config import RunConfig
-from .losses import ce_loss_from_hidden
+from .checkpoint import (
+    STATE,
+    Parts,
+    checkpoint_dir,
+    latest,
+    load_training_checkpoint,
+    rotate,
+    save_sharded_checkpoint,
+    save_training_checkpoint,
+)
+from .config import TrainConfig
+from .distributed import Distributed, barrier, mean_over_ranks, rows_of
 
 log = logging.getLogger("elasticlm.train")
 
@@ -131,27 +147,6 @@ def build_optimizer(model: HybridLM, cfg: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=False)
 
 
-def prepare_tokenizer(run: RunConfig, directory: Path) -> Any:
-    """Build, train or load the tokenizer and save it into ``directory``."""
-    cfg = run.tokenizer
-    if cfg.kind == "bytes":
-        tok = byte_level_tokenizer()
-    elif cfg.kind == "file":
-        tok = load_tokenizer(cfg.path or "")
-    else:
-        docs = documents(run.data, "train")(0)
-        tok = train_bpe((doc_text(d) for _, d in zip(range(cfg.train_documents), docs, strict=False)),
-                        cfg.vocab_size)
-    if tok.get_vocab_size() > run.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.get_vocab_size()} tokens")
-    eos = run.model.eos_token_id
-    if eos is None or tok.id_to_token(eos) is None:
-        raise ConfigError(f"model.eos_token_id={eos} is not a token of the tokenizer")
-    save_tokenizer(tok, directory)
-    return tok
-
-
 class MetricsLog:
     """JSONL metrics (one object per line) and, if installed, TensorBoard scalars."""
 
@@ -183,147 +178,216 @@ class MetricsLog:
             self.writer.close()
 
 
-def lm_loss(model: HybridLM, batch: tuple[torch.Tensor, torch.Tensor], amp: torch.dtype | None,
-            eos_token_id: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets whose loss mask is set. With
-    ``eos_token_id`` the packed documents are kept apart (each sees only itself)."""
-    tokens, mask = batch
-    inputs, targets, keep = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
-    doc_ids = document_ids_from_eos(inputs, eos_token_id) if eos_token_id is not None else None
-    keep = keep.float()
-    with torch.autocast(tokens.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        total = model(inputs, document_ids=doc_ids, head=lambda h, w: ce_loss_from_hidden(h, w, targets, keep))
-    return total / keep.sum().clamp_min(1.0)
+@dataclass(frozen=True)
+class Phase:
+    """A span of steps with one context length and global batch (an elastic stage; pretraining has one)."""
+
+    index: int
+    name: str
+    seq_len: int
+    batch_size: int
+    steps: int
 
 
-@torch.no_grad()
-def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    amp: torch.dtype | None, eos_token_id: int | None = None) -> float:
-    was = model.training
-    model.eval()
-    loss = sum(lm_loss(model, b, amp, eos_token_id).item() for b in batches) / len(batches)
-    model.train(was)
-    return loss
+class Objective:
+    """What one kind of training plugs into :func:`fit`.
+
+    Subclasses set the attributes and implement :meth:`micro_loss` and :meth:`evaluate`; the other hooks have
+    defaults that suit a model trained alone.
+    """
+
+    model: HybridLM  # the trained model: a checkpoint's model directory, its gradients are clipped
+    module: nn.Module  # what the loop puts in train mode and whose no_sync() it uses (a DDP wrapper, if any)
+    parts: Parts  # every trained module and its optimizer, "model" first
+    amp: torch.dtype | None = None
+    sharded: bool = False  # FSDP2: every rank takes part in checkpoints and evaluation
+    phases: list[Phase]
+    say = staticmethod(print)  # set by fit(): prints above the progress bar
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def phase(self, step: int) -> Phase:
+        """The phase that trains step ``step`` (0-based; the last phase for steps beyond the end)."""
+        end = 0
+        for p in self.phases:
+            end += p.steps
+            if step < end:
+                return p
+        return self.phases[-1]
+
+    def set_learning_rates(self, step: int, lr: float) -> dict[str, float]:
+        """Set this step's learning rates (``lr`` is the model's, from the shared schedule); returns any
+        other rate to log."""
+        for group in self.parts["model"][1].param_groups:
+            group["lr"] = lr
+        return {}
+
+    def begin_step(self, step: int, phase: Phase, micro: int, dist: Distributed) -> None:
+        """Called once per optimizer step, before its micro-batches."""
+
+    def micro_loss(self, step: int, micro_step: int, rows: slice, tokens: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of this rank's rows ``rows`` of the global batch (``tokens``, ``mask``: those rows,
+        ``[micro, seq_len + 1]``) and statistics for :meth:`step_metrics`."""
+        raise NotImplementedError
+
+    def before_update(self) -> None:
+        """After the gradients of a step are complete, before clipping (e.g. average replicated gradients)."""
+
+    def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        """Extra metrics of a logged step from its micro-steps' statistics."""
+        return {}
+
+    def postfix(self, row: dict[str, Any]) -> str:
+        return f"loss {row['loss']:.3f} | lr {row['lr']:.2e} | tok/s {row['tok_s']:,.0f}"
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def write_files(self, directory: Path) -> None:
+        """Extra files of every checkpoint (written before trainer_state.json)."""
+
+    def finish(self, out: Path, dist: Distributed) -> None:
+        """Write ``out / "final"`` (every rank calls this)."""
+        raise NotImplementedError
 
 
-def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train a parent from scratch (or resume); returns the final metrics. Writes under train.out:
-    ``run_config.json``, ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (a model directory)."""
-    cfg = run.train
-    out = Path(cfg.out)
+def open_run(out: Path, run: dict[str, Any], *, resume: bool, resume_from: str | Path | None = None,
+             same: tuple[str, ...] = (), dist: Distributed | None = None) -> Path | None:
+    """Check the output directory against ``--resume`` / ``--resume-from``, record ``run_config.json`` (rank 0)
+    and return the checkpoint to resume from, if any. ``same``: config tables that a resume may not change."""
     ckpt = latest(out) if resume else None
     if resume and ckpt is None:
         raise CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
-        saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").exists() else None
-        if saved is not None and saved.get("model") != run.to_dict()["model"]:
-            raise ConfigError(f"--resume: the [model] table differs from the one {out} was started with")
-    (out / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    if resume_from is not None:
+        if resume:
+            raise ConfigError("give either --resume or --resume-from, not both")
+        ckpt = Path(resume_from)
+        if not (ckpt / STATE).is_file():
+            raise CheckpointError(f"--resume-from {ckpt}: not a training checkpoint (no {STATE}); use "
+                                  "checkpoints/step_* or stages/* of a run")
+    saved_path = out / "run_config.json"
+    if resume and saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        for table in same:
+            if saved.get(table) != run.get(table):
+                raise ConfigError(f"--resume: the [{table}] table differs from the one {out} was started with")
+    if dist is None or dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(json.dumps(run, indent=2) + "\n")
+    return ckpt
 
-    device = resolve_device(cfg.device, "train.device")
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
 
-    tok_dir = out / "tokenizer"
-    if ckpt is not None:
-        if not (tok_dir / "tokenizer.json").is_file():
-            tok_dir.mkdir(exist_ok=True)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if (ckpt / name).is_file():
-                    shutil.copy2(ckpt / name, tok_dir / name)
-        tok = load_tokenizer(tok_dir)
-    else:
-        tok_dir.mkdir(exist_ok=True)
-        tok = prepare_tokenizer(run, tok_dir)
-    encode = lambda text: tok.encode(text).ids  # noqa: E731
-    eos = run.model.eos_token_id
-    assert eos is not None
-
-    model = HybridLM(run.model).to(device)
-    amp = run_autocast(cfg.dtype, device, model, (max(1, cfg.batch_size // cfg.grad_accum), cfg.seq_len), ckpt)
-    from .plan import Cluster, device_memory, plan_pretrain, resolve_checkpointing
-
-    cluster = Cluster(memory=device_memory(device), device=device.type)
-    model.activation_checkpointing = resolve_checkpointing(cfg.activation_checkpointing,
-                                                           plan_pretrain(run, cluster))
-    if model.activation_checkpointing:
-        log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
-                 cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
-    if cfg.dtype == "bfloat16" and device.type == "cpu":
-        log.warning("bf16 on CPU is ~100x slower than fp32 for matmuls; consider train.dtype=float32")
-    opt = build_optimizer(model, cfg)
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
-    if cfg.batch_size % cfg.grad_accum:
-        raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
-    doc_eos = eos if cfg.document_masking else None
-    stream = PackedStream(documents(run.data, "train"), encode, eos, cfg.seq_len, micro)
-    val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro)
-    val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
-
+def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Path, tokenizer_dir: Path,
+        resumed_from: Path | None = None, dist: Distributed | None = None, device: torch.device | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``objective`` for its phases from ``stream`` (or continue from the checkpoint ``resumed_from``);
+    returns the last logged metrics and evaluation. Under torchrun every rank calls this with the same
+    stream: each trains its rows of every global batch (:func:`rows_of`)."""
+    dist = dist or Distributed()
+    device = device or objective.model.embeddings.weight.device
+    obj, total = objective, objective.total_steps
+    schedule = dataclasses.replace(cfg, steps=total)  # warm-up and cosine decay over all phases
     start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt)
+    if resumed_from is not None:  # every rank loads the same checkpoint (its own shards of it when sharded)
+        state = load_training_checkpoint(resumed_from, obj.parts, obj.sharded)
         start = int(state["step"])
         stream.load_state_dict(state["data"])
-        log.info("resumed from %s (step %d)", ckpt, start)
-    metrics = MetricsLog(out, start if ckpt is not None else None, cfg.tensorboard)
-    synthetic = run.data.source == "synthetic" and run.eval.tasks
-
-    model.train()
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+        if dist.main:
+            log.info("resumed from %s (step %d of %d)", resumed_from, start, total)
+    metrics = MetricsLog(out, start if resumed_from is not None else None, cfg.tensorboard) if dist.main else None
+    bar = tqdm(total=total, initial=start, disable=not (progress and dist.main), unit="step", dynamic_ncols=True)
+    obj.say = bar.write
+    many_phases = len(obj.phases) > 1
     last: dict[str, Any] = {}
-    t_log, n_log = time.perf_counter(), 0
+    t_log, tok_log = time.perf_counter(), 0
+    obj.module.train()
     try:
-        for step in range(start, cfg.steps):
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                loss = lm_loss(model, tuple(t.to(device) for t in stream.next_masked_batch()), amp, doc_eos)
-                (loss / cfg.grad_accum).backward()
+        for step in range(start, total):
+            phase = obj.phase(step)
+            if (stream.seq_len, stream.batch_size) != (phase.seq_len, phase.batch_size):
+                stream.seq_len, stream.batch_size = phase.seq_len, phase.batch_size
+                if many_phases:
+                    bar.write(f"stage {phase.index + 1}/{len(obj.phases)} ({phase.name or 'unnamed'}): "
+                              f"seq_len {phase.seq_len}, batch {phase.batch_size}, {phase.steps} steps")
+            lr = lr_at(step, schedule)
+            rates = obj.set_learning_rates(step, lr)
+            tokens, mask = (t.to(device) for t in stream.next_masked_batch())
+            micro = phase.batch_size // (cfg.grad_accum * dist.world)
+            if micro < 1:
+                raise ConfigError(f"stage {phase.index + 1}: batch_size {phase.batch_size} is smaller than "
+                                  f"grad_accum × world size ({cfg.grad_accum} × {dist.world})")
+            obj.begin_step(step, phase, micro, dist)
+            loss_sum, stats = 0.0, []
+            for a in range(cfg.grad_accum):
+                rows = rows_of(dist.rank, dist.world, micro, a)
+                sync = a == cfg.grad_accum - 1 or dist.world == 1
+                no_sync = getattr(obj.module, "no_sync", None)
+                with no_sync() if not sync and no_sync is not None else contextlib.nullcontext():
+                    loss, st = obj.micro_loss(step, a, rows, tokens[rows], mask[rows])
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
+                stats.append(st)
+            loss_sum = mean_over_ranks(loss_sum, dist, device)  # the global batch's loss, as one process logs it
             if not math.isfinite(loss_sum):
                 raise ConfigError(f"the loss became {loss_sum} at step {step + 1}; lower train.lr or check the data")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            obj.before_update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(obj.model.parameters(), cfg.grad_clip or float("inf")).item()
+            for _, opt in obj.parts.values():
+                opt.step()
+            for _, opt in obj.parts.values():
+                opt.zero_grad(set_to_none=True)
             done = step + 1
-            n_log += 1
+            tok_log += phase.batch_size * phase.seq_len
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if metrics is not None and (done % cfg.log_every == 0 or done == total):
                 elapsed = time.perf_counter() - t_log
-                tok_s = n_log * tokens_per_step / max(elapsed, 1e-9)
-                t_log, n_log = time.perf_counter(), 0
-                last = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s}
-                metrics.write(done, **last)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                evals: dict[str, float] = {"val_loss": validation_loss(model, val_batches, amp, doc_eos)}
-                if synthetic:
-                    evals.update(_task_metrics(model, tok, run.eval.n, run.eval.hard))
-                metrics.write(done, **evals)
-                last.update(evals)
-                bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(out, done, model, opt, {"data": stream.state_dict(), "amp": amp_record(amp)}, tok_dir,
-                                cfg.keep_checkpoints)
+                row: dict[str, Any] = {"loss": loss_sum, "lr": lr, **rates, "grad_norm": grad_norm,
+                                       "tok_s": tok_log / max(elapsed, 1e-9)}
+                row.update(obj.step_metrics(done, phase, stats))
+                t_log, tok_log = time.perf_counter(), 0
+                last = dict(row)
+                metrics.write(done, **row)
+                bar.set_postfix_str(obj.postfix(row))
+            if (done % cfg.eval_every == 0 or done == total) and (dist.main or obj.sharded):
+                evals = obj.evaluate(done)  # sharded weights: every rank takes part in each forward
+                obj.module.train()
+                if metrics is not None:
+                    metrics.write(done, **evals)
+                    last.update(evals)
+                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            phase_done = done < total and obj.phase(done).index != phase.index
+            if done % cfg.checkpoint_every == 0 or done == total or phase_done:
+                state = {"step": done, "stage": phase.index, "data": stream.state_dict(), "amp": amp_record(obj.amp)}
+                path = checkpoint_dir(out, done)
+                if obj.sharded:
+                    save_sharded_checkpoint(path, obj.parts, state, tokenizer_dir, dist, obj.write_files)
+                elif dist.main:
+                    save_training_checkpoint(path, obj.parts, state, tokenizer_dir, obj.write_files)
+                if dist.main:
+                    if phase_done:  # kept out of the rotation: evaluate it, or branch a run from it
+                        keep = out / "stages" / f"{phase.index + 1}-{phase.name or 'stage'}"
+                        with atomic_directory(keep, overwrite=True) as tmp:
+                            # hard links: checkpoint files are never modified in place, so this costs no copy
+                            shutil.copytree(path, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+                        bar.write(f"stage {phase.index + 1} done: {keep}")
+                    rotate(out, cfg.keep_checkpoints)
+                barrier(dist)
     finally:
         bar.close()
-        metrics.close()
-    with atomic_directory(out / "final", overwrite=True) as tmp:
-        write_model_files(model, tmp, tokenizer_dir=tok_dir)
+        if metrics is not None:
+            metrics.close()
+    obj.finish(out, dist)
+    barrier(dist)
     return last
 
 
-def _task_metrics(model: HybridLM, tok: Any, n: int, hard: bool) -> dict[str, float]:
-    from ..eval.tasks import task_table
-
-    table = task_table(model, tok, n=n, hard=hard)
-    return {f"acc_{level}_{fam}": v for level, row in table.items() for fam, v in row.items()}
-
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
