@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -32,6 +32,11 @@ def byte_level_tokenizer() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
+
+
+def batch_encoder(tok: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """Texts → token ids, a batch at a time (the Rust tokenizer encodes a batch on several threads)."""
+    return lambda texts: [e.ids for e in tok.encode_batch(texts)] if texts else []
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> None:

@@ -151,33 +151,48 @@ def test_synthetic_masking_keeps_the_trace_and_answer():
     assert prompt.startswith("Q: ") and prompt.endswith("\nT:") and "\nA: " in completion
 
 
-@pytest.mark.parametrize("source", ["jsonl", "text"])
+@pytest.mark.parametrize("source", ["jsonl", "text", "hf"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_local_files_resume_by_seeking_not_rereading(tmp_path, source, split):
-    """The saved position names the file and offset of the next document: a resumed stream gives the same
-    batches as one that never stopped, without reading the files before that position (here: the first
-    file is made unreadable after the position was saved)."""
+def test_local_files_resume_by_seeking_not_rereading(tmp_path, source, split, monkeypatch):
+    """The saved position names the file and offset of the next document (for a Hugging Face dataset: the
+    shard and record, the datasets library's own resumable state): a resumed stream gives the same batches
+    as one that never stopped, without reading the files before that position (here: the first file is made
+    unreadable after the position was saved)."""
     data = tmp_path / "data"
     data.mkdir()
     for k in range(3):
         texts = [f"file {k} document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(60)]
-        if source == "jsonl":
+        if source in ("jsonl", "hf"):
             write_jsonl(data / f"part{k}.jsonl", [{"text": t} for t in texts])
         else:
             (data / f"part{k}.txt").write_text("\n\n".join(texts))
     cfg = DataConfig(source=source, path=str(data), val_fraction=0.3)
+    if source == "hf":
+        pytest.importorskip("datasets")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        cfg = DataConfig(source="hf", hf_name="json", hf_data_files=str(data / "part*.jsonl"), val_fraction=0.3)
     a = PackedStream(documents(cfg, split), encode, EOS, 64, 2)
-    while (a.state.cursor or {}).get("file", 0) < 1:  # move into the second file
+    while a.state.doc_index < (100 if split == "train" else 30):  # past the first file (~42 / 18 per file)
         a.next_batch()
     saved = json.loads(json.dumps(a.state_dict()))
-    assert saved["cursor"]["file"] >= 1 and saved["cursor"]["index"] == saved["doc_index"]
+    assert saved["cursor"]["index"] == saved["doc_index"]
     expected = [a.next_batch() for _ in range(4)]
-    first = data / ("part0.jsonl" if source == "jsonl" else "part0.txt")
-    first.write_bytes(b"\xff\xfe not what was there {" * 10)  # re-reading it would fail or change the data
+    if source == "hf":  # datasets reads the first file for the schema: count the records decoded instead
+        import elasticlm.data.datasets as ds
+
+        seen, real = [], ds._record_text
+        monkeypatch.setattr(ds, "_record_text", lambda *a: seen.append(1) or real(*a))
+        assert saved["cursor"]["hf"]["examples_iterable"]["examples_iterable"]["shard_idx"] >= 1
+    else:
+        first = data / ("part0.txt" if source == "text" else "part0.jsonl")
+        first.write_bytes(b"\xff\xfe not what was there {" * 10)  # re-reading it would fail or change the data
     b = PackedStream(documents(cfg, split), encode, EOS, 64, 2)
     b.load_state_dict(saved)
     for want in expected:
         assert torch.equal(b.next_batch(), want)
+    if source == "hf":  # not the 100 / 30 documents before the position again, only those after it
+        share = 0.7 if split == "train" else 0.3  # of the records that go to this split
+        assert 0 < len(seen) < 1.6 * (b.state.doc_index - saved["doc_index"]) / share + 10
 
 
 def test_jsonl_errors_name_the_file_and_line(tmp_path):
@@ -185,3 +200,32 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
     f.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: not UTF-8"):
         list(documents(DataConfig(source="jsonl", path=str(f), val_fraction=1e-9), "train")(0))
+
+
+def test_chunked_and_shared_tokenization_packs_the_same_windows_and_resumes():
+    """A tokenizer batch per chunk (and, under torchrun, a share of each chunk per rank, all-gathered) gives
+    the same windows as one-by-one tokenization, through a save/load of the position in the middle."""
+    from elasticlm.tokenizer import batch_encoder
+    from elasticlm.train.distributed import merge_shares
+
+    cfg = DataConfig(source="synthetic", seed=5, mask_prompt=True)
+    world, calls = 3, []
+
+    def ranks_encode(texts):  # what shared_encoder does, with the all-gather played by a list
+        shares = [batch_encoder(TOK)(texts[r::world]) for r in range(world)]
+        calls.append([len(s) for s in shares])
+        return merge_shares(shares)
+
+    plain = PackedStream(documents(cfg, "train"), encode, EOS, 48, 3)
+    chunked = PackedStream(documents(cfg, "train"), encode, EOS, 48, 3, encode_many=ranks_encode,
+                           chunk_multiple=world)
+    for i in range(6):
+        a, b = plain.next_masked_batch(), chunked.next_masked_batch()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if i == 2:  # resume the chunked stream from its saved position (which holds the read-ahead)
+            saved = json.loads(json.dumps(chunked.state_dict()))
+            chunked = PackedStream(documents(cfg, "train"), encode, EOS, 48, 3, encode_many=ranks_encode,
+                                   chunk_multiple=world)
+            chunked.load_state_dict(saved)
+    # each rank encoded a third of every chunk, and chunks grew past one document per rank
+    assert all(max(c) - min(c) <= 1 for c in calls) and max(sum(c) for c in calls) > world * 2

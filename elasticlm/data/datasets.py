@@ -175,20 +175,28 @@ def _jsonl_from(cfg: DataConfig, files: list[Path], file_index: int, offset: int
                     yield doc, (k, pos, n)
 
 
-def hf_documents(cfg: DataConfig) -> Iterator[Doc]:
+def _hf_dataset(cfg: DataConfig) -> Any:
     try:
         import datasets
     except ModuleNotFoundError:
         raise ConfigError("data.source='hf' needs the `datasets` package (pip install datasets)") from None
     try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True,
-                                   data_files=cfg.hf_data_files)
+        return datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True,
+                                     data_files=cfg.hf_data_files)
     except Exception as exc:  # datasets raises many types for a missing or offline dataset
         raise ConfigError(f"cannot load dataset {cfg.hf_name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def hf_documents(cfg: DataConfig) -> Iterator[Doc]:
+    """Every non-empty document of a streamed Hugging Face dataset, in order."""
+    yield from (doc for doc, _ in _hf_from(cfg, _hf_dataset(cfg)))
+
+
+def _hf_from(cfg: DataConfig, ds: Any) -> Iterator[tuple[Doc, Any]]:
     for n, record in enumerate(ds):
         doc = _record_text(record, cfg, f"{cfg.hf_name}[{n}]")
         if doc_text(doc).strip():
-            yield doc
+            yield doc, ds
 
 
 def in_validation(doc: str, fraction: float) -> bool:
@@ -214,58 +222,58 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
                 yield render(synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0])
                 i += 1
         return val
-    if cfg.source in ("text", "jsonl"):
-        return FileDocuments(cfg, split)
-    source = {"hf": lambda: hf_documents(cfg)}[cfg.source]
-    want_val = split != "train"
-
-    def stream(start: int) -> Iterator[Doc]:
-        i = 0
-        for doc in source():
-            if in_validation(doc_text(doc), cfg.val_fraction) == want_val:
-                if i >= start:
-                    yield doc
-                i += 1
-        if i == 0:
-            raise ConfigError(f"the {split} split of {cfg.source} data {cfg.path or cfg.hf_name} is empty"
-                              + (" (too few documents for data.val_fraction?)" if want_val else ""))
-    return stream
+    return SeekableDocuments(cfg, split)
 
 
-class FileDocuments:
-    """The documents of one split of local text / JSON-lines files: ``docs(start)`` iterates from the
-    ``start``-th document of the split (reading from the beginning), ``docs.resume(start, cursor)`` seeks
-    straight to the position :attr:`cursor` recorded after that document (the file, and the byte offset
-    for JSON lines), so a resumed run does not re-read the data before it."""
+class SeekableDocuments:
+    """The documents of one split of local text / JSON-lines files or a streamed Hugging Face dataset:
+    ``docs(start)`` iterates from the ``start``-th document of the split (reading from the beginning),
+    ``docs.resume(start, cursor)`` seeks straight to the position :attr:`cursor` recorded after that
+    document, so a resumed run does not re-read the data before it: the file and byte offset for local
+    files; the ``datasets`` library's own ``IterableDataset.state_dict()`` for a Hugging Face dataset (which
+    skips whole shards and, inside the current shard, the records before the position)."""
 
     def __init__(self, cfg: DataConfig, split: str) -> None:
         self.cfg, self.split, self.want_val = cfg, split, split != "train"
-        self.cursor: dict[str, int] | None = None  # position after the last document yielded
+        self.cursor: dict[str, Any] | None = None  # position after the last document yielded
 
-    def _raw(self, cursor: dict[str, int] | None) -> Iterator[tuple[Doc, tuple[int, ...]]]:
+    def _raw(self, cursor: dict[str, Any] | None) -> Iterator[tuple[Doc, Any]]:
         c = cursor or {}
+        if self.cfg.source == "hf":
+            ds = _hf_dataset(self.cfg)
+            if c.get("hf") is not None:
+                try:
+                    ds.load_state_dict(c["hf"])
+                except Exception as exc:
+                    raise ConfigError(f"cannot resume dataset {self.cfg.hf_name!r} at the saved position "
+                                      f"({str(exc).splitlines()[0]})") from None
+            return _hf_from(self.cfg, ds)
         if self.cfg.source == "jsonl":
             files = _files(Path(self.cfg.path or ""), (".jsonl", ".json"))
             return _jsonl_from(self.cfg, files, c.get("file", 0), c.get("offset", 0), c.get("line", 1))
         return _text_from(_files(Path(self.cfg.path or ""), TEXT_SUFFIXES), c.get("file", 0), c.get("offset", 0))
 
-    def _split(self, cursor: dict[str, int] | None, start: int) -> Iterator[Doc]:
+    def _split(self, cursor: dict[str, Any] | None, start: int) -> Iterator[Doc]:
         i = cursor["index"] if cursor else 0
         for doc, pos in self._raw(cursor):
             if in_validation(doc_text(doc), self.cfg.val_fraction) == self.want_val:
                 if i >= start:
-                    self.cursor = {"index": i + 1, "file": pos[0], "offset": pos[1],
-                                   **({"line": pos[2]} if len(pos) > 2 else {})}
+                    if self.cfg.source == "hf":  # pos: the dataset, standing just after this record
+                        self.cursor = {"index": i + 1, "hf": pos.state_dict()}
+                    else:
+                        self.cursor = {"index": i + 1, "file": pos[0], "offset": pos[1],
+                                       **({"line": pos[2]} if len(pos) > 2 else {})}
                     yield doc
                 i += 1
         if i == 0:
-            raise ConfigError(f"the {self.split} split of {self.cfg.source} data {self.cfg.path} is empty"
+            raise ConfigError(f"the {self.split} split of {self.cfg.source} data {self.cfg.path or self.cfg.hf_name} "
+                              "is empty"
                               + (" (too few documents for data.val_fraction?)" if self.want_val else ""))
 
     def __call__(self, start: int) -> Iterator[Doc]:
         return self._split(None, start)
 
-    def resume(self, start: int, cursor: dict[str, int] | None) -> Iterator[Doc]:
+    def resume(self, start: int, cursor: dict[str, Any] | None) -> Iterator[Doc]:
         """From document ``start`` on, seeking to ``cursor`` when it is the position of that document."""
         if cursor is not None and cursor.get("index") == start:
             return self._split(dict(cursor), start)
@@ -280,7 +288,7 @@ class StreamState:
     epoch: int = 0
     carry: list[int] = field(default_factory=list)
     carry_mask: list[int] = field(default_factory=list)
-    cursor: dict[str, int] | None = None  # where the source stands after document doc_index - 1 (seekable sources)
+    cursor: dict[str, Any] | None = None  # where the source stands after document doc_index - 1 (seekable sources)
 
 
 class PackedStream:
@@ -290,16 +298,25 @@ class PackedStream:
     tail that does not fill a batch row is carried into the next one. Finite sources restart
     (epoch + 1) when exhausted. A ``(prompt, completion)`` document gets loss-mask 0 on its
     prompt tokens (:meth:`next_masked_batch`).
+
+    ``encode_many`` (texts → token lists, in order) tokenizes documents in chunks instead of one by one: a
+    whole tokenizer batch at a time, or each rank of a distributed run a share of every chunk
+    (``elasticlm.train.distributed.shared_encoder``). Chunks read a little ahead, and the tokens of the
+    documents read ahead are carried like a window's tail, so the windows are the same token for token as
+    one-by-one tokenization gives, and so is every resumed run.
     """
 
     def __init__(self, docs: Callable[[int], Iterator[Doc]], encode: Callable[[str], list[int]], eos_id: int,
-                 seq_len: int, batch_size: int, state: StreamState | None = None) -> None:
+                 seq_len: int, batch_size: int, state: StreamState | None = None,
+                 encode_many: Callable[[list[str]], list[list[int]]] | None = None, chunk_multiple: int = 1) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ConfigError("seq_len and batch_size must be >= 1")
         self.docs, self.encode, self.eos_id = docs, encode, eos_id
         self.seq_len, self.batch_size = seq_len, batch_size
         self.state = state or StreamState()
         self._iter: Iterator[str] | None = None
+        self.encode_many, self.chunk_multiple = encode_many, max(1, chunk_multiple)
+        self._seen_docs, self._seen_tokens = 0, 0  # for the chunk size: tokens per document so far
 
     def _next_doc(self) -> Doc:
         for _ in range(2):
@@ -319,22 +336,48 @@ class PackedStream:
                 self.state.doc_index, self.state.epoch, self.state.cursor = 0, self.state.epoch + 1, None
         raise ConfigError("the dataset yielded no documents")
 
+    def _chunk_size(self, missing: int) -> int:
+        """Documents to read for ``missing`` more tokens: the running tokens-per-document estimate with 10 %
+        to spare, at least one per share, rounded up to a multiple of the shares (every rank computes the
+        same number from the same tokens)."""
+        m = self.chunk_multiple
+        if self._seen_docs == 0:
+            n = m
+        else:
+            per_doc = max(1.0, self._seen_tokens / self._seen_docs)
+            n = min(4096, max(m, int(1.1 * missing / per_doc) + 1))
+        return -(-n // m) * m
+
+    def _append(self, docs: list[Doc], ids: list[list[int]], buf: list[int], mask: list[int]) -> None:
+        it = iter(ids)
+        for doc in docs:
+            if isinstance(doc, str):
+                tokens = next(it)
+                buf.extend(tokens)
+                mask.extend([1] * len(tokens))
+            else:
+                prompt, completion = next(it), next(it)
+                buf.extend(prompt + completion)
+                mask.extend([0] * len(prompt) + [1] * len(completion))
+            buf.append(self.eos_id)
+            mask.append(1)
+
     def next_masked_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[batch, seq_len + 1]`` and a 0/1 loss mask of the same shape."""
         need = self.batch_size * (self.seq_len + 1)
         buf, mask = list(self.state.carry), list(self.state.carry_mask)
         while len(buf) < need:
-            doc = self._next_doc()
-            if isinstance(doc, str):
-                ids = self.encode(doc)
-                buf.extend(ids)
-                mask.extend([1] * len(ids))
+            if self.encode_many is None:
+                docs = [self._next_doc()]
+                texts = [t for d in docs for t in ([d] if isinstance(d, str) else d)]
+                ids = [self.encode(t) for t in texts]
             else:
-                prompt, completion = self.encode(doc[0]), self.encode(doc[1])
-                buf.extend(prompt + completion)
-                mask.extend([0] * len(prompt) + [1] * len(completion))
-            buf.append(self.eos_id)
-            mask.append(1)
+                docs = [self._next_doc() for _ in range(self._chunk_size(need - len(buf)))]
+                texts = [t for d in docs for t in ([d] if isinstance(d, str) else d)]
+                ids = self.encode_many(texts)
+            before = len(buf)
+            self._append(docs, ids, buf, mask)
+            self._seen_docs, self._seen_tokens = self._seen_docs + len(docs), self._seen_tokens + len(buf) - before
         self.state.carry, self.state.carry_mask = buf[need:], mask[need:]
         shape = (self.batch_size, self.seq_len + 1)
         return (torch.tensor(buf[:need], dtype=torch.long).view(shape),
@@ -351,5 +394,5 @@ class PackedStream:
         cursor = d.get("cursor")
         self.state = StreamState(int(d["doc_index"]), int(d["epoch"]), [int(t) for t in d["carry"]],
                                  [int(t) for t in d.get("carry_mask", [1] * len(d["carry"]))],
-                                 {k: int(v) for k, v in cursor.items()} if isinstance(cursor, dict) else None)
+                                 dict(cursor) if isinstance(cursor, dict) else None)
         self._iter = None

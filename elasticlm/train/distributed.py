@@ -6,6 +6,8 @@ A run outside torchrun is a world of one: every helper here is then a no-op, so 
 from __future__ import annotations
 
 import os
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,3 +97,31 @@ def average_gradients(module: nn.Module, dist: Distributed) -> None:
         if p.grad is not None:
             tdist.all_reduce(p.grad)
             p.grad /= dist.world
+
+
+def merge_shares(shares: list[list[Any]]) -> list[Any]:
+    """Undo a round-robin split: ``shares[r]`` holds items ``r, r + world, r + 2·world, …``.
+
+    >>> merge_shares([["a", "c", "e"], ["b", "d"]])
+    ['a', 'b', 'c', 'd', 'e']
+    """
+    world, out = len(shares), []
+    for i in range(sum(len(s) for s in shares)):
+        out.append(shares[i % world][i // world])
+    return out
+
+
+def shared_encoder(encode_many: Callable[[list[str]], list[list[int]]], dist: Distributed
+                   ) -> Callable[[list[str]], list[list[int]]]:
+    """Tokenize a chunk of texts with the work split over the ranks: each rank encodes every ``world``-th
+    text (``texts[rank::world]``) and the token lists are all-gathered, so every rank gets the whole chunk
+    in order — the same tokens as one process encoding it all, for 1/world of the tokenizer time. Every
+    rank must call the result with the same texts at the same point (the packed streams do)."""
+    if dist.world == 1:
+        return encode_many
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        mine = [array("i", ids) for ids in encode_many(texts[dist.rank::dist.world])]  # compact to send
+        return [list(ids) for ids in merge_shares(all_gather_objects(mine, dist))]
+
+    return encode

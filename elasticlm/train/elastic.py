@@ -10,7 +10,8 @@ token mean, plus the router's budget loss. Stages change context length, batch s
 weights; the learning rate, the router's scale/temperature schedules and the step count run over
 all stages, so ``--resume`` is exact across stage boundaries.
 
-Data parallel: under ``torchrun`` every rank reads the same global batch and keeps its rows (the
+Data parallel: under ``torchrun`` every rank packs the same global batch and keeps its rows; each rank
+tokenizes only every world-th document and the token lists are all-gathered (``shared_encoder``). The
 micro-batch split is the same as with gradient accumulation on one process, so a 2-process run
 equals a 1-process run with ``grad_accum`` doubled); ``parallel = "ddp"`` wraps the student and
 router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with FSDP2.
@@ -43,10 +44,10 @@ from ..errors import ConfigError
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 from ..runtime import resolve_device
-from ..tokenizer import load_tokenizer
+from ..tokenizer import batch_encoder, load_tokenizer
 from .checkpoint import gathered
 from .config import ElasticRunConfig
-from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of
+from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of, shared_encoder
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
 from .trainer import Objective, Phase, autocast_dtype, build_optimizer, fit, open_run, run_autocast
 
@@ -354,8 +355,12 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
 
     first = run.stages[0]
     encode = lambda s: tok.encode(s).ids  # noqa: E731
-    stream = PackedStream(documents(run.data, "train"), encode, eos, first.seq_len, first.batch_size)
-    val_stream = PackedStream(documents(run.data, "val"), encode, eos, first.seq_len, 4)
+    # each rank tokenizes 1/world of the documents; every rank packs the same global batch from them
+    many = shared_encoder(batch_encoder(tok), dist)
+    stream = PackedStream(documents(run.data, "train"), encode, eos, first.seq_len, first.batch_size,
+                          encode_many=many, chunk_multiple=dist.world)
+    val_stream = PackedStream(documents(run.data, "val"), encode, eos, first.seq_len, 4, encode_many=many,
+                              chunk_multiple=dist.world)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
 
     wrapped: nn.Module = student

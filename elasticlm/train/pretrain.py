@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 from ..runtime import resolve_device
-from ..tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from ..tokenizer import batch_encoder, byte_level_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from .config import RunConfig
 from .distributed import Distributed
 from .losses import ce_loss_from_hidden
@@ -155,8 +155,9 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
         log.warning("bf16 on CPU is ~100x slower than fp32 for matmuls on CPUs without AVX512-BF16/AMX; "
                     "train.dtype=auto measures")
     encode = lambda text: tok.encode(text).ids  # noqa: E731
-    stream = PackedStream(documents(run.data, "train"), encode, eos, cfg.seq_len, cfg.batch_size)
-    val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro)
+    many = batch_encoder(tok)
+    stream = PackedStream(documents(run.data, "train"), encode, eos, cfg.seq_len, cfg.batch_size, encode_many=many)
+    val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro, encode_many=many)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
     objective = LanguageModeling(run, model, amp, tok, val_batches)
     return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, resumed_from=ckpt, device=device,

@@ -271,7 +271,7 @@ def open_run(out: Path, run: dict[str, Any], *, resume: bool, resume_from: str |
             raise CheckpointError(f"--resume-from {ckpt}: not a training checkpoint (no {STATE}); use "
                                   "checkpoints/step_* or stages/* of a run")
     saved_path = out / "run_config.json"
-    if resume and saved_path.exists():
+    if resume and same and saved_path.exists():
         saved = json.loads(saved_path.read_text())
         for table in same:
             if saved.get(table) != run.get(table):

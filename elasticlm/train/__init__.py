@@ -1,0 +1,1 @@
+"""Training: the one loop (trainer), its objectives (pretrain, elastic), checkpoints, plans, sharding."""
