@@ -83,12 +83,16 @@ def test_crash_while_checkpointing_keeps_previous_checkpoint(tmp_path, monkeypat
     assert latest(out).name == "step_0000006"
 
 
-def test_resume_without_checkpoint_and_overwrite_protection(tmp_path):
+def test_resume_without_checkpoint_and_overwrite_protection(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         pretrain(run_config(tmp_path / "none"), resume=True, progress=False)
     pretrain(run_config(tmp_path / "r", steps=3), progress=False)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         pretrain(run_config(tmp_path / "r", steps=3), progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun: refused before anything is written
+    with pytest.raises(ConfigError, match="without torchrun"):
+        pretrain(run_config(tmp_path / "ddp", steps=3), progress=False)
+    assert not (tmp_path / "ddp").exists()
 
 
 @pytest.mark.parametrize("tables,needle", [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     """Train a parent from scratch (or resume); returns the final metrics. Writes under train.out:
     ``run_config.json``, ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (a model directory)."""
     cfg = run.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("`elasticlm pretrain` trains on one device; run it without torchrun (data-parallel "
+                          "training is `elasticlm train`)")
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     out = Path(cfg.out)
