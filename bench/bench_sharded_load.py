@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import torch
-from step_probe import proc_status
+from step_probe import free_port, proc_status
 
 MiB = 2**20
 
@@ -51,12 +50,6 @@ def _worker(rank: int, world: int, port: int, directory: str, mode: str, out: st
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
@@ -82,7 +75,7 @@ def main() -> None:
         result = {"command": "python bench/bench_sharded_load.py", "parameters": n, "world": args.world,
                   "model_bytes_fp32": 4 * n, "largest_block_bytes_fp32": 4 * block}
         for mode in ("whole", "sharded"):
-            torch.multiprocessing.spawn(_worker, args=(args.world, _port(), str(Path(tmp) / "model"), mode, tmp),
+            torch.multiprocessing.spawn(_worker, args=(args.world, free_port(), str(Path(tmp) / "model"), mode, tmp),
                                         nprocs=args.world, join=True)
             peaks = [json.loads(Path(tmp, f"{mode}-{r}.json").read_text())["peak_bytes"] for r in range(args.world)]
             result[mode] = peaks

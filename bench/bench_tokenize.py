@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from step_probe import free_port
 
 
 def _worker(rank: int, world: int, port: int, tok_dir: str, mode: str, args: dict, out: str) -> None:
@@ -59,12 +59,6 @@ def _worker(rank: int, world: int, port: int, tok_dir: str, mode: str, args: dic
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
@@ -82,7 +76,7 @@ def main() -> None:
         args = {"batches": a.batches, "batch": a.batch, "seq_len": a.seq_len}
         results = {}
         for mode in ("whole", "shared"):
-            torch.multiprocessing.spawn(_worker, args=(a.world, _port(), tmp, mode, args, tmp), nprocs=a.world)
+            torch.multiprocessing.spawn(_worker, args=(a.world, free_port(), tmp, mode, args, tmp), nprocs=a.world)
             results[mode] = [json.loads(Path(tmp, f"{mode}-{r}.json").read_text()) for r in range(a.world)]
         same = all(r["sums"] == results["whole"][0]["sums"] for rs in results.values() for r in rs)
         print(f"world {a.world}, {a.batches} global batches of {a.batch} x {a.seq_len} tokens; "

@@ -13,6 +13,7 @@ memory follows live tensors (glibc otherwise keeps freed blocks of up to 32 MB i
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import sys
 import time
@@ -27,6 +28,13 @@ def proc_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rss() -> int:
