@@ -15,8 +15,7 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
 from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_nemotron_h, name_from_hf, resolve_tied_head
 from .model.hybrid import HybridLM
+from .outputs import atomic_file, atomic_output, resolve_output
 
 NATIVE_FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -176,55 +176,31 @@ def read_routing(path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise CheckpointError if ``path`` may not be written (call it before long work, too)."""
-    path = Path(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"{path} already exists and is not empty; choose another path or pass --force")
+def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "model",
+                      inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise OutputError if ``path`` may not be written under the output-path policy
+    (:mod:`elasticlm.outputs`); call it before long work, too."""
+    resolve_output(path, force=overwrite, kind=kind, inputs=inputs)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``path`` only if the block completes."""
-    path = Path(path)
-    check_output_path(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False, kind: str = "model",
+                     inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block completes
+    (:func:`elasticlm.outputs.atomic_output`: one writer at a time, ``overwrite`` only for a ``kind`` directory,
+    never an input)."""
+    with atomic_output(path, force=overwrite, kind=kind, inputs=inputs) as tmp:
         yield tmp
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tag}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_file(path, text)
 
 
 def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
          tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
-         extra_config: dict[str, Any] | None = None) -> Path:
+         extra_config: dict[str, Any] | None = None, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``model`` to ``path`` as ``"native"`` or ``"hf"`` (NemotronH) safetensors + JSON.
 
     Tokenizer files are copied from ``tokenizer_dir`` (default: the directory the model was
@@ -236,7 +212,7 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
         config_to_hf(model.config)  # raises before anything is written
     source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     path = Path(path)
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, "model", inputs) as tmp:
         write_model_files(model, tmp, format, tokenizer_dir=source, extra_config=extra_config)
     model.source_dir = path
     return path

@@ -7,10 +7,11 @@ Errors caused by input (bad config, missing or corrupt checkpoint, …) print on
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ConfigError, ElasticLMError
 
@@ -49,11 +50,12 @@ def _read_subnet(path: str | None):  # -> Subnet | None
 def cmd_init(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import save
+    from .checkpoint import check_output_path, save
     from .config import PRESETS, ModelConfig, parse_value
     from .model.hybrid import HybridLM
     from .tokenizer import byte_level_tokenizer, save_tokenizer
 
+    check_output_path(args.out, args.force)
     fields: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
     if args.config:
         fields.update(_read_mapping(args.config))
@@ -115,10 +117,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from .config import count_parameters
     from .elastic.deploy import extract_budgets, select_budgets
 
-    check_output_path(args.out, args.force)
+    check_output_path(args.out, args.force, "extract", [args.checkpoint])
     model = load(args.checkpoint)
     labels = select_budgets(model, args.budget)
-    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force):
+    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint]):
         n = count_parameters(model.config, model.budgets[label])
         print(f"budget {label}: {path} ({'Hugging Face NemotronH' if fmt == 'hf' else 'elasticlm native'}, "
               f"{n:,} parameters)")
@@ -148,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.model)
-        ids = tok.encode(args.prompt).ids
+        ids = tok.encode(_utf8(args.prompt, "--prompt")).ids
     else:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -173,47 +175,44 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import load, save
+    from .checkpoint import check_output_path, load, save
     from .model.hf import hf_incompatibility
 
+    check_output_path(args.dst, args.force, "model", [args.src])
     model = load(args.src, dtype=_torch_dtype(args.dtype))
     if args.to == "hf":
         reason = hf_incompatibility(model.config)
         if reason:
             raise ConfigError(f"cannot convert {args.src} to Hugging Face NemotronH: {reason}")
-    save(model, args.dst, args.to, overwrite=args.force)
+    save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src])
     print(f"wrote {args.dst} ({'Hugging Face NemotronH' if args.to == 'hf' else 'elasticlm native'}, "
           f"{model.num_parameters():,} parameters)")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    import logging
-
     from .train.config import load_run_config
     from .train.pretrain import pretrain
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = load_run_config(args.config, args.set or [])
     if args.out:
         run.train.out = args.out
-    final = pretrain(run, resume=args.resume, progress=not args.no_progress)
+    final = pretrain(run, resume=args.resume, progress=not args.no_progress,
+                     allow_config_change=args.allow_config_change)
     print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
                                                      if isinstance(v, float)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import logging
-
     from .train.config import load_elastic_run_config
     from .train.elastic import train_elastic
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = load_elastic_run_config(args.config, args.set or [])
     if args.out:
         run.train.out = args.out
     if args.parent:
         run.parent.path = args.parent
-    final = train_elastic(run, resume=args.resume, progress=not args.no_progress, resume_from=args.resume_from)
+    final = train_elastic(run, resume=args.resume, progress=not args.no_progress, resume_from=args.resume_from,
+                          allow_config_change=args.allow_config_change)
     print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
                                                      if isinstance(v, float) and k.startswith(("val_", "acc_"))))
 
@@ -288,7 +287,7 @@ def _parent_architecture(parent: Any) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load
+    from .checkpoint import check_output_path, load
     from .data.datasets import data_config_from_spec
     from .elastic.deploy import select_budgets
     from .eval.report import Entry, evaluate_entries, markdown_table, parse_levels, parse_tasks, save_report
@@ -296,6 +295,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     ppl, families = parse_tasks(args.tasks)
     levels = parse_levels(args.difficulty)
+    out = Path(args.out) if args.out else Path(str(Path(args.checkpoint).resolve()) + "-eval")
+    inputs = [args.checkpoint] + [spec.rpartition("=")[2] for spec in args.baseline or []]
+    check_output_path(out, args.force, "report", inputs)
     device = _device(args.device)
     model = load(args.checkpoint, device=device)
     tok = load_tokenizer(args.checkpoint)
@@ -320,10 +322,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     points = evaluate_entries(entries, families=families, levels=levels, n=args.n, val_data=val,
                               val_samples=args.val_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(args.out) if args.out else Path(str(Path(args.checkpoint).resolve()) + "-eval")
     meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
             "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len}
-    paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}")
+    paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
     print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"
           + (f"; loss on {args.val_samples} held-out sequences of {args.seq_len} tokens" if ppl else "")
@@ -333,11 +334,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import logging
-
     from .demo import comparison_lines, run_demo
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
     result = run_demo(out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress,
                       log=lambda msg: print(msg, flush=True))
@@ -354,15 +352,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .checkpoint import atomic_directory, check_output_path
     from .data.datasets import DataConfig, doc_text, documents
     from .tokenizer import save_tokenizer, train_bpe
 
     data = DataConfig(source=args.source, path=args.path, text_field=args.text_field, hf_name=args.hf_name)
+    inputs = [args.path] if args.path else []
+    check_output_path(args.out, args.force, "tokenizer", inputs)
     docs = documents(data, "train")(0)
     tok = train_bpe((doc_text(d) for _, d in zip(range(args.max_documents), docs, strict=False)), args.vocab_size)
-    from .checkpoint import atomic_directory
-
-    with atomic_directory(args.out, overwrite=args.force) as tmp:
+    with atomic_directory(args.out, args.force, "tokenizer", inputs) as tmp:
         save_tokenizer(tok, tmp)
     print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
 
@@ -384,9 +383,10 @@ def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: 
 
 
 def cmd_importance(args: argparse.Namespace) -> None:
-    from .checkpoint import load
+    from .checkpoint import check_output_path, load
     from .elastic.importance import estimate
 
+    check_output_path(args.out, args.force, "importance", [args.model])
     model = load(args.model, device=_device(args.device))
     metrics = tuple(m.strip() for m in args.depth_metrics.split(",") if m.strip())
     start = time.perf_counter()
@@ -396,21 +396,23 @@ def cmd_importance(args: argparse.Namespace) -> None:
                    progress=not args.no_progress,
                    meta={"model": str(args.model), "data": args.data, "samples": args.samples,
                          "seq_len": args.seq_len, "depth_samples": args.depth_samples})
-    imp.save(args.out)
+    imp.save(args.out, force=args.force, inputs=[args.model])
     print(f"wrote {args.out} ({args.samples} × {args.seq_len} tokens, {time.perf_counter() - start:.0f}s)")
     for metric, order in imp.depth.items():
         print(f"  depth order ({metric}, least important first): {order}")
 
 
 def cmd_reorder(args: argparse.Namespace) -> None:
-    from .checkpoint import load, save
+    from .checkpoint import check_output_path, load, save
     from .elastic.importance import Importance
     from .elastic.reorder import reorder_
 
+    check_output_path(args.out, args.force, "model", [args.model, args.importance])
     model = load(args.model)
     imp = Importance.load(args.importance)
     reorder_(model, imp, args.depth_metric)
     save(model, args.out, "native", tokenizer_dir=args.model, overwrite=args.force,
+         inputs=[args.model, args.importance],
          extra_config={"reordered": {"importance": str(args.importance), "depth_metric": args.depth_metric}})
     print(f"wrote {args.out}: weights in importance order, depth order {model.config.depth_order} "
           "(least important first)")
@@ -422,7 +424,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .elastic.extract import extract
     from .elastic.prune import describe_subnet, search
 
-    check_output_path(args.out, args.force)  # before the search, not after it
+    check_output_path(args.out, args.force, "model", [args.model])  # before the search, not after it
     device = _device(args.device)
     model = load(args.model, device=device)
     if model.config.depth_order is None:
@@ -436,7 +438,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     for c in sorted(scored, key=lambda c: c.loss)[: args.show]:
         print(f"  loss {c.loss:.4f}  {c.parameters:,}  {describe_subnet(model.config, c.subnet)}")
     small = extract(model, best.subnet)
-    save(small, args.out, args.format, tokenizer_dir=args.model, overwrite=args.force,
+    save(small, args.out, args.format, tokenizer_dir=args.model, overwrite=args.force, inputs=[args.model],
          extra_config={"pruned": {"parent": str(args.model), "budget": args.budget, "parameters": best.parameters,
                                   "val_loss": best.loss, "subnet": best.subnet.to_dict()}})
     print(f"wrote {args.out}: {best.parameters:,} parameters ({best.parameters / parent:.1%} of {parent:,}; "
@@ -447,15 +449,24 @@ def cmd_prune(args: argparse.Namespace) -> None:
 # -- parser --------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (``error: …``, exit 2), like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="elasticlm",
         description="Many nested model sizes from one hybrid Mamba-2/attention language model "
                     "(Nemotron Elastic). Each verb has its own --help.",
     )
     parser.add_argument("--version", action="version", version=f"elasticlm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an unexpected error instead of one line")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -468,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON or TOML file of ModelConfig fields (TOML may use a [model] table)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override one field, e.g. --set hidden_size=128 --set pattern='\"M-*\"'")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
+    p.add_argument("--seed", type=_count(0), default=0, help="random seed of the initialisation")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_init)
 
@@ -478,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="native or Hugging Face NemotronH directory")
     p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
     p.add_argument("--layers", action="store_true", help="list every layer's widths")
-    p.add_argument("--context", type=int, default=4096, help="context length for the memory of each budget")
+    p.add_argument("--context", type=_count(1), default=4096, help="context length for the memory of each budget")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="weight / KV-cache dtype for the memory of each budget")
     p.set_defaults(func=cmd_info)
@@ -491,10 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="run this trained budget of an elastic checkpoint (nested: no copy), e.g. 0.5")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids instead of text")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64, help="upper bound on generated tokens")
+    p.add_argument("--temperature", type=_number(0.0, None), default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=1.0,
+                   help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=_count(0), default=0, help="sampling seed")
     p.add_argument("--subnet", help="JSON file describing the Subnet to run (default: the full model)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -533,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set train.steps=200 --set train.lr=1e-3")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's in fields a resume must keep "
+                        "(architecture, budgets, stages, data, …); without it such a resume is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -548,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's in fields a resume must keep "
+                        "(architecture, budgets, stages, data, …); without it such a resume is refused")
     p.add_argument("--resume-from", metavar="CHECKPOINT",
                    help="continue from this training checkpoint into a new train.out, e.g. stages/1-short of "
                         "another run to branch a stage-2 ablation (later stages may differ)")
@@ -563,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit status 0 when the run fits, 1 when it does not, 2 on bad input.")
     p.add_argument("--config", help="TOML run config (pretrain or elastic), e.g. configs/nano-12b-elastic.toml")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a field")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus", type=_count(1), default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=_count(1), default=1, help="number of nodes")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per device, e.g. 141GB or 80GiB (default: this "
                                                          "machine's GPU, or available RAM with --device cpu)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for GPUs (default when --gpus/--gpu-memory "
@@ -605,15 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="ppl,reasoning,recall",
                    help="comma list: ppl, reasoning (add, vars, sort), recall, or single families")
     p.add_argument("--difficulty", default="default,hard", help="difficulty levels to score: default, hard")
-    p.add_argument("--n", type=int, default=100, help="examples per family and difficulty")
+    p.add_argument("--n", type=_count(1), default=100, help="examples per family and difficulty")
     p.add_argument("--baseline", action="append", metavar="[LABEL=]DIR",
                    help="another model directory to score and plot alongside (repeatable), e.g. a pruned model")
     p.add_argument("--subnet", help="JSON Subnet of a plain model to evaluate (default: the full model)")
     p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
-    p.add_argument("--val-samples", type=int, default=48, help="held-out sequences for the loss")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--val-samples", type=_count(1), default=48, help="held-out sequences for the loss")
+    p.add_argument("--seq-len", type=_count(1), default=256, help="tokens per held-out sequence")
+    p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
     p.add_argument("--out", help="report directory (default: CHECKPOINT-eval next to the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=cmd_eval)
 
@@ -624,13 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and by cosine block importance. Writes scores.safetensors + importance.json.")
     p.add_argument("--model", required=True, help="parent model directory (with tokenizer.json)")
     p.add_argument("--data", default="synthetic", help=data_help)
-    p.add_argument("--samples", type=int, default=256, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--depth-samples", type=int, default=16,
+    p.add_argument("--samples", type=_count(1), default=256, help="calibration sequences")
+    p.add_argument("--seq-len", type=_count(1), default=512, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
+    p.add_argument("--depth-samples", type=_count(1), default=16,
                    help="sequences used for the depth metrics (each needs one forward per layer and round)")
     p.add_argument("--depth-metrics", default="iterative_mse,oneshot_mse,cosine", help="depth metrics to compute")
-    p.add_argument("--out", required=True, help="directory for the scores")
+    p.add_argument("--out", required=True, help="directory for the scores (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing importance directory")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_importance)
@@ -655,12 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="reordered parent (`elasticlm reorder`)")
     p.add_argument("--budget", required=True, help="fraction of the parent (0.5, 75%%) or a count (300M, 6B)")
     p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
-    p.add_argument("--val-samples", type=int, default=16, help="validation sequences per candidate")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per validation sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--max-candidates", type=int, default=24,
+    p.add_argument("--val-samples", type=_count(1), default=16, help="validation sequences per candidate")
+    p.add_argument("--seq-len", type=_count(1), default=256, help="tokens per validation sequence")
+    p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
+    p.add_argument("--max-candidates", type=_count(1), default=24,
                    help="candidates evaluated (the most evenly pruned ones when there are more)")
-    p.add_argument("--show", type=int, default=5, help="how many of the best candidates to print")
+    p.add_argument("--show", type=_count(1), default=5, help="how many of the best candidates to print")
     p.add_argument("--format", choices=["native", "hf"], default="native", help="output format")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
@@ -679,12 +699,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--path", help="file or folder (text, jsonl)")
     t.add_argument("--text-field", default="text", help="JSONL / HF field holding the text")
     t.add_argument("--hf-name", help="Hugging Face dataset name or local path (source hf)")
-    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size including the 259 base tokens")
-    t.add_argument("--max-documents", type=int, default=100_000, help="documents read at most")
+    t.add_argument("--vocab-size", type=_count(1), default=4096, help="vocabulary size including the 259 base tokens")
+    t.add_argument("--max-documents", type=_count(1), default=100_000, help="documents read at most")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def _utf8(text: str, option: str) -> str:
+    """``text`` as the OS gave it (undecodable bytes arrive surrogate-escaped), or a clear refusal."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as exc:
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise ConfigError(f"{option} is not valid UTF-8 (byte 0x{raw[bad.start]:02x} at offset {bad.start}); "
+                              "pass UTF-8 text, or token ids with --prompt-ids") from None
+        raise ConfigError(f"{option} cannot be encoded as UTF-8 ({exc.reason})") from None
+
+
+def _count(low: int) -> Any:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float | None, high: float | None, low_open: bool = False) -> Any:
+    """An argparse type: a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+    return parse
 
 
 def _on_off(text: str) -> bool:
@@ -696,7 +761,14 @@ def _on_off(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import logging
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed in one line)
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("elasticlm").setLevel(logging.INFO)
     try:
         rc = args.func(args)
     except ElasticLMError as exc:
@@ -705,7 +777,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; lower the batch size or sequence length (or use a larger machine)",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, or a case without its own message yet: one line, the rest in a file
+        if args.debug:
+            raise
+        report = _write_traceback(exc)
+        where = f"full traceback in {report}" if report else "the traceback could not be saved"
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)} ({where}; --debug prints it; "
+              "please report it)", file=sys.stderr)
+        return 1
     return rc if isinstance(rc, int) else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _write_traceback(exc: BaseException) -> str | None:
+    import tempfile
+    import traceback
+
+    try:
+        fd, name = tempfile.mkstemp(prefix="elasticlm-error-", suffix=".txt")
+        with open(fd, "w") as fh:
+            fh.write(f"elasticlm {' '.join(sys.argv[1:])}\n\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return name
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +320,10 @@ class Subnet:
                 if kind is None:
                     raise ConfigError(f"subnet layer {i}: 'kind' must be one of {sorted(LAYER_NAMES.values())}")
                 layers.append(_WIDTH_OF_KIND[kind](**e))
-            return cls(int(data["hidden_size"]), tuple(layers))
+            hidden = data["hidden_size"]
+            if isinstance(hidden, bool) or not isinstance(hidden, int):
+                raise ConfigError(f"subnet hidden_size must be an int, got {hidden!r}")
+            return cls(hidden, tuple(layers))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed subnet description: {exc}") from None
 
@@ -438,6 +442,8 @@ def parse_budget(text: str | float, parent_parameters: int) -> int:
             value = number * parent_parameters if number <= 1 else number
     except (ValueError, IndexError):
         raise ConfigError(f"budget {text!r} is not a fraction (0.5, 50%) or a parameter count (300M, 6B)") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"budget {text!r} is not a finite number")
     count = round(value)
     if not 0 < count <= parent_parameters:
         raise ConfigError(f"budget {text!r} = {count:,} parameters must be in (0, {parent_parameters:,}] "

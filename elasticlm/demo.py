@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-
 BUDGETS = [1.0, 0.75, 0.5]
 
 
@@ -133,6 +131,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .elastic.prune import describe_subnet, search
     from .elastic.reorder import reorder_
     from .eval.report import Entry, evaluate_entries, markdown_table, save_report
+    from .outputs import resolve_output
     from .tokenizer import load_tokenizer
     from .train.config import elastic_run_config_from_tables, run_config_from_tables
     from .train.elastic import train_elastic
@@ -140,12 +139,13 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
 
     recipe = QUICK if quick else FULL
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the demo's runs")
+    # the demo works in its own directory: an empty or new one, or one of its earlier runs (reused / resumed)
+    resolve_output(out, force=True, kind="demo")
     if fresh and out.exists():
         log(f"--fresh: removing {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full"}) + "\n")
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -176,7 +176,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
         imp = estimate(model, batches, total_batches=-(-imp_cfg["samples"] // 8),
                        depth_batches=-(-imp_cfg["depth_samples"] // 8), progress=progress,
                        meta={"model": str(parent_dir), "data": "synthetic", **imp_cfg})
-        imp.save(out / "importance")
+        imp.save(out / "importance", force=True)
         reorder_(model, imp)
         save(model, ordered_dir, "native", tokenizer_dir=parent_dir, overwrite=True,
              extra_config={"reordered": {"importance": str(out / "importance"), "depth_metric": "iterative_mse"}})
@@ -242,7 +242,8 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
                               val_samples=ev["val_samples"], log=log)
     meta = {"demo": "quick" if quick else "full", "out": str(out), "n": ev["n"], "difficulty": ev["levels"],
             "val_samples": ev["val_samples"], "timings_s": timings}
-    paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""))
+    paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""),
+                        force=True)
     step("evaluation", t0)
     timings["total"] = time.perf_counter() - start
     atomic_write_text(out / "eval" / "timings.json", json.dumps(timings, indent=2) + "\n")

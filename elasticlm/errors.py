@@ -17,3 +17,7 @@ class ConfigError(ElasticLMError, ValueError):
 
 class CheckpointError(ElasticLMError):
     """A checkpoint directory is missing, corrupt, truncated or of an unsupported kind."""
+
+
+class OutputError(ElasticLMError):
+    """An output path may not be written (exists, is an input, is being written, disk full, read-only, …)."""

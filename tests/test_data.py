@@ -131,7 +131,7 @@ def test_hugging_face_datasets_source_with_local_files(tmp_path, monkeypatch):
 
 def test_prompt_masking_marks_only_completions_and_eos():
     docs = [("Q: a", " answer"), "plain text", ("Q: bb", " x")]
-    stream = PackedStream(lambda start: iter(docs[start:]), encode, EOS, seq_len=40, batch_size=1)
+    stream = PackedStream(lambda start: iter((docs * 3)[start:]), encode, EOS, seq_len=40, batch_size=1)
     tokens, mask = stream.next_masked_batch()
     want_tokens, want_mask = [], []
     for d in docs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from . import synthetic
+
+log = logging.getLogger("elasticlm.data")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 Doc = str | tuple[str, str]  # a document, or (prompt, completion) when the loss may skip the prompt
@@ -103,15 +106,29 @@ def text_documents(path: Path) -> Iterator[str]:
         yield doc
 
 
+def decode_text(raw: bytes, file: Path | str) -> str:
+    """UTF-8 text of a data file, or a ConfigError naming the file and the byte offset where it is not text."""
+    nul = raw.find(b"\0")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); convert "
+                          "it to UTF-8 or leave it out of the data") from None
+    if nul >= 0:
+        raise ConfigError(f"{file} looks binary (a NUL byte at offset {nul}), not text; leave it out of the data")
+    return text
+
+
 def _text_from(files: list[Path], file_index: int, skip: int) -> Iterator[tuple[str, tuple[int, int]]]:
     """Documents of text files from file ``file_index`` on (its first ``skip`` documents skipped), each with
     the position after it: (file index, documents of that file read)."""
     for k in range(file_index, len(files)):
         file = files[k]
         try:
-            text = file.read_text(encoding="utf-8", errors="replace")
+            raw = file.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
+        text = decode_text(raw, file)
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         for j in range(skip if k == file_index else 0, len(docs)):
             yield docs[j], (k, j + 1)
@@ -317,6 +334,7 @@ class PackedStream:
         self._iter: Iterator[str] | None = None
         self.encode_many, self.chunk_multiple = encode_many, max(1, chunk_multiple)
         self._seen_docs, self._seen_tokens = 0, 0  # for the chunk size: tokens per document so far
+        self._docs_this_batch = 0
 
     def _next_doc(self) -> Doc:
         for _ in range(2):
@@ -327,12 +345,19 @@ class PackedStream:
             try:
                 doc = next(self._iter)
                 self.state.doc_index += 1
+                self._docs_this_batch += 1
                 self.state.cursor = getattr(self.docs, "cursor", None)
                 return doc
             except StopIteration:
                 self._iter = None
                 if self.state.doc_index == 0:
                     break
+                if self._docs_this_batch >= self.state.doc_index:  # this one batch already holds every document
+                    raise ConfigError(f"the data has only {self.state.doc_index} documents, fewer tokens than one "
+                                      f"batch of {self.batch_size} × {self.seq_len + 1}; lower the sequence length "
+                                      "or batch size, or add data (it would repeat inside a batch)") from None
+                log.warning("data: epoch %d begins (all %d documents were read; they repeat from here)",
+                            self.state.epoch + 2, self.state.doc_index)
                 self.state.doc_index, self.state.epoch, self.state.cursor = 0, self.state.epoch + 1, None
         raise ConfigError("the dataset yielded no documents")
 
@@ -366,6 +391,7 @@ class PackedStream:
         """Tokens ``[batch, seq_len + 1]`` and a 0/1 loss mask of the same shape."""
         need = self.batch_size * (self.seq_len + 1)
         buf, mask = list(self.state.carry), list(self.state.carry_mask)
+        self._docs_this_batch = 0
         while len(buf) < need:
             if self.encode_many is None:
                 docs = [self._next_doc()]

@@ -68,7 +68,7 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
 
 
 def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",
-                    force: bool = False) -> list[tuple[str, Path, str]]:
+                    force: bool = False, inputs: list[str | Path] | None = None) -> list[tuple[str, Path, str]]:
     """Write each budget as a standalone model. One budget: ``out`` is its directory; several:
     ``out/budget-<label>/`` each. Atomic: an interrupted run leaves nothing at ``out``."""
     if fmt not in ("auto", "hf", "native"):
@@ -81,9 +81,10 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
         subnet = model.budgets[label]
         config = subnet_config(model.config, subnet)
         plans.append((label, subnet, config, output_format(config, fmt, label)))
-    check_output_path(out, force)
+    inputs = inputs if inputs is not None else [p for p in [model.source_dir] if p is not None]
+    check_output_path(out, force, "extract", inputs)
     written = []
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, force, "extract", inputs) as tmp:
         for label, subnet, _, f in plans:
             target = tmp if len(plans) == 1 else tmp / f"budget-{label}"
             target.mkdir(exist_ok=True)

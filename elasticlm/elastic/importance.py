@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ class Importance:
                 fail(f"depth order {metric!r} is not a permutation of the {config.num_layers} layers")
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> None:
         """``scores.safetensors`` (every tensor) + ``importance.json`` (depth orders, metadata)."""
         from safetensors.torch import save_file
 
@@ -95,7 +95,7 @@ class Importance:
         tensors = {"hidden": self.hidden.contiguous()}
         for i, scores in enumerate(self.layers):
             tensors.update({f"layers.{i}.{k}": v.contiguous() for k, v in scores.items()})
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with atomic_directory(directory, force, "importance", inputs) as tmp:
             save_file(tensors, str(tmp / "scores.safetensors"))
             (tmp / "importance.json").write_text(json.dumps(
                 {"num_layers": len(self.layers), "depth": self.depth, "depth_scores": self.depth_scores,

@@ -14,6 +14,7 @@ keeping FFN 128 or 64 with probability ½ each gives ``block_parameters(cfg, "-"
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,9 +226,13 @@ class ElasticSpace:
             if label in labels:
                 raise ConfigError(f"elastic.budgets lists {label} twice")
             if ec.target == "params":
-                targets.append(float(parse_budget(b, int(parent))))
+                t = float(parse_budget(b, int(parent)))
             else:
-                targets.append(float(_parse_memory_budget(b, parent)))
+                t = float(_parse_memory_budget(b, parent))
+            if t in targets:
+                raise ConfigError(f"elastic.budgets: {labels[targets.index(t)]} and {label} are the same budget "
+                                  f"({t:,.0f}); list each budget once")
+            targets.append(t)
             labels.append(label)
         smallest = space.cost_of(space.subnet({a.name: [a.n_choices - 1] * a.n_slots for a in axes}))
         for label, t in zip(labels, targets, strict=True):
@@ -345,7 +350,7 @@ def _parse_memory_budget(b: Any, parent_bytes: float) -> float:
             value = number * parent_bytes if number <= 1 else number
     except (ValueError, IndexError):
         raise ConfigError(f"memory budget {b!r} is not a fraction (0.5, 50%) or a size (24GB, 512MiB)") from None
-    if not 0 < value <= parent_bytes:
+    if not math.isfinite(value) or not 0 < value <= parent_bytes:
         raise ConfigError(f"memory budget {b!r} = {value:,.0f} bytes must be in (0, {parent_bytes:,.0f}] "
                           "(the parent's memory)")
     return value

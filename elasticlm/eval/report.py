@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_directory
 from ..config import Subnet
 from ..data import synthetic
 from ..errors import ConfigError
@@ -178,17 +178,20 @@ def _short_count(x: float, _pos: object = None) -> str:
     return f"{x:.0f}"
 
 
-def save_report(points: list[Point], out: str | Path, meta: dict[str, Any], title: str = "") -> dict[str, Path]:
-    """Write ``eval.json``, ``eval.md`` and (with matplotlib) ``pareto.png`` under ``out``."""
+def save_report(points: list[Point], out: str | Path, meta: dict[str, Any], title: str = "", force: bool = False,
+                inputs: list[str | Path] | None = None) -> dict[str, Path]:
+    """Write ``eval.json``, ``eval.md`` and (with matplotlib) ``pareto.png`` as the directory ``out`` (atomic;
+    an existing report is replaced only with ``force``)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(points)
-    paths = {"json": out / "eval.json", "table": out / "eval.md"}
     payload = {**meta, "points": [asdict(p) | {"perplexity": p.perplexity, "mean_accuracy": p.mean_accuracy(),
                                                "mean_accuracy_hard": p.mean_accuracy("hard")} for p in points]}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(paths["table"], (f"# {title}\n\n" if title else "") + table + "\n")
-    if pareto_plot(points, out / "pareto.png", title):
+    with atomic_directory(out, force, "report", inputs or []) as tmp:
+        (tmp / "eval.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (tmp / "eval.md").write_text((f"# {title}\n\n" if title else "") + table + "\n")
+        plotted = pareto_plot(points, tmp / "pareto.png", title)
+    paths = {"json": out / "eval.json", "table": out / "eval.md"}
+    if plotted:
         paths["plot"] = out / "pareto.png"
     return paths
 

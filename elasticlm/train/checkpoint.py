@@ -29,7 +29,8 @@ from torch import nn
 from ..checkpoint import WEIGHTS, atomic_directory, load, read_json, write_model_files
 from ..errors import CheckpointError
 from ..model.hybrid import HybridLM
-from .distributed import Distributed, barrier
+from ..outputs import writer_tag
+from .distributed import Distributed, barrier, from_rank0
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -144,7 +145,7 @@ def save_sharded_checkpoint(path: Path, parts: Parts, state: dict[str, Any], tok
     must call this."""
     import torch.distributed.checkpoint as dcp
 
-    tmp = path.parent / f".{path.name}.tmp-sharded"  # one name every rank can agree on
+    tmp = path.parent / f".{path.name}.tmp-{from_rank0(writer_tag(), dist)}"  # rank 0's name, on every rank
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

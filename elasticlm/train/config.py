@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,20 +113,59 @@ _SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainCon
 
 def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     check_fields(cls, table, f"[{section}]")
+    hints = typing.get_type_hints(cls)
+    for name, value in table.items():  # each field against its annotation, before the dataclass sees it
+        problem = _type_problem(value, hints.get(name, Any))
+        if problem:
+            raise ConfigError(f"{section}.{name} must be {problem}, got {value!r}")
     try:
         obj = cls(**table)
     except TypeError as exc:
         raise ConfigError(f"[{section}]: {exc}") from None
-    for f in dataclasses.fields(cls):  # cheap type check against the defaults' types
-        v, default = getattr(obj, f.name), f.default if f.default is not dataclasses.MISSING else None
-        if default is not None and v is not None and type(default) in (int, float, bool, str):
-            ok = isinstance(v, type(default)) or (type(default) is float and isinstance(v, int)
-                                                   and not isinstance(v, bool))
-            if not ok or (type(default) is int and isinstance(v, bool)):
-                raise ConfigError(f"{section}.{f.name} must be {type(default).__name__}, got {v!r}")
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` should be when it does not match the annotation ``hint`` (None when it does). Numbers
+    must be finite; an int is accepted for a float.
+
+    >>> _type_problem(3, float), _type_problem(float("nan"), float), _type_problem([1, "a"], list[int])
+    (None, 'a finite float', 'list of int')
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, a) for a in args]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if hint is type(None):
+        return None if value is None else "unset"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "int"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite float"
+    if hint is str:
+        return None if isinstance(value, str) else "str"
+    if origin is list:
+        if not isinstance(value, list):
+            return "a list"
+        inner = args[0] if args else Any
+        return "list of " + _type_name(inner) if any(_type_problem(v, inner) for v in value) else None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return "a table"
+        inner = args[1] if len(args) > 1 else Any
+        return "table of " + _type_name(inner) if any(_type_problem(v, inner) for v in value.values()) else None
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
 def apply_overrides(tables: dict[str, Any], overrides: list[str],

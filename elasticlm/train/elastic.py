@@ -49,7 +49,7 @@ from .checkpoint import gathered
 from .config import ElasticRunConfig
 from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of, shared_encoder
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
-from .trainer import Objective, Phase, autocast_dtype, build_optimizer, fit, open_run, run_autocast
+from .trainer import Objective, Phase, autocast_dtype, build_optimizer, check_resume, fit, open_run, run_autocast
 
 log = logging.getLogger("elasticlm.train")
 
@@ -278,8 +278,18 @@ class ElasticDistillation(Objective):
 # -- the trainer -------------------------------------------------------------------------------
 
 
+def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
+    """What a resumed elastic run may not change (``--allow-config-change`` to do it anyway): the parent's
+    architecture, the elastic space with budgets by value (``0.5`` and ``"50%"`` are one budget), distillation,
+    data and stages."""
+    d = run.to_dict()
+    elastic = dict(d["elastic"], budgets=[f"{space.target} {t:.6g}" for t in space.targets])
+    return {"parent": space.config.to_dict(), "elastic": elastic, "distill": d["distill"], "data": d["data"],
+            "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
+
+
 def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = True,
-                  resume_from: str | Path | None = None) -> dict[str, Any]:
+                  resume_from: str | Path | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     """Elastic training from ``run.parent.path``; writes under ``train.out``: ``run_config.json``,
     ``metrics.jsonl``, ``checkpoints/step_*``, ``stages/<i>-<name>/`` (the state at the end of every
     stage but the last) and ``final/`` (model + router + elastic.json).
@@ -297,7 +307,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    ckpt = open_run(out, run.to_dict(), resume=resume, resume_from=resume_from, dist=dist)
+    ckpt = open_run(out, resume=resume, resume_from=resume_from, dist=dist)
 
     parent_dir = Path(run.parent.path)
     # The frozen teacher only runs forward passes: keep it in the autocast dtype (half the memory on GPU).
@@ -325,6 +335,7 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         shape = (max(1, first.batch_size // (cfg.grad_accum * dist.world)), first.seq_len)
         amp = from_rank0(run_autocast(cfg.dtype, device, student_model, shape, ckpt), dist)
     space = ElasticSpace.build(student_model.config, ec)
+    check_resume(ckpt, compat_record(run, space), allow_config_change, branch=resume_from is not None)
     if run.distill.teacher:
         if teacher.config.vocab_size != student_model.config.vocab_size:
             raise ConfigError(f"distill.teacher {run.distill.teacher} has vocab_size {teacher.config.vocab_size}, "
@@ -337,22 +348,17 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         if dist.main:
             log.info("router warm start: budget loss %.4f after %d steps", loss, ec.router_init_steps)
     student = ElasticStudent(student_model, router)
-    from .plan import Cluster, device_memory, plan_elastic, resolve_checkpointing
+    from .plan import Cluster, device_memory, plan_elastic, preflight, resolve_checkpointing
 
     cluster = Cluster(dist.world, 1, device_memory(device), device=device.type)
-    student_model.activation_checkpointing = resolve_checkpointing(
-        cfg.activation_checkpointing, plan_elastic(run, student_model.config, cluster))
+    plan = plan_elastic(run, student_model.config, cluster, cfg.activation_checkpointing)
+    preflight(plan, device.type)
+    student_model.activation_checkpointing = resolve_checkpointing(cfg.activation_checkpointing, plan)
     if student_model.activation_checkpointing and dist.main:
         log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
                  cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
 
     tok_dir = out / "tokenizer"
-    if dist.main:
-        tok_dir.mkdir(exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (parent_dir / name).is_file():
-                shutil.copy2(parent_dir / name, tok_dir / name)
-
     first = run.stages[0]
     encode = lambda s: tok.encode(s).ids  # noqa: E731
     # each rank tokenizes 1/world of the documents; every rank packs the same global batch from them
@@ -368,8 +374,14 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
     if dist.world > 1:
         wrapped = _parallelize(student, teacher, run, dist, device, (parent_dir, teacher_dir) if meta_init else None)
     objective = ElasticDistillation(run, student, wrapped, teacher, space, amp, sharded, val_batches, tok)
-    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, resumed_from=ckpt, dist=dist, device=device,
-               progress=progress)
+    objective.compat = compat_record(run, space)
+    if dist.main:  # the first write of the run: everything is checked now
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (parent_dir / name).is_file():
+                shutil.copy2(parent_dir / name, tok_dir / name)
+    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(), resumed_from=ckpt,
+               dist=dist, device=device, progress=progress)
 
 
 def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConfig, dist: Distributed,

@@ -457,6 +457,18 @@ def resolve_checkpointing(setting: bool | None, plan: Plan) -> bool:
     return any(s.checkpointing for s in plan.stages)
 
 
+def preflight(plan: Plan, device: str) -> None:
+    """Refuse a run whose plan does not fit this device's memory (before anything is allocated or written),
+    naming the knobs to turn."""
+    if plan.fits is not False:
+        return
+    worst = max(plan.stages, key=lambda s: s.peak)
+    knobs = "; ".join(plan.advice[:3]) or "lower the batch size or sequence length"
+    raise ConfigError(f"this run needs about {worst.peak / GiB:.1f} GiB per {device} at its peak ({worst.name}: "
+                      f"{worst.seq_len} tokens × {worst.micro_batch} rows), more than the {plan.usable / GiB:.1f} GiB "
+                      f"available; {knobs} (`elasticlm plan --config …` shows the breakdown)")
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a readable table."""
     gib = lambda b: f"{b / GiB:8.2f}"  # noqa: E731

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,13 @@ from ..tokenizer import batch_encoder, byte_level_tokenizer, load_tokenizer, sav
 from .config import RunConfig
 from .distributed import Distributed
 from .losses import ce_loss_from_hidden
-from .trainer import Objective, Phase, build_optimizer, fit, open_run, run_autocast
+from .trainer import Objective, Phase, build_optimizer, check_resume, fit, open_run, run_autocast
 
 log = logging.getLogger("elasticlm.train")
 
 
-def prepare_tokenizer(run: RunConfig, directory: Path) -> Any:
-    """Build, train or load the tokenizer and save it into ``directory``."""
+def prepare_tokenizer(run: RunConfig) -> Any:
+    """Build, train or load the tokenizer (and check it against the model config)."""
     cfg = run.tokenizer
     if cfg.kind == "bytes":
         tok = byte_level_tokenizer()
@@ -46,7 +45,6 @@ def prepare_tokenizer(run: RunConfig, directory: Path) -> Any:
     eos = run.model.eos_token_id
     if eos is None or tok.id_to_token(eos) is None:
         raise ConfigError(f"model.eos_token_id={eos} is not a token of the tokenizer")
-    save_tokenizer(tok, directory)
     return tok
 
 
@@ -114,9 +112,18 @@ class LanguageModeling(Objective):
             write_model_files(self.model, tmp, tokenizer_dir=out / "tokenizer")
 
 
-def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def compat_record(run: RunConfig) -> dict[str, Any]:
+    """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
+    d = run.to_dict()
+    return {"model": d["model"], "tokenizer": d["tokenizer"], "data": d["data"],
+            "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
+
+
+def pretrain(run: RunConfig, resume: bool = False, progress: bool = True,
+             allow_config_change: bool = False) -> dict[str, Any]:
     """Train a parent from scratch (or resume); returns the final metrics. Writes under train.out:
-    ``run_config.json``, ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (a model directory)."""
+    ``run_config.json``, ``metrics.jsonl``, ``checkpoints/step_*`` and ``final/`` (a model directory).
+    Nothing is written before the inputs are checked."""
     cfg = run.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("`elasticlm pretrain` trains on one device; run it without torchrun (data-parallel "
@@ -124,7 +131,8 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     out = Path(cfg.out)
-    ckpt = open_run(out, run.to_dict(), resume=resume, same=("model",))
+    ckpt = open_run(out, resume=resume)
+    check_resume(ckpt, compat_record(run), allow_config_change)
     device = resolve_device(cfg.device, "train.device")
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -132,26 +140,21 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
 
     tok_dir = out / "tokenizer"
     if ckpt is not None:
-        if not (tok_dir / "tokenizer.json").is_file():
-            tok_dir.mkdir(exist_ok=True)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if (ckpt / name).is_file():
-                    shutil.copy2(ckpt / name, tok_dir / name)
-        tok = load_tokenizer(tok_dir)
+        tok = load_tokenizer(tok_dir if (tok_dir / "tokenizer.json").is_file() else ckpt)
     else:
-        tok_dir.mkdir(exist_ok=True)
-        tok = prepare_tokenizer(run, tok_dir)
+        tok = prepare_tokenizer(run)
     eos = run.model.eos_token_id
     assert eos is not None
 
     model = HybridLM(run.model).to(device)
     micro = cfg.batch_size // cfg.grad_accum
     amp = run_autocast(cfg.dtype, device, model, (micro, cfg.seq_len), ckpt)
-    from .plan import Cluster, device_memory, plan_pretrain, resolve_checkpointing
+    from .plan import Cluster, device_memory, plan_pretrain, preflight, resolve_checkpointing
 
     cluster = Cluster(memory=device_memory(device), device=device.type)
-    model.activation_checkpointing = resolve_checkpointing(cfg.activation_checkpointing,
-                                                           plan_pretrain(run, cluster))
+    plan = plan_pretrain(run, cluster, cfg.activation_checkpointing)
+    preflight(plan, device.type)
+    model.activation_checkpointing = resolve_checkpointing(cfg.activation_checkpointing, plan)
     if model.activation_checkpointing:
         log.info("activation checkpointing: on (%s)", "train.activation_checkpointing" if
                  cfg.activation_checkpointing else "auto: the plan does not fit this device without it")
@@ -164,5 +167,8 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True) -> dic
     val_stream = PackedStream(documents(run.data, "val"), encode, eos, cfg.seq_len, micro, encode_many=many)
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
     objective = LanguageModeling(run, model, amp, tok, val_batches)
-    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, resumed_from=ckpt, device=device,
-               progress=progress)
+    objective.compat = compat_record(run)
+    if not (tok_dir / "tokenizer.json").is_file():  # the first write of the run: everything is checked now
+        save_tokenizer(tok, tok_dir)
+    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(), resumed_from=ckpt,
+               device=device, progress=progress)

@@ -7,7 +7,8 @@ and the progress bar, periodic evaluation, atomic (or FSDP2-sharded) checkpoints
 phase but the last.
 
     out = Path(cfg.out)
-    ckpt = open_run(out, run.to_dict(), resume=..., resume_from=..., same=("model",))
+    ckpt = open_run(out, resume=..., resume_from=...)       # checks only: nothing written yet
+    check_resume(ckpt, compat_record, allow_change)         # before anything is written
     objective = MyObjective(...)                    # builds models, optimizers, validation batches
     fit(objective, cfg, stream, out=out, tokenizer_dir=..., resumed_from=ckpt, dist=dist, device=device)
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,8 +35,9 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_directory, read_json
 from ..data.datasets import PackedStream
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, OutputError
 from ..model.hybrid import HybridLM
+from ..outputs import atomic_file, clean_stale
 from .checkpoint import (
     STATE,
     Parts,
@@ -202,6 +205,7 @@ class Objective:
     amp: torch.dtype | None = None
     sharded: bool = False  # FSDP2: every rank takes part in checkpoints and evaluation
     phases: list[Phase]
+    compat: dict[str, Any]  # what a resume must not change (see check_resume)
     say = staticmethod(print)  # set by fit(): prints above the progress bar
 
     @property
@@ -254,15 +258,23 @@ class Objective:
         raise NotImplementedError
 
 
-def open_run(out: Path, run: dict[str, Any], *, resume: bool, resume_from: str | Path | None = None,
-             same: tuple[str, ...] = (), dist: Distributed | None = None) -> Path | None:
-    """Check the output directory against ``--resume`` / ``--resume-from``, record ``run_config.json`` (rank 0)
-    and return the checkpoint to resume from, if any. ``same``: config tables that a resume may not change."""
+def open_run(out: Path, *, resume: bool, resume_from: str | Path | None = None,
+             dist: Distributed | None = None) -> Path | None:
+    """Check the output directory against ``--resume`` / ``--resume-from`` and return the checkpoint to resume
+    from, if any. Writes nothing (a run that fails while setting up leaves no trace); removes what crashed
+    writers left there (rank 0)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"train.out {out} is a file, not a directory; give a directory")
+    if dist is None or dist.main:
+        for place in (out, out / "checkpoints", out / "stages"):
+            clean_stale(place)
     ckpt = latest(out) if resume else None
     if resume and ckpt is None:
         raise CheckpointError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another train.out")
+    if not resume and out.is_dir() and any(out.iterdir()) and not (out / "run_config.json").is_file():
+        raise OutputError(f"train.out {out} already holds other files; choose an empty or new directory")
     if resume_from is not None:
         if resume:
             raise ConfigError("give either --resume or --resume-from, not both")
@@ -270,25 +282,69 @@ def open_run(out: Path, run: dict[str, Any], *, resume: bool, resume_from: str |
         if not (ckpt / STATE).is_file():
             raise CheckpointError(f"--resume-from {ckpt}: not a training checkpoint (no {STATE}); use "
                                   "checkpoints/step_* or stages/* of a run")
-    saved_path = out / "run_config.json"
-    if resume and same and saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        for table in same:
-            if saved.get(table) != run.get(table):
-                raise ConfigError(f"--resume: the [{table}] table differs from the one {out} was started with")
-    if dist is None or dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(json.dumps(run, indent=2) + "\n")
     return ckpt
 
 
+def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(record, dict):
+        out: dict[str, Any] = {}
+        for k, v in record.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(record, list) and any(isinstance(v, dict) for v in record):
+        out = {}
+        for i, v in enumerate(record):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: record}
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields in which two compatibility records differ, as ``field: old → new``.
+
+    >>> config_changes({"elastic": {"budgets": [1.0, 0.6]}}, {"elastic": {"budgets": [1.0, 0.5]}})
+    ['elastic.budgets: [1.0, 0.6] → [1.0, 0.5]']
+    """
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
+    missing = "(unset)"
+    return [f"{k}: {a.get(k, missing)} → {b.get(k, missing)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, branch: bool = False) -> None:
+    """Refuse to resume ``ckpt`` under a config whose compatibility ``record`` (what a checkpoint's meaning
+    depends on: architecture, elastic space with budgets by value, stages, data, …) differs from the one the
+    checkpoint recorded, naming every differing field — unless ``allow_change`` (``--allow-config-change``).
+    ``branch`` (``--resume-from``): the stages after the checkpoint's may differ (that is what a branch is for)."""
+    if ckpt is None:
+        return
+    state = read_json(ckpt / STATE)
+    saved = state.get("compat")
+    if saved is None:  # written before checkpoints recorded it
+        return
+    changes = config_changes(saved, record)
+    if branch:
+        done = int(state.get("stage", 0))
+        later = re.compile(r"^stages(\[(\d+)\])?")
+        changes = [c for c in changes if not ((m := later.match(c)) and (m.group(2) is None or int(m.group(2)) > done))]
+    if changes and not allow_change:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(f"the config differs from the one {ckpt} was trained with: {shown}. Resume with the "
+                          "same config, or pass --allow-config-change if the change is deliberate")
+    if changes:
+        log.warning("resuming %s under a changed config (--allow-config-change): %s", ckpt, "; ".join(changes))
+
+
 def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Path, tokenizer_dir: Path,
-        resumed_from: Path | None = None, dist: Distributed | None = None, device: torch.device | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        run_config: dict[str, Any], resumed_from: Path | None = None, dist: Distributed | None = None,
+        device: torch.device | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``objective`` for its phases from ``stream`` (or continue from the checkpoint ``resumed_from``);
     returns the last logged metrics and evaluation. Under torchrun every rank calls this with the same
-    stream: each trains its rows of every global batch (:func:`rows_of`)."""
+    stream: each trains its rows of every global batch (:func:`rows_of`). The caller has written nothing
+    yet but the tokenizer; ``run_config`` is recorded as ``run_config.json`` here."""
     dist = dist or Distributed()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_file(out / "run_config.json", json.dumps(run_config, indent=2) + "\n")
     device = device or objective.model.embeddings.weight.device
     obj, total = objective, objective.total_steps
     schedule = dataclasses.replace(cfg, steps=total)  # warm-up and cosine decay over all phases
@@ -362,7 +418,8 @@ def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Pa
                     bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             phase_done = done < total and obj.phase(done).index != phase.index
             if done % cfg.checkpoint_every == 0 or done == total or phase_done:
-                state = {"step": done, "stage": phase.index, "data": stream.state_dict(), "amp": amp_record(obj.amp)}
+                state = {"step": done, "stage": phase.index, "data": stream.state_dict(), "amp": amp_record(obj.amp),
+                         "compat": obj.compat}
                 path = checkpoint_dir(out, done)
                 if obj.sharded:
                     save_sharded_checkpoint(path, obj.parts, state, tokenizer_dir, dist, obj.write_files)
