@@ -300,6 +300,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_output_path(out, args.force, "report", inputs)
     device = _device(args.device)
     model = load(args.checkpoint, device=device)
+    if ppl:
+        _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     tok = load_tokenizer(args.checkpoint)
     name = Path(args.checkpoint).resolve().name
     if model.budgets:
@@ -388,6 +390,7 @@ def cmd_importance(args: argparse.Namespace) -> None:
 
     check_output_path(args.out, args.force, "importance", [args.model])
     model = load(args.model, device=_device(args.device))
+    _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     metrics = tuple(m.strip() for m in args.depth_metrics.split(",") if m.strip())
     start = time.perf_counter()
     batches = _calibration(args, model, args.model, args.samples, "train")
@@ -432,6 +435,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                           "`elasticlm reorder` first (pruning keeps prefixes of every axis)")
     parent = model.num_parameters()
     budget = parse_budget(args.budget, parent)
+    _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     batches = list(_calibration(args, model, args.model, args.val_samples, "val", loss_mask=True))
     best, scored = search(model, budget, batches, args.max_candidates, progress=not args.no_progress)
     print(f"searched {len(scored)} candidates within 1 % of {budget:,} parameters; best by validation loss:")
@@ -705,6 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def _check_memory(model: Any, rows: int, seq_len: int, knobs: str) -> None:
+    from .train.plan import check_forward_memory
+
+    check_forward_memory(model.config, rows, seq_len, model.embeddings.weight.device, knobs)
 
 
 def _utf8(text: str, option: str) -> str:

@@ -380,6 +380,14 @@ def test_a_run_too_large_for_memory_is_refused_before_allocating(w, capsys):
     refused(w, ["train", "--config", str(w / "huge.json"), "--no-progress"], capsys, "GiB")
 
 
+@pytest.mark.parametrize("verb", ["importance", "eval"])
+def test_a_forward_too_large_for_memory_is_refused(w, verb, capsys):
+    big = ["--seq-len", "50000000", "--batch-size", "64"]
+    args = {"importance": ["importance", "--model", str(w / "model"), "--out", str(w / "imp"), "--no-progress"],
+            "eval": ["eval", "--checkpoint", str(w / "model"), "--tasks", "ppl", "--out", str(w / "ev")]}[verb]
+    refused(w, args + big, capsys, "GiB")
+
+
 # -- 5. corrupt inputs ----------------------------------------------------------------------------------------
 
 

@@ -457,6 +457,29 @@ def resolve_checkpointing(setting: bool | None, plan: Plan) -> bool:
     return any(s.checkpointing for s in plan.stages)
 
 
+def forward_memory(config: ModelConfig, rows: int, seq_len: int, logit_copies: int = 3) -> float:
+    """Peak bytes of a no-grad fp32 forward of ``rows × seq_len`` tokens (evaluation, calibration): the weights,
+    one block's working set (a forward keeps no more than a checkpointed training step's recomputed block) and
+    ``logit_copies`` fp32 ``[tokens, vocab]`` tensors (logits, log-softmax, the reference's)."""
+    from ..config import count_parameters
+    from ..model.documents import DENSE_MASK_MAX_LEN
+
+    tokens = rows * seq_len
+    dense = seq_len if seq_len <= DENSE_MASK_MAX_LEN else 0
+    act = activation_bytes(config, None, tokens, Precision(), checkpointing=True, dense_mask_len=dense)
+    return count_parameters(config) * 4 + act["block_workspace"] + tokens * config.vocab_size * 4 * logit_copies
+
+
+def check_forward_memory(config: ModelConfig, rows: int, seq_len: int, device: Any, knobs: str) -> None:
+    """Refuse a forward pass that would not fit this device's memory (on a CPU: the memory available now),
+    instead of being killed by the kernel without a message."""
+    available = device_memory(device)
+    need = forward_memory(config, rows, seq_len)
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(f"{rows} sequences of {seq_len} tokens need about {need / GiB:.1f} GiB, more than the "
+                          f"{available / GiB:.1f} GiB available; lower {knobs}")
+
+
 def preflight(plan: Plan, device: str) -> None:
     """Refuse a run whose plan does not fit this device's memory (before anything is allocated or written),
     naming the knobs to turn."""
