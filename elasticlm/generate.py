@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import Subnet
 from .errors import ConfigError
+from .model.cache import HybridCache
 from .model.hybrid import HybridLM
 
 
@@ -79,3 +81,137 @@ def _decode(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, tempe
             break
         logits = model(nxt[:, None], subnet=subnet, cache=cache)[:, -1]
     return torch.cat(out, dim=1)
+
+
+# -- ragged batches: prompts of different lengths, rows that join and leave ------------------------------------
+
+
+@dataclass
+class Request:
+    """One sequence of a :class:`DecodeBatch`: its prompt, how to sample it and where it stands."""
+
+    prompt: list[int]
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    finished: str | None = None  # "stop" (EOS) or "length"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[rows, longest]`` ids, each prompt right-aligned, and the padding length of each row.
+
+    >>> ids, pad = left_pad([[5, 6, 7], [8]]); ids.tolist(), pad.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [0, 2])
+    """
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    return ids, torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+
+
+class DecodeBatch:
+    """Sequences of one Subnet decoded together, one token per row per :meth:`step`. New requests join between
+    steps (their prompts are prefilled as one left-padded batch and their cache merged into the running one);
+    finished rows leave. Padding is never read (see :class:`~elasticlm.model.cache.HybridCache`), so every row
+    produces exactly the tokens it would produce alone."""
+
+    def __init__(self, model: HybridLM, subnet: Subnet | None = None) -> None:
+        self.model, self.subnet = model, model.check_subnet(subnet)
+        self.rows: list[Request] = []
+        self.cache: HybridCache | None = None
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: the next token's logits of every row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, requests: list[Request]) -> None:
+        for req in requests:
+            if not req.prompt:
+                raise ConfigError("generate needs a non-empty prompt")
+            if req.max_new_tokens < 0:
+                raise ConfigError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
+        device = self.model.embeddings.weight.device
+        ids, pad = left_pad([r.prompt for r in requests])
+        cache = self.model.new_cache(self.subnet)
+        cache.pad = pad.to(device) if bool(pad.any()) else None
+        logits = self.model(ids.to(device), subnet=self.subnet, cache=cache, logits_to_keep=1)[:, -1]
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            self.cache.merge(cache)
+            self.logits = torch.cat([self.logits, logits])
+        self.rows.extend(requests)
+        self._drop([r for r in requests if r.max_new_tokens == 0], "length")
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        """Sample one token for every row, advance the model, drop finished rows; returns (request, token) pairs
+        (a row's last pair is the one where ``request.finished`` is set)."""
+        if not self.rows:
+            return []
+        assert self.logits is not None and self.cache is not None
+        nxt = sample_rows(self.logits, self.rows)
+        out = []
+        done = []
+        for req, tok in zip(self.rows, nxt.tolist(), strict=True):
+            req.tokens.append(tok)
+            if req.eos_token_id is not None and tok == req.eos_token_id:
+                req.finished = "stop"
+            elif len(req.tokens) >= req.max_new_tokens:
+                req.finished = "length"
+            out.append((req, tok))
+            if req.finished:
+                done.append(req)
+        keep = [i for i, r in enumerate(self.rows) if not r.finished]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+            nxt = nxt[keep]
+        if self.rows:
+            self.logits = self.model(nxt[:, None], subnet=self.subnet, cache=self.cache)[:, -1]
+        return out
+
+    def _drop(self, requests: list[Request], reason: str) -> None:
+        for r in requests:
+            r.finished = reason
+        if requests:
+            self._keep([i for i, r in enumerate(self.rows) if not r.finished])
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.logits = None, None
+            return
+        index = torch.tensor(keep, device=self.logits.device)
+        self.cache.reorder(index)
+        self.logits = self.logits[index]
+
+
+def sample_rows(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+    """The next token of each row under its own temperature, top-p and generator (greedy rows in one argmax)."""
+    out = logits.argmax(-1)
+    for i, r in enumerate(rows):
+        if r.temperature > 0:
+            out[i] = sample_next(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0]
+    return out
+
+
+def generate_ragged(model: HybridLM, prompts: list[list[int]], *, max_new_tokens: int = 32,
+                    eos_token_id: int | None = None, subnet: Subnet | None = None) -> list[list[int]]:
+    """Greedy continuations of prompts of different lengths, decoded as one batch (each row exactly as alone).
+    Generation stops at ``eos_token_id`` (included) or ``max_new_tokens``."""
+    was = model.training
+    model.eval()
+    try:
+        batch = DecodeBatch(model, subnet)
+        requests = [Request(list(p), max_new_tokens, eos_token_id=eos_token_id) for p in prompts]
+        batch.add(requests)
+        while len(batch):
+            batch.step()
+    finally:
+        model.train(was)
+    return [r.tokens for r in requests]

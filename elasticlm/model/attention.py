@@ -52,8 +52,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
                 documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
-                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``inner`` ([heads·head_dim]) multiplies the attention output before ``o_proj`` (soft masks)."""
+                params: dict[str, torch.Tensor] | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``inner`` ([heads·head_dim]) multiplies the attention output before ``o_proj`` (soft masks).
+        ``key_valid`` [batch, keys] (left-padded ragged batches): padding keys are never attended to."""
         b, t, _ = x.shape
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
         q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -68,6 +69,11 @@ class Attention(nn.Module):
             return self._out(o, b, t, inner, p)
         if documents is not None:  # short packed rows on CPU: causal within each document by a dense mask
             mask, causal = documents.dense, False
+        elif key_valid is not None:  # ragged rows: causal over the real keys (a pad query sees itself, not NaN)
+            pos_q = torch.arange(past, past + t, device=x.device)[:, None]
+            pos_k = torch.arange(past + t, device=x.device)[None, :]
+            mask = ((pos_q >= pos_k) & key_valid[:, None, :]) | (pos_q == pos_k)
+            mask, causal = mask[:, None], False
         elif past == 0 or t == 1:
             mask, causal = None, past == 0 and t > 1
         else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i

@@ -57,11 +57,77 @@ class HybridCache:
         # Views follow in-place weight updates; a cache is meant for one generation, not across them.
         # None (sharded models): slice on every call.
         self.weights: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = {} if keep_weights else None
+        # Ragged batches (prompts of different lengths, left-padded): ``pad[r]`` leading positions of row r are
+        # padding, which attention never reads and Mamba layers never take into their state. None: no padding.
+        self.pad: torch.Tensor | None = None
+        self.chunk_valid: torch.Tensor | None = None  # [batch, new tokens] of the call in progress (set by the model)
+        self.key_valid: torch.Tensor | None = None  # [batch, all tokens so far] of the call in progress
+
+    def begin(self, new_tokens: int, device: torch.device) -> None:
+        """Called by the model before a forward of ``new_tokens``: the validity masks of that call."""
+        if self.pad is None:
+            self.chunk_valid = self.key_valid = None
+            return
+        pos = torch.arange(self.seq_len + new_tokens, device=device)
+        self.key_valid = pos[None, :] >= self.pad[:, None]
+        self.chunk_valid = self.key_valid[:, self.seq_len:]
+        if bool(self.chunk_valid.all()):
+            self.chunk_valid = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows ``index`` (e.g. beams or finished sequences dropped)."""
+        if self.pad is not None:
+            self.pad = self.pad[index]
         for state in self.layers:
             if isinstance(state, MambaState):
                 state.conv, state.ssm = state.conv[index], state.ssm[index]
             elif isinstance(state, KVState) and state.k is not None:
                 state.k, state.v = state.k[index], state.v[index]
+
+    def merge(self, other: HybridCache) -> None:
+        """Append the rows of ``other`` (same Subnet, e.g. requests that joined a running batch) to this cache.
+        The shorter of the two is left-padded with positions no row ever reads, so every row continues exactly
+        as it would alone."""
+        if other.subnet != self.subnet:
+            raise ValueError("caches of different Subnets cannot be merged")
+        length = max(self.seq_len, other.seq_len)
+        pads = []
+        for cache in (self, other):
+            extra = length - cache.seq_len
+            rows = _rows(cache)
+            base = cache.pad if cache.pad is not None else torch.zeros(rows, dtype=torch.long, device=_device(cache))
+            pads.append(base + extra)
+            if extra:
+                for state in cache.layers:
+                    if isinstance(state, KVState) and state.k is not None:
+                        k, v = state.k[:, :, : state.length], state.v[:, :, : state.length]
+                        state.k = torch.nn.functional.pad(k, (0, 0, extra, 0))
+                        state.v = torch.nn.functional.pad(v, (0, 0, extra, 0))
+                        state.length += extra
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            if isinstance(mine, MambaState) and isinstance(theirs, MambaState):
+                mine.conv, mine.ssm = torch.cat([mine.conv, theirs.conv]), torch.cat([mine.ssm, theirs.ssm])
+            elif isinstance(mine, KVState) and isinstance(theirs, KVState) and mine.k is not None:
+                k = torch.cat([mine.k[:, :, : mine.length], theirs.k[:, :, : theirs.length]])
+                v = torch.cat([mine.v[:, :, : mine.length], theirs.v[:, :, : theirs.length]])
+                mine.k, mine.v = k, v
+        self.pad = torch.cat(pads)
+        self.seq_len = length
+
+
+def _rows(cache: HybridCache) -> int:
+    for state in cache.layers:
+        if isinstance(state, MambaState):
+            return state.conv.shape[0]
+        if isinstance(state, KVState) and state.k is not None:
+            return state.k.shape[0]
+    raise ValueError("an empty cache has no rows to merge")
+
+
+def _device(cache: HybridCache) -> torch.device:
+    for state in cache.layers:
+        if isinstance(state, MambaState):
+            return state.conv.device
+        if isinstance(state, KVState) and state.k is not None:
+            return state.k.device
+    return torch.device("cpu")

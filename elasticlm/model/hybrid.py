@@ -100,7 +100,8 @@ class Block(nn.Module):
             state = cache.layers[layer] if cache is not None else None
             assert state is None or isinstance(state, MambaState)
             h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents,
-                                        inner=inner, params=prm)
+                                        inner=inner, params=prm,
+                                        valid=cache.chunk_valid if cache is not None else None)
             if cache is not None:
                 cache.layers[layer] = new
         elif self.kind == ATTENTION:
@@ -108,7 +109,8 @@ class Block(nn.Module):
             if cache is not None:
                 state = cache.layers[layer] or KVState()
                 cache.layers[layer] = state
-            h = self.mixer.forward(h, width, state, documents, inner, params=prm)
+            h = self.mixer.forward(h, width, state, documents, inner, params=prm,
+                                   key_valid=cache.key_valid if cache is not None else None)
         else:
             h = self.mixer.forward(h, width, inner, params=prm)
         if scale is not None:
@@ -212,6 +214,8 @@ class HybridLM(nn.Module):
                 raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids "
                                  f"{tuple(input_ids.shape)}")
             documents = DocumentMask.from_ids(document_ids, self.config.conv_kernel)
+        if cache is not None:
+            cache.begin(input_ids.shape[1], input_ids.device)
         d = subnet.hidden_size
         x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
         mod = modulation or Modulation()

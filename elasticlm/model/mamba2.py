@@ -119,15 +119,17 @@ class Mamba2Mixer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False, documents: DocumentMask | None = None,
-                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, MambaState | None]:
+                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState | None]:
         """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
         the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
         token at a time. ``documents`` keeps packed documents apart (training; no state). ``inner``
-        ([heads·head_dim], head-major) multiplies the gated-norm output before ``out_proj`` (soft masks)."""
+        ([heads·head_dim], head-major) multiplies the gated-norm output before ``out_proj`` (soft masks).
+        ``valid`` [batch, seq] (left-padded ragged batches): padding enters neither the conv window nor the
+        state, so each row's state is the one of its prompt alone."""
         b, t, _ = u.shape
         prm = params if params is not None else self.sliced(u.shape[-1], width)  # params: sliced() made earlier
-        if state is not None and t == 1:
+        if state is not None and t == 1 and valid is None:
             return self._step(u, prm, width, state)
         g, n, k = self.n_groups, self.state_size, self.conv_kernel
         heads, hd = g * width.heads_per_group, width.head_dim
@@ -139,6 +141,8 @@ class Mamba2Mixer(nn.Module):
             self.observer("x", xbc[..., :d_inner])  # the x part, before the conv
 
         conv_w, conv_b = prm["conv1d.weight"], prm.get("conv1d.bias")
+        if valid is not None:  # padding: zero conv inputs (as before a sequence starts)
+            xbc = torch.where(valid[..., None], xbc, 0.0)
         xbc = xbc.transpose(1, 2)  # [b, channels, t]
         track = state is not None or new_state
         if state is not None:
@@ -153,6 +157,8 @@ class Mamba2Mixer(nn.Module):
         conv_state = window[..., window.shape[-1] - (k - 1):] if track else None
         xbc = F.silu(conv_out).transpose(1, 2)
         x, B, C = xbc.split([d_inner, g * n, g * n], dim=-1)
+        if valid is not None:  # ...and no input to the state (it stays zero until the prompt begins)
+            x = torch.where(valid[..., None], x, 0.0)
 
         A = -torch.exp(prm["A_log"].float())
         dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp(min=self.time_step_min)

@@ -1,0 +1,68 @@
+"""Ragged batches: prompts of different lengths decoded together, rows joining and leaving a running batch —
+each row must produce exactly the tokens it produces alone (attention and Mamba layers, full model and Subnet)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import random_subnet, randomize_, tiny_config
+
+from elasticlm.generate import DecodeBatch, Request, generate, generate_ragged
+from elasticlm.model.hybrid import HybridLM
+
+
+def alone(model, prompt, n, subnet=None):
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=n, subnet=subnet)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_(HybridLM(tiny_config("M*M-*M", vocab_size=64, chunk=4)), seed=3).eval()
+
+
+PROMPTS = [[5, 9, 3], list(range(1, 12)), [7], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]]
+
+
+@pytest.mark.parametrize("use_subnet", [False, True])
+def test_ragged_batch_equals_each_prompt_alone(model, use_subnet):
+    subnet = random_subnet(model.config, random.Random(1)) if use_subnet else None
+    got = generate_ragged(model, PROMPTS, max_new_tokens=10, subnet=subnet)
+    want = [alone(model, p, 10, subnet) for p in PROMPTS]
+    assert got == want
+    # and the logits, not only the argmax: the first step's logits of every row equal the row alone
+    batch = DecodeBatch(model, subnet)
+    batch.add([Request(p, 5) for p in PROMPTS])
+    for r, p in enumerate(PROMPTS):
+        ref = model(torch.tensor([p]), subnet=subnet)[0, -1]
+        assert torch.allclose(batch.logits[r], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_join_and_leave_a_running_batch(model):
+    """Continuous batching: two requests run, two more join after 3 steps, rows finish at different lengths."""
+    batch = DecodeBatch(model)
+    first = [Request(PROMPTS[0], 4), Request(PROMPTS[1], 12)]
+    batch.add(first)
+    for _ in range(3):
+        batch.step()
+    later = [Request(PROMPTS[2], 9), Request(PROMPTS[3], 2)]
+    batch.add(later)
+    while len(batch):
+        batch.step()
+    for req in first + later:
+        assert req.tokens == alone(model, req.prompt, req.max_new_tokens) and req.finished == "length"
+
+
+def test_eos_ends_a_row_and_the_others_continue(model):
+    ref = alone(model, PROMPTS[1], 6)
+    eos = ref[2]  # the third token the row produces becomes its end
+    reqs = [Request(PROMPTS[1], 6, eos_token_id=eos), Request(PROMPTS[0], 6)]
+    batch = DecodeBatch(model)
+    batch.add(reqs)
+    while len(batch):
+        batch.step()
+    assert reqs[0].tokens == ref[: ref.index(eos) + 1] and reqs[0].finished == "stop"
+    assert reqs[1].tokens == alone(model, PROMPTS[0], 6)
