@@ -353,6 +353,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"total {result['timings']['total'] / 60:.1f} min")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import build_app, load_engine
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("`elasticlm serve` needs FastAPI and uvicorn: pip install 'elasticlm[serve]'") from None
+    engine, path = load_engine(args.checkpoint, args.device, max_batch=args.max_batch,
+                               target_latency_ms=args.target_latency_ms, max_context=args.max_context)
+    app = build_app(engine, path)
+    print(f"serving {engine.name}: budgets {', '.join(engine.order)} and auto on http://{args.host}:{args.port}/v1 "
+          "(measuring step times…)", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_directory, check_output_path
     from .data.datasets import DataConfig, doc_text, documents
@@ -639,6 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", formatter_class=fmt, help="every budget behind an OpenAI-compatible HTTP API",
+                       description="Serve an elastic checkpoint: /v1/completions and /v1/chat/completions (streaming "
+                                   "or not), /v1/models (NAME@<budget> per budget, NAME@auto), /health, /metrics. One "
+                                   "copy of the weights; concurrent requests of a budget are batched continuously. "
+                                   "Needs `pip install 'elasticlm[serve]'`.")
+    p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=_count(0), default=8000, help="TCP port")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--max-batch", type=_count(1), default=32, help="most sequences decoding together per budget")
+    p.add_argument("--max-context", type=_count(2), default=4096, help="most prompt + generated tokens per request")
+    p.add_argument("--target-latency-ms", type=_number(0.0, None, low_open=True), default=100.0,
+                   help="NAME@auto: the per-token latency the chosen budget must meet under the current load")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("importance", formatter_class=fmt, help="score every width axis and layer (calibration)",
                        description="Forward passes on calibration data score hidden channels, FFN neurons, "

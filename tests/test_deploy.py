@@ -4,6 +4,9 @@ Hugging Face export of a budget, info per budget, and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +22,23 @@ from elasticlm.model.hybrid import HybridLM
 from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
 from elasticlm.train.elastic import ElasticStudent, save_elastic_checkpoint
 
+_BUILT: dict[tuple, Path] = {}
+
 
 def elastic_checkpoint(tmp_path, heterogeneous=(), name="elastic"):
     """A real elastic checkpoint (as `elasticlm train` writes it) of a random tiny model whose router
-    was fitted to budgets 1.0 / 0.7 / 0.45."""
+    was fitted to budgets 1.0 / 0.7 / 0.45. Built once per test session (fitting the router takes a while)
+    and copied to ``tmp_path / name``."""
+    key = tuple(heterogeneous)
+    if key not in _BUILT or not _BUILT[key].exists():
+        _BUILT[key] = _build_elastic_checkpoint(Path(tempfile.mkdtemp(prefix="elastic-ckpt-")), heterogeneous)
+    shutil.copytree(_BUILT[key], tmp_path / name)
+    if not (tmp_path / "tok").exists():
+        shutil.copytree(_BUILT[key].parent / "tok", tmp_path / "tok")
+    return tmp_path / name
+
+
+def _build_elastic_checkpoint(tmp_path, heterogeneous=(), name="elastic"):
     cfg = tiny_config("M*-M-*-M", hidden=48, vocab_size=260)
     cfg.depth_order = [4, 2, 6, 0, 7, 1, 3, 5]
     torch.manual_seed(0)

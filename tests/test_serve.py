@@ -1,0 +1,175 @@
+"""`elasticlm serve` through the real `openai` client: per-budget greedy completions equal `elasticlm generate`,
+streaming equals non-streaming, concurrent ragged requests equal each alone, bad requests are 4xx with a message,
+a client that disconnects mid-stream frees its row and the server keeps serving."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+import elasticlm  # noqa: E402
+from elasticlm.serve import Engine, TextStream, build_app, running  # noqa: E402
+from elasticlm.tokenizer import load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from test_deploy import elastic_checkpoint
+
+    root = tmp_path_factory.mktemp("serve")
+    path = elastic_checkpoint(root, name="final")
+    model = elasticlm.load(path, serving=True)
+    engine = Engine(model, load_tokenizer(path), "tiny", max_batch=8, max_context=8192)
+    with running(engine, path) as url:
+        yield url, engine, path
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(path, prompt, budget, n):
+    """What `elasticlm generate` (greedy, the nested budget) returns for ``prompt``."""
+    model = elasticlm.load(path, serving=True)
+    tok = load_tokenizer(path)
+    ids = tok.encode(prompt).ids
+    out = model.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
+    eos = model.config.eos_token_id
+    if eos in out:
+        out = out[: out.index(eos)]
+    return tok.decode(out)
+
+
+PROMPTS = ["Q: 1+2", "a much longer prompt with several words in it", "x", "Q: sort 3 1 2"]
+
+
+def test_models_health_metrics(server):
+    url, engine, _ = server
+    ids = [m.id for m in client(url).models.list().data]
+    assert ids == [f"tiny@{b}" for b in engine.order] + ["tiny@auto"] and len(ids) == 4
+    conn = http.client.HTTPConnection(urlparse(url).netloc)
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'elasticlm_requests_total{budget="1.0"}' in text and "elasticlm_queue_depth" in text
+
+
+@pytest.mark.parametrize("budget", ["1.0", "0.7", "0.45"])
+def test_greedy_completion_per_budget_equals_generate(server, budget):
+    url, _, path = server
+    c = client(url)
+    r = c.completions.create(model=f"tiny@{budget}", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert r.choices[0].text == reference(path, PROMPTS[0], budget, 12) and r.model == f"tiny@{budget}"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=f"tiny@{budget}", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_chat_completion_plain_format_and_stream(server):
+    url, _, path = server
+    c = client(url)
+    msgs = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model="tiny@0.7", messages=msgs, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == reference(path, "user: hello\nassistant:", "0.7", 8)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="tiny@0.7", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert streamed == r.choices[0].message.content
+
+
+def test_concurrent_ragged_requests_equal_each_alone(server):
+    url, _, path = server
+    jobs = [(p, b) for p in PROMPTS for b in ("1.0", "0.45")]
+    results: dict[int, str] = {}
+
+    def one(i, prompt, budget):
+        r = client(url).completions.create(model=f"tiny@{budget}", prompt=prompt, max_tokens=10, temperature=0)
+        results[i] = r.choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i, p, b)) for i, (p, b) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (p, b) in enumerate(jobs):
+        assert results[i] == reference(path, p, b, 10), (p, b)
+
+
+def test_auto_names_the_budget_that_served(server):
+    url, engine, _ = server
+    r = client(url).completions.create(model="tiny@auto", prompt="x", max_tokens=2, temperature=0)
+    assert r.model in {f"tiny@{b}" for b in engine.order}
+
+
+@pytest.mark.parametrize("kwargs,error,needle", [
+    ({"model": "tiny@0.33"}, "NotFoundError", "unknown budget"),
+    ({"model": "other@1.0"}, "NotFoundError", "unknown model"),
+    ({"max_tokens": -1}, "BadRequestError", "max_tokens"),
+    ({"max_tokens": 100_000}, "BadRequestError", "max_tokens"),
+    ({"max_tokens": 8191}, "BadRequestError", "context limit"),
+    ({"temperature": 5}, "BadRequestError", "temperature"),
+    ({"prompt": ""}, "BadRequestError", "prompt"),
+    ({"prompt": [1, 2, 99999]}, "BadRequestError", "token ids"),
+])
+def test_bad_requests_are_4xx_with_a_message(server, kwargs, error, needle):
+    url, _, _ = server
+    args = {"model": "tiny@1.0", "prompt": "hi", "max_tokens": 4, **kwargs}
+    with pytest.raises(getattr(openai, error)) as exc:
+        client(url).completions.create(**args)
+    assert needle in str(exc.value)
+
+
+def test_malformed_json_is_400(server):
+    url, _, _ = server
+    conn = http.client.HTTPConnection(urlparse(url).netloc)
+    conn.request("POST", "/v1/completions", body=b"{not json", headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 400 and "not valid JSON" in json.loads(resp.read())["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    url, engine, path = server
+    conn = http.client.HTTPConnection(urlparse(url).netloc)
+    before = engine.metrics.cancelled["1.0"]
+    body = json.dumps({"model": "tiny@1.0", "prompt": "Q: 1+2", "max_tokens": 8000, "temperature": 0,
+                       "stream": True})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(6) == b"data: "  # the first event has begun
+    conn.sock.close()  # gone, mid-stream
+    conn.close()
+    deadline = time.time() + 30
+    while sum(engine.active().values()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert sum(engine.active().values()) == 0
+    assert engine.metrics.cancelled["1.0"] == before + 1  # freed because it left, not because it finished
+    r = client(url).completions.create(model="tiny@1.0", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    assert r.choices[0].text == reference(path, PROMPTS[1], "1.0", 6)
+
+
+def test_stop_strings_hold_back_a_partial_match():
+    class Chars:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    s = TextStream(Chars(), ["END"])
+    pieces = [s.push(ord(ch)) for ch in "abcENxEND"]
+    assert "".join(pieces) == "abcENx" and s.stopped and pieces[3] == "" and pieces[4] == ""
+
+
+def test_plain_model_is_refused():
+    from conftest import tiny_config
+
+    with pytest.raises(elasticlm.ConfigError, match="elastic checkpoint"):
+        Engine(elasticlm.HybridLM(tiny_config()), None, "x")
+    assert build_app  # the app factory is importable without starting anything
