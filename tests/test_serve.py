@@ -173,3 +173,51 @@ def test_plain_model_is_refused():
     with pytest.raises(elasticlm.ConfigError, match="elastic checkpoint"):
         Engine(elasticlm.HybridLM(tiny_config()), None, "x")
     assert build_app  # the app factory is importable without starting anything
+
+
+def test_cli_serve_answers_the_openai_client(tmp_path):
+    """`elasticlm serve` as the README runs it: a subprocess, polled until healthy, one completion, stopped."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_deploy import elastic_checkpoint
+
+    path = elastic_checkpoint(tmp_path, name="final")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "elasticlm", "serve", "--checkpoint", str(path), "--port",
+                             str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        c = client(f"http://127.0.0.1:{port}")
+        name = c.models.list().data[0].id.split("@")[0]  # the run's directory name (final/'s parent)
+        assert name == tmp_path.name
+        r = c.completions.create(model=f"{name}@0.7", prompt="Q: 1+2", max_tokens=5, temperature=0)
+        assert r.choices[0].text == reference(path, "Q: 1+2", "0.7", 5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert os.path.isdir(path)
+
+
+def test_cli_serve_refuses_a_plain_model(tmp_path, capsys):
+    from elasticlm.cli import main
+
+    assert main(["init", str(tmp_path / "plain"), "--preset", "tiny"]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--checkpoint", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert "elastic checkpoint" in err and len(err.strip().splitlines()) == 1
