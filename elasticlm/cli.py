@@ -164,10 +164,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eos = None if args.ignore_eos else model.config.eos_token_id
     start = time.perf_counter()
-    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet, generator=gen)
+    if args.think_budget is not None:
+        from .elastic.deploy import select_budgets
+        from .generate import generate_think_answer
+
+        if tok is None:
+            raise ConfigError("--think-budget needs --prompt TEXT (the switch marker is text)")
+        if args.temperature > 0:
+            raise ConfigError("--think-budget decodes greedily; drop --temperature")
+        think = model.budgets[select_budgets(model, args.think_budget)[0]]
+        switch = args.switch.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+        new = generate_think_answer(model, [ids], switch_ids=tok.encode(switch).ids, think=think, answer=subnet,
+                                    max_new_tokens=args.max_new_tokens, eos_token_id=eos)[0]
+    else:
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet,
+                       generator=gen)
+        new = out[0, len(ids):].tolist()
     seconds = time.perf_counter() - start
-    new = out[0, len(ids):].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
     print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
@@ -309,8 +323,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError("--subnet is for plain models; an elastic checkpoint is evaluated by --budgets")
         entries = [Entry("elastic", label, model, tok, model.budgets[label], str(args.checkpoint))
                    for label in select_budgets(model, args.budgets)]
+        if args.think_budget is not None:
+            think = select_budgets(model, args.think_budget)[0]
+            entries += [Entry(f"think {think}", f"{think}→{e.budget}", model, tok, e.subnet, str(args.checkpoint),
+                              think=model.budgets[think]) for e in list(entries) if e.budget != think]
     else:
-        if args.budgets.strip().lower() != "all":
+        if args.budgets.strip().lower() != "all" or args.think_budget is not None:
             select_budgets(model, args.budgets)  # raises: not an elastic checkpoint
         entries = [Entry(name, "1.0", model, tok, _read_subnet(args.subnet), str(args.checkpoint))]
     reference = model.num_parameters()
@@ -523,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
                    help="native or Hugging Face NemotronH directory, or an elastic checkpoint")
     p.add_argument("--budget", help="run this trained budget of an elastic checkpoint (nested: no copy), e.g. 0.5")
+    p.add_argument("--think-budget", help="think small, answer big: this budget writes the reasoning trace, and "
+                                          "--budget (default: the full model) the answer from --switch on (greedy)")
+    p.add_argument("--switch", default="\\nA:", help="the text that ends the thinking phase (\\n and \\t as "
+                                                      "typed are a new line and a tab)")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids instead of text")
     p.add_argument("--max-new-tokens", type=_count(1), default=64, help="upper bound on generated tokens")
@@ -643,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
                    help="elastic checkpoint (final/ of `elasticlm train`) or model directory (with tokenizer.json)")
     p.add_argument("--budgets", default="all", help="'all' or one budget (0.5, 50%%, 780K) of an elastic checkpoint")
+    p.add_argument("--think-budget", help="also evaluate think small, answer big: this budget writes each trace and "
+                                          "every evaluated budget the answer (rows labelled THINK→BUDGET)")
     p.add_argument("--tasks", default="ppl,reasoning,recall",
                    help="comma list: ppl, reasoning (add, vars, sort), recall, or single families")
     p.add_argument("--difficulty", default="default,hard", help="difficulty levels to score: default, hard")

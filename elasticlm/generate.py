@@ -96,8 +96,9 @@ class Request:
     top_p: float = 1.0
     eos_token_id: int | None = None
     generator: torch.Generator | None = None
+    stop_ids: list[int] | None = None  # also finish ("switch") once the generated tokens end with these
     tokens: list[int] = field(default_factory=list)  # generated so far
-    finished: str | None = None  # "stop" (EOS) or "length"
+    finished: str | None = None  # "stop" (EOS), "length" or "switch" (stop_ids)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +163,8 @@ class DecodeBatch:
             req.tokens.append(tok)
             if req.eos_token_id is not None and tok == req.eos_token_id:
                 req.finished = "stop"
+            elif req.stop_ids and req.tokens[-len(req.stop_ids):] == req.stop_ids:
+                req.finished = "switch"
             elif len(req.tokens) >= req.max_new_tokens:
                 req.finished = "length"
             out.append((req, tok))
@@ -215,3 +218,36 @@ def generate_ragged(model: HybridLM, prompts: list[list[int]], *, max_new_tokens
     finally:
         model.train(was)
     return [r.tokens for r in requests]
+
+
+def generate_think_answer(model: HybridLM, prompts: list[list[int]], *, switch_ids: list[int],
+                          think: Subnet | None, answer: Subnet | None, max_new_tokens: int = 64,
+                          eos_token_id: int | None = None) -> list[list[int]]:
+    """Think small, answer big: greedy decoding at the ``think`` Subnet until a row's generated tokens end with
+    ``switch_ids`` (e.g. the tokens of ``"\\nA:"``, the answer marker of the synthetic tasks), then the prompt
+    and that trace are prefilled again at the ``answer`` Subnet, which writes the rest. Rows that end (EOS or
+    ``max_new_tokens``) before the marker keep what the thinking budget wrote. Returns the generated tokens of
+    each prompt (both phases)."""
+    if not switch_ids:
+        raise ConfigError("think-then-answer needs a non-empty switch marker")
+    was = model.training
+    model.eval()
+    try:
+        first = [Request(list(p), max_new_tokens, eos_token_id=eos_token_id, stop_ids=list(switch_ids))
+                 for p in prompts]
+        batch = DecodeBatch(model, think)
+        batch.add(first)
+        while len(batch):
+            batch.step()
+        second = [Request(r.prompt + r.tokens, max_new_tokens - len(r.tokens), eos_token_id=eos_token_id)
+                  for r in first if r.finished == "switch" and len(r.tokens) < max_new_tokens]
+        if second:
+            batch = DecodeBatch(model, answer)
+            batch.add(second)
+            while len(batch):
+                batch.step()
+        rest = iter(second)
+        return [r.tokens + (next(rest).tokens if r.finished == "switch" and len(r.tokens) < max_new_tokens else [])
+                for r in first]
+    finally:
+        model.train(was)

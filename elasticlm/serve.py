@@ -342,6 +342,8 @@ class Completion:
     stream: bool
     stop: list[str]
     seed: int | None
+    think_budget: str | None = None  # think small, answer big: this budget writes the trace
+    think_stop: str = "\nA:"  # ...up to and including this text; the request's budget writes the rest
 
 
 def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, tokenizer_dir: Path | None = None
@@ -386,8 +388,15 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, to
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", "stream")
+    think = body.get("think_budget")
+    if think is not None and not isinstance(think, (str, int, float)):
+        raise RequestError(400, "'think_budget' must be a budget label such as \"0.5\"", "think_budget")
+    think_stop = body.get("think_stop", "\nA:")
+    if not isinstance(think_stop, str) or not think_stop:
+        raise RequestError(400, "'think_stop' must be a non-empty string", "think_stop")
     return Completion(model, ids, max_tokens, _number(body, "temperature", 1.0, 0.0, 2.0),
-                      _number(body, "top_p", 1.0, 1e-9, 1.0), stream, stop, seed)
+                      _number(body, "top_p", 1.0, 1e-9, 1.0), stream, stop, seed,
+                      None if think is None else str(think), think_stop)
 
 
 class TextStream:
@@ -477,12 +486,22 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
             budget = engine.resolve(c.model)
         except RequestError as exc:
             return error(exc)
+        try:
+            think = None if c.think_budget is None else engine.resolve(f"{engine.name}@{c.think_budget}")
+        except RequestError as exc:
+            return error(RequestError(exc.status, exc.message, "think_budget"))
         gen = torch.Generator().manual_seed(c.seed if c.seed is not None else int(uuid.uuid4().int % 2**63))
-        req = Request(c.prompt_ids, c.max_tokens, c.temperature, c.top_p, engine.eos, gen)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        job = engine.submit(budget, req, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
-        served = f"{engine.name}@{budget}"
+        sink = lambda item: loop.call_soon_threadsafe(items.put_nowait, item)  # noqa: E731
+        if think is not None:  # phase 1 at the thinking budget, up to the switch marker; its tokens are relayed
+            req = Request(c.prompt_ids, c.max_tokens, c.temperature, c.top_p, engine.eos, gen,
+                          stop_ids=engine.tokenizer.encode(c.think_stop).ids)
+        else:
+            req = Request(c.prompt_ids, c.max_tokens, c.temperature, c.top_p, engine.eos, gen)
+        job = engine.submit(think or budget, req, sink)
+        answer: dict[str, Any] = {}  # phase 2's request and job, once the switch marker was written
+        served = f"{engine.name}@{budget}" if think is None else f"{engine.name}@{think}→{budget}"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         text = TextStream(engine.tokenizer, c.stop)
@@ -502,6 +521,13 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                             return
                         if piece:
                             yield piece, None
+                    elif kind == "done" and value == "switch" and not answer:  # answer at the request's budget
+                        rest = Request(c.prompt_ids + req.tokens, c.max_tokens - len(req.tokens), c.temperature,
+                                       c.top_p, engine.eos, gen)
+                        answer["request"], answer["job"] = rest, engine.submit(budget, rest, sink)
+                        if rest.max_new_tokens <= 0:
+                            yield text.flush(), "length"
+                            return
                     elif kind == "done":
                         yield text.flush(), "stop" if value == "stop" else "length"
                         return
@@ -509,9 +535,11 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                         raise RuntimeError(value)
             finally:
                 job.cancelled = True  # a client that left (or a stop string): the engine frees the row
+                if answer:
+                    answer["job"].cancelled = True
 
         def usage() -> dict[str, int]:
-            n = len(req.tokens)
+            n = len(req.tokens) + (len(answer["request"].tokens) if answer else 0)
             return {"prompt_tokens": len(c.prompt_ids), "completion_tokens": n,
                     "total_tokens": len(c.prompt_ids) + n}
 
@@ -541,6 +569,8 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client disconnects mid-stream: its row is freed at the next step
                     job.cancelled = True
+                    if answer:
+                        answer["job"].cancelled = True
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-elasticlm-budget": budget})
 

@@ -66,3 +66,22 @@ def test_eos_ends_a_row_and_the_others_continue(model):
         batch.step()
     assert reqs[0].tokens == ref[: ref.index(eos) + 1] and reqs[0].finished == "stop"
     assert reqs[1].tokens == alone(model, PROMPTS[0], 6)
+
+
+def test_think_small_answer_big_is_the_two_phases_run_by_hand(model):
+    """The think Subnet writes up to and including the switch marker; the answer Subnet continues from the
+    prompt and that trace, as if it had been given them as its prompt."""
+    from elasticlm.generate import generate_think_answer
+
+    small = random_subnet(model.config, random.Random(4), allow_drop=False)
+    prompt = PROMPTS[1]
+    trace = alone(model, prompt, 12, small)
+    switch = trace[3:5]  # a marker the small model certainly writes
+    end = next(i for i in range(2, len(trace) + 1) if trace[i - 2:i] == switch)
+    want = trace[:end] + alone(model, prompt + trace[:end], 12 - end)
+    got = generate_think_answer(model, [prompt, PROMPTS[0]], switch_ids=switch, think=small, answer=None,
+                                max_new_tokens=12)
+    assert got[0] == want and want != trace  # the answer phase changed what followed
+    row2 = alone(model, PROMPTS[0], 12, small)  # the other row: the same rule, whatever it writes
+    hit = next((i for i in range(2, len(row2) + 1) if row2[i - 2:i] == switch), None)
+    assert got[1] == (row2 if hit is None else row2[:hit] + alone(model, PROMPTS[0] + row2[:hit], 12 - hit))

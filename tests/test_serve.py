@@ -221,3 +221,42 @@ def test_cli_serve_refuses_a_plain_model(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "plain")]) == 2
     err = capsys.readouterr().err
     assert "elastic checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_think_budget_request_field(server):
+    """think small, answer big through the API: the response equals generate_think_answer's tokens."""
+    from elasticlm.generate import generate_think_answer
+
+    url, engine, path = server
+    model, tok = engine.model, engine.tokenizer
+    ids = tok.encode(PROMPTS[0]).ids
+    small = model.budgets["0.45"]
+    trace = model.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=10)[0, len(ids):].tolist()
+    stop = tok.decode(trace[2:4])  # text the small budget certainly writes: the switch point
+    want_ids = generate_think_answer(model, [ids], switch_ids=tok.encode(stop).ids, think=small,
+                                     answer=model.budgets["1.0"], max_new_tokens=10,
+                                     eos_token_id=model.config.eos_token_id)[0]
+    eos = model.config.eos_token_id
+    want = tok.decode([t for t in want_ids if t != eos])
+    r = client(url).completions.create(model="tiny@1.0", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                       extra_body={"think_budget": "0.45", "think_stop": stop})
+    assert r.choices[0].text == want and r.model == "tiny@0.45→1.0"
+    with pytest.raises(openai.NotFoundError, match="unknown budget"):
+        client(url).completions.create(model="tiny@1.0", prompt="x", max_tokens=2, extra_body={"think_budget": "0.3"})
+
+
+def test_cli_generate_think_budget(server, capsys):
+    from elasticlm.cli import main
+    from elasticlm.generate import generate_think_answer
+
+    _, engine, path = server
+    model, tok = engine.model, engine.tokenizer
+    ids = tok.encode("Q: 4+4").ids
+    trace = model.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=8)[0, len(ids):].tolist()
+    stop = tok.decode(trace[1:3])
+    want = generate_think_answer(model, [ids], switch_ids=tok.encode(stop).ids, think=model.budgets["0.45"],
+                                 answer=model.budgets["0.7"], max_new_tokens=8, eos_token_id=None)[0]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--prompt", "Q: 4+4", "--budget", "0.7", "--think-budget",
+                 "0.45", "--switch", stop, "--max-new-tokens", "8", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(want)

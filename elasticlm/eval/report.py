@@ -87,7 +87,8 @@ class Point:
 
 @torch.no_grad()
 def evaluate_model(model: HybridLM, tokenizer: Any, subnet: Subnet | None, *, families: Iterable[str],
-                   levels: Iterable[str], n: int, val_batches: list[Any] | None) -> tuple[float | None, dict]:
+                   levels: Iterable[str], n: int, val_batches: list[Any] | None,
+                   think: Subnet | None = None) -> tuple[float | None, dict]:
     """Validation loss on ``val_batches`` (None: not measured) and accuracy per level and family."""
     from ..elastic.prune import subnet_loss
 
@@ -96,7 +97,7 @@ def evaluate_model(model: HybridLM, tokenizer: Any, subnet: Subnet | None, *, fa
     try:
         loss = None if val_batches is None else subnet_loss(model, subnet, val_batches)
         accuracy = {level: {f: task_accuracy(model, tokenizer, f, synthetic.DIFFICULTY[f][LEVELS.index(level)],
-                                             n, subnet) for f in families}
+                                             n, subnet, think=think) for f in families}
                     for level in levels}
     finally:
         model.train(was)
@@ -217,6 +218,7 @@ class Entry:
     tokenizer: Any
     subnet: Subnet | None = None
     source: str = ""
+    think: Subnet | None = None  # think small, answer big: the Subnet that writes the trace
 
 
 def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels: tuple[str, ...], n: int,
@@ -241,7 +243,7 @@ def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels:
                                                         val_samples, seq_len, batch_size, "val", True))
             val = batches[key]
         loss, acc = evaluate_model(e.model, e.tokenizer, e.subnet, families=families, levels=levels, n=n,
-                                   val_batches=val)
+                                   val_batches=val if e.think is None else None, think=e.think)
         point = Point(e.series, e.budget, e.model.num_parameters(e.subnet), loss, acc, e.source)
         points.append(point)
         mean = point.mean_accuracy(levels[0]) if families else None

@@ -14,15 +14,17 @@ import torch
 
 from ..config import Subnet
 from ..data import synthetic
-from ..generate import generate
+from ..generate import generate, generate_think_answer
 from ..model.hybrid import HybridLM
 
 
 @torch.no_grad()
 def task_accuracy(model: HybridLM, tokenizer: Any, family: str, difficulty: int | None = None, n: int = 50,
-                  subnet: Subnet | None = None, seed: int = 0, max_batch: int = 64) -> float:
+                  subnet: Subnet | None = None, seed: int = 0, max_batch: int = 64,
+                  think: Subnet | None = None) -> float:
     """Fraction of ``n`` held-out ``family`` examples at ``difficulty`` (default: the family's
-    default difficulty) whose generated answer matches exactly."""
+    default difficulty) whose generated answer matches exactly. ``think``: the trace is written by this
+    Subnet and the answer (from the ``A:`` marker on) by ``subnet`` (think small, answer big)."""
     difficulty = difficulty or synthetic.DIFFICULTY[family][0]
     examples = synthetic.eval_set(family, difficulty, n, seed)
     device = model.embeddings.weight.device
@@ -36,14 +38,26 @@ def task_accuracy(model: HybridLM, tokenizer: Any, family: str, difficulty: int 
         for start in range(0, len(items), max_batch):
             chunk = items[start:start + max_batch]
             budget = max(len(tokenizer.encode(ex.text).ids) - len(ids_) for ids_, ex in chunk) + 8
-            prompt = torch.tensor([ids for ids, _ in chunk], device=device)
-            out = generate(model, prompt, max_new_tokens=budget, eos_token_id=eos, subnet=subnet)
-            for row, (ids, ex) in zip(out.tolist(), chunk, strict=True):
-                new = row[len(ids):]
+            if think is not None:
+                news = generate_think_answer(model, [ids for ids, _ in chunk], switch_ids=answer_marker(tokenizer),
+                                             think=think, answer=subnet, max_new_tokens=budget, eos_token_id=eos)
+            else:
+                prompt = torch.tensor([ids for ids, _ in chunk], device=device)
+                out = generate(model, prompt, max_new_tokens=budget, eos_token_id=eos, subnet=subnet)
+                news = [row[len(ids):] for row, (ids, _) in zip(out.tolist(), chunk, strict=True)]
+            for new, (_, ex) in zip(news, chunk, strict=True):
                 if eos is not None and eos in new:
                     new = new[: new.index(eos)]
                 correct += synthetic.extract_answer(tokenizer.decode(new)) == ex.answer
     return correct / len(examples)
+
+
+def answer_marker(tokenizer: Any) -> list[int]:
+    """The token ids of the synthetic tasks' answer marker (a new line, then ``A:``): where thinking ends."""
+    return tokenizer.encode(ANSWER_MARKER).ids
+
+
+ANSWER_MARKER = "\nA:"
 
 
 def task_table(model: HybridLM, tokenizer: Any, n: int = 50, hard: bool = True,
