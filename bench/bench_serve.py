@@ -68,6 +68,33 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, te
             "served": {b: served.count(b) for b in sorted(set(served))}}
 
 
+def step_seconds(model, subnet, rows: int, repeats: int = 20) -> float:
+    """Median time of one decode step of ``rows`` sequences at ``subnet``."""
+    from elasticlm.generate import DecodeBatch, Request
+
+    batch = DecodeBatch(model, subnet)
+    batch.add([Request([1, 2, 3, 4], 10_000) for _ in range(rows)])
+    batch.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        batch.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def grouped_vs_mixed(model, order: list[str]) -> list[dict]:
+    """One decode step for ``rows`` sequences of every budget: grouped (a step per budget, as the server does)
+    against the least a mixed batch could cost (every row at the full budget's widths, one step)."""
+    out = []
+    for rows in (1, 4, 16):
+        grouped = sum(step_seconds(model, model.budgets[b], rows) for b in order)
+        mixed = step_seconds(model, model.budgets[order[-1]], rows * len(order))
+        out.append({"rows_per_budget": rows, "grouped_s": grouped, "mixed_lower_bound_s": mixed,
+                    "mixed_over_grouped": mixed / grouped})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="elastic checkpoint to serve (default: a fresh `elasticlm demo --quick`)")
@@ -75,6 +102,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "serve.json"))
+    ap.add_argument("--steps-only", action="store_true", help="only the grouped vs mixed step timing")
     args = ap.parse_args()
 
     import torch
@@ -96,7 +124,15 @@ def main() -> None:
     order = sorted(model.budgets, key=lambda b: model.budget_targets[b])
     result: dict = {"command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]), "checkpoint": str(path),
                     "budgets": order, "runs": []}
-    print(f"serving {path} (budgets {', '.join(order)}); {args.clients} clients × {args.seconds:.0f} s, "
+    result["grouped_vs_mixed"] = grouped_vs_mixed(model, order)
+    print("one decode step, rows of every budget: grouped by budget vs one mixed batch at full width (its least cost)")
+    print("\n| rows per budget | grouped ms | mixed ms (lower bound) | mixed / grouped |\n|---|---|---|---|")
+    for r in result["grouped_vs_mixed"]:
+        print(f"| {r['rows_per_budget']} | {1e3 * r['grouped_s']:.2f} | {1e3 * r['mixed_lower_bound_s']:.2f} | "
+              f"{r['mixed_over_grouped']:.2f} |")
+    if args.steps_only:
+        return
+    print(f"\nserving {path} (budgets {', '.join(order)}); {args.clients} clients × {args.seconds:.0f} s, "
           f"{args.max_tokens} new tokens per request")
     print("\n| mode | model | clients | requests | tok/s | p50 s | p95 s |\n|---|---|---|---|---|---|---|")
     for mode, max_batch in (("batched", 32), ("one at a time", 1)):
