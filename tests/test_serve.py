@@ -260,3 +260,16 @@ def test_cli_generate_think_budget(server, capsys):
     assert main(["generate", "--model", str(path), "--prompt", "Q: 4+4", "--budget", "0.7", "--think-budget",
                  "0.45", "--switch", stop, "--max-new-tokens", "8", "--ignore-eos"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(want)
+
+
+def test_chat_prompt_uses_the_tokenizers_template_when_it_has_one(tmp_path):
+    from elasticlm.serve import RequestError, chat_prompt
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert chat_prompt(msgs, None) == "system: be brief\nuser: hi\nassistant:"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    assert chat_prompt(msgs, tmp_path) == "<|system|>be brief\n<|user|>hi\n<|assistant|>"
+    with pytest.raises(RequestError, match="each message"):
+        chat_prompt([{"role": "user"}], None)
