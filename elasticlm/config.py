@@ -149,6 +149,21 @@ class ModelConfig:
         if self.depth_order is not None and sorted(self.depth_order) != list(range(self.num_layers)):
             raise ConfigError(f"depth_order must be a permutation of range({self.num_layers})")
 
+    def drop_order(self, keep_attention: bool = True) -> list[int] | None:
+        """The order in which layers are dropped: ``depth_order`` (least important first), with the most
+        important attention layer moved last when ``keep_attention`` — so a sub-model keeps an attention layer
+        as long as it keeps any layer after it. Inference engines need one: transformers' and vLLM's hybrid
+        caches fail on an attention-free NemotronH.
+
+        >>> ModelConfig(pattern="M*M*", vocab_size=8, hidden_size=8, depth_order=[1, 3, 0, 2]).drop_order()
+        [1, 0, 2, 3]
+        """
+        order = self.depth_order
+        if order is None or not keep_attention or ATTENTION not in self.pattern:
+            return None if order is None else list(order)
+        keep = [i for i in order if self.pattern[i] == ATTENTION][-1]
+        return [i for i in order if i != keep] + [keep]
+
     # -- per-layer views --------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

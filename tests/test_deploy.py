@@ -15,7 +15,7 @@ from conftest import max_rel, randomize_, tiny_config
 import elasticlm
 from elasticlm import ConfigError
 from elasticlm.cli import main
-from elasticlm.config import count_parameters
+from elasticlm.config import Subnet, count_parameters
 from elasticlm.elastic.router import Router
 from elasticlm.elastic.space import ElasticConfig, ElasticSpace
 from elasticlm.model.hybrid import HybridLM
@@ -182,3 +182,30 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".all")]
     with pytest.raises(ConfigError, match="no budgets"):
         elasticlm.load(plain).budget_subnet("0.5")
+
+
+@pytest.mark.parametrize("keep_attention", [True, False])
+def test_depth_keeps_the_last_attention_layer_so_transformers_can_generate(tmp_path, keep_attention):
+    """The parent's only attention layer is the least important one: the shallowest depth choice would drop
+    it. With elastic.keep_attention (the default) the budget keeps it, and the exported model generates in
+    transformers token-identically; without, the budget is attention-free."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config("M-M*M-M-", hidden=48, vocab_size=260)
+    attention = cfg.pattern.index("*")
+    cfg.depth_order = [attention] + [i for i in range(cfg.num_layers) if i != attention]
+    model = randomize_(HybridLM(cfg), seed=5).eval()
+    space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0], depth=[1.0, 0.5], keep_attention=keep_attention))
+    dropped = space.dropped_layers(cfg.num_layers // 2)
+    assert (attention in dropped) is not keep_attention and len(dropped) == cfg.num_layers // 2
+    if not keep_attention:
+        return
+    subnet = Subnet.uniform(cfg, drop_layers=tuple(dropped))
+    small = elasticlm.extract(model, subnet)
+    assert "*" in small.config.pattern
+    save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
+    elasticlm.save(small, tmp_path / "hf", "hf", tokenizer_dir=tmp_path / "tok")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 260, (1, 9))
+    ours = elasticlm.generate(small, ids, max_new_tokens=8)
+    theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()

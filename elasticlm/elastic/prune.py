@@ -78,8 +78,9 @@ def _solve(config: ModelConfig, make: Callable[[int], Subnet], lo: int, hi: int,
     return (subnet, n, v) if abs(n - budget) <= TOLERANCE * budget else None
 
 
-def candidates(config: ModelConfig, budget: int) -> list[Candidate]:
-    """Every homogeneous architecture on the grid whose parameter count is within 1 % of ``budget``."""
+def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) -> list[Candidate]:
+    """Every homogeneous architecture on the grid whose parameter count is within 1 % of ``budget`` (layers
+    dropped in :meth:`ModelConfig.drop_order`: the last attention layer stays unless ``keep_attention`` is off)."""
     mamba = config.count("M") > 0
     attention = config.count("*") > 0
     fill_ffn = config.count(MLP) > 0
@@ -90,7 +91,7 @@ def candidates(config: ModelConfig, budget: int) -> list[Candidate]:
     ffn = config.intermediate_sizes_list()[0] if fill_ffn else 1
     if not config.is_homogeneous:
         raise ConfigError("pruning searches homogeneous architectures; the parent has per-layer widths")
-    order = config.depth_order
+    order = config.drop_order(keep_attention)
     drops = [0] if order is None else list(range(int(MAX_DEPTH_DROP * config.num_layers) + 1))
     out: list[Candidate] = []
     axes = itertools.product(

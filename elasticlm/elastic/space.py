@@ -124,6 +124,9 @@ class ElasticConfig:
     ffn: list[Any] | None = None
     depth: list[Any] | None = None  # layers kept
     heterogeneous: list[str] = field(default_factory=list)
+    # Depth never drops the last attention layer while other layers remain (inference engines' hybrid caches
+    # need one; see ModelConfig.drop_order). false: follow the importance order only.
+    keep_attention: bool = True
     # router (DESIGN 2.4)
     router_mode: str = "hard"  # hard: sliced execution + straight-through gates; soft: nested mask staircase
     router_hidden: int = 256
@@ -208,6 +211,7 @@ class ElasticSpace:
     axes: tuple[Axis, ...]
     target: str = "params"
     memory: tuple[tuple[str, Any], ...] = ()  # context, batch, dtype for target = memory
+    keep_attention: bool = True  # see ElasticConfig.keep_attention
 
     @classmethod
     def build(cls, config: ModelConfig, ec: ElasticConfig) -> ElasticSpace:
@@ -218,7 +222,7 @@ class ElasticSpace:
             if axis is not None:
                 axes.append(axis)
         memory = (("context", ec.memory_context), ("batch", ec.memory_batch), ("dtype", ec.memory_dtype))
-        space = cls(config, (), (), tuple(axes), ec.target, memory)
+        space = cls(config, (), (), tuple(axes), ec.target, memory, ec.keep_attention)
         parent = space.cost_of(Subnet.full(config))
         labels, targets = [], []
         for b in ec.budgets:
@@ -272,12 +276,14 @@ class ElasticSpace:
         return Subnet(hidden, tuple(layers))
 
     def dropped_layers(self, kept: int) -> list[int]:
-        """The layers removed when ``kept`` layers run: the first of the parent's depth order."""
+        """The layers removed when ``kept`` layers run: the first of the parent's drop order
+        (:meth:`ModelConfig.drop_order`)."""
         drop = self.config.num_layers - kept
         if drop == 0:
             return []
-        assert self.config.depth_order is not None
-        return list(self.config.depth_order[:drop])
+        order = self.config.drop_order(self.keep_attention)
+        assert order is not None
+        return order[:drop]
 
     def cost_of(self, subnet: Subnet) -> float:
         """The router's resource for ``subnet``: parameters, or deployment bytes."""
