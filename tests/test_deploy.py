@@ -3,6 +3,7 @@ Hugging Face export of a budget, info per budget, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -209,3 +210,19 @@ def test_depth_keeps_the_last_attention_layer_so_transformers_can_generate(tmp_p
     ours = elasticlm.generate(small, ids, max_new_tokens=8)
     theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours.tolist() == theirs.tolist()
+
+
+def test_hf_config_carries_the_names_engines_read_and_reads_per_layer_lists(tmp_path):
+    from elasticlm.model.hf import config_from_hf, config_to_hf
+
+    cfg = tiny_config("M*-M*-", hidden=48, vocab_size=260)
+    out = config_to_hf(cfg)
+    assert out["mamba_n_groups"] == out["n_groups"] == cfg.mamba_n_groups
+    assert out["mamba_d_head"] == out["mamba_head_dim"] and out["hybrid_override_pattern"] == cfg.pattern
+    assert config_from_hf(out) == dataclasses.replace(cfg, depth_order=None)
+    # per-layer widths as engines write them: one value per layer (0 where the layer has no such part)
+    per_layer = dict(out, num_attention_heads=[0, 4, 0, 0, 2, 0], intermediate_size=[0, 0, 48, 0, 0, 24])
+    back = config_from_hf(per_layer)
+    assert back.attention_heads_list() == [4, 2] and back.intermediate_sizes_list() == [48, 24]
+    with pytest.raises(ConfigError, match="num_attention_heads lists 3 values"):
+        config_from_hf(dict(out, num_attention_heads=[4, 2, 2]))

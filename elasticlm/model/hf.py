@@ -48,6 +48,24 @@ def _pattern(cfg: dict[str, Any]) -> str:
     return pattern
 
 
+def _per_kind(value: Any, pattern: str, kind: str, name: str) -> Any:
+    """A width that may be one int, a list per layer of ``kind``, or a list over all layers (engines' per-layer
+    configs): as ModelConfig takes it (an int, or a list per layer of that kind).
+
+    >>> _per_kind([0, 4, 0, 2], "M*M*", "*", "num_attention_heads"), _per_kind(8, "M*", "*", "x")
+    ([4, 2], 8)
+    """
+    if not isinstance(value, list):
+        return value
+    layers = [i for i, k in enumerate(pattern) if k == kind]
+    if len(value) == len(pattern) and len(layers) != len(pattern):
+        value = [value[i] for i in layers]
+    if len(value) != len(layers):
+        raise ConfigError(f"NemotronH {name} lists {len(value)} values; expected one per layer "
+                          f"({len(pattern)}) or one per {kind!r} layer ({len(layers)})")
+    return value[0] if value and all(v == value[0] for v in value) else value
+
+
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Translate a transformers NemotronH config.json into a ModelConfig."""
     for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
@@ -67,12 +85,13 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         return default
 
     hidden = get("hidden_size")
-    n_heads = get("num_attention_heads")
+    pattern = _pattern(cfg)
+    n_heads = _per_kind(get("num_attention_heads"), pattern, "*", "num_attention_heads")
     eos = cfg.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     return ModelConfig(
-        pattern=_pattern(cfg),
+        pattern=pattern,
         vocab_size=get("vocab_size"),
         hidden_size=hidden,
         mamba_num_heads=get("mamba_num_heads"),
@@ -84,9 +103,10 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         time_step_min=float(get("time_step_min", "mamba_dt_min", default=1e-3)),
         time_step_max=float(get("time_step_max", "mamba_dt_max", default=0.1)),
         num_attention_heads=n_heads,
-        num_key_value_heads=get("num_key_value_heads", default=n_heads),
-        attention_head_dim=get("head_dim", "attention_head_dim", default=hidden // n_heads),
-        intermediate_size=get("intermediate_size"),
+        num_key_value_heads=get("num_key_value_heads", default=n_heads if isinstance(n_heads, int) else None),
+        attention_head_dim=get("head_dim", "attention_head_dim",
+                               default=hidden // n_heads if isinstance(n_heads, int) else None),
+        intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
         norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         use_bias=bool(cfg.get("use_bias", False)),
@@ -137,6 +157,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "mamba_num_heads": heads,
         "mamba_head_dim": head_dim,
         "n_groups": config.mamba_n_groups,
+        "mamba_n_groups": config.mamba_n_groups,  # the name NVIDIA's configs and SGLang's parser use
+        "mamba_d_head": head_dim,  # the name llama.cpp's converter reads
         "ssm_state_size": config.ssm_state_size,
         "conv_kernel": config.conv_kernel,
         "chunk_size": config.chunk_size,
