@@ -147,6 +147,8 @@ def _lock(real: Path, given: Path) -> Iterator[None]:
         who = f"pid {owner[1]} on {owner[0]}" if len(owner) == 2 else "another process"
         raise OutputError(f"{given} is being written by {who} (lock {lock}); wait for it or choose another "
                           "path") from None
+    except OSError as exc:  # read-only, full, no permission: said like any other write
+        raise io_error(given, exc) from None
     try:
         os.write(fd, f"{_host()} {os.getpid()}\n".encode())
         os.close(fd)
