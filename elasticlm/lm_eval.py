@@ -1,0 +1,141 @@
+"""lm-eval on nested budgets: a budget of an elastic checkpoint evaluated on the shared weights, without
+extracting it.
+
+    python -m elasticlm.lm_eval --model elasticlm --model_args checkpoint=runs/demo/elastic/final,budget=0.5 \\
+        --tasks TASKS [any other lm_eval option]
+
+Importing this module registers the model name ``elasticlm`` with lm-eval (0.4.x has no plugin discovery, so
+``python -m elasticlm.lm_eval`` is lm-eval's own command line with the model registered first). Model args:
+``checkpoint`` (a native or NemotronH directory, elastic or not), ``budget`` (a trained budget; default: the
+full model), ``device``, ``batch_size``, ``max_length`` (the longest window scored at once).
+
+Log-likelihoods of a batch are computed on right-padded rows (causal layers, so padding after a row cannot
+change it); rolling log-likelihoods use lm-eval's disjoint windows with EOS — the token training puts between
+documents — as the prefix, not an untrained BOS; generation decodes greedily in ragged batches
+(:class:`~elasticlm.generate.DecodeBatch`) and cuts at the first stop string.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError("elasticlm.lm_eval needs lm-eval: pip install lm-eval") from exc
+
+from .checkpoint import load
+from .errors import ConfigError
+from .generate import DecodeBatch, Request
+from .runtime import resolve_device
+from .tokenizer import load_tokenizer
+
+
+@register_model("elasticlm")
+class ElasticLMHarness(LM):
+    """lm-eval's ``LM`` over one budget of an elasticlm checkpoint."""
+
+    def __init__(self, checkpoint: str, budget: str | None = None, device: str = "cpu", batch_size: int | str = 8,
+                 max_length: int | str = 2048, **_: Any) -> None:
+        super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default is cuda:0
+            device = "cpu"
+        self.model = load(checkpoint, device=resolve_device(str(device)), serving=True)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.subnet = None
+        if budget is not None and str(budget) not in ("", "1.0", "full"):
+            from .elastic.deploy import select_budgets
+
+            self.subnet = self.model.budgets[select_budgets(self.model, str(budget))[0]]
+        self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
+        self.max_length = int(max_length)
+        self.eos = self.model.config.eos_token_id
+        if self.eos is None:
+            raise ConfigError(f"{checkpoint}: the model has no eos_token_id (the prefix of empty contexts)")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    @torch.inference_mode()
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-probability of ``cont`` after ``ctx``, whether greedy decoding would write it) per pair."""
+        out = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            rows = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in chunk]
+            longest = max(len(r) for r in rows) - 1
+            ids = torch.zeros(len(rows), longest, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r) - 1] = torch.tensor(r[:-1])
+            logp = F.log_softmax(self.model(ids.to(self.model.embeddings.weight.device), self.subnet).float(), -1)
+            for i, ((_, cont), r) in enumerate(zip(chunk, rows, strict=True)):
+                n = len(cont)
+                pos = torch.arange(len(r) - 1 - n, len(r) - 1)
+                target = torch.tensor(r[-n:], device=logp.device)
+                row = logp[i, pos]
+                out.append((float(row.gather(-1, target[:, None]).sum()), bool((row.argmax(-1) == target).all())))
+        return out
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for req in requests:
+            context, continuation = req.args
+            # trailing spaces belong to the continuation (how tokenizers attach them), as lm-eval's HF model does
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole, ctx = self._encode(context + continuation), self._encode(context)
+            cont = whole[len(ctx):]
+            pairs.append(([self.eos] if not ctx else ctx, cont))
+        return self._score(pairs)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in requests:
+            (text,) = req.args
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                self._encode(text), prefix_token=self.eos, max_seq_len=self.max_length, context_len=1)]
+            out.append(sum(s for s, _ in self._score(windows)))
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        out: list[str] = [""] * len(requests)
+        for start in range(0, len(requests), self.batch_size):
+            chunk = list(enumerate(requests))[start:start + self.batch_size]
+            rows, stops = [], []
+            for _, req in chunk:
+                context, kwargs = req.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                n = int(kwargs.get("max_gen_toks", 256))
+                ids = self._encode(context)[-(self.max_length - n):] or [self.eos]
+                rows.append(Request(ids, n, eos_token_id=self.eos))
+                stops.append(until)
+            batch = DecodeBatch(self.model, self.subnet)
+            batch.add(rows)
+            while len(batch):
+                batch.step()
+            for (i, _), req, until in zip(chunk, rows, stops, strict=True):
+                tokens = [t for t in req.tokens if t != self.eos]
+                text = self.tokenizer.decode(tokens)
+                cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+                out[i] = text[:cut]
+        return out
+
+
+def main() -> None:
+    """lm-eval's command line, with ``--model elasticlm`` available."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())
+
+
+if __name__ == "__main__":
+    main()

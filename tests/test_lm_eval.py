@@ -1,0 +1,86 @@
+"""lm-eval's model API on a nested budget, against naive computations with the extracted sub-model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import elasticlm  # noqa: E402
+from elasticlm.tokenizer import load_tokenizer  # noqa: E402
+
+
+def req(kind, *args):
+    from lm_eval.api.instance import Instance
+
+    return Instance(kind, {}, args, 0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from test_deploy import elastic_checkpoint
+
+    path = elastic_checkpoint(tmp_path_factory.mktemp("lme"), name="final")
+    model = elasticlm.load(path)
+    return path, elasticlm.extract(model, model.budgets["0.7"]).eval(), load_tokenizer(path)
+
+
+def harness(path, max_length):
+    from elasticlm.lm_eval import ElasticLMHarness
+
+    return ElasticLMHarness(checkpoint=str(path), budget="0.7", batch_size="3", max_length=str(max_length))
+
+
+def naive_logprob(model, ids: list[int], start: int) -> tuple[float, bool]:
+    """Σ log p(ids[t] | ids[:t]) for t >= start, one position at a time, and whether each is the argmax."""
+    total, greedy = 0.0, True
+    with torch.no_grad():
+        for t in range(start, len(ids)):
+            logits = model(torch.tensor([ids[:t]]))[0, -1]
+            total += torch.log_softmax(logits, -1)[ids[t]].item()
+            greedy &= int(logits.argmax()) == ids[t]
+    return total, greedy
+
+
+def test_loglikelihood_equals_the_extracted_budget(setup):
+    path, small, tok = setup
+    pairs = [("Q: 1+2", " A: 3"), ("hello", " world"), ("", "x y z"), ("a long context with words ", "end")]
+    for max_length in (64, 16):  # 16: the longest pair is cut to its last 17 tokens, as lm-eval's HF model does
+        got = harness(path, max_length).loglikelihood([req("loglikelihood", c, x) for c, x in pairs])
+        for (context, cont), (lp, greedy) in zip(pairs, got, strict=True):
+            if context.endswith(" "):  # the space moves to the continuation
+                context, cont = context[:-1], " " + cont
+            ctx = tok.encode(context).ids or [small.config.eos_token_id]
+            cont_ids = tok.encode(context + cont).ids[len(tok.encode(context).ids):]
+            ids = (ctx + cont_ids)[-(max_length + 1):]
+            want, want_greedy = naive_logprob(small, ids, len(ids) - len(cont_ids))
+            assert lp == pytest.approx(want, rel=1e-4, abs=1e-4) and greedy == want_greedy
+
+
+def test_rolling_loglikelihood_scores_every_token_once_after_an_eos_prefix(setup):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    path, small, tok = setup
+    text = "a text longer than one window of twenty-four tokens, scored in disjoint windows"
+    (got,) = harness(path, 24).loglikelihood_rolling([req("loglikelihood_rolling", text)])
+    ids = tok.encode(text).ids
+    eos = small.config.eos_token_id
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, eos, 24, 1)]
+    assert len(windows) > 1 and [t for _, cont in windows for t in cont] == ids and windows[0][0] == [eos]
+    want = sum(naive_logprob(small, ctx + cont, len(ctx))[0] for ctx, cont in windows)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_generate_until_equals_elasticlm_generate_cut_at_the_stop(setup):
+    path, small, tok = setup
+    prompts = ["Q: 1+2", "x", "a somewhat longer prompt"]
+    reqs = [req("generate_until", p, {"until": ["\n\n", "7"], "max_gen_toks": 12}) for p in prompts]
+    got = harness(path, 64).generate_until(reqs)
+    eos = small.config.eos_token_id
+    for p, text in zip(prompts, got, strict=True):
+        ids = tok.encode(p).ids
+        out = elasticlm.generate(small, torch.tensor([ids]), max_new_tokens=12, eos_token_id=eos)[0, len(ids):].tolist()
+        want = tok.decode([t for t in out if t != eos])
+        cut = min((want.find(s) for s in ("\n\n", "7") if s in want), default=len(want))
+        assert text == want[:cut]
