@@ -378,6 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError:
         raise ConfigError("`elasticlm serve` needs FastAPI and uvicorn: pip install 'elasticlm[serve]'") from None
+    _check_listen(args.host, args.port)  # before loading and measuring anything
     engine, path = load_engine(args.checkpoint, args.device, max_batch=args.max_batch,
                                target_latency_ms=args.target_latency_ms, max_context=args.max_context)
     app = build_app(engine, path)
@@ -388,6 +389,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
+
+
+def _check_listen(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or "
+                          "--host") from None
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -690,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Needs `pip install 'elasticlm[serve]'`.")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    p.add_argument("--port", type=_count(0), default=8000, help="TCP port")
+    p.add_argument("--port", type=_count(0, 65535), default=8000, help="TCP port")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--max-batch", type=_count(1), default=32, help="most sequences decoding together per budget")
     p.add_argument("--max-context", type=_count(2), default=4096, help="most prompt + generated tokens per request")
@@ -790,8 +803,8 @@ def _utf8(text: str, option: str) -> str:
         raise ConfigError(f"{option} cannot be encoded as UTF-8 ({exc.reason})") from None
 
 
-def _count(low: int) -> Any:
-    """An argparse type: an integer >= ``low``."""
+def _count(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer >= ``low`` (and <= ``high``)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -799,6 +812,8 @@ def _count(low: int) -> Any:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
     return parse
 

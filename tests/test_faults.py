@@ -324,6 +324,7 @@ def test_train_out_that_is_a_file(w, capsys):
     (["importance", "--model", "M", "--out", "o", "--seq-len", "-5"], "at least 1"),
     (["plan", "--config", "C", "--gpus", "two"], "expected an integer"),
     (["nonsense"], "invalid choice"),
+    (["serve", "--checkpoint", "M", "--port", "99999"], "at most 65535"),
 ])
 def test_cli_numbers_are_checked(w, args, needle, capsys):
     args = [str(w / "model") if a == "M" else str(w / "run.json") if a == "C" else a for a in args]

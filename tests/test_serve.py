@@ -218,9 +218,18 @@ def test_cli_serve_refuses_a_plain_model(tmp_path, capsys):
 
     assert main(["init", str(tmp_path / "plain"), "--preset", "tiny"]) == 0
     capsys.readouterr()
-    assert main(["serve", "--checkpoint", str(tmp_path / "plain")]) == 2
+    assert main(["serve", "--checkpoint", str(tmp_path / "plain"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "elastic checkpoint" in err and len(err.strip().splitlines()) == 1
+    import socket
+
+    with socket.socket() as busy:  # a port another process listens on: one line, before loading anything
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tmp_path / "plain"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on" in err and len(err.strip().splitlines()) == 1
 
 
 def test_think_budget_request_field(server):
