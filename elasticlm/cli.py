@@ -793,14 +793,16 @@ def _utf8(text: str, option: str) -> str:
     try:
         text.encode("utf-8")
         return text
-    except UnicodeEncodeError as exc:
+    except UnicodeEncodeError:
+        pass
+    try:
         raw = text.encode("utf-8", "surrogateescape")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            raise ConfigError(f"{option} is not valid UTF-8 (byte 0x{raw[bad.start]:02x} at offset {bad.start}); "
-                              "pass UTF-8 text, or token ids with --prompt-ids") from None
-        raise ConfigError(f"{option} cannot be encoded as UTF-8 ({exc.reason})") from None
+        return raw.decode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate that is no escaped byte
+        raise ConfigError(f"{option} cannot be encoded as UTF-8 ({exc.reason} at offset {exc.start})") from None
+    except UnicodeDecodeError as bad:
+        raise ConfigError(f"{option} is not valid UTF-8 (byte 0x{raw[bad.start]:02x} at offset {bad.start}); "
+                          "pass UTF-8 text, or token ids with --prompt-ids") from None
 
 
 def _count(low: int, high: int | None = None) -> Any:

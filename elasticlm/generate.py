@@ -147,7 +147,7 @@ class DecodeBatch:
             self.cache.merge(cache)
             self.logits = torch.cat([self.logits, logits])
         self.rows.extend(requests)
-        self._drop([r for r in requests if r.max_new_tokens == 0], "length")
+        self.drop([r for r in requests if r.max_new_tokens == 0], "length")
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
@@ -178,7 +178,8 @@ class DecodeBatch:
             self.logits = self.model(nxt[:, None], subnet=self.subnet, cache=self.cache)[:, -1]
         return out
 
-    def _drop(self, requests: list[Request], reason: str) -> None:
+    def drop(self, requests: list[Request], reason: str) -> None:
+        """End ``requests`` now (e.g. their client left) and free their rows."""
         for r in requests:
             r.finished = reason
         if requests:

@@ -170,10 +170,8 @@ class Engine:
         batch, jobs = self.batches[b], self.jobs[b]
         gone = [j for j in jobs if j.cancelled]
         if gone:  # clients that left: free their rows
-            for j in gone:
-                j.request.finished = "cancelled"
-                self.metrics.cancel(b)
-            batch._keep([i for i, r in enumerate(batch.rows) if not r.finished])
+            self.metrics.cancel(b, len(gone))
+            batch.drop([j.request for j in gone], "cancelled")
             self.jobs[b] = jobs = [j for j in jobs if not j.cancelled]
             if not jobs:
                 return
@@ -247,9 +245,13 @@ class Metrics:
         self.cancelled = dict.fromkeys(budgets, 0)
         self.errors = 0
 
-    def cancel(self, budget: str) -> None:
+    def bad_request(self) -> None:
         with self.lock:
-            self.cancelled[budget] += 1
+            self.errors += 1
+
+    def cancel(self, budget: str, n: int = 1) -> None:
+        with self.lock:
+            self.cancelled[budget] += n
 
     def submitted(self, budget: str) -> None:
         with self.lock:
@@ -451,7 +453,7 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
     app = FastAPI(title="elasticlm", description="every budget of one elastic checkpoint")
 
     def error(exc: RequestError) -> Any:
-        engine.metrics.errors += 1
+        engine.metrics.bad_request()
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         return JSONResponse({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": None}},
                             status_code=exc.status)

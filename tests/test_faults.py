@@ -334,6 +334,7 @@ def test_cli_numbers_are_checked(w, args, needle, capsys):
 def test_prompt_with_invalid_utf8_is_refused_clearly(w, capsys):
     bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 byte in argv
     refused(w, ["generate", "--model", str(w / "model"), "--prompt", bad], capsys, "not valid UTF-8")
+    refused(w, ["generate", "--model", str(w / "model"), "--prompt", "a\ud800b"], capsys, "cannot be encoded")
 
 
 @pytest.mark.parametrize("patch,needle", [

@@ -165,13 +165,18 @@ def routing_metadata(space: ElasticSpace, router: Router, context: int = 4096) -
             "budgets": budgets}
 
 
+def write_routing(directory: Path, space: ElasticSpace, router: Router) -> None:
+    """``elastic.json``: the routing metadata of :func:`routing_metadata`."""
+    (directory / ELASTIC).write_text(json.dumps(routing_metadata(space, router), indent=2) + "\n")
+
+
 def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticSpace, tok_dir: Path) -> None:
     """An elastic model directory: a loadable model + ``router.safetensors`` + ``elastic.json`` (routing
     metadata) — what `extract`, `serve` and `eval` read."""
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(student.model, tmp, tokenizer_dir=tok_dir)
         save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
-        (tmp / ELASTIC).write_text(json.dumps(routing_metadata(space, student.router), indent=2) + "\n")
+        write_routing(tmp, space, student.router)
 
 
 # -- the objective -------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ class ElasticDistillation(Objective):
                          self.run.train.document_masking, self.amp, self.tok if synthetic else None, self.run.eval.n)
 
     def write_files(self, directory: Path) -> None:
-        (directory / ELASTIC).write_text(json.dumps(routing_metadata(self.space, self.router), indent=2) + "\n")
+        write_routing(directory, self.space, self.router)
 
     def finish(self, out: Path, dist: Distributed) -> None:
         full = gathered(self.model, self.sharded)
