@@ -28,6 +28,7 @@ from .errors import CheckpointError, ConfigError
 from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_nemotron_h, name_from_hf, resolve_tied_head
 from .model.hybrid import HybridLM
 from .outputs import atomic_file, atomic_output, resolve_output
+from .tokenizer import copy_tokenizer_config
 
 NATIVE_FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -200,40 +201,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
          tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
-         extra_config: dict[str, Any] | None = None, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``model`` to ``path`` as ``"native"`` or ``"hf"`` (NemotronH) safetensors + JSON.
+         extra_config: dict[str, Any] | None = None, inputs: Iterable[str | os.PathLike] = (),
+         gguf_type: str = "auto") -> Path:
+    """Write ``model`` to ``path`` as ``"native"`` or ``"hf"`` (NemotronH) safetensors + JSON, or as
+    ``"gguf"`` (one llama.cpp file, ``model.gguf``, in a directory with the tokenizer files).
 
     Tokenizer files are copied from ``tokenizer_dir`` (default: the directory the model was
-    loaded from, if any). ``"hf"`` raises ConfigError for per-layer widths.
+    loaded from, if any). ``"hf"`` and ``"gguf"`` raise ConfigError, before anything is written,
+    for what their readers cannot express.
     """
-    if format not in ("native", "hf"):
-        raise ConfigError(f"unknown checkpoint format {format!r}; use 'native' or 'hf'")
-    if format == "hf":
-        config_to_hf(model.config)  # raises before anything is written
     source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
+    check_format(model.config, format, source)
     path = Path(path)
     with atomic_directory(path, overwrite, "model", inputs) as tmp:
-        write_model_files(model, tmp, format, tokenizer_dir=source, extra_config=extra_config)
-    model.source_dir = path
+        write_model_files(model, tmp, format, tokenizer_dir=source, extra_config=extra_config, gguf_type=gguf_type)
+    if format != "gguf":
+        model.source_dir = path
     return path
+
+
+def check_format(config: ModelConfig, format: str, tokenizer_dir: str | os.PathLike | None) -> None:
+    """Raise ConfigError if ``config`` cannot be written as ``format``."""
+    if format not in ("native", "hf", "gguf"):
+        raise ConfigError(f"unknown checkpoint format {format!r}; use 'native', 'hf' or 'gguf'")
+    if format == "hf":
+        config_to_hf(config)
+    if format == "gguf":
+        from .model.gguf import gguf_incompatibility, tokenizer_metadata
+
+        reason = gguf_incompatibility(config)
+        if reason:
+            raise ConfigError(f"cannot export to GGUF (llama.cpp nemotron_h): {reason}")
+        if tokenizer_dir is None:
+            raise ConfigError("a GGUF file carries its tokenizer, and this model has none (no tokenizer directory)")
+        tokenizer_metadata(tokenizer_dir, config)
 
 
 def write_model_files(model: HybridLM, directory: Path, format: str = "native", *,
                       tokenizer_dir: str | os.PathLike | None = None,
-                      extra_config: dict[str, Any] | None = None) -> None:
+                      extra_config: dict[str, Any] | None = None, gguf_type: str = "auto") -> None:
     """Write weights, config.json and tokenizer files into an existing directory (not atomic:
-    callers wrap it in :func:`atomic_directory`)."""
+    callers wrap it in :func:`atomic_directory`). ``"gguf"`` writes ``model.gguf`` instead of the
+    weights and config."""
     dtype = model.embeddings.weight.dtype
-    if format == "hf":
-        config = config_to_hf(model.config, dtype)
-        state = hf_state_dict(model)
+    if format == "gguf":
+        from .model.gguf import GGUF_FILE, write_gguf
+
+        if tokenizer_dir is None:
+            raise ConfigError("a GGUF file carries its tokenizer, and this model has none (no tokenizer directory)")
+        write_gguf(model, directory / GGUF_FILE, tokenizer_dir, gguf_type)
     else:
-        config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config.update(extra_config or {})
-    save_file({k: v.cpu() for k, v in state.items()}, directory / WEIGHTS, metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if format == "hf":
+            config = config_to_hf(model.config, dtype)
+            state = hf_state_dict(model)
+        else:
+            config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        config.update(extra_config or {})
+        save_file({k: v.cpu() for k, v in state.items()}, directory / WEIGHTS, metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
+            if name == "tokenizer_config.json" and (Path(tokenizer_dir) / name).is_file():
+                copy_tokenizer_config(Path(tokenizer_dir) / name, directory / name)
+            elif (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, directory / name)

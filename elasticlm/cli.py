@@ -120,10 +120,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
     check_output_path(args.out, args.force, "extract", [args.checkpoint])
     model = load(args.checkpoint)
     labels = select_budgets(model, args.budget)
-    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint]):
+    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint],
+                                            gguf_type=args.gguf_type):
         n = count_parameters(model.config, model.budgets[label])
-        print(f"budget {label}: {path} ({'Hugging Face NemotronH' if fmt == 'hf' else 'elasticlm native'}, "
-              f"{n:,} parameters)")
+        print(f"budget {label}: {path} ({FORMAT_LABELS[fmt]}, {n:,} parameters)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -198,9 +198,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
         reason = hf_incompatibility(model.config)
         if reason:
             raise ConfigError(f"cannot convert {args.src} to Hugging Face NemotronH: {reason}")
-    save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src])
-    print(f"wrote {args.dst} ({'Hugging Face NemotronH' if args.to == 'hf' else 'elasticlm native'}, "
-          f"{model.num_parameters():,} parameters)")
+    save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src], gguf_type=args.gguf_type)
+    print(f"wrote {args.dst} ({FORMAT_LABELS[args.to]}, {model.num_parameters():,} parameters)")
+
+
+FORMAT_LABELS = {"hf": "Hugging Face NemotronH", "native": "elasticlm native", "gguf": "GGUF for llama.cpp"}
+GGUF_TYPE_HELP = ("GGUF tensor type for the weight matrices: auto keeps the weights' precision; q8_0 needs "
+                  "rows that are a multiple of 32 (others fall back to f16); norms and SSM parameters stay f32")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -579,18 +583,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
     p.add_argument("--budget", required=True, help="a trained budget (0.5, 50%%, 780K) or 'all'")
     p.add_argument("--out", required=True, help="output directory (with 'all': one budget-<label>/ per budget)")
-    p.add_argument("--format", choices=["auto", "hf", "native"], default="auto",
-                   help="auto: Hugging Face NemotronH when the sub-model's layers of a type share widths")
+    p.add_argument("--format", choices=["auto", "hf", "native", "gguf"], default="auto",
+                   help="auto: Hugging Face NemotronH when the sub-model's layers of a type share widths, else "
+                        "native; gguf: one llama.cpp file per budget (per-layer FFN widths allowed)")
+    p.add_argument("--gguf-type", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
+                   help=GGUF_TYPE_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("convert", formatter_class=fmt, help="convert between native and Hugging Face formats",
+    p = sub.add_parser("convert", formatter_class=fmt,
+                       help="convert between native, Hugging Face and GGUF formats",
                        description="Convert a model directory. --to hf writes a NemotronH directory that "
                                    "transformers loads without trust_remote_code (layers of a type must share "
-                                   "their widths); --to native writes elasticlm's format (per-layer widths allowed).")
+                                   "their widths); --to native writes elasticlm's format (per-layer widths allowed); "
+                                   "--to gguf writes model.gguf for llama.cpp (per-layer FFN widths and head counts "
+                                   "allowed, Mamba widths shared by every layer).")
     p.add_argument("src", help="source model directory (native or NemotronH)")
     p.add_argument("dst", help="destination directory (must not exist or be empty, unless --force)")
-    p.add_argument("--to", choices=["hf", "native"], required=True, help="output format")
+    p.add_argument("--to", choices=["hf", "native", "gguf"], required=True,
+                   help="output format (gguf: model.gguf for llama.cpp, with the tokenizer inside)")
+    p.add_argument("--gguf-type", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
+                   help=GGUF_TYPE_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="convert the weights to this dtype")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_convert)

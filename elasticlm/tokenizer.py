@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -43,9 +44,28 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": SPECIAL_TOKENS[0],
-              "bos_token": SPECIAL_TOKENS[1], "eos_token": SPECIAL_TOKENS[2]}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+
+
+# No ``bos_token``: training never puts ``<s>`` in front of a document, and tools that find one
+# use it as the context of the first token (lm-eval's rolling log-likelihood does) -- a token the
+# model never saw there. Without it they fall back to ``</s>``, the document separator it did see.
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": SPECIAL_TOKENS[0],
+                    "eos_token": SPECIAL_TOKENS[2]}
+_OLD_TOKENIZER_CONFIG = {**TOKENIZER_CONFIG, "bos_token": SPECIAL_TOKENS[1]}  # what elasticlm wrote before
+
+
+def copy_tokenizer_config(src: Path, dst: Path) -> None:
+    """Copy a tokenizer_config.json, dropping the untrained ``bos_token`` that earlier versions of
+    elasticlm wrote (a user's own tokenizer config is copied unchanged)."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if data == _OLD_TOKENIZER_CONFIG:
+        dst.write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    else:
+        shutil.copy2(src, dst)
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

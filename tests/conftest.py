@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, Subnet
-from elasticlm.model.hf import _KIND_HF
 
 torch.set_num_threads(2)
+
+# transformers' layer-type names (independent of elasticlm's exporter, which writes the pattern string)
+HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
 
 
 def tiny_config(pattern: str = "M-*M-M*", *, groups: int = 2, heads: int = 8, head_dim: int = 8,
@@ -48,7 +50,7 @@ def hf_twin(config: ModelConfig, seed: int = 0):
     assert config.is_homogeneous
     hc = NemotronHConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        layers_block_type=[_KIND_HF[k] for k in config.pattern],
+        layers_block_type=[HF_LAYER_TYPES[k] for k in config.pattern],
         mamba_num_heads=config.mamba_heads_list()[0] if config.count("M") else 8,
         mamba_head_dim=config.mamba_head_dims_list()[0] if config.count("M") else 8,
         n_groups=config.mamba_n_groups, ssm_state_size=config.ssm_state_size, chunk_size=config.chunk_size,

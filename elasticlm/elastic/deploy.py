@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import atomic_directory, check_output_path, read_routing, write_model_files
+from ..checkpoint import atomic_directory, check_format, check_output_path, read_routing, write_model_files
 from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
 from ..errors import ConfigError
+from ..model.gguf import DT_CLAMP_NOTE, gguf_incompatibility
 from ..model.hf import hf_incompatibility
 from ..model.hybrid import HybridLM
 from .extract import extract
@@ -35,6 +36,11 @@ def select_budgets(model: HybridLM, budget: str) -> list[str]:
 
 def output_format(config: ModelConfig, requested: str, label: str) -> str:
     """``auto``: Hugging Face NemotronH when the sub-model can be one, else native."""
+    if requested == "gguf":
+        reason = gguf_incompatibility(config)
+        if reason:
+            raise ConfigError(f"budget {label} cannot be written as GGUF (llama.cpp nemotron_h): {reason}")
+        return requested
     reason = hf_incompatibility(config)
     if requested == "hf" and reason:
         raise ConfigError(f"budget {label} cannot be written as Hugging Face NemotronH: {reason}")
@@ -53,7 +59,7 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
         f"- parameters: {n:,} ({n / count_parameters(parent.config):.1%} of the parent's "
         f"{count_parameters(parent.config):,})",
         f"- budget: {label} (target {entry.get('target', n):,.0f} {entry.get('target_kind', 'params')})",
-        f"- format: {'Hugging Face NemotronH (transformers, no remote code)' if fmt == 'hf' else 'elasticlm native'}",
+        f"- format: {FORMAT_NAMES[fmt]}",
         f"- made by: `elasticlm extract` (elasticlm {__version__}, {datetime.date.today()}) from the elastic "
         f"checkpoint `{source}`, by slicing the nested sub-model its router chose for this budget; no training "
         "after the elastic run. The weights are the prefixes of the importance-ordered parent's axes.",
@@ -64,15 +70,24 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
     ]
     for i in range(config.num_layers):
         lines.append(f"| {i} | {LAYER_NAMES[config.pattern[i]]} | {config.layer_widths(i)} |")
+    if fmt == "gguf":
+        lines += ["", f"Note for llama.cpp: {DT_CLAMP_NOTE}."]
     return "\n".join(lines) + "\n"
 
 
+FORMAT_NAMES = {"hf": "Hugging Face NemotronH (transformers, no remote code)", "native": "elasticlm native",
+                "gguf": "GGUF for llama.cpp (nemotron_h), model.gguf"}
+
+
 def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",
-                    force: bool = False, inputs: list[str | Path] | None = None) -> list[tuple[str, Path, str]]:
+                    force: bool = False, inputs: list[str | Path] | None = None,
+                    gguf_type: str = "auto") -> list[tuple[str, Path, str]]:
     """Write each budget as a standalone model. One budget: ``out`` is its directory; several:
     ``out/budget-<label>/`` each. Atomic: an interrupted run leaves nothing at ``out``."""
-    if fmt not in ("auto", "hf", "native"):
-        raise ConfigError(f"--format must be auto, hf or native, got {fmt!r}")
+    if fmt not in ("auto", "hf", "native", "gguf"):
+        raise ConfigError(f"--format must be auto, hf, native or gguf, got {fmt!r}")
+    if fmt == "gguf":
+        check_format(model.config, "gguf", model.source_dir)  # the tokenizer, before any slicing
     out = Path(out)
     routing = read_routing(model.source_dir) or {"budgets": []}
     entries = {b["budget"]: b for b in routing["budgets"]}
@@ -89,7 +104,7 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
             target = tmp if len(plans) == 1 else tmp / f"budget-{label}"
             target.mkdir(exist_ok=True)
             small = extract(model, subnet)
-            write_model_files(small, target, f, tokenizer_dir=model.source_dir)
+            write_model_files(small, target, f, tokenizer_dir=model.source_dir, gguf_type=gguf_type)
             (target / "README.md").write_text(model_card(label, entries.get(label, {}), small.config, model, f,
                                                          str(model.source_dir)))
             final = out if len(plans) == 1 else out / f"budget-{label}"

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 _HF_KIND = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
             "mlp": MLP}
-_KIND_HF = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp"}
 _HF_PREFIXES = ("backbone.", "model.")
 
 
@@ -151,7 +150,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "dtype": str(dtype).removeprefix("torch."),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
-        "layers_block_type": [_KIND_HF[k] for k in config.pattern],
+        # Only the pattern string, as NVIDIA's configs carry it: transformers converts it to
+        # layers_block_type itself, and parsers that derive layers_block_type from it (SGLang's)
+        # refuse a config that also sets it.
         "hybrid_override_pattern": config.pattern,
         "num_hidden_layers": config.num_layers,
         "mamba_num_heads": heads,
@@ -253,7 +254,7 @@ def to_transformers(model: HybridLM) -> Any:
 
     dtype = model.embeddings.weight.dtype
     cfg = config_to_hf(model.config, dtype)
-    for k in ("architectures", "model_type", "hybrid_override_pattern", "num_hidden_layers", "dtype"):
+    for k in ("architectures", "model_type", "num_hidden_layers", "dtype"):
         cfg.pop(k)
     hf = NemotronHForCausalLM(NemotronHConfig(**cfg)).to(dtype)
     state = {k.replace("backbone.", "model.", 1): v for k, v in hf_state_dict(model).items()}

@@ -1,0 +1,292 @@
+"""GGUF export for llama.cpp (architecture ``nemotron_h``), written with the ``gguf`` library.
+
+llama.cpp's NemotronH reads the kind of each layer from two per-layer arrays: a Mamba layer has
+``head_count_kv == 0`` and ``feed_forward_length == 0``, an attention layer a non-zero KV head
+count, an MLP layer a non-zero FFN width. So FFN widths and attention head counts may differ from
+layer to layer (heterogeneous budgets run there), but the Mamba mixer is described by one set of
+``ssm.*`` keys: every Mamba layer must have the same heads and head dim.
+
+Tensors are stored the way llama.cpp's own converter stores them: ``A = -exp(A_log)`` and ``D`` as
+``(heads, 1)``, the conv kernel without its singleton axis, the gated group norm's weight as
+``(groups, channels / groups)``; projections keep PyTorch's ``(out, in)`` layout (GGUF lists the
+dimensions the other way round). Norms, biases and the SSM parameters stay float32 whatever the
+chosen type (llama.cpp's SSM kernels read them as f32).
+
+``gguf`` (and numpy) are imported only when a GGUF file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .hybrid import HybridLM
+
+ARCH = "nemotron_h"
+GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+GGUF_FILE = "model.gguf"
+# GGUF cannot hold an empty array, and llama.cpp requires the merges key: a tokenizer with no
+# merges (elasticlm's byte-level one) gets this single merge of two special tokens. BPE merges
+# act on pairs of symbols that start as single characters, so it can never apply.
+UNREACHABLE_MERGE = "<pad> </s>"
+DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_min as elasticlm and "
+                 "transformers do; logits differ by about 1e-3 relative where dt falls below it")
+
+
+def gguf_incompatibility(config: ModelConfig) -> str | None:
+    """Why ``config`` cannot run as llama.cpp's nemotron_h, or None if it can."""
+    mamba = [(h, d) for h, d in zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True)]
+    if len(set(mamba)) > 1:
+        return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
+                "the Mamba mixer by one set of ssm.* keys; save it in the native format instead")
+    if "*" not in config.pattern:
+        return ("it has no attention layer, and llama.cpp's hybrid memory needs one; keep one with "
+                "elastic.keep_attention (the default)")
+    if config.use_bias:
+        return "its Mamba projections have biases, which llama.cpp's nemotron_h does not read"
+    if set(config.pattern) - set("M*-"):
+        return f"its pattern {config.pattern!r} has layer kinds llama.cpp's dense nemotron_h does not know"
+    return None
+
+
+def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
+    """The per-layer arrays that tell llama.cpp each layer's kind and width.
+
+    >>> cfg = ModelConfig(pattern="M*-", hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
+    ...                   num_attention_heads=4, num_key_value_heads=2, attention_head_dim=16,
+    ...                   intermediate_size=96)
+    >>> layer_arrays(cfg)
+    {'feed_forward_length': [0, 0, 96], 'head_count': [4, 4, 4], 'head_count_kv': [0, 2, 0]}
+    """
+    heads = iter(config.attention_heads_list())
+    ffn = iter(config.intermediate_sizes_list())
+    attn_heads = [next(heads) if k == "*" else 0 for k in config.pattern]
+    # a non-attention layer's head count is never read; the widest one keeps llama.cpp's
+    # defaults that divide by it well defined
+    filler = max(attn_heads, default=0) or config.num_attention_heads
+    return {
+        "feed_forward_length": [next(ffn) if k == "-" else 0 for k in config.pattern],
+        "head_count": [h if k == "*" else filler for h, k in zip(attn_heads, config.pattern, strict=True)],
+        "head_count_kv": [config.num_key_value_heads if k == "*" else 0 for k in config.pattern],
+    }
+
+
+def gguf_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor in the layout llama.cpp reads) for every weight of ``model``."""
+    config = model.config
+    state = model.state_dict()
+
+    def get(name: str) -> torch.Tensor:
+        return state[name].detach().float().cpu().contiguous()
+
+    yield "token_embd.weight", get("embeddings.weight")
+    for i, kind in enumerate(config.pattern):
+        p, b = f"layers.{i}.mixer.", f"blk.{i}."
+        yield b + "attn_norm.weight", get(f"layers.{i}.norm.weight")
+        if kind == "M":
+            groups = config.mamba_n_groups
+            yield b + "ssm_in.weight", get(p + "in_proj.weight")
+            yield b + "ssm_conv1d.weight", get(p + "conv1d.weight").squeeze(1)
+            if p + "conv1d.bias" in state:
+                yield b + "ssm_conv1d.bias", get(p + "conv1d.bias")
+            yield b + "ssm_dt.bias", get(p + "dt_bias")
+            yield b + "ssm_a", (-torch.exp(get(p + "A_log"))).unsqueeze(1)
+            yield b + "ssm_d", get(p + "D").unsqueeze(1)
+            norm = get(p + "norm.weight")
+            yield b + "ssm_norm.weight", norm.reshape(groups, norm.numel() // groups)
+            yield b + "ssm_out.weight", get(p + "out_proj.weight")
+        elif kind == "*":
+            for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                                 ("o_proj", "attn_output")):
+                yield f"{b}{theirs}.weight", get(f"{p}{ours}.weight")
+        else:
+            for ours, theirs in (("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                yield f"{b}{theirs}.weight", get(f"{p}{ours}.weight")
+                if f"{p}{ours}.bias" in state:
+                    yield f"{b}{theirs}.bias", get(f"{p}{ours}.bias")
+    yield "output_norm.weight", get("norm_f.weight")
+    if "lm_head.weight" in state:  # tied: llama.cpp reuses token_embd
+        yield "output.weight", get("lm_head.weight")
+
+
+def storage_type(name: str, tensor: torch.Tensor, qtype: str) -> str:
+    """The GGUF type one tensor is stored in: matrices take ``qtype``; vectors, the SSM parameters and
+    the conv kernel stay f32; q8_0 needs rows that are a multiple of its 32-value block (else f16).
+
+    >>> storage_type("blk.0.ffn_up.weight", torch.zeros(96, 64), "q8_0")
+    'q8_0'
+    >>> storage_type("blk.0.ffn_down.weight", torch.zeros(64, 96), "q8_0")
+    'q8_0'
+    >>> storage_type("blk.0.attn_q.weight", torch.zeros(64, 40), "q8_0")
+    'f16'
+    >>> storage_type("blk.0.ssm_conv1d.weight", torch.zeros(96, 4), "f16")
+    'f32'
+    """
+    if tensor.dim() < 2 or "ssm_conv1d" in name or name.endswith(("ssm_a", "ssm_d", "ssm_norm.weight")):
+        return "f32"
+    if qtype == "q8_0" and tensor.shape[-1] % 32:
+        return "f16"
+    return qtype
+
+
+def resolve_type(qtype: str, dtype: torch.dtype) -> str:
+    """``auto`` keeps the weights' own precision (f32, f16 or bf16)."""
+    if qtype not in GGUF_TYPES:
+        raise ConfigError(f"unknown GGUF type {qtype!r}; use one of {', '.join(GGUF_TYPES)}")
+    if qtype != "auto":
+        return qtype
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(dtype, "f32")
+
+
+# -- tokenizer -----------------------------------------------------------------------------
+
+
+def tokenizer_metadata(tokenizer_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
+    """The ``tokenizer.ggml.*`` fields for a byte-level BPE tokenizer (elasticlm's own tokenizers and
+    GPT-2-style ones), padded with unused tokens up to the model's vocabulary."""
+    file = Path(tokenizer_dir) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{tokenizer_dir} has no tokenizer.json, and a GGUF file carries its tokenizer")
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        model = spec["model"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file} could not be read as a tokenizers JSON file ({exc})") from None
+    pre = spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        raise ConfigError(f"{file} is not a byte-level BPE tokenizer (model {model.get('type')}, pre-tokenizer "
+                          f"{pre.get('type')}); GGUF export writes only byte-level BPE vocabularies")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if merges and not pre.get("use_regex", True):
+        raise ConfigError(f"{file} merges without splitting on GPT-2's pattern, which llama.cpp's byte-level "
+                          "pre-tokenizers always do; its tokens would differ there")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = set()
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added.get("special", False):
+            special.add(added["id"])
+    if max(vocab.values()) >= config.vocab_size:
+        raise ConfigError(f"the tokenizer has ids up to {max(vocab.values())} but the model only "
+                          f"{config.vocab_size} embeddings")
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(config.vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append("control" if i in special else "normal")
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append("unused")
+    fields: dict[str, Any] = {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "types": types,
+                              "merges": merges or [UNREACHABLE_MERGE]}
+    template = _chat_template(Path(tokenizer_dir))
+    if template:
+        fields["chat_template"] = template
+    return fields
+
+
+def _chat_template(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+               qtype: str = "auto", name: str = "elasticlm") -> dict[str, int]:
+    """Write ``model`` as one GGUF file at ``path`` (not atomic: callers write into a temporary
+    directory). Returns how many tensors were stored in each GGUF type."""
+    try:
+        import gguf
+        import numpy as np
+    except ImportError:
+        raise ConfigError("GGUF export needs the gguf package: pip install 'elasticlm[gguf]'") from None
+    config = model.config
+    reason = gguf_incompatibility(config)
+    if reason:
+        raise ConfigError(f"cannot export to GGUF (llama.cpp nemotron_h): {reason}")
+    qtype = resolve_type(qtype, model.embeddings.weight.dtype)
+    vocab = tokenizer_metadata(tokenizer_dir, config)
+
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_context_length(1 << 20)  # no position embeddings: the converter's convention
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    arrays = layer_arrays(config)
+    writer.add_feed_forward_length(arrays["feed_forward_length"])
+    writer.add_head_count(arrays["head_count"])
+    writer.add_head_count_kv(arrays["head_count_kv"])
+    writer.add_key_length(config.attention_head_dim)
+    writer.add_value_length(config.attention_head_dim)
+    writer.add_layer_norm_eps(config.norm_eps)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    heads = (config.mamba_heads_list() or [config.mamba_num_heads])[0]
+    head_dim = (config.mamba_head_dims_list() or [config.mamba_head_dim])[0]
+    writer.add_ssm_conv_kernel(config.conv_kernel)
+    writer.add_ssm_inner_size(heads * head_dim)
+    writer.add_ssm_state_size(config.ssm_state_size)
+    writer.add_ssm_time_step_rank(heads)
+    writer.add_ssm_group_count(config.mamba_n_groups)
+
+    token_type = {"normal": gguf.TokenType.NORMAL, "control": gguf.TokenType.CONTROL,
+                  "unused": gguf.TokenType.UNUSED}
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types([token_type[t] for t in vocab["types"]])
+    writer.add_token_merges(vocab["merges"])
+    for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(value)
+    writer.add_add_bos_token(False)  # training never saw a BOS token
+    writer.add_add_eos_token(False)
+    if "chat_template" in vocab:
+        writer.add_chat_template(vocab["chat_template"])
+
+    ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    counts: dict[str, int] = {}
+    for tensor_name, tensor in gguf_tensors(model):
+        kind = storage_type(tensor_name, tensor, qtype)
+        counts[kind] = counts.get(kind, 0) + 1
+        data: np.ndarray = tensor.numpy()
+        if kind == "f32":
+            writer.add_tensor(tensor_name, data)
+        elif kind == "f16":
+            writer.add_tensor(tensor_name, data.astype(np.float16))
+        else:
+            writer.add_tensor(tensor_name, gguf.quants.quantize(data, ggml[kind]), raw_dtype=ggml[kind])
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return counts
+
+
+def gguf_size_note(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+__all__ = ["ARCH", "DT_CLAMP_NOTE", "GGUF_FILE", "GGUF_TYPES", "gguf_incompatibility", "gguf_tensors",
+           "layer_arrays", "resolve_type", "storage_type", "tokenizer_metadata", "write_gguf"]
