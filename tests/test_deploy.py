@@ -99,19 +99,27 @@ def test_memoised_slices_are_dropped_when_weights_change(tmp_path):
     assert max_rel(after, reference) < 1e-5 and max_rel(before, reference) > 1e-3
 
 
-def test_hf_extraction_reloads_in_transformers_with_the_same_logits(tmp_path):
+def test_hf_extraction_reloads_in_transformers_with_the_same_logits_and_generations(tmp_path):
+    """Every budget `extract --budget all` writes: transformers loads it, its logits equal the nested
+    budget's and its greedy generate() (with transformers' own cache) is token-identical."""
     transformers = pytest.importorskip("transformers")
     path = elastic_checkpoint(tmp_path)
     nested = elasticlm.load(path)
-    assert main(["extract", "--checkpoint", str(path), "--budget", "0.45", "--out", str(tmp_path / "hf")]) == 0
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["model_type"] == "nemotron_h"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "hf")]) == 0
     ids = torch.randint(3, 260, (2, 17))
-    with torch.no_grad():
-        ours = nested(ids, nested.budgets["0.45"])
-        theirs = hf(ids).logits
-    assert (ours - theirs).abs().max().item() <= 1e-4
+    for label in nested.budgets:
+        out = tmp_path / "hf" / f"budget-{label}"
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == "nemotron_h" and "layers_block_type" not in config
+        assert "bos_token" not in json.loads((out / "tokenizer_config.json").read_text())
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            ours = nested(ids, nested.budgets[label])
+            theirs = hf(ids).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4, label
+        mine = nested.generate(ids[:1, :7], budget=label, max_new_tokens=10)
+        gen = hf.generate(ids[:1, :7], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert mine.tolist() == gen.tolist(), label
 
 
 def test_heterogeneous_budgets_are_native_and_hf_explains_why_not(tmp_path, capsys):
@@ -217,6 +225,8 @@ def test_hf_config_carries_the_names_engines_read_and_reads_per_layer_lists(tmp_
 
     cfg = tiny_config("M*-M*-", hidden=48, vocab_size=260)
     out = config_to_hf(cfg)
+    # NVIDIA's field names; no layers_block_type (parsers that derive it from the pattern refuse it)
+    assert "layers_block_type" not in out
     assert out["mamba_n_groups"] == out["n_groups"] == cfg.mamba_n_groups
     assert out["mamba_d_head"] == out["mamba_head_dim"] and out["hybrid_override_pattern"] == cfg.pattern
     assert config_from_hf(out) == dataclasses.replace(cfg, depth_order=None)
@@ -226,3 +236,10 @@ def test_hf_config_carries_the_names_engines_read_and_reads_per_layer_lists(tmp_
     assert back.attention_heads_list() == [4, 2] and back.intermediate_sizes_list() == [48, 24]
     with pytest.raises(ConfigError, match="num_attention_heads lists 3 values"):
         config_from_hf(dict(out, num_attention_heads=[4, 2, 2]))
+    # transformers derives the layer types from the pattern string alone
+    transformers = pytest.importorskip("transformers")
+    hc = transformers.NemotronHConfig.from_dict(out)
+    kinds = {"M": {"mamba", "linear_attention"}, "*": {"attention", "full_attention"}, "-": {"mlp"}}
+    assert len(hc.layers_block_type) == len(cfg.pattern)
+    assert all(t in kinds[k] for t, k in zip(hc.layers_block_type, cfg.pattern, strict=True))
+    assert hc.n_groups == cfg.mamba_n_groups and hc.mamba_head_dim == out["mamba_head_dim"]
