@@ -40,8 +40,11 @@ GGUF_FILE = "model.gguf"
 # merges (elasticlm's byte-level one) gets this single merge of two special tokens. BPE merges
 # act on pairs of symbols that start as single characters, so it can never apply.
 UNREACHABLE_MERGE = "<pad> </s>"
-DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_min as elasticlm and "
-                 "transformers do; logits differ by about 1e-3 relative where dt falls below it")
+DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_min as elasticlm does, so "
+                 "logits differ where softplus(dt) falls below it (measured on a random model: 1e-6 relative "
+                 "with dt around 0.3, 1e-3 with dt near 0.0025, 5e-2 near 0.0001). Its default f16 KV cache "
+                 "alone moves logits by about 1e-3 relative; run with --cache-type-k f32 --cache-type-v f32 "
+                 "(llama-cpp-python: type_k=0, type_v=0) for float32 logits")
 
 
 def gguf_incompatibility(config: ModelConfig) -> str | None:
@@ -50,6 +53,9 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
                 "the Mamba mixer by one set of ssm.* keys; save it in the native format instead")
+    if "M" not in config.pattern:
+        return ("it has no Mamba layer, and llama.cpp's nemotron_h fails on an empty recurrent state "
+                "(GGML_ASSERT(buffer)); a transformer-only model is not a nemotron_h")
     if "*" not in config.pattern:
         return ("it has no attention layer, and llama.cpp's hybrid memory needs one; keep one with "
                 "elastic.keep_attention (the default)")
@@ -189,7 +195,7 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, config: ModelConfig) ->
         else:
             tokens.append(f"[PAD{i}]")
             types.append("unused")
-    fields: dict[str, Any] = {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "types": types,
+    fields: dict[str, Any] = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types,
                               "merges": merges or [UNREACHABLE_MERGE]}
     template = _chat_template(Path(tokenizer_dir))
     if template:

@@ -1,0 +1,260 @@
+"""Every budget of an elastic checkpoint in the engines people deploy with, against elasticlm's nested budget.
+
+    python bench/engines.py [--checkpoint runs/demo/elastic/final] [--prompts 8] [--new-tokens 48]
+
+For each budget the sub-model is exported the way a user would (`extract --format hf` and `--format gguf`),
+then every installed engine runs the same token ids:
+
+- **transformers**: `AutoModelForCausalLM` on the Hugging Face export, `generate(do_sample=False)`;
+- **llama.cpp** (llama-cpp-python): the GGUF export, greedy decoding from its own logits, and its own
+  tokenizer on the prompt texts (must give our ids);
+- **lm-eval** (its `hf` model on the Hugging Face export): `loglikelihood` of elasticlm's greedy continuation
+  after each prompt, with lm-eval's own tokenisation and batching, and its greedy flag.
+
+Reported per budget and engine: greedy generations token-identical to elasticlm's (prompts out of N), the
+probability gap at the first differing token when one differs (a near-tie explains a flip), and the largest
+per-token log-prob difference over the prompts (teacher-forced). An engine that is not installed is listed as
+skipped. Engines run one after another in this process (no parallel work); float32 everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def demo_prompts(n: int) -> list[str]:
+    """Held-out prompts of the demo's task families, in turn."""
+    from elasticlm.data import synthetic
+
+    per = -(-n // len(synthetic.FAMILIES))
+    sets = [synthetic.eval_set(f, synthetic.DIFFICULTY[f][0], per, seed=7) for f in synthetic.FAMILIES]
+    return [s[i].query for i in range(per) for s in sets][:n]
+
+
+# -- engines: each returns {"generated": [[ids]], "logprobs": [[per prompt token]]} or raises Skip ----------
+
+
+class Skip(Exception):
+    pass
+
+
+def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    import torch
+
+    subnet = model.budgets[label]
+    generated, logprobs, logits_at = [], [], []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), subnet=subnet, max_new_tokens=new)[0].tolist()
+            generated.append(out[len(ids):])
+            full = model(torch.tensor([out]), subnet)[0].float().log_softmax(-1)
+            logprobs.append(full[:-1].gather(1, torch.tensor(out[1:])[:, None])[: len(ids) - 1, 0].tolist())
+            logits_at.append(full[len(ids) - 1:-1])  # the distributions each generated token was chosen from
+    return {"generated": generated, "logprobs": logprobs, "dists": logits_at}
+
+
+def run_transformers(hf_dir: Path | None, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    if version("transformers") is None:
+        raise Skip("not installed")
+    if hf_dir is None:
+        raise Skip("no Hugging Face export for this budget (heterogeneous widths)")
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    generated, logprobs = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = model.generate(x, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            generated.append(out[0, len(ids):].tolist())
+            lp = model(x).logits[0].float().log_softmax(-1)
+            logprobs.append(lp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist())
+    return {"generated": generated, "logprobs": logprobs}
+
+
+def run_llama_cpp(gguf_file: Path | None, prompts: list[list[int]], texts: list[str], new: int) -> dict[str, Any]:
+    if version("llama_cpp_python") is None:
+        raise Skip("not installed (llama-cpp-python)")
+    if gguf_file is None:
+        raise Skip("no GGUF export for this budget")
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(p) for p in prompts) + new + 8
+    # f32 KV cache (llama.cpp's default is f16, ~1e-3 relative on the logits by itself)
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False,
+                          type_k=0, type_v=0)
+    tokenized = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+    generated, logprobs = [], []
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        lse = np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1)) + scores.max(1)
+        logprobs.append([float(scores[i, ids[i + 1]] - lse[i]) for i in range(len(ids) - 1)])
+        out = []
+        for _ in range(new):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        generated.append(out)
+    llm.close()
+    return {"generated": generated, "logprobs": logprobs, "tokenized": tokenized}
+
+
+def run_lm_eval(hf_dir: Path | None, tok: Any, prompts: list[list[int]], continuations: list[list[int]],
+                ) -> dict[str, Any]:
+    if version("lm_eval") is None:
+        raise Skip("not installed")
+    if hf_dir is None:
+        raise Skip("no Hugging Face export for this budget (heterogeneous widths)")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32")
+    requests = [Instance(request_type="loglikelihood", doc={}, idx=i,
+                         arguments=(tok.decode(p, skip_special_tokens=False), tok.decode(c, skip_special_tokens=False)))
+                for i, (p, c) in enumerate(zip(prompts, continuations, strict=True))]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    return {"loglikelihood": [r[0] for r in results], "greedy": [bool(r[1]) for r in results],
+            "arguments": [r.arguments for r in requests]}
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    same, gaps = 0, []
+    for i, (a, b) in enumerate(zip(ref["generated"], got["generated"], strict=True)):
+        if a == b:
+            same += 1
+            continue
+        k = next(j for j in range(len(a)) if a[j] != b[j])
+        p = ref["dists"][i][k].exp()
+        gaps.append({"prompt": i, "position": k, "ours": a[k], "theirs": b[k],
+                     "p_ours": float(p[a[k]]), "p_theirs": float(p[b[k]])})
+    diff = max(max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+               for a, b in zip(ref["logprobs"], got["logprobs"], strict=True))
+    return {"identical": same, "of": len(ref["generated"]), "first_differences": gaps, "max_logprob_diff": diff}
+
+
+def lm_eval_reference(model: Any, label: str, tok: Any, arguments: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """elasticlm's log-likelihood of each (context, continuation), split into tokens as lm-eval's HF model does."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for context, continuation in arguments:
+            whole = tok.encode(context + continuation).ids
+            ctx = len(tok.encode(context).ids)
+            lp = model(torch.tensor([whole]), model.budgets[label])[0].float().log_softmax(-1)
+            cont = torch.tensor(whole[ctx:])
+            rows = lp[ctx - 1:len(whole) - 1]
+            out.append((float(rows.gather(1, cont[:, None]).sum()), bool((rows.argmax(-1) == cont).all())))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo" / "elastic" / "final"))
+    ap.add_argument("--prompts", type=int, default=8, help="held-out demo prompts (cycling through the families)")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--gguf-type", default="f32", help="GGUF tensor type of the llama.cpp export")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "engines.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    import elasticlm
+    from elasticlm.elastic.deploy import extract_budgets
+    from elasticlm.errors import ElasticLMError
+    from elasticlm.tokenizer import load_tokenizer
+
+    torch.set_num_threads(2)
+    model = elasticlm.load(args.checkpoint).float()
+    tok = load_tokenizer(args.checkpoint)
+    texts = demo_prompts(args.prompts)
+    prompts = [tok.encode(t).ids for t in texts]
+    versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "llama_cpp_python", "gguf", "vllm")}
+    print(f"{args.checkpoint}: {len(prompts)} prompts, {args.new_tokens} greedy tokens; versions {versions}")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in model.budgets:
+            hf_dir = gguf_file = None
+            try:
+                [(_, hf_dir, fmt)] = extract_budgets(model, [label], Path(tmp) / f"hf-{label}", "auto")
+                hf_dir = hf_dir if fmt == "hf" else None
+            except ElasticLMError as exc:
+                print(f"budget {label}: no Hugging Face export ({exc})")
+            try:
+                [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}", "gguf",
+                                              gguf_type=args.gguf_type)
+                gguf_file = d / "model.gguf"
+            except ElasticLMError as exc:
+                print(f"budget {label}: no GGUF export ({exc})")
+            ref = run_elasticlm(model, label, prompts, args.new_tokens)
+            engines = (("transformers", run_transformers, (hf_dir, prompts, args.new_tokens)),
+                       ("llama.cpp", run_llama_cpp, (gguf_file, prompts, texts, args.new_tokens)))
+            for name, run, run_args in engines:
+                try:
+                    got = run(*run_args)
+                except Skip as why:
+                    rows.append({"budget": label, "engine": name, "skipped": str(why)})
+                    continue
+                row = {"budget": label, "engine": name, **compare(ref, got)}
+                if "tokenized" in got:
+                    row["tokenizer_identical"] = sum(a == b for a, b in zip(got["tokenized"], prompts, strict=True))
+                rows.append(row)
+            try:
+                got = run_lm_eval(hf_dir, tok, prompts, ref["generated"])
+                ours = lm_eval_reference(model, label, tok, got["arguments"])
+                rows.append({"budget": label, "engine": "lm-eval (hf)", "of": len(prompts),
+                             "identical": sum(g for g in got["greedy"]),
+                             "greedy_flags_equal": sum(g == o[1] for g, o in zip(got["greedy"], ours, strict=True)),
+                             "max_logprob_diff": max(abs(g - o[0]) for g, o in zip(got["loglikelihood"], ours,
+                                                                                    strict=True))})
+            except Skip as why:
+                rows.append({"budget": label, "engine": "lm-eval (hf)", "skipped": str(why)})
+            print(table_row(rows[-3]), table_row(rows[-2]), table_row(rows[-1]), sep="\n", flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "prompts": len(prompts),
+                                          "new_tokens": args.new_tokens, "gguf_type": args.gguf_type,
+                                          "versions": versions, "command": " ".join(sys.argv), "rows": rows},
+                                         indent=2) + "\n")
+    print("\n| budget | engine | greedy token-identical | max per-token log-prob diff | first difference |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(table_row(r))
+
+
+def table_row(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"| {r['budget']} | {r['engine']} | skipped: {r['skipped']} | | |"
+    diffs = "; ".join(f"prompt {d['prompt']} token {d['position']}: p={d['p_ours']:.3f} vs {d['p_theirs']:.3f}"
+                      for d in r.get("first_differences", [])) or "none"
+    extra = f" (tokenizer identical on {r['tokenizer_identical']}/{r['of']})" if "tokenizer_identical" in r else ""
+    if "greedy_flags_equal" in r:
+        extra = f" (is_greedy as ours on {r['greedy_flags_equal']}/{r['of']})"
+    return (f"| {r['budget']} | {r['engine']} | {r['identical']}/{r['of']}{extra} | {r['max_logprob_diff']:.2e} | "
+            f"{diffs} |")
+
+
+if __name__ == "__main__":
+    main()
