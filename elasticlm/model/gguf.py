@@ -69,7 +69,7 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
 def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
     """The per-layer arrays that tell llama.cpp each layer's kind and width.
 
-    >>> cfg = ModelConfig(pattern="M*-", hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
+    >>> cfg = ModelConfig(pattern="M*-", vocab_size=300, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
     ...                   num_attention_heads=4, num_key_value_heads=2, attention_head_dim=16,
     ...                   intermediate_size=96)
     >>> layer_arrays(cfg)
