@@ -11,8 +11,9 @@ full model), ``device``, ``batch_size``, ``max_length`` (the longest window scor
 
 Log-likelihoods of a batch are computed on right-padded rows (causal layers, so padding after a row cannot
 change it); rolling log-likelihoods use lm-eval's disjoint windows with EOS — the token training puts between
-documents — as the prefix, not an untrained BOS; generation decodes greedily in ragged batches
-(:class:`~elasticlm.generate.DecodeBatch`) and cuts at the first stop string.
+documents — as the prefix, not an untrained BOS, and as in training an EOS ends a document: the tokens after it
+start from a fresh state (document ids, the convention of `elasticlm eval`'s loss); generation decodes greedily
+in ragged batches (:class:`~elasticlm.generate.DecodeBatch`) and cuts at the first stop string.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 from .checkpoint import load
 from .errors import ConfigError
 from .generate import DecodeBatch, Request
+from .model.documents import document_ids_from_eos
 from .runtime import resolve_device
 from .tokenizer import load_tokenizer
 
@@ -72,7 +74,11 @@ class ElasticLMHarness(LM):
             ids = torch.zeros(len(rows), longest, dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, : len(r) - 1] = torch.tensor(r[:-1])
-            logp = F.log_softmax(self.model(ids.to(self.model.embeddings.weight.device), self.subnet).float(), -1)
+            ids = ids.to(self.model.embeddings.weight.device)
+            # An EOS ends a document, and training starts the next one from a fresh state: with document
+            # ids the EOS prefix of an empty context predicts the first token and nothing after sees it.
+            docs = document_ids_from_eos(ids, self.eos) if bool((ids == self.eos).any()) else None
+            logp = F.log_softmax(self.model(ids, self.subnet, document_ids=docs).float(), -1)
             for i, ((_, cont), r) in enumerate(zip(chunk, rows, strict=True)):
                 n = len(cont)
                 pos = torch.arange(len(r) - 1 - n, len(r) - 1)

@@ -32,12 +32,15 @@ def harness(path, max_length):
     return ElasticLMHarness(checkpoint=str(path), budget="0.7", batch_size="3", max_length=str(max_length))
 
 
-def naive_logprob(model, ids: list[int], start: int) -> tuple[float, bool]:
-    """Σ log p(ids[t] | ids[:t]) for t >= start, one position at a time, and whether each is the argmax."""
+def naive_logprob(model, ids: list[int], start: int, eos: int = 2) -> tuple[float, bool]:
+    """Σ log p(ids[t] | its document so far) for t >= start, one position at a time, and whether each is the
+    argmax. As in training, an EOS ends a document: ids[t] is predicted from the document that ids[t-1]
+    belongs to, which starts after the last EOS before position t-1."""
     total, greedy = 0.0, True
     with torch.no_grad():
         for t in range(start, len(ids)):
-            logits = model(torch.tensor([ids[:t]]))[0, -1]
+            begin = max((i + 1 for i in range(t - 1) if ids[i] == eos), default=0)
+            logits = model(torch.tensor([ids[begin:t]]))[0, -1]
             total += torch.log_softmax(logits, -1)[ids[t]].item()
             greedy &= int(logits.argmax()) == ids[t]
     return total, greedy
@@ -84,3 +87,31 @@ def test_generate_until_equals_elasticlm_generate_cut_at_the_stop(setup):
         want = tok.decode([t for t in out if t != eos])
         cut = min((want.find(s) for s in ("\n\n", "7") if s in want), default=len(want))
         assert text == want[:cut]
+
+
+def test_loglikelihoods_equal_elasticlm_evals_loss_on_the_same_text(setup):
+    """The adapter on the nested budget vs the loss `elasticlm eval` computes (prune.subnet_loss on a packed row
+    with document ids from EOS), on the same tokens: Σ log p = -(mean loss × scored tokens)."""
+    from elasticlm.elastic.prune import subnet_loss
+    from elasticlm.model.documents import document_ids_from_eos
+
+    path, small, tok = setup
+    nested = elasticlm.load(path)
+    subnet, eos = nested.budgets["0.7"], nested.config.eos_token_id
+    h = harness(path, 256)
+    texts = ["Q: 12+7\nT: 2+7=9 carry 0\nA: 19", "a second document, a little longer than the first one"]
+    rolling = h.loglikelihood_rolling([req("loglikelihood_rolling", t) for t in texts])
+    pairs = [("Q: 12+7\nT:", " 2+7=9"), ("a second", " document")]
+    ll = h.loglikelihood([req("loglikelihood", c, x) for c, x in pairs])
+    for text, got in zip(texts, rolling, strict=True):
+        ids = torch.tensor([[eos] + tok.encode(text).ids])
+        mask = torch.ones_like(ids)
+        loss = subnet_loss(nested, subnet, [(ids, document_ids_from_eos(ids, eos), mask)])
+        assert got == pytest.approx(-loss * (ids.shape[1] - 1), rel=1e-5)
+    for (context, cont), (got, _) in zip(pairs, ll, strict=True):
+        ctx, whole = tok.encode(context).ids, tok.encode(context + cont).ids
+        ids = torch.tensor([whole])
+        mask = torch.zeros_like(ids)
+        mask[0, len(ctx):] = 1
+        loss = subnet_loss(nested, subnet, [(ids, document_ids_from_eos(ids, eos), mask)])
+        assert got == pytest.approx(-loss * (len(whole) - len(ctx)), rel=1e-5)
