@@ -313,6 +313,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     ppl, families = parse_tasks(args.tasks)
     levels = parse_levels(args.difficulty)
+    lm_tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
+    if args.lm_eval is not None and not lm_tasks:
+        raise ConfigError("--lm-eval needs a comma-separated list of lm-eval task names")
+    if lm_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError("--lm-eval needs lm-eval: pip install 'elasticlm[lmeval]'") from None
+        if args.lm_eval_include and not Path(args.lm_eval_include).is_dir():
+            raise ConfigError(f"--lm-eval-include {args.lm_eval_include} is not a directory")
+        from .lm_eval import task_manager
+
+        task_manager(lm_tasks, args.lm_eval_include)  # unknown tasks: one line before any model is run
     out = Path(args.out) if args.out else Path(str(Path(args.checkpoint).resolve()) + "-eval")
     inputs = [args.checkpoint] + [spec.rpartition("=")[2] for spec in args.baseline or []]
     check_output_path(out, args.force, "report", inputs)
@@ -346,8 +359,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     points = evaluate_entries(entries, families=families, levels=levels, n=args.n, val_data=val,
                               val_samples=args.val_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if lm_tasks:
+        from .lm_eval import run_tasks
+
+        for e, point in zip(entries, points, strict=True):
+            if e.think is None:  # lm-eval scores one model; think→answer pairs are ours alone
+                print(f"lm-eval {','.join(lm_tasks)}: {e.series} {e.budget}", file=sys.stderr, flush=True)
+                point.lm_eval = run_tasks(e.model, e.tokenizer, e.subnet, lm_tasks, include_path=args.lm_eval_include,
+                                          limit=args.lm_eval_limit, batch_size=args.batch_size)
     meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
-            "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len}
+            "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len,
+            "lm_eval": {"tasks": lm_tasks, "include": args.lm_eval_include, "limit": args.lm_eval_limit}
+            if lm_tasks else None}
     paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
     print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"
@@ -704,6 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-samples", type=_count(1), default=48, help="held-out sequences for the loss")
     p.add_argument("--seq-len", type=_count(1), default=256, help="tokens per held-out sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="also run these lm-eval tasks (comma-separated) on every budget, nested, without extracting "
+                        "it; their metrics join the table and eval.json (needs lm-eval)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of local lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=_count(1), metavar="N", help="at most N documents per lm-eval task")
     p.add_argument("--out", help="report directory (default: CHECKPOINT-eval next to the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.add_argument("--device", default="cpu", help="torch device")

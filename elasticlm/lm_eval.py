@@ -31,9 +31,11 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("elasticlm.lm_eval needs lm-eval: pip install lm-eval") from exc
 
 from .checkpoint import load
+from .config import Subnet
 from .errors import ConfigError
 from .generate import DecodeBatch, Request
 from .model.documents import document_ids_from_eos
+from .model.hybrid import HybridLM
 from .runtime import resolve_device
 from .tokenizer import load_tokenizer
 
@@ -44,21 +46,33 @@ class ElasticLMHarness(LM):
 
     def __init__(self, checkpoint: str, budget: str | None = None, device: str = "cpu", batch_size: int | str = 8,
                  max_length: int | str = 2048, **_: Any) -> None:
-        super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default is cuda:0
             device = "cpu"
-        self.model = load(checkpoint, device=resolve_device(str(device)), serving=True)
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.subnet = None
+        model = load(checkpoint, device=resolve_device(str(device)), serving=True)
+        subnet = None
         if budget is not None and str(budget) not in ("", "1.0", "full"):
             from .elastic.deploy import select_budgets
 
-            self.subnet = self.model.budgets[select_budgets(self.model, str(budget))[0]]
+            subnet = model.budgets[select_budgets(model, str(budget))[0]]
+        self._setup(model, load_tokenizer(checkpoint), subnet, batch_size, max_length, checkpoint)
+
+    @classmethod
+    def for_model(cls, model: HybridLM, tokenizer: Any, subnet: Subnet | None = None, batch_size: int | str = 8,
+                  max_length: int | str = 2048) -> ElasticLMHarness:
+        """The harness over a model already in memory (``elasticlm eval --lm-eval`` uses one per budget)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, subnet, batch_size, max_length, "the model")
+        return self
+
+    def _setup(self, model: HybridLM, tokenizer: Any, subnet: Subnet | None, batch_size: int | str,
+               max_length: int | str, source: str) -> None:
+        LM.__init__(self)
+        self.model, self.tokenizer, self.subnet = model, tokenizer, subnet
         self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length)
         self.eos = self.model.config.eos_token_id
         if self.eos is None:
-            raise ConfigError(f"{checkpoint}: the model has no eos_token_id (the prefix of empty contexts)")
+            raise ConfigError(f"{source}: the model has no eos_token_id (the prefix of empty contexts)")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -134,6 +148,37 @@ class ElasticLMHarness(LM):
                 cut = min((text.find(s) for s in until if s and s in text), default=len(text))
                 out[i] = text[:cut]
         return out
+
+
+def task_manager(tasks: list[str], include_path: str | None = None) -> Any:
+    """lm-eval's TaskManager (with the local tasks of ``include_path``); ConfigError naming unknown tasks."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = (f" (with --lm-eval-include {include_path})" if include_path
+                 else " (add --lm-eval-include DIR for local tasks)")
+        raise ConfigError(f"lm-eval does not know task(s) {', '.join(unknown)}{where}")
+    return manager
+
+
+def run_tasks(model: HybridLM, tokenizer: Any, subnet: Subnet | None, tasks: list[str], *,
+              include_path: str | None = None, limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` on one budget: ``{"task/metric": value}`` (standard errors and
+    non-numeric entries left out)."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(tasks, include_path)
+    lm = ElasticLMHarness.for_model(model, tokenizer, subnet, batch_size=batch_size)
+    result = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
+                             bootstrap_iters=0)
+    metrics = {}
+    for task, values in (result or {}).get("results", {}).items():
+        for key, value in values.items():
+            if "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{task}/{key.split(',')[0]}"] = float(value)
+    return metrics
 
 
 def main() -> None:

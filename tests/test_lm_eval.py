@@ -115,3 +115,41 @@ def test_loglikelihoods_equal_elasticlm_evals_loss_on_the_same_text(setup):
         mask[0, len(ctx):] = 1
         loss = subnet_loss(nested, subnet, [(ids, document_ids_from_eos(ids, eos), mask)])
         assert got == pytest.approx(-loss * (len(whole) - len(ctx)), rel=1e-5)
+
+
+def test_eval_lm_eval_adds_task_metrics_for_every_budget(setup, tmp_path, capsys):
+    """`elasticlm eval --lm-eval TASK` runs a local lm-eval task on every nested budget; the perplexity it
+    reports equals exp(-mean log p(target | question)) computed naively with each extracted budget."""
+    import json
+    import math
+
+    from elasticlm.cli import main
+
+    path, _, tok = setup
+    docs = [{"question": f"Q: {a}+{b}\nT:", "answer": str(a + b)} for a, b in [(1, 2), (12, 7), (30, 45)]]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks" / "t.yaml").write_text(
+        "task: elasticlm_test_ll\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'tasks' / 'docs.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: " {{answer}}"\n'
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")
+    out = tmp_path / "report"
+    assert main(["eval", "--checkpoint", str(path), "--tasks", "add", "--n", "1", "--difficulty", "default",
+                 "--lm-eval", "elasticlm_test_ll", "--lm-eval-include", str(tmp_path / "tasks"),
+                 "--out", str(out)]) == 0
+    assert "lm-eval elasticlm_test_ll/perplexity" in capsys.readouterr().out
+    points = json.loads((out / "eval.json").read_text())["points"]
+    nested = elasticlm.load(path)
+    assert {p["budget"] for p in points} == set(nested.budgets)
+    for p in points:
+        small = elasticlm.extract(nested, nested.budgets[p["budget"]]).eval()
+        lls = []
+        for d in docs:
+            ctx, whole = tok.encode(d["question"]).ids, tok.encode(d["question"] + " " + d["answer"]).ids
+            lls.append(naive_logprob(small, whole, len(ctx))[0])
+        assert p["lm_eval"]["elasticlm_test_ll/perplexity"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
+    # unknown tasks: one line, before anything runs or is written
+    assert main(["eval", "--checkpoint", str(path), "--tasks", "add", "--lm-eval", "no_such_task",
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "does not know task(s) no_such_task" in capsys.readouterr().err and not (tmp_path / "r2").exists()

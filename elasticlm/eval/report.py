@@ -75,6 +75,7 @@ class Point:
     val_loss: float | None = None
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # level → family → fraction
     source: str = ""
+    lm_eval: dict[str, float] = field(default_factory=dict)  # "task/metric" → value (eval --lm-eval)
 
     @property
     def perplexity(self) -> float | None:
@@ -113,6 +114,8 @@ def markdown_table(points: list[Point]) -> str:
     for lv in levels:
         col = LEVELS.index(lv)
         head += [f"{f} ({lv[0]}{synthetic.DIFFICULTY[f][col]})" for f in families] + [f"mean {lv}"]
+    extra = sorted({k for p in points for k in p.lm_eval})
+    head += [f"lm-eval {k}" for k in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         cells = [p.series, p.budget, f"{p.parameters:,}"]
@@ -123,6 +126,7 @@ def markdown_table(points: list[Point]) -> str:
             cells += [f"{100 * row[f]:.0f} %" if f in row else "–" for f in families]
             mean = p.mean_accuracy(lv)
             cells.append("–" if mean is None else f"**{100 * mean:.1f} %**")
+        cells += [f"{p.lm_eval[k]:.4g}" if k in p.lm_eval else "–" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,7 +205,7 @@ def load_points(path: str | Path) -> list[Point]:
     """The points of an ``eval.json`` written by :func:`save_report`."""
     try:
         data = json.loads(Path(path).read_text())
-        keep = {"series", "budget", "parameters", "val_loss", "accuracy", "source"}
+        keep = {"series", "budget", "parameters", "val_loss", "accuracy", "source", "lm_eval"}
         return [Point(**{k: v for k, v in p.items() if k in keep}) for p in data["points"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not an eval.json written by `elasticlm eval` ({exc})") from None
