@@ -338,7 +338,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if model.budgets:
         if args.subnet:
             raise ConfigError("--subnet is for plain models; an elastic checkpoint is evaluated by --budgets")
-        entries = [Entry("elastic", label, model, tok, model.budgets[label], str(args.checkpoint))
+        entries = [Entry("elastic" if label not in getattr(model, "untrained", {}) else "elastic, not trained",
+                         label, model, tok, model.budgets[label], str(args.checkpoint))
                    for label in select_budgets(model, args.budgets)]
         if args.think_budget is not None:
             think = select_budgets(model, args.think_budget)[0]
@@ -370,7 +371,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
             "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len,
             "lm_eval": {"tasks": lm_tasks, "include": args.lm_eval_include, "limit": args.lm_eval_limit}
-            if lm_tasks else None}
+            if lm_tasks else None,
+            "untrained": {k: v.describe() for k, v in getattr(model, "untrained", {}).items()}}
     paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
     print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"

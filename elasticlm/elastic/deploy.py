@@ -31,7 +31,15 @@ def select_budgets(model: HybridLM, budget: str) -> list[str]:
                           "directory (or a checkpoint) of `elasticlm train`")
     if budget.strip().lower() == "all":
         return list(model.budgets)
-    return [find_budget(model.budget_targets, budget, count_parameters(model.config))]
+    try:
+        return [find_budget(model.budget_targets, budget, count_parameters(model.config))]
+    except ConfigError as unknown:
+        from .unseen import add_untrained_budget
+
+        try:
+            return [add_untrained_budget(model, budget)]
+        except ConfigError as why:
+            raise ConfigError(f"{unknown}; as an untrained budget: {why}") from None
 
 
 def output_format(config: ModelConfig, requested: str, label: str) -> str:
@@ -105,8 +113,15 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
             target.mkdir(exist_ok=True)
             small = extract(model, subnet)
             write_model_files(small, target, f, tokenizer_dir=model.source_dir, gguf_type=gguf_type)
-            (target / "README.md").write_text(model_card(label, entries.get(label, {}), small.config, model, f,
-                                                         str(model.source_dir)))
+            from .prune import describe_subnet
+
+            entry = entries.get(label) or {"architecture": describe_subnet(model.config, subnet),
+                                           "target": model.budget_targets.get(label, 0), "target_kind": "params"}
+            card = model_card(label, entry, small.config, model, f, str(model.source_dir))
+            if label in getattr(model, "untrained", {}):
+                card = card.replace("\n\n| layer |", f"\n- **not trained**: {model.untrained[label].describe()}"
+                                                     "\n\n| layer |", 1)
+            (target / "README.md").write_text(card)
             final = out if len(plans) == 1 else out / f"budget-{label}"
             written.append((label, final, f))
     return written

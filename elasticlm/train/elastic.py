@@ -159,9 +159,9 @@ def routing_metadata(space: ElasticSpace, router: Router, context: int = 4096) -
             "architecture": describe_subnet(cfg, subnet), "subnet": subnet.to_dict(),
         })
     return {"elasticlm_elastic": 1, "parent_parameters": parent, "target": space.target,
-            "memory": dict(space.memory), "axes": [{"name": a.name, "layers": list(a.layers),
-                                                    "values": [list(v) for v in a.values],
-                                                    "heterogeneous": a.heterogeneous} for a in space.axes],
+            "memory": dict(space.memory), "keep_attention": space.keep_attention,
+            "axes": [{"name": a.name, "layers": list(a.layers), "values": [list(v) for v in a.values],
+                      "heterogeneous": a.heterogeneous} for a in space.axes],
             "budgets": budgets}
 
 

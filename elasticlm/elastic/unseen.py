@@ -1,0 +1,205 @@
+"""Budgets never trained: a sub-model for a target between (or beside) the trained budgets.
+
+The router maps a one-hot budget vector to per-axis choice logits. For a target cost between two trained
+budgets we feed it the mix of their one-hots, weighted by where the target lies between their costs
+(outside the trained range the weights extrapolate from the two nearest), and take the most probable
+choice of every axis, as for a trained budget. When that choice misses the target by more than 2 % a
+cost solver moves it: starting there, it takes the single-slot step (one choice wider or narrower) that
+costs the router's preference least per unit of cost moved, until the cost is within 2 % — so what the
+router learned still decides which axes give way first.
+
+Nothing here is trained: the result is marked as such wherever it is used (`eval`, `extract`, `generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, Subnet, count_parameters, parse_budget
+from ..errors import CheckpointError, ConfigError
+from .router import Router
+from .space import Axis, ElasticSpace, _parse_memory_budget
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 0.02
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class UntrainedBudget:
+    """How an untrained budget's Subnet was found (for logs, model cards and reports)."""
+
+    label: str
+    target: float
+    cost: float
+    between: tuple[str, str]
+    weight: float  # of the second neighbour in the router's input
+    solver: bool  # True: the interpolated choice missed by more than 2 % and the cost solver moved it
+
+    def describe(self) -> str:
+        how = "then moved by the cost solver" if self.solver else "no solver needed"
+        return (f"budget {self.label} was not trained: router input {1 - self.weight:.2f}×{self.between[0]} + "
+                f"{self.weight:.2f}×{self.between[1]} ({how}); cost {self.cost:,.0f} = "
+                f"{self.cost / self.target - 1:+.2%} of the target {self.target:,.0f}")
+
+
+def space_from_routing(config: ModelConfig, routing: dict[str, Any]) -> ElasticSpace:
+    """The ElasticSpace an elastic checkpoint was trained with, rebuilt from its ``elastic.json``."""
+    try:
+        axes = tuple(Axis(a["name"], tuple(a["layers"]), tuple(tuple(v) for v in a["values"]),
+                          bool(a.get("heterogeneous", False))) for a in routing["axes"])
+        budgets = tuple(b["budget"] for b in routing["budgets"])
+        targets = tuple(float(b["target"]) for b in routing["budgets"])
+        memory = tuple((routing.get("memory") or {}).items())
+        return ElasticSpace(config, budgets, targets, axes, routing.get("target", "params"), memory,
+                            bool(routing.get("keep_attention", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"elastic.json does not describe the router's axes ({exc})") from None
+
+
+def load_router(directory: str | Path, space: ElasticSpace) -> Router:
+    """The trained router of an elastic checkpoint (its hidden size read from the weights)."""
+    from safetensors.torch import load_file
+
+    file = Path(directory) / ROUTER_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{directory} has no {ROUTER_FILE}; untrained budgets need the router")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{file} could not be read ({str(exc).splitlines()[0]})") from None
+    first = next((v for k, v in state.items() if k.endswith("net.0.weight")), None)
+    if first is None:
+        raise CheckpointError(f"{file} holds no router weights")
+    router = Router(space, hidden=first.shape[0])
+    try:
+        router.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{file} does not match elastic.json's axes ({str(exc).splitlines()[0]})") from None
+    return router.eval()
+
+
+def mixed_input(targets: tuple[float, ...], target: float) -> tuple[torch.Tensor, int, int, float]:
+    """The router input for ``target``, the two trained budgets it mixes (costs nearest around it; the two
+    nearest on one side outside the range) and the weight of the second, linear in cost.
+
+    >>> x, i, j, w = mixed_input((1000.0, 750.0, 500.0), 600.0)
+    >>> x.tolist(), i, j, round(w, 2)
+    ([0.0, 0.4, 0.6], 1, 2, 0.6)
+    """
+    order = sorted(range(len(targets)), key=lambda k: targets[k])
+    if len(order) < 2:
+        raise ConfigError("untrained budgets need at least two trained budgets to interpolate between")
+    pos = next((p for p in range(1, len(order)) if targets[order[p]] >= target), len(order) - 1)
+    lo, hi = order[pos - 1], order[pos]
+    weight = (target - targets[hi]) / (targets[lo] - targets[hi])  # of `lo`; outside [0, 1] it extrapolates
+    x = torch.zeros(len(targets))
+    x[lo], x[hi] = weight, 1 - weight
+    return x, hi, lo, float(weight)
+
+
+def choice_logits(router: Router, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {name: net(x.to(next(net.parameters()).dtype)) for name, net in router.axes.items()}
+
+
+def solve(space: ElasticSpace, logits: dict[str, torch.Tensor], choices: dict[str, list[int]], target: float,
+          tolerance: float = TOLERANCE, max_moves: int = 2_000) -> dict[str, list[int]]:
+    """Move ``choices`` one slot step at a time until the cost is within ``tolerance`` of ``target``. Each move
+    goes in the needed direction and is the one that loses the least router logit per unit of cost moved
+    among those that do not overshoot the tolerance band; when all overshoot, the one landing nearest."""
+    choices = {k: list(v) for k, v in choices.items()}
+    seen = {_key(choices)}
+    for _ in range(max_moves):
+        cost = space.cost_of(space.subnet(choices))
+        if abs(cost / target - 1) <= tolerance:
+            return choices
+        shrink = cost > target
+        moves = []
+        for axis in space.axes:
+            z = logits[axis.name]
+            for s in range(axis.n_slots):
+                j = choices[axis.name][s]
+                k = j + 1 if shrink else j - 1  # choices are ordered widest first
+                if not 0 <= k < axis.n_choices:
+                    continue
+                trial = {**choices, axis.name: choices[axis.name][:s] + [k] + choices[axis.name][s + 1:]}
+                after = space.cost_of(space.subnet(trial))
+                if (after >= cost) if shrink else (after <= cost) or _key(trial) in seen:
+                    continue
+                overshoot = after < target * (1 - tolerance) if shrink else after > target * (1 + tolerance)
+                moves.append((overshoot, float(z[s, j] - z[s, k]) / abs(cost - after), abs(after / target - 1),
+                              trial))
+        if not moves:
+            break
+        inside = [m for m in moves if not m[0]]
+        choices = min(inside, key=lambda m: m[1])[3] if inside else min(moves, key=lambda m: m[2])[3]
+        seen.add(_key(choices))
+    cost = space.cost_of(space.subnet(choices))
+    if abs(cost / target - 1) > tolerance:
+        raise ConfigError(f"no architecture of the elastic space comes within {tolerance:.0%} of {target:,.0f} "
+                          f"(closest found: {cost:,.0f}); choose a budget nearer the trained ones")
+    return choices
+
+
+def _key(choices: dict[str, list[int]]) -> tuple:
+    return tuple((k, tuple(v)) for k, v in sorted(choices.items()))
+
+
+def untrained_subnet(space: ElasticSpace, router: Router, label: str, target: float,
+                     tolerance: float = TOLERANCE) -> tuple[Subnet, UntrainedBudget]:
+    """The Subnet for ``target`` (a cost in the space's unit) and how it was found."""
+    x, i, j, weight = mixed_input(space.targets, target)
+    logits = choice_logits(router, x)
+    choices = {k: z.argmax(-1).tolist() for k, z in logits.items()}
+    cost = space.cost_of(space.subnet(choices))
+    solver = abs(cost / target - 1) > tolerance
+    if solver:
+        choices = solve(space, logits, choices, target, tolerance)
+    subnet = space.subnet(choices)
+    info = UntrainedBudget(label, target, space.cost_of(subnet), (space.budgets[i], space.budgets[j]),
+                           weight, solver)
+    return subnet, info
+
+
+def parse_target(space: ElasticSpace, text: str) -> float:
+    """``text`` as a cost in the space's unit (parameters, or deployment bytes for memory budgets)."""
+    parent = space.cost_of(Subnet.full(space.config))
+    if space.target == "params":
+        return float(parse_budget(text.strip(), int(count_parameters(space.config))))
+    return float(_parse_memory_budget(text.strip(), parent))
+
+
+def add_untrained_budget(model: Any, text: str) -> str:
+    """Resolve budget ``text`` of an elastic checkpoint that was not trained, add it to ``model.budgets`` (and
+    ``model.untrained``) under the label ``text`` and log how it was found. Raises ConfigError when the
+    checkpoint has no router or no architecture of its space comes within 2 %."""
+    from ..checkpoint import read_routing
+
+    source = getattr(model, "source_dir", None)
+    routing = read_routing(source) if source is not None else None
+    if routing is None:
+        raise ConfigError("not an elastic checkpoint")
+    space = space_from_routing(model.config, routing)
+    target = parse_target(space, text)
+    label = text.strip()
+    subnet, info = untrained_subnet(space, load_router(source, space), label, target)
+    subnet.validate(model.config)
+    model.budgets[label] = subnet
+    model.budget_targets[label] = float(count_parameters(model.config, subnet) if space.target != "params"
+                                        else target)
+    if not hasattr(model, "untrained"):
+        model.untrained = {}
+    model.untrained[label] = info
+    log.warning(info.describe())
+    return label
+
+
+__all__ = ["UntrainedBudget", "add_untrained_budget", "load_router", "mixed_input", "parse_target", "solve",
+           "space_from_routing", "untrained_subnet"]
