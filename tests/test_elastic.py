@@ -201,6 +201,28 @@ def test_soft_staircase_with_one_hot_choices_equals_slicing_for_ffn_and_attentio
     assert max_rel(masked, sliced) < 1e-5
 
 
+@pytest.mark.parametrize("heterogeneous", [[], ["ffn", "mamba_heads", "mamba_head_dim", "attention_heads"]])
+def test_soft_staircase_with_one_hot_choices_equals_slicing_on_every_axis(heterogeneous):
+    """Hidden size (every RMSNorm over the kept channels), Mamba heads and head dims (masked inside the gated
+    group norm), attention heads, FFN and depth: one-hot soft masks over the full model give the sliced
+    sub-model's logits, for random choices on every axis at once."""
+    cfg = ordered_config()
+    model = randomize_(HybridLM(cfg))
+    ec = ElasticConfig(hidden=[1.0, 0.75, 0.5], mamba_heads=[1.0, 0.5], mamba_head_dim=[1.0, 0.75, 0.5],
+                       attention_heads=[1.0, 0.5], ffn=[1.0, 0.5, 0.25], depth=[1.0, 0.75],
+                       heterogeneous=heterogeneous, router_mode="soft", budgets=[1.0])
+    space = ElasticSpace.build(cfg, ec)
+    router = Router(space, mode="soft")
+    rng = random.Random(len(heterogeneous))
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    for _ in range(4):
+        choices = {a.name: [rng.randrange(a.n_choices) for _ in range(a.n_slots)] for a in space.axes}
+        soft = {k: v.float() for k, v in one_hot_probs(space, choices).items()}
+        masked = model(ids, modulation=router._staircase(soft))
+        sliced = model(ids, space.subnet(choices))
+        assert max_rel(masked, sliced) < 1e-5, choices
+
+
 def test_soft_and_hard_modes_both_train():
     cfg = ordered_config()
     for mode in ("hard", "soft"):

@@ -242,7 +242,8 @@ class Router(nn.Module):
         for i in range(cfg.num_layers):
             parts = [t for t in (keep[i], hidden) if t is not None]
             block.append(math.prod(parts[1:], start=parts[0]) if parts else None)
-        return Modulation(embedding=hidden, block=block, inner=inner)
+        return Modulation(embedding=hidden, block=block, inner=inner,
+                          norm_width=hidden.sum() if hidden is not None else None)
 
 
 __all__ = ["Router", "RouterSchedule", "Routing", "gumbel_noise"]

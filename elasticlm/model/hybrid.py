@@ -57,6 +57,9 @@ class Modulation:
     embedding: torch.Tensor | None = None
     block: list[torch.Tensor | None] | None = None
     inner: list[torch.Tensor | None] | None = None
+    # Soft masks on the hidden axis: the active width (the mask's sum). Every RMSNorm then takes its mean
+    # square over that many channels instead of the full hidden size, as the sliced model does.
+    norm_width: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -82,7 +85,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
-                inner: torch.Tensor | None = None) -> torch.Tensor:
+                inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None) -> torch.Tensor:
         # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
         # nn.Module.__call__ costs as much as a small kernel here.
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
@@ -92,7 +95,7 @@ class Block(nn.Module):
             norm_weight, prm = cache.weights[layer]
         else:
             norm_weight, prm = prefix(self.norm.weight, 0, x.shape[-1]), None
-        h = rms_norm(x, norm_weight, self.norm.eps)
+        h = rms_norm(x, norm_weight, self.norm.eps, norm_width)
         if self.observer is not None:
             self.observer("block_in", x)
             self.observer("norm", h)
@@ -225,18 +228,22 @@ class HybridLM(nn.Module):
             if width is not None:
                 scale = mod.block[i] if mod.block is not None else None
                 inner = mod.inner[i] if mod.inner is not None else None
+                nw = mod.norm_width
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
                     call = block if self.call_blocks else block.forward
-                    x = checkpoint(call, x, width, None, i, documents, scale, inner, use_reentrant=False)
+                    x = checkpoint(call, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
                 elif self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
-                    x = block(x, width, cache, i, documents, scale, inner)
+                    x = block(x, width, cache, i, documents, scale, inner, nw)
                 else:
-                    x = block.forward(x, width, cache, i, documents, scale, inner)
+                    x = block.forward(x, width, cache, i, documents, scale, inner, nw)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        x = self.norm_f(x)
+        if mod.norm_width is not None:
+            x = rms_norm(x, self.norm_f.weight[: x.shape[-1]], self.norm_f.eps, mod.norm_width)
+        else:
+            x = self.norm_f(x)
         if self.observer is not None:
             self.observer("norm_f", x)
         weight = prefix(self.head_weight(), 1, d)

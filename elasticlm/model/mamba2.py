@@ -124,7 +124,7 @@ class Mamba2Mixer(nn.Module):
         """``u``: [batch, seq, hidden]. With ``state`` (or ``new_state``) returns the state after
         the last token; ``state`` may hold a previous prefix (continued prefill) or be decoded one
         token at a time. ``documents`` keeps packed documents apart (training; no state). ``inner``
-        ([heads·head_dim], head-major) multiplies the gated-norm output before ``out_proj`` (soft masks).
+        ([heads·head_dim], head-major) masks the channels inside the gated norm (soft masks).
         ``valid`` [batch, seq] (left-padded ragged batches): padding enters neither the conv window nor the
         state, so each row's state is the one of its prompt alone."""
         b, t, _ = u.shape
@@ -168,9 +168,8 @@ class Mamba2Mixer(nn.Module):
         reset = documents.reset if documents is not None else None
         y, ssm = ssd_chunked(x, dt, A, B, C, scan_chunk_size(self.chunk_size, u.device), init, reset)
         y = y + x.float() * prm["D"].float()[:, None]
-        y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps)
-        if inner is not None:
-            y = y * inner
+        # soft masks go inside the norm, so that its statistics count the kept channels only
+        y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps, mask=inner)
         out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out, (MambaState(conv_state, ssm) if track else None)
 
