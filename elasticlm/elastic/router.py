@@ -10,6 +10,12 @@ over training. Two ways to let the language-model loss reach the router:
   probability in the backward pass) is a scalar gate multiplied onto the sliced outputs.
 * ``soft``: the full-width model runs with nested masks; an axis' mask is the probability-weighted
   staircase ``m[c] = Σ_j y_j · [c < width_j]``.
+* ``st``: straight-through over the mask. The forward pass runs the full-width model with the *one-hot*
+  staircase of the argmax choice, which equals the sliced sub-model exactly (the norms count the kept
+  channels only); the backward pass takes the gradient of the soft staircase. The loss's gradient with
+  respect to every channel's mask then reaches every choice's probability, so the router learns how the
+  loss would change with a wider or narrower choice, not only whether to scale the chosen one (``hard``'s
+  scalar gate). Costs full-width compute, like ``soft``.
 
 The budget loss ``|E[cost] / target − 1|`` uses the noise-free probabilities at the current scale
 and temperature; :meth:`Router.resolve` (argmax) names each budget's Subnet after training.
@@ -65,6 +71,20 @@ class Routing:
     modulation: Modulation
 
 
+ROUTER_MODES = ("hard", "soft", "st")
+
+
+def straight_through(y: torch.Tensor) -> torch.Tensor:
+    """The one-hot of ``y``'s argmax (last axis) in the forward pass, ``y``'s gradient in the backward pass.
+
+    >>> y = torch.tensor([[0.2, 0.7, 0.1]], requires_grad=True)
+    >>> straight_through(y).tolist()
+    [[0.0, 1.0, 0.0]]
+    """
+    hard = torch.nn.functional.one_hot(y.argmax(-1), y.shape[-1]).to(y)
+    return hard + y - y.detach()
+
+
 def gumbel_noise(shape: tuple[int, ...], seed: int, *key: int) -> torch.Tensor:
     """Gumbel(0, 1) noise that depends only on ``(seed, *key)``: every rank of a distributed run
     draws the same noise for the same step and budget, so all ranks run the same Subnet."""
@@ -95,8 +115,8 @@ class AxisRouter(nn.Module):
 class Router(nn.Module):
     def __init__(self, space: ElasticSpace, hidden: int = 256, mode: str = "hard") -> None:
         super().__init__()
-        if mode not in ("hard", "soft"):
-            raise ValueError(f"router mode must be hard or soft, got {mode!r}")
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"router mode must be one of {', '.join(ROUTER_MODES)}, got {mode!r}")
         self.space, self.mode = space, mode
         n = len(space.budgets)
         self.axes = nn.ModuleDict({a.name: AxisRouter(n, a.n_slots, a.n_choices, hidden) for a in space.axes})
@@ -173,6 +193,8 @@ class Router(nn.Module):
         choices = {k: y.argmax(-1).tolist() for k, y in soft.items()}
         if self.mode == "hard":
             return Routing(budget, self.space.subnet(choices), choices, self._gates(soft, choices))
+        if self.mode == "st":
+            soft = {k: straight_through(y) for k, y in soft.items()}
         return Routing(budget, Subnet.full(self.space.config), choices, self._staircase(soft))
 
     # -- multipliers ------------------------------------------------------------------------
@@ -246,4 +268,4 @@ class Router(nn.Module):
                           norm_width=hidden.sum() if hidden is not None else None)
 
 
-__all__ = ["Router", "RouterSchedule", "Routing", "gumbel_noise"]
+__all__ = ["ROUTER_MODES", "Router", "RouterSchedule", "Routing", "gumbel_noise", "straight_through"]

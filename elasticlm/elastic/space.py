@@ -128,7 +128,9 @@ class ElasticConfig:
     # need one; see ModelConfig.drop_order). false: follow the importance order only.
     keep_attention: bool = True
     # router (DESIGN 2.4)
-    router_mode: str = "hard"  # hard: sliced execution + straight-through gates; soft: nested mask staircase
+    # hard: sliced execution + straight-through gates; soft: nested mask staircase; st: one-hot staircase
+    # forward (= the sliced sub-model), soft staircase gradient (see elastic/router.py)
+    router_mode: str = "hard"
     router_hidden: int = 256
     router_lr: float | None = None  # default: router_lr_ratio × the model's lr
     router_lr_ratio: float = 100.0
@@ -145,8 +147,8 @@ class ElasticConfig:
     def validate(self) -> None:
         if self.target not in ("params", "memory"):
             raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
-        if self.router_mode not in ("hard", "soft"):
-            raise ConfigError(f"elastic.router_mode must be hard or soft, got {self.router_mode!r}")
+        if self.router_mode not in ("hard", "soft", "st"):
+            raise ConfigError(f"elastic.router_mode must be hard, soft or st, got {self.router_mode!r}")
         if self.memory_dtype not in DTYPE_BYTES:
             raise ConfigError(f"elastic.memory_dtype must be one of {sorted(DTYPE_BYTES)}")
         if not isinstance(self.budgets, list) or not self.budgets:
