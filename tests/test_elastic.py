@@ -563,6 +563,7 @@ def test_trainable_teacher_adds_the_full_models_cross_entropy():
 
 
 @pytest.mark.parametrize("elastic, distill", [({"router_mode": "soft"}, {}),
+                                              ({"router_mode": "st", "heterogeneous": ["ffn"]}, {}),
                                               ({"heterogeneous": ["ffn"]}, {"trainable_teacher": True})])
 def test_trainer_runs_soft_heterogeneous_and_trainable_teacher(tmp_path, elastic, distill):
     parent = make_parent(tmp_path / "parent")

@@ -190,6 +190,17 @@ class Axis:
     def n_slots(self) -> int:
         return len(self.layers) if self.heterogeneous else 1
 
+    def kept_fraction(self, choices: list[int]) -> float:
+        """Mean over the axis' entries of the chosen value / the full value (choice 0).
+
+        >>> Axis("ffn", (2, 5), ((64, 32), (32, 16), (16, 8)), heterogeneous=True).kept_fraction([1, 2])
+        0.375
+        >>> Axis("ffn", (2, 5), ((64, 32), (32, 16)), heterogeneous=False).kept_fraction([1])
+        0.5
+        """
+        picks = choices if self.heterogeneous else [choices[0]] * len(self.values[0])
+        return sum(self.values[j][s] / self.values[0][s] for s, j in enumerate(picks)) / len(picks)
+
 
 def _resolve_choice(v: Any, full: int, where: str, multiple: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)):

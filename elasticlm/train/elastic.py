@@ -255,6 +255,8 @@ class ElasticDistillation(Objective):
                 row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
             resolved = self.router.resolve(b)
             row[f"cost_{label}"] = self.space.cost_of(resolved) / self.space.targets[b]
+            for axis, idx in self.router.resolved_choices(b).items():  # per-axis trajectories
+                row[f"width_{label}_{axis}"] = self.space.axis(axis).kept_fraction(idx)
             if resolved != self.architectures.get(label):  # the router's choice for this budget changed
                 self.architectures[label] = resolved
                 row[f"arch_{label}"] = describe_subnet(self.space.config, resolved)
