@@ -96,7 +96,7 @@ def test_eval_with_baseline_and_bad_input(tmp_path, capsys):
     assert pts[0]["val_loss"] is None  # no ppl task asked for
     capsys.readouterr()
     for argv, message in [(["--tasks", "mmlu"], "unknown task"),
-                          (["--budgets", "0.3"], "0.3"),
+                          (["--budgets", "0.01"], "0.01"),  # no architecture of the space that small
                           (["--difficulty", "extreme"], "unknown difficulty"),
                           (["--baseline", str(tmp_path / "missing")], "missing")]:
         assert main(["eval", "--checkpoint", str(path), "--out", str(tmp_path / "bad"), *argv]) == 2

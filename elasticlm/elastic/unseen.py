@@ -90,7 +90,7 @@ def mixed_input(targets: tuple[float, ...], target: float) -> tuple[torch.Tensor
     nearest on one side outside the range) and the weight of the second, linear in cost.
 
     >>> x, i, j, w = mixed_input((1000.0, 750.0, 500.0), 600.0)
-    >>> x.tolist(), i, j, round(w, 2)
+    >>> [round(v, 2) for v in x.tolist()], i, j, round(w, 2)
     ([0.0, 0.4, 0.6], 1, 2, 0.6)
     """
     order = sorted(range(len(targets)), key=lambda k: targets[k])
