@@ -1,12 +1,12 @@
 """Budgets never trained: a sub-model for a target between (or beside) the trained budgets.
 
-The router maps a one-hot budget vector to per-axis choice logits. For a target cost between two trained
-budgets we feed it the mix of their one-hots, weighted by where the target lies between their costs
-(outside the trained range the weights extrapolate from the two nearest), and take the most probable
-choice of every axis, as for a trained budget. When that choice misses the target by more than 2 % a
-cost solver moves it: starting there, it takes the single-slot step (one choice wider or narrower) that
-costs the router's preference least per unit of cost moved, until the cost is within 2 % — so what the
-router learned still decides which axes give way first.
+A trained budget within 2 % of the target is used as it is. Between two trained budgets, the search starts
+from the smaller one's architecture and widens one slot at a time, never past the larger one's choice on any
+axis, taking at each step the widening that costs the least router logit per parameter under the router's
+input mixed between the two budgets (weights linear in cost), until the cost is within 2 %. Outside the
+trained range the mixed (extrapolated) input's own argmax is used, moved by the same solver without bounds
+when it misses. Measured on the demo (docs/deployment.md): such sub-models are worse than the next smaller
+*trained* budget — the nested prefixes are good in the combinations that were trained together.
 
 Nothing here is trained: the result is marked as such wherever it is used (`eval`, `extract`, `generate`).
 """
@@ -40,12 +40,19 @@ class UntrainedBudget:
     cost: float
     between: tuple[str, str]
     weight: float  # of the second neighbour in the router's input
-    solver: bool  # True: the interpolated choice missed by more than 2 % and the cost solver moved it
+    solver: bool  # True: the cost solver placed it (the mixed input's own choice was not kept)
+    method: str = "mixed"  # "trained" (a trained budget within 2 %), "between" or "mixed": see untrained_subnet
 
     def describe(self) -> str:
-        how = "then moved by the cost solver" if self.solver else "no solver needed"
-        return (f"budget {self.label} was not trained: router input {1 - self.weight:.2f}×{self.between[0]} + "
-                f"{self.weight:.2f}×{self.between[1]} ({how}); cost {self.cost:,.0f} = "
+        mix = f"router input {1 - self.weight:.2f}×{self.between[0]} + {self.weight:.2f}×{self.between[1]}"
+        if self.method == "trained":
+            how = f"budget {self.between[0]}'s trained architecture is within {TOLERANCE:.0%} of it"
+        elif self.method == "between":
+            how = (f"every axis between budgets {self.between[1]} and {self.between[0]}, widened from "
+                   f"{self.between[1]} where the {mix} prefers")
+        else:
+            how = mix + (", then moved by the cost solver" if self.solver else "")
+        return (f"budget {self.label} was not trained: {how}; cost {self.cost:,.0f} = "
                 f"{self.cost / self.target - 1:+.2%} of the target {self.target:,.0f}")
 
 
@@ -110,7 +117,8 @@ def choice_logits(router: Router, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def solve(space: ElasticSpace, logits: dict[str, torch.Tensor], choices: dict[str, list[int]], target: float,
-          tolerance: float = TOLERANCE, max_moves: int = 2_000) -> dict[str, list[int]]:
+          tolerance: float = TOLERANCE, max_moves: int = 2_000,
+          bounds: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, list[int]]:
     """Move ``choices`` one slot step at a time until the cost is within ``tolerance`` of ``target``. Each move
     goes in the needed direction and is the one that loses the least router logit per unit of cost moved
     among those that do not overshoot the tolerance band; when all overshoot, the one landing nearest."""
@@ -127,7 +135,8 @@ def solve(space: ElasticSpace, logits: dict[str, torch.Tensor], choices: dict[st
             for s in range(axis.n_slots):
                 j = choices[axis.name][s]
                 k = j + 1 if shrink else j - 1  # choices are ordered widest first
-                if not 0 <= k < axis.n_choices:
+                low, high = bounds[axis.name][s] if bounds else (0, axis.n_choices - 1)
+                if not low <= k <= high:
                     continue
                 trial = {**choices, axis.name: choices[axis.name][:s] + [k] + choices[axis.name][s + 1:]}
                 after = space.cost_of(space.subnet(trial))
@@ -154,18 +163,42 @@ def _key(choices: dict[str, list[int]]) -> tuple:
 
 def untrained_subnet(space: ElasticSpace, router: Router, label: str, target: float,
                      tolerance: float = TOLERANCE) -> tuple[Subnet, UntrainedBudget]:
-    """The Subnet for ``target`` (a cost in the space's unit) and how it was found."""
+    """The Subnet for ``target`` (a cost in the space's unit) and how it was found.
+
+    A trained budget whose architecture is within ``tolerance`` is used as it is. Between two trained budgets
+    every axis stays between their choices: the search starts from the smaller
+    budget's architecture and widens, slot by slot, where the router's mixed input prefers, until the cost is
+    within ``tolerance`` (the trained sub-models are nested prefixes, so this walks from one trained model
+    towards the next). Outside the trained range, or when that walk cannot reach the target, the mixed input's
+    own argmax is used, moved by the unconstrained solver when it misses.
+    """
     x, i, j, weight = mixed_input(space.targets, target)
+    for b, trained in enumerate(space.budgets):  # a trained architecture close enough beats any other
+        subnet = router.resolve(b)
+        if abs(space.cost_of(subnet) / target - 1) <= tolerance:
+            return subnet, UntrainedBudget(label, target, space.cost_of(subnet), (trained, trained), 0.0, False,
+                                           "trained")
     logits = choice_logits(router, x)
+    if 0.0 <= weight <= 1.0:
+        wide, narrow = router.resolved_choices(i), router.resolved_choices(j)
+        bounds = {a.name: [(min(w, n), max(w, n)) for w, n in zip(wide[a.name], narrow[a.name], strict=True)]
+                  for a in space.axes}
+        try:
+            choices = solve(space, logits, narrow, target, tolerance, bounds=bounds)
+        except ConfigError:
+            choices = None
+        if choices is not None:
+            subnet = space.subnet(choices)
+            return subnet, UntrainedBudget(label, target, space.cost_of(subnet), (space.budgets[i], space.budgets[j]),
+                                           weight, True, "between")
     choices = {k: z.argmax(-1).tolist() for k, z in logits.items()}
     cost = space.cost_of(space.subnet(choices))
     solver = abs(cost / target - 1) > tolerance
     if solver:
         choices = solve(space, logits, choices, target, tolerance)
     subnet = space.subnet(choices)
-    info = UntrainedBudget(label, target, space.cost_of(subnet), (space.budgets[i], space.budgets[j]),
-                           weight, solver)
-    return subnet, info
+    return subnet, UntrainedBudget(label, target, space.cost_of(subnet), (space.budgets[i], space.budgets[j]),
+                                   weight, solver, "mixed")
 
 
 def parse_target(space: ElasticSpace, text: str) -> float:
