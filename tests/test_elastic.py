@@ -287,6 +287,23 @@ def test_router_gradient_prefers_the_choice_known_to_be_better_where_the_scalar_
     assert right["st"] >= 9 and right["soft"] >= 9 and right["hard"] < right["st"], right
 
 
+def test_budget_tolerance_leaves_deviations_inside_the_band_unpenalised():
+    cfg = ordered_config()
+    space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.7, 0.45]))
+    torch.manual_seed(0)
+    router = Router(space, hidden=32)
+    router.fit_budgets(200, lr=1e-2)
+    # nearly one-hot draws: each budget's deviation is its argmax architecture's, a fraction of a percent here
+    _, costs = router.budget_loss(10.0, 0.05)
+    deviations = [abs(c / t - 1) for c, t in zip(costs, space.targets, strict=True)]
+    assert max(deviations) < 0.02 and max(deviations) > 0
+    strict, _ = router.budget_loss(10.0, 0.05)
+    lenient, _ = router.budget_loss(10.0, 0.05, tolerance=0.02)
+    assert strict.item() > 0 and lenient.item() == 0.0
+    with pytest.raises(ConfigError, match="budget_tolerance"):
+        ElasticConfig(budget_tolerance=0.6).validate()
+
+
 def test_soft_and_hard_modes_both_train():
     cfg = ordered_config()
     for mode in ("hard", "soft"):

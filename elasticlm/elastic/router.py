@@ -146,7 +146,7 @@ class Router(nn.Module):
             return {k: z.argmax(-1).tolist() for k, z in self.logits(budget).items()}
 
     def budget_loss(self, scale: float, temperature: float, seed: int = 0, step: int = 0,
-                    samples: int = 8) -> tuple[torch.Tensor, list[float]]:
+                    samples: int = 8, tolerance: float = 0.0) -> tuple[torch.Tensor, list[float]]:
         """Mean over budgets of ``E_y |cost(y) / target − 1|`` over ``samples`` Gumbel-softmax draws
         ``y`` (soft, at the current scale and temperature); also each budget's noise-free E[cost].
 
@@ -154,7 +154,9 @@ class Router(nn.Module):
         cost, penalises the spread: a 50/50 mix of two hidden sizes can have the right mean but never
         a right draw. So the optimum is a committed choice per axis whose exact cost is on target,
         and the argmax Subnet lands on its budget (the deviation of the mean alone leaves the coarse
-        axes mixed until the temperature freezes them, often several percent off).
+        axes mixed until the temperature freezes them, often several percent off). ``tolerance``: a
+        deviation up to it costs nothing (``max(0, |dev| − tolerance)``), so inside that band only the
+        language-model loss moves the choices.
         """
         losses, costs = [], []
         for b in range(self.n_budgets):
@@ -166,7 +168,8 @@ class Router(nn.Module):
             draws = {name: torch.softmax((z.double() * scale + torch.stack([gumbel_noise(
                 tuple(z.shape), seed, step, b, k, _axis_key(name)) for k in range(samples)]).to(
                 z.device, torch.float64)) / temperature, -1) for name, z in logits.items()}  # [samples, slots, choices]
-            losses.append((self.space.expected_cost(draws) / self.targets[b] - 1).abs().mean())
+            deviation = (self.space.expected_cost(draws) / self.targets[b] - 1).abs()
+            losses.append((deviation - tolerance).clamp(min=0).mean() if tolerance else deviation.mean())
         if not losses:
             return torch.zeros(()), costs
         return torch.stack(losses).mean().float(), costs

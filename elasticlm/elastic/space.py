@@ -139,6 +139,9 @@ class ElasticConfig:
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
     temperature: list[float] = field(default_factory=lambda: [1.0, 0.05])
     budget_loss_weight: float = 1.0
+    # Deviation from a budget's target that the budget loss does not penalise (0.02: ±2 %), so that inside
+    # the band the language-model loss alone moves the router's choices. 0: every deviation counts.
+    budget_tolerance: float = 0.0
     # Consecutive rows of the global batch that share one budget draw. 0 = auto: 1 (every row draws its own)
     # unless FSDP2 shards the model, where all rows of one micro-step across ranks share a budget, so no rank
     # runs a budget it has no rows for. The marginal distribution of budgets is the same either way.
@@ -147,6 +150,8 @@ class ElasticConfig:
     def validate(self) -> None:
         if self.target not in ("params", "memory"):
             raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
+        if not 0.0 <= self.budget_tolerance < 0.5:
+            raise ConfigError(f"elastic.budget_tolerance must be in [0, 0.5), got {self.budget_tolerance}")
         if self.router_mode not in ("hard", "soft", "st"):
             raise ConfigError(f"elastic.router_mode must be hard, soft or st, got {self.router_mode!r}")
         if self.memory_dtype not in DTYPE_BYTES:

@@ -95,7 +95,7 @@ class ElasticStudent(nn.Module):
                 budgets: list[int], *, step: int, seed: int,
                 scale: float, temperature: float, kd_temperature: float, ce_weight: float,
                 budget_weight: float, amp: torch.dtype | None, run_budgets: list[int] | None = None,
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
+                budget_tolerance: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of one micro-batch (KD token mean + budget loss) and per-budget statistics.
         ``run_budgets``: budgets to run even without rows here (FSDP needs every rank to make the
         same module calls); such a budget runs on one row whose loss is weighted 0.
@@ -136,7 +136,7 @@ class ElasticStudent(nn.Module):
                 stats["kd"][b] = kd.item()
                 stats["tokens"][b] = k.sum().item()
             stats["routing"][b] = routing
-        bl, costs = self.router.budget_loss(scale, temperature, seed, step)
+        bl, costs = self.router.budget_loss(scale, temperature, seed, step, tolerance=budget_tolerance)
         stats["budget_loss"], stats["expected_costs"] = bl.item(), costs
         return total + budget_weight * bl, stats
 
@@ -235,7 +235,8 @@ class ElasticDistillation(Objective):
         return self.module(inputs, doc, keep, t_logits, targets, self.budgets[rows], step=step,
                            seed=run.train.seed, scale=self.scale, temperature=self.temp,
                            kd_temperature=run.distill.temperature, ce_weight=run.distill.ce_weight,
-                           budget_weight=run.elastic.budget_loss_weight, amp=self.amp, run_budgets=everyone)
+                           budget_weight=run.elastic.budget_loss_weight, amp=self.amp, run_budgets=everyone,
+                           budget_tolerance=run.elastic.budget_tolerance)
 
     def before_update(self) -> None:
         if self.sharded:
@@ -291,6 +292,8 @@ def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
     data and stages."""
     d = run.to_dict()
     elastic = dict(d["elastic"], budgets=[f"{space.target} {t:.6g}" for t in space.targets])
+    if not elastic.get("budget_tolerance"):  # added later: checkpoints written before it still resume
+        elastic.pop("budget_tolerance", None)
     return {"parent": space.config.to_dict(), "elastic": elastic, "distill": d["distill"], "data": d["data"],
             "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
