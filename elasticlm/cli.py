@@ -325,7 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError(f"--lm-eval-include {args.lm_eval_include} is not a directory")
         from .lm_eval import task_manager
 
-        task_manager(lm_tasks, args.lm_eval_include)  # unknown tasks: one line before any model is run
+        manager = task_manager(lm_tasks, args.lm_eval_include)  # unknown tasks: one line before any model runs
     out = Path(args.out) if args.out else Path(str(Path(args.checkpoint).resolve()) + "-eval")
     inputs = [args.checkpoint] + [spec.rpartition("=")[2] for spec in args.baseline or []]
     check_output_path(out, args.force, "report", inputs)
@@ -366,8 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for e, point in zip(entries, points, strict=True):
             if e.think is None:  # lm-eval scores one model; think→answer pairs are ours alone
                 print(f"lm-eval {','.join(lm_tasks)}: {e.series} {e.budget}", file=sys.stderr, flush=True)
-                point.lm_eval = run_tasks(e.model, e.tokenizer, e.subnet, lm_tasks, include_path=args.lm_eval_include,
-                                          limit=args.lm_eval_limit, batch_size=args.batch_size)
+                point.lm_eval = run_tasks(e.model, e.tokenizer, e.subnet, lm_tasks, limit=args.lm_eval_limit,
+                                          batch_size=args.batch_size, manager=manager)
     meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
             "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len,
             "lm_eval": {"tasks": lm_tasks, "include": args.lm_eval_include, "limit": args.lm_eval_limit}

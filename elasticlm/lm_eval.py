@@ -164,12 +164,14 @@ def task_manager(tasks: list[str], include_path: str | None = None) -> Any:
 
 
 def run_tasks(model: HybridLM, tokenizer: Any, subnet: Subnet | None, tasks: list[str], *,
-              include_path: str | None = None, limit: int | None = None, batch_size: int = 8) -> dict[str, float]:
+              include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
+              manager: Any = None) -> dict[str, float]:
     """lm-eval's ``simple_evaluate`` of ``tasks`` on one budget: ``{"task/metric": value}`` (standard errors and
-    non-numeric entries left out)."""
+    non-numeric entries left out). ``manager``: a :func:`task_manager` to reuse (indexing lm-eval's task
+    registry takes seconds)."""
     from lm_eval import simple_evaluate
 
-    manager = task_manager(tasks, include_path)
+    manager = manager if manager is not None else task_manager(tasks, include_path)
     lm = ElasticLMHarness.for_model(model, tokenizer, subnet, batch_size=batch_size)
     result = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
                              bootstrap_iters=0)
