@@ -164,6 +164,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
 
 
 ROUTING = "elastic.json"
+ROUTER_WEIGHTS = "router.safetensors"  # the trained router of an elastic checkpoint
 
 
 def read_routing(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-p sampling), optionally with a nested sub-model (--subnet).")
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
                    help="native or Hugging Face NemotronH directory, or an elastic checkpoint")
-    p.add_argument("--budget", help="run this trained budget of an elastic checkpoint (nested: no copy), e.g. 0.5")
+    p.add_argument("--budget", help="run this budget of an elastic checkpoint (nested: no copy), e.g. 0.5; an "
+                                    "untrained one (0.6) is placed by the router and said so")
     p.add_argument("--think-budget", help="think small, answer big: this budget writes the reasoning trace, and "
                                           "--budget (default: the full model) the answer from --switch on (greedy)")
     p.add_argument("--switch", default="\\nA:", help="the text that ends the thinking phase (\\n and \\t as "
@@ -606,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Homogeneous sub-models are written as Hugging Face NemotronH (transformers "
                                    "loads them without remote code) unless --format native.")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
-    p.add_argument("--budget", required=True, help="a trained budget (0.5, 50%%, 780K) or 'all'")
+    p.add_argument("--budget", required=True,
+                   help="a budget (0.5, 50%%, 780K; one never trained, e.g. 0.6, is placed by the router and marked "
+                        "as untrained) or 'all' (the trained ones)")
     p.add_argument("--out", required=True, help="output directory (with 'all': one budget-<label>/ per budget)")
     p.add_argument("--format", choices=["auto", "hf", "native", "gguf"], default="auto",
                    help="auto: Hugging Face NemotronH when the sub-model's layers of a type share widths, else "
@@ -715,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plot pareto.png (parameters vs accuracy and vs loss; needs matplotlib).")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
                    help="elastic checkpoint (final/ of `elasticlm train`) or model directory (with tokenizer.json)")
-    p.add_argument("--budgets", default="all", help="'all' or one budget (0.5, 50%%, 780K) of an elastic checkpoint")
+    p.add_argument("--budgets", default="all",
+                   help="'all' (the trained budgets) or one budget (0.5, 50%%, 780K; an untrained one is placed by "
+                        "the router and marked as such)")
     p.add_argument("--think-budget", help="also evaluate think small, answer big: this budget writes each trace and "
                                           "every evaluated budget the answer (rows labelled THINK→BUDGET)")
     p.add_argument("--tasks", default="ppl,reasoning,recall",

@@ -20,6 +20,7 @@ from ..model.gguf import DT_CLAMP_NOTE, gguf_incompatibility
 from ..model.hf import hf_incompatibility
 from ..model.hybrid import HybridLM
 from .extract import extract
+from .prune import describe_subnet
 from .space import memory_bytes
 
 
@@ -113,8 +114,6 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
             target.mkdir(exist_ok=True)
             small = extract(model, subnet)
             write_model_files(small, target, f, tokenizer_dir=model.source_dir, gguf_type=gguf_type)
-            from .prune import describe_subnet
-
             entry = entries.get(label) or {"architecture": describe_subnet(model.config, subnet),
                                            "target": model.budget_targets.get(label, 0), "target_kind": "params"}
             card = model_card(label, entry, small.config, model, f, str(model.source_dir))
@@ -134,8 +133,6 @@ def budget_report(cfg: ModelConfig, budgets: dict[str, Subnet], context: int = 4
              f"| budget | parameters | of parent | memory @ {context:,} tokens ({dtype}) | architecture |",
              "|---|---|---|---|---|"]
     total_separate = 0
-    from .prune import describe_subnet
-
     for label, subnet in budgets.items():
         n = count_parameters(cfg, subnet)
         total_separate += n

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import Subnet
 from ..model.hybrid import Modulation
-from .space import ElasticSpace
+from .space import ROUTER_MODES, ElasticSpace
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,6 @@ class Routing:
     subnet: Subnet
     choices: dict[str, list[int]]
     modulation: Modulation
-
-
-ROUTER_MODES = ("hard", "soft", "st")
 
 
 def straight_through(y: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,9 @@ DEFAULT_FFN_FRACTIONS = tuple(i / 32 for i in range(32, 7, -1))  # 1, 31/32, …
 DEFAULT_DEPTH_FRACTIONS = (1.0, 0.875, 0.75)
 
 
+ROUTER_MODES = ("hard", "soft", "st")  # see elastic/router.py
+
+
 @dataclass
 class ElasticConfig:
     """The ``[elastic]`` table: budgets, per-axis choice sets and the router.
@@ -152,7 +155,7 @@ class ElasticConfig:
             raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
         if not 0.0 <= self.budget_tolerance < 0.5:
             raise ConfigError(f"elastic.budget_tolerance must be in [0, 0.5), got {self.budget_tolerance}")
-        if self.router_mode not in ("hard", "soft", "st"):
+        if self.router_mode not in ROUTER_MODES:
             raise ConfigError(f"elastic.router_mode must be hard, soft or st, got {self.router_mode!r}")
         if self.memory_dtype not in DTYPE_BYTES:
             raise ConfigError(f"elastic.memory_dtype must be one of {sorted(DTYPE_BYTES)}")
@@ -250,7 +253,7 @@ class ElasticSpace:
             if ec.target == "params":
                 t = float(parse_budget(b, int(parent)))
             else:
-                t = float(_parse_memory_budget(b, parent))
+                t = float(parse_memory_budget(b, parent))
             if t in targets:
                 raise ConfigError(f"elastic.budgets: {labels[targets.index(t)]} and {label} are the same budget "
                                   f"({t:,.0f}); list each budget once")
@@ -361,7 +364,7 @@ def _budget_label(b: Any) -> str:
 _BYTES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _parse_memory_budget(b: Any, parent_bytes: float) -> float:
+def parse_memory_budget(b: Any, parent_bytes: float) -> float:
     """A memory budget: a fraction of the parent's memory (0.5, 50%) or bytes (512MiB, 24GB, 24G)."""
     raw = str(b).strip().upper().removesuffix("IB").removesuffix("B")
     try:

@@ -23,12 +23,11 @@ import torch
 from ..config import ModelConfig, Subnet, count_parameters, parse_budget
 from ..errors import CheckpointError, ConfigError
 from .router import Router
-from .space import Axis, ElasticSpace, _parse_memory_budget
+from .space import Axis, ElasticSpace, parse_memory_budget
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.02
-ROUTER_FILE = "router.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +73,11 @@ def load_router(directory: str | Path, space: ElasticSpace) -> Router:
     """The trained router of an elastic checkpoint (its hidden size read from the weights)."""
     from safetensors.torch import load_file
 
-    file = Path(directory) / ROUTER_FILE
+    from ..checkpoint import ROUTER_WEIGHTS
+
+    file = Path(directory) / ROUTER_WEIGHTS
     if not file.is_file():
-        raise CheckpointError(f"{directory} has no {ROUTER_FILE}; untrained budgets need the router")
+        raise CheckpointError(f"{directory} has no {ROUTER_WEIGHTS}; untrained budgets need the router")
     try:
         state = load_file(str(file))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -203,10 +204,9 @@ def untrained_subnet(space: ElasticSpace, router: Router, label: str, target: fl
 
 def parse_target(space: ElasticSpace, text: str) -> float:
     """``text`` as a cost in the space's unit (parameters, or deployment bytes for memory budgets)."""
-    parent = space.cost_of(Subnet.full(space.config))
     if space.target == "params":
         return float(parse_budget(text.strip(), int(count_parameters(space.config))))
-    return float(_parse_memory_budget(text.strip(), parent))
+    return float(parse_memory_budget(text.strip(), space.cost_of(Subnet.full(space.config))))
 
 
 def add_untrained_budget(model: Any, text: str) -> str:

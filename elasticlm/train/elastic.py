@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import ROUTING, atomic_directory, load, read_config, read_json, write_model_files
+from ..checkpoint import ROUTER_WEIGHTS, ROUTING, atomic_directory, load, read_config, read_json, write_model_files
 from ..config import count_parameters
 from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
@@ -53,7 +53,6 @@ from .trainer import Objective, Phase, autocast_dtype, build_optimizer, check_re
 
 log = logging.getLogger("elasticlm.train")
 
-ROUTER = "router.safetensors"
 ELASTIC = ROUTING  # elastic.json: the routing metadata
 
 
@@ -175,7 +174,8 @@ def save_elastic_checkpoint(path: Path, student: ElasticStudent, space: ElasticS
     metadata) — what `extract`, `serve` and `eval` read."""
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(student.model, tmp, tokenizer_dir=tok_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}, tmp / ROUTER)
+        router = {k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()}
+        save_file(router, tmp / ROUTER_WEIGHTS)
         write_routing(tmp, space, student.router)
 
 
@@ -286,14 +286,20 @@ class ElasticDistillation(Objective):
 # -- the trainer -------------------------------------------------------------------------------
 
 
+# Elastic fields added after checkpoints began recording compatibility, with their defaults: a field at its
+# default is left out of the record, so a checkpoint written before the field existed still resumes.
+ADDED_LATER: dict[str, Any] = {"budget_tolerance": 0.0}
+
+
 def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
     """What a resumed elastic run may not change (``--allow-config-change`` to do it anyway): the parent's
     architecture, the elastic space with budgets by value (``0.5`` and ``"50%"`` are one budget), distillation,
     data and stages."""
     d = run.to_dict()
     elastic = dict(d["elastic"], budgets=[f"{space.target} {t:.6g}" for t in space.targets])
-    if not elastic.get("budget_tolerance"):  # added later: checkpoints written before it still resume
-        elastic.pop("budget_tolerance", None)
+    for name, default in ADDED_LATER.items():  # at their defaults, records of older checkpoints still match
+        if elastic.get(name) == default:
+            elastic.pop(name)
     return {"parent": space.config.to_dict(), "elastic": elastic, "distill": d["distill"], "data": d["data"],
             "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
