@@ -3,8 +3,10 @@
     python bench/replicate.py demo     # the table `elasticlm demo` printed, with its timings
     python bench/replicate.py table1   # elastic vs Minitron-style (prune + KD per size) vs from scratch (≈ 35 min)
     python bench/replicate.py table3   # deployment memory: the nested family vs separate models (≈ 1 min)
-    python bench/replicate.py table4   # stage 1 only vs stage 1 + 2, per budget (≈ 2 min)
+    python bench/replicate.py table4   # stage 1 only vs stage 1 + 2 at equal tokens, per budget (≈ 12 min)
     python bench/replicate.py table5   # uniform vs weighted stage-2 budget sampling (≈ 6 min)
+    python bench/replicate.py seeds --demos runs/demo runs/demo-seed1 runs/demo-seed2   # the spread
+    python bench/replicate.py router   # the router's architectures vs the prune grid's vs random, 3 seeds
     python bench/replicate.py all
 
 Every table is written to its own section of docs/results.md (between ``<!-- tableN -->`` markers),
@@ -20,7 +22,9 @@ import copy
 import dataclasses
 import json
 import platform
+import random
 import shutil
+import statistics
 import sys
 import time
 from datetime import date
@@ -30,10 +34,10 @@ import torch
 
 from elasticlm import load
 from elasticlm.checkpoint import atomic_write_text
-from elasticlm.config import PRESETS, ModelConfig, count_parameters
+from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
-from elasticlm.demo import FULL, QUICK, Recipe, train_or_reuse
+from elasticlm.demo import FULL, QUICK, Recipe, seeded, train_or_reuse
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -44,9 +48,9 @@ SIZES = ("0.75", "0.5")
 
 
 def demo_recipe(demo: Path) -> Recipe:
-    """The recipe the demo in ``demo`` was made with (``--quick`` or not): the runs here must match it."""
+    """The recipe the demo in ``demo`` was made with (``--quick`` or not, its seed): the runs here must match it."""
     meta = json.loads((demo / "eval" / "eval.json").read_text())
-    return QUICK if meta.get("demo") == "quick" else FULL
+    return seeded(QUICK if meta.get("demo") == "quick" else FULL, int(meta.get("seed", 0)))
 
 
 def stage_tokens(recipe_stages: list[dict]) -> int:
@@ -249,31 +253,51 @@ def longest_families(k: int = 2) -> list[str]:
 
 
 def table4(args) -> None:
-    demo = Path(args.demo)
+    """Stage 2's gain at equal tokens: the demo's stage 1 + 2 against an elastic run that spends the same tokens
+    on stage 1 alone (short context, uniform budgets), each with a learning-rate schedule that ends at its own
+    last step; the demo's own stage-1 checkpoint (mid-schedule) is shown for reference."""
+    demo, work = Path(args.demo), Path(args.work)
+    recipe = demo_recipe(demo)
     stage1 = stage1_checkpoint(demo)
+    s = recipe.elastic["stages"]
+    out = work / "stage1-only"
+    tabs = copy.deepcopy(recipe.elastic)
+    tabs["parent"] = {"path": str(demo / "parent-ordered")}
+    tabs["train"]["out"] = str(out)
+    tabs["stages"] = [{**s[0], "tokens": stage_tokens(s)}]
+    train_or_reuse("stage-1-only elastic run (the demo's tokens, short context)", out,
+                   elastic_run_config_from_tables(tabs), train_elastic, not args.no_progress, print)
     tok = load_tokenizer(demo / "parent-ordered")
-    models = {"stage 1 only": load(stage1), "stage 1 + stage 2": load(demo / "elastic" / "final")}
+    names = ("stage 1, mid-schedule", "stage 1 only", "stage 1 + 2")
+    models = dict(zip(names, (load(stage1), load(out / "final"), load(demo / "elastic" / "final")), strict=True))
     entries = [Entry(name, label, m, tok, m.budgets[label]) for name, m in models.items() for label in m.budgets]
     points = {(p.series, p.budget): p for p in evaluate(entries, args, levels=("default", "hard"))}
     longest = longest_families()
-    rows = ["| budget | " + " | ".join(f"{f}: stage 1 → 1+2" for f in longest) + " | longest mean: stage 1 → 1+2 | "
-            "all tasks: stage 1 → 1+2 | hard (longer than trained): stage 1 → 1+2 | gain on the longest |",
-            "|---" * (5 + len(longest)) + "|"]
-    for label in models["stage 1 + stage 2"].budgets:
-        a, b = points[("stage 1 only", label)], points[("stage 1 + stage 2", label)]
-        la = sum(a.accuracy["default"][f] for f in longest) / len(longest)
-        lb = sum(b.accuracy["default"][f] for f in longest) / len(longest)
-        rows.append(f"| {label} | " + " | ".join(f"{pct(a.accuracy['default'][f])} → {pct(b.accuracy['default'][f])}"
-                                                 for f in longest)
-                    + f" | {pct(la)} → {pct(lb)} | {pct(a.mean_accuracy())} → {pct(b.mean_accuracy())} | "
-                    f"{pct(a.mean_accuracy('hard'))} → {pct(b.mean_accuracy('hard'))} | {100 * (lb - la):+.1f} pt |")
-    s = demo_recipe(demo).elastic["stages"]
-    body = (f"The same elastic run (`elasticlm demo`) evaluated at the end of stage 1 (`{stage1.relative_to(demo)}`: "
-            f"{s[0]['tokens'] / 1e6:.2f} M tokens at {s[0]['seq_len']} context, uniform budgets) and after stage 2 "
-            f"(+{s[1]['tokens'] / 1e6:.2f} M tokens at {s[1]['seq_len']} context, budget weights "
-            f"{s[1]['budget_weights']}). Longest tasks: {', '.join(longest)} (the longest traces at the default "
-            f"difficulty). n = {args.n} per family and difficulty. Note that the learning rate at the end of stage 1 "
-            "is still mid-schedule (one cosine spans both stages).\n\n" + "\n".join(rows))
+
+    def longest_mean(p: Point) -> float:
+        return sum(p.accuracy["default"][f] for f in longest) / len(longest)
+
+    def cells(label: str, get) -> str:
+        return " → ".join(get(points[(n, label)]) for n in names)
+
+    rows = ["| budget | " + " | ".join(f"{f}" for f in longest) + " | longest mean | all tasks | hard (longer than "
+            "trained) | val loss | stage 2's gain on the longest (equal tokens) |", "|---" * (7 + len(longest)) + "|"]
+    for label in models["stage 1 + 2"].budgets:
+        a, b = points[("stage 1 only", label)], points[("stage 1 + 2", label)]
+        columns = [*(lambda p, f=f: pct(p.accuracy["default"][f]) for f in longest),
+                   lambda p: pct(longest_mean(p)), lambda p: pct(p.mean_accuracy()),
+                   lambda p: pct(p.mean_accuracy("hard")), lambda p: f"{p.val_loss:.3f}"]
+        rows.append(f"| {label} | " + " | ".join(cells(label, get) for get in columns)
+                    + f" | {100 * (longest_mean(b) - longest_mean(a)):+.1f} pt |")
+    body = (f"Cells: {' → '.join(names)}. \"stage 1 + 2\": the demo's run ({s[0]['tokens'] / 1e6:.2f} M tokens at "
+            f"{s[0]['seq_len']} context with uniform budgets, then {s[1]['tokens'] / 1e6:.2f} M at {s[1]['seq_len']} "
+            f"with budget weights {s[1]['budget_weights']}). \"stage 1 only\": a second elastic run from the same "
+            f"ordered parent that spends the same {stage_tokens(s) / 1e6:.2f} M tokens at {s[0]['seq_len']} context "
+            "with uniform budgets; both learning-rate schedules end at their own last step, so the difference is the "
+            "long-context stage, not the learning rate. \"stage 1, mid-schedule\": the demo's checkpoint at the end "
+            f"of its stage 1 (`{stage1.relative_to(demo)}`, learning rate still mid-cosine), for reference. Longest "
+            f"tasks: {', '.join(longest)} (the longest traces at the default difficulty). n = {args.n} per family and "
+            "difficulty.\n\n" + "\n".join(rows))
     write_section(Path(args.results), "table4", "Table 4 analogue: stage 1 vs stage 1 + 2 (long context)", body,
                   "python bench/replicate.py table4")
 
@@ -313,7 +337,202 @@ def table5(args) -> None:
                   body, "python bench/replicate.py table5")
 
 
-TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "table5": table5}
+# -- Router: learned vs grid vs random architectures (issue 19) -----------------------------------
+
+# the router's own choices under two recipes (docs/elastic.md): the default (hard gates after a 300-step
+# budget-only warm start) and the straight-through mask estimator after a 20-step warm start
+ROUTER_RECIPES = {"learned, hard": {}, "learned, st": {"router_mode": "st", "router_init_steps": 20}}
+ROUTER_AXES = {"heterogeneous": ["ffn"]}
+
+
+def random_subnet(space, target: float, rng: random.Random, tolerance: float = 0.01, tries: int = 200_000):
+    """A random point of the router's space (every axis and per-layer slot drawn uniformly and
+    independently) whose cost is within ``tolerance`` of ``target``, by rejection."""
+    for _ in range(tries):
+        sub = space.subnet({a.name: [rng.randrange(a.n_choices) for _ in range(a.n_slots)] for a in space.axes})
+        if abs(space.cost_of(sub) / target - 1) <= tolerance:
+            return sub
+    sys.exit(f"error: no random architecture within {tolerance:.0%} of {target:,.0f} in {tries} draws")
+
+
+def short_arch(config: ModelConfig, subnet) -> str:
+    """hidden · Mamba heads/group × head dim · query heads per KV head · FFN per MLP layer · dropped layers."""
+    kept = [(i, w) for i, w in enumerate(subnet.layers) if w is not None]
+    mamba = sorted({f"{w.heads_per_group}×{w.head_dim}" for _, w in kept if isinstance(w, MambaWidth)})
+    attn = sorted({str(w.heads_per_kv_group) for _, w in kept if isinstance(w, AttentionWidth)})
+    ffn = [str(w.intermediate_size) for _, w in kept if isinstance(w, MlpWidth)]
+    dropped = [i for i, w in enumerate(subnet.layers) if w is None]
+    return (f"h {subnet.hidden_size} · M {'/'.join(mamba)} · A {'/'.join(attn)} · F {'/'.join(ffn)}"
+            + (f" · drop {dropped}" if dropped else ""))
+
+
+def mean_spread(xs: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± sample std (min–max)`` of ``xs``, each value times ``scale``."""
+    v = [x * scale for x in xs]
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
+def router(args) -> None:
+    from elasticlm.checkpoint import atomic_directory, write_model_files
+    from elasticlm.elastic.extract import extract
+    from elasticlm.elastic.importance import calibration_batches
+    from elasticlm.elastic.prune import search
+    from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+
+    demo, work = Path(args.demo), Path(args.work) / "router"
+    recipe = demo_recipe(demo)
+    ordered_dir = demo / "parent-ordered"
+    ordered, tok = load(ordered_dir), load_tokenizer(ordered_dir)
+    stage1 = dict(recipe.elastic["stages"][0])
+    stage1.pop("budget_weights", None)
+    kd_stage = {**stage1, "name": "kd", "tokens": args.kd_steps * stage1["batch_size"] * stage1["seq_len"]}
+    seeds = list(range(args.seeds))
+    progress = not args.no_progress
+
+    def elastic_tables(out: Path, seed: int, extra: dict, stages: list[dict]) -> dict:
+        tabs = copy.deepcopy(recipe.elastic)
+        tabs["elastic"] = {**tabs["elastic"], **extra}
+        tabs["stages"] = stages
+        tabs["train"] = {**tabs["train"], "out": str(out), "seed": seed}
+        tabs["data"] = {**tabs["data"], "seed": 1 + seed}
+        return tabs
+
+    # (a) the router's architectures: one elastic stage-1 run per recipe and seed, all budgets at once
+    archs: dict[tuple[str, str, int], object] = {}
+    elastic_models: dict[tuple[str, int], Path] = {}
+    for seed in seeds:
+        for name, extra in ROUTER_RECIPES.items():
+            out = work / f"elastic-{name.split(', ')[1]}-s{seed}"
+            tabs = elastic_tables(out, seed, {**ROUTER_AXES, **extra}, [stage1])
+            tabs["parent"] = {"path": str(ordered_dir)}
+            train_or_reuse(f"elastic run ({name}, seed {seed})", out, elastic_run_config_from_tables(tabs),
+                           train_elastic, progress, print)
+            elastic_models[(name, seed)] = out / "final"
+            budgets = load(out / "final").budgets
+            for label in SIZES:
+                archs[(name, label, seed)] = budgets[label]
+    # (b) the best of the prune search's grid (by calibration loss; deterministic) and (c) random ones
+    space = ElasticSpace.build(ordered.config, ElasticConfig(budgets=[float(x) for x in SIZES], **ROUTER_AXES))
+    val = data_config_from_spec("synthetic", mask_prompt=True)
+    search_set = list(calibration_batches(val, lambda s: tok.encode(s).ids, ordered.config.eos_token_id,
+                                          recipe.eval["search_samples"], 256, 8, "train", True))
+    for label, target in zip(space.budgets, space.targets, strict=True):
+        grid = search(ordered, int(target), search_set, progress=progress)[0].subnet
+        for seed in seeds:
+            archs[("grid", label, seed)] = grid
+            archs[("random", label, seed)] = random_subnet(space, target, random.Random(f"router:{label}:{seed}"))
+    # every architecture distilled alone from the parent with the same tokens and seed
+    methods = [*ROUTER_RECIPES, "grid", "random"]
+    entries = []
+    for (method, label, seed), subnet in sorted(archs.items()):
+        slug = f"{method.replace(', ', '-')}-{label}-s{seed}"
+        student, out = work / f"student-{slug}", work / f"kd-{slug}"
+        if not (student / "config.json").is_file():
+            with atomic_directory(student, overwrite=True) as tmp:
+                write_model_files(extract(ordered, subnet), tmp, "native", tokenizer_dir=ordered_dir)
+        tabs = elastic_tables(out, seed, {"budgets": [1.0], "depth": [1.0]}, [kd_stage])
+        tabs["parent"] = {"path": str(student)}
+        tabs["distill"] = {"teacher": str(ordered_dir)}
+        train_or_reuse(f"KD student {slug}", out, elastic_run_config_from_tables(tabs), train_elastic, progress, print)
+        entries.append(Entry(f"{method}|{seed}", label, load(out / "final"), tok))
+    for (name, seed), path in elastic_models.items():
+        m = load(path)
+        entries += [Entry(f"{name} (as trained)|{seed}", label, m, tok, m.budgets[label]) for label in SIZES]
+    points = {(p.series, p.budget): p for p in evaluate(entries, args)}
+
+    rows = ["| budget | architecture | parameters | val loss (mean ± std, min–max) | accuracy % | recall % | "
+            "architectures (seed 0 / 1 / 2 …) |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for label in SIZES:
+        for method in [*methods, *(f"{n} (as trained)" for n in ROUTER_RECIPES)]:
+            ps = [points[(f"{method}|{s}", label)] for s in seeds]
+            summary[f"{method}|{label}"] = [dataclasses.asdict(p) for p in ps]
+            arch_key = method.replace(" (as trained)", "")
+            descs = list(dict.fromkeys(short_arch(ordered.config, archs[(arch_key, label, s)]) for s in seeds))
+            rows.append(f"| {label} | {method} | {' / '.join(sorted({f'{p.parameters:,}' for p in ps}))} | "
+                        f"{mean_spread([p.val_loss for p in ps])} | "
+                        f"{mean_spread([p.mean_accuracy() for p in ps], 100, 1)} | "
+                        f"{mean_spread([p.accuracy['default']['recall'] for p in ps], 100, 1)} | "
+                        f"{'<br>'.join(descs)} |")
+    (work / "router.json").write_text(json.dumps(summary, indent=2) + "\n")
+    body = (f"At each budget, four architectures of (within 1 %) the same parameter count, each pruned from the "
+            f"demo's ordered parent and distilled alone from it with the same tokens "
+            f"({kd_stage['tokens'] / 1e6:.2f} M: "
+            f"{args.kd_steps} steps × {stage1['batch_size']} × {stage1['seq_len']}, KD τ = 1, the demo's elastic "
+            f"optimiser settings) and the same data seed: the router's choice after an elastic stage 1 of all three "
+            f"budgets ({stage1['tokens'] / 1e6:.2f} M tokens, FFN width per layer, hard gates with the default "
+            f"300-step warm start, or `router_mode = \"st\"` with a 20-step one); the best of `elasticlm prune`'s "
+            f"grid by calibration loss (homogeneous widths); and a random point of the router's space. "
+            f"{len(seeds)} seeds (the elastic run's and the distillation's data order and router init; a new random "
+            f"architecture per seed). \"as trained\": the elastic run's own sub-model, before any per-size "
+            f"distillation. n = {args.n} prompts per family, default difficulty; loss on 48 held-out sequences. "
+            "Architectures: hidden · Mamba heads per group × head dim · query heads per KV head · FFN per MLP layer "
+            "· dropped layers.\n\n" + "\n".join(rows))
+    write_section(Path(args.results), "router", "Router: learned vs grid vs random architectures", body,
+                  f"python bench/replicate.py router --seeds {args.seeds} --kd-steps {args.kd_steps}")
+
+
+# -- Seeds: the demo's conclusions over several seeds (issue 19) ------------------------------------
+
+
+def seeds(args) -> None:
+    """The demo table over ``--demos`` (one finished `elasticlm demo --seed N` each): mean ± std (min–max)
+    per model, and per budget whether elastic beats zero-shot pruning by more than the seed spread
+    (every seed's elastic model above every seed's zero-shot one)."""
+    from collections import defaultdict
+
+    from elasticlm.eval.report import load_points
+
+    runs = {}
+    for d in map(Path, args.demos):
+        meta = json.loads((d / "eval" / "eval.json").read_text())
+        points = load_points(d / "eval" / "eval.json")
+        runs[int(meta.get("seed", 0))] = (meta, {(p.series, p.budget): p for p in points})
+    if len(runs) < 2:
+        sys.exit("error: seeds needs finished demos of at least two seeds (--demos runs/demo runs/demo-seed1 ...)")
+    per: dict[tuple[str, str], list[Point]] = defaultdict(list)
+    for _, (_, pts) in sorted(runs.items()):
+        for key, p in pts.items():
+            per[key].append(p)
+    fams = synthetic.FAMILIES
+    rows = ["| model | budget | parameters | val loss | mean accuracy % | " + " | ".join(f"{f} %" for f in fams) + " |",
+            "|---" * (5 + len(fams)) + "|"]
+    for (series, budget), ps in per.items():
+        if len(ps) != len(runs):
+            continue
+        fam = " | ".join(f"{statistics.mean(100 * p.accuracy['default'][f] for p in ps):.0f}" for f in fams)
+        rows.append(f"| {series} | {budget} | {' / '.join(sorted({f'{p.parameters:,}' for p in ps}))} | "
+                    f"{mean_spread([p.val_loss for p in ps])} | {mean_spread([p.mean_accuracy() for p in ps], 100, 1)} "
+                    f"| {fam} |")
+    verdicts = []
+    for (series, budget), ps in per.items():
+        if series != "zero-shot pruned" or ("elastic", budget) not in per:
+            continue
+        es = per[("elastic", budget)]
+        acc_e, acc_z = [p.mean_accuracy() for p in es], [p.mean_accuracy() for p in ps]
+        loss_e, loss_z = [p.val_loss for p in es], [p.val_loss for p in ps]
+        ok = min(acc_e) > max(acc_z) and max(loss_e) < min(loss_z)
+        verdicts.append(f"- budget {budget}: elastic {100 * min(acc_e):.1f}–{100 * max(acc_e):.1f} % vs zero-shot "
+                        f"{100 * min(acc_z):.1f}–{100 * max(acc_z):.1f} %, loss {min(loss_e):.3f}–{max(loss_e):.3f} vs "
+                        f"{min(loss_z):.3f}–{max(loss_z):.3f}: **{'above' if ok else 'NOT above'} by more than the "
+                        "seed spread**" + ("" if ok else " (the ranges overlap)"))
+    recall = [runs[s][1][("parent", "1.0")].accuracy["default"]["recall"] for s in sorted(runs)]
+    minutes = [runs[s][0]["timings_s"] for s in sorted(runs)]
+    total = [sum(t.values()) / 60 for t in minutes]
+    body = (f"Seeds {', '.join(map(str, sorted(runs)))} of `elasticlm demo --seed N` (each seed moves the parent's and "
+            "the elastic run's init and data order; the held-out prompts are the same). Cells: mean ± std "
+            f"(min–max) over the seeds; per-family columns are means. n = {runs[min(runs)][0]['n']} prompts per "
+            "family, default difficulty.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdicts)
+            + f"\n- the parent's recall per seed: {', '.join(f'{100 * r:.0f} %' for r in recall)}"
+            + f"\n- time per demo (training, extraction, evaluation): {', '.join(f'{t:.1f} min' for t in total)}")
+    write_section(Path(args.results), "seeds", "The demo over seeds: mean and spread", body,
+                  "elasticlm demo --seed N  (N = " + ", ".join(map(str, sorted(runs))) + "), then "
+                  "python bench/replicate.py seeds --demos " + " ".join(args.demos))
+
+
+TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "table5": table5, "router": router,
+          "seeds": seeds}
 
 
 def main() -> None:
@@ -324,12 +543,17 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results.md")
     ap.add_argument("--n", type=int, default=100, help="held-out prompts per task family")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--demos", nargs="+", default=["runs/demo", "runs/demo-seed1", "runs/demo-seed2"],
+                    help="seeds: finished demos of different --seed")
+    ap.add_argument("--seeds", type=int, default=3, help="router: seeds per architecture")
+    ap.add_argument("--kd-steps", type=int, default=200, help="router: distillation steps per architecture")
     args = ap.parse_args()
     if not (Path(args.demo) / "elastic" / "final").is_dir():
         sys.exit(f"error: {args.demo} holds no finished demo; run `elasticlm demo` first (or pass --demo)")
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    for name in (list(TABLES) if args.table == "all" else [args.table]):
+    # all: the tables of one demo; seeds and router train or read several runs and are asked for by name
+    for name in (["demo", "table1", "table3", "table4", "table5"] if args.table == "all" else [args.table]):
         start = time.perf_counter()
         TABLES[name](args)
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)

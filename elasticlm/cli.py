@@ -385,9 +385,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import comparison_lines, run_demo
 
-    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    out = args.out or (("runs/demo-quick" if args.quick else "runs/demo") + (f"-seed{args.seed}" if args.seed else ""))
     result = run_demo(out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress,
-                      log=lambda msg: print(msg, flush=True))
+                      log=lambda msg: print(msg, flush=True), seed=args.seed)
     print("\n## elasticlm demo" + (" --quick" if args.quick else "") + "\n")
     print(result["table"])
     print()
@@ -705,7 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stopped.")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run; quality is not "
                                                         "meaningful)")
-    p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick; "
+                                 "runs/demo-seedN with --seed N)")
+    p.add_argument("--seed", type=int, default=0, help="moves every random choice (the parent's and the elastic "
+                                                       "run's init and data slice; the evaluation prompts stay): run "
+                                                       "seeds 0, 1, 2 to see the spread (bench/replicate.py seeds)")
     p.add_argument("--fresh", action="store_true", help="delete the working directory first (retrain everything)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=cmd_demo)

@@ -14,6 +14,7 @@ in 30 minutes on 2 CPU cores; ``--quick`` is a tiny smoke run of the same pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 BUDGETS = [1.0, 0.75, 0.5]
 
@@ -119,8 +122,21 @@ def train_or_reuse(kind: str, out: Path, run: Any, train: Callable[..., Any], pr
     return True
 
 
+def seeded(recipe: Recipe, seed: int) -> Recipe:
+    """``recipe`` with every random choice moved by ``seed``: the parent's init and data slice, the elastic
+    run's router init and data slice (seed 0 is the recipe as written). The held-out evaluation sets do not
+    move (they are fixed by hash), so runs of different seeds are evaluated on the same prompts."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"the demo's seed must be an int >= 0, got {seed!r}")
+    parent, elastic = _plain(recipe.parent), _plain(recipe.elastic)
+    for tables, offset in ((parent, 0), (elastic, 1)):
+        tables["train"]["seed"] = seed
+        tables["data"]["seed"] = 2 * seed + offset
+    return dataclasses.replace(recipe, parent=parent, elastic=elastic)
+
+
 def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
     """The whole pipeline under ``out``; returns the evaluation points and the paths written."""
     from .checkpoint import atomic_directory, atomic_write_text, load, save, write_model_files
     from .data.datasets import data_config_from_spec
@@ -137,7 +153,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .train.elastic import train_elastic
     from .train.pretrain import pretrain
 
-    recipe = QUICK if quick else FULL
+    recipe = seeded(QUICK if quick else FULL, seed)
     out = Path(out)
     # the demo works in its own directory: an empty or new one, or one of its earlier runs (reused / resumed)
     resolve_output(out, force=True, kind="demo")
@@ -145,7 +161,8 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
         log(f"--fresh: removing {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full"}) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full", "seed": seed})
+                      + "\n")
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -240,8 +257,8 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
                 for label, subnet in zero_shot.items()]
     points = evaluate_entries(entries, families=FAMILIES, levels=tuple(ev["levels"]), n=ev["n"], val_data=val,
                               val_samples=ev["val_samples"], log=log)
-    meta = {"demo": "quick" if quick else "full", "out": str(out), "n": ev["n"], "difficulty": ev["levels"],
-            "val_samples": ev["val_samples"], "timings_s": timings}
+    meta = {"demo": "quick" if quick else "full", "seed": seed, "out": str(out), "n": ev["n"],
+            "difficulty": ev["levels"], "val_samples": ev["val_samples"], "timings_s": timings}
     paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""),
                         force=True)
     step("evaluation", t0)

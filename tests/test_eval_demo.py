@@ -136,3 +136,24 @@ def test_demo_refuses_a_file_as_its_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0]
     assert target.read_text() == "x"
+
+
+def test_demo_seed_moves_every_random_choice_and_seed_zero_is_the_recipe():
+    from elasticlm.demo import FULL, seeded
+
+    assert seeded(FULL, 0).parent["data"]["seed"] == FULL.parent["data"]["seed"] == 0
+    assert seeded(FULL, 0).elastic["data"]["seed"] == FULL.elastic["data"]["seed"] == 1
+    seeds = [(r.parent["train"]["seed"], r.parent["data"]["seed"], r.elastic["train"]["seed"], r.elastic["data"]["seed"])
+             for r in (seeded(FULL, s) for s in range(3))]
+    assert seeds == [(0, 0, 0, 1), (1, 2, 1, 3), (2, 4, 2, 5)]
+    assert "seed" not in FULL.parent["train"]  # the module-level recipe is not modified
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="seed"):
+            seeded(FULL, bad)
+
+
+def test_demo_refuses_a_negative_seed(tmp_path, capsys):
+    assert main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed" in err[0]
+    assert not (tmp_path / "d").exists()
