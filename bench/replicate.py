@@ -387,7 +387,7 @@ def router(args) -> None:
     stage1 = dict(recipe.elastic["stages"][0])
     stage1.pop("budget_weights", None)
     kd_stage = {**stage1, "name": "kd", "tokens": args.kd_steps * stage1["batch_size"] * stage1["seq_len"]}
-    seeds = list(range(args.seeds))
+    seeds = args.seeds
     progress = not args.no_progress
 
     def elastic_tables(out: Path, seed: int, extra: dict, stages: list[dict]) -> dict:
@@ -470,7 +470,7 @@ def router(args) -> None:
             "Architectures: hidden · Mamba heads per group × head dim · query heads per KV head · FFN per MLP layer "
             "· dropped layers.\n\n" + "\n".join(rows))
     write_section(Path(args.results), "router", "Router: learned vs grid vs random architectures", body,
-                  f"python bench/replicate.py router --seeds {args.seeds} --kd-steps {args.kd_steps}")
+                  f"python bench/replicate.py router --seeds {','.join(map(str, seeds))} --kd-steps {args.kd_steps}")
 
 
 # -- Seeds: the demo's conclusions over several seeds (issue 19) ------------------------------------
@@ -535,6 +535,17 @@ TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "t
           "seeds": seeds}
 
 
+def seed_list(text: str) -> list[int]:
+    """``3`` → [0, 1, 2]; ``1,2`` → [1, 2]; ``2,`` → [2]."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a comma-separated list of seeds, got {text!r}") from None
+    if not values or any(v < 0 for v in values) or (values == [0] and "," not in text):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0 and a count >= 1, got {text!r}")
+    return list(range(values[0])) if len(values) == 1 and "," not in text else values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table", choices=[*TABLES, "all"])
@@ -545,7 +556,9 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--demos", nargs="+", default=["runs/demo", "runs/demo-seed1", "runs/demo-seed2"],
                     help="seeds: finished demos of different --seed")
-    ap.add_argument("--seeds", type=int, default=3, help="router: seeds per architecture")
+    ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
+                    help="router: seeds per architecture, a count (3: seeds 0, 1, 2) or a list (1,2); finished runs "
+                         "are reused, so two processes can train disjoint seeds and a third run reports them all")
     ap.add_argument("--kd-steps", type=int, default=200, help="router: distillation steps per architecture")
     args = ap.parse_args()
     if not (Path(args.demo) / "elastic" / "final").is_dir():

@@ -42,7 +42,9 @@ FULL = Recipe(
                       mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
                       num_key_value_heads=2, attention_head_dim=32, intermediate_size=576),
         "tokenizer": {"kind": "bytes"},
-        "data": {"source": "synthetic", "mask_prompt": True, "seed": 0},
+        # recall twice as often: associative recall forms last and by a narrow margin at uniform weights (recall
+        # 6-51 % across machines and seeds at 900 steps; 77-89 % with this weight, docs/results.md)
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 0, "task_weights": {"recall": 2}},
         "train": dict(steps=900, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, min_lr_ratio=0.05,
                       weight_decay=0.1, eval_every=900, checkpoint_every=100, log_every=10),
         "eval": {"n": 24},
@@ -50,7 +52,7 @@ FULL = Recipe(
     importance={"samples": 64, "seq_len": 256, "depth_samples": 16},
     elastic={
         "elastic": {"budgets": BUDGETS, "router_lr": 1e-2},
-        "data": {"source": "synthetic", "mask_prompt": True, "seed": 1},
+        "data": {"source": "synthetic", "mask_prompt": True, "seed": 1, "task_weights": {"recall": 2}},
         "train": dict(lr=5e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.0, eval_every=10_000,
                       checkpoint_every=100, log_every=10),
         "eval": {"n": 24},

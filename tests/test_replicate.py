@@ -38,3 +38,20 @@ def test_replicate_writes_every_table_on_a_quick_demo(tmp_path):
     assert "training stage 2" not in again
     assert results.read_text().count("<!-- table5 -->") == 1
     assert results.read_text().index("<!-- table1 -->") < results.read_text().index("<!-- table5 -->")
+
+    # seeds: a second demo with another seed, then the spread over both
+    seed1 = tmp_path / "demo-seed1"
+    assert main(["demo", "--quick", "--seed", "1", "--out", str(seed1), "--no-progress"]) == 0
+    replicate("seeds", "--demos", str(demo), str(seed1), *common)
+    text = results.read_text()
+    seeds = text[text.index("<!-- seeds -->"):text.index("<!-- /seeds -->")]
+    assert "Seeds 0, 1" in seeds and "| elastic | 0.5 |" in seeds and "seed spread" in seeds
+    # router: each architecture distilled alone (one seed here, for time)
+    replicate("router", "--seeds", "1", "--kd-steps", "2", *common)
+    router = results.read_text()
+    router = router[router.index("<!-- router -->"):router.index("<!-- /router -->")]
+    for method in ("learned, hard", "learned, st", "grid", "random", "learned, st (as trained)"):
+        assert f"| 0.5 | {method} |" in router and f"| 0.75 | {method} |" in router, method
+    work = tmp_path / "work" / "router"
+    assert (work / "kd-random-0.5-s0" / "final" / "config.json").is_file()
+    assert (work / "elastic-st-s0" / "final" / "config.json").is_file()
