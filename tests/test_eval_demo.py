@@ -143,8 +143,8 @@ def test_demo_seed_moves_every_random_choice_and_seed_zero_is_the_recipe():
 
     assert seeded(FULL, 0).parent["data"]["seed"] == FULL.parent["data"]["seed"] == 0
     assert seeded(FULL, 0).elastic["data"]["seed"] == FULL.elastic["data"]["seed"] == 1
-    seeds = [(r.parent["train"]["seed"], r.parent["data"]["seed"], r.elastic["train"]["seed"], r.elastic["data"]["seed"])
-             for r in (seeded(FULL, s) for s in range(3))]
+    seeds = [(r.parent["train"]["seed"], r.parent["data"]["seed"], r.elastic["train"]["seed"],
+              r.elastic["data"]["seed"]) for r in (seeded(FULL, s) for s in range(3))]
     assert seeds == [(0, 0, 0, 1), (1, 2, 1, 3), (2, 4, 2, 5)]
     assert "seed" not in FULL.parent["train"]  # the module-level recipe is not modified
     for bad in (-1, 1.5, True):
