@@ -456,7 +456,8 @@ def router(args) -> None:
                         f"{mean_spread([p.accuracy['default']['recall'] for p in ps], 100, 1)} | "
                         f"{'<br>'.join(descs)} |")
     (work / "router.json").write_text(json.dumps(summary, indent=2) + "\n")
-    body = (f"At each budget, four architectures of (within 1 %) the same parameter count, each pruned from the "
+    body = (f"At each budget, four architectures of about the same parameter count (grid and random within 1 % of the "
+            f"target, the router's where it ended: see the parameters column), each pruned from the "
             f"demo's ordered parent and distilled alone from it with the same tokens "
             f"({kd_stage['tokens'] / 1e6:.2f} M: "
             f"{args.kd_steps} steps × {stage1['batch_size']} × {stage1['seq_len']}, KD τ = 1, the demo's elastic "
@@ -464,7 +465,8 @@ def router(args) -> None:
             f"budgets ({stage1['tokens'] / 1e6:.2f} M tokens, FFN width per layer, hard gates with the default "
             f"300-step warm start, or `router_mode = \"st\"` with a 20-step one); the best of `elasticlm prune`'s "
             f"grid by calibration loss (homogeneous widths); and a random point of the router's space. "
-            f"{len(seeds)} seeds (the elastic run's and the distillation's data order and router init; a new random "
+            f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} (the elastic run's and the distillation's data order "
+            f"and router init; a new random "
             f"architecture per seed). \"as trained\": the elastic run's own sub-model, before any per-size "
             f"distillation. n = {args.n} prompts per family, default difficulty; loss on 48 held-out sequences. "
             "Architectures: hidden · Mamba heads per group × head dim · query heads per KV head · FFN per MLP layer "
