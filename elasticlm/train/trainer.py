@@ -98,7 +98,7 @@ def amp_from_record(text: str) -> torch.dtype | None:
 
 def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float = 1.25) -> bool:
     """Time one forward + backward of ``model`` on a random ``[rows, seq]`` batch in fp32 and under bf16
-    autocast (median of 3 after a warm-up each, a few seconds at most) and say whether bf16 is at least
+    autocast (5 alternating pairs after a warm-up, a few seconds at most) and say whether bf16 is at least
     ``threshold``x faster. The decision and both timings are logged."""
     import statistics
 
@@ -118,17 +118,29 @@ def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float =
         loss.backward()
         return time.perf_counter() - t0
 
-    times = {}
     for amp in (False, True):
-        step(amp)
-        times[amp] = statistics.median(step(amp) for _ in range(3))
+        step(amp)  # warm-up
+    # alternate the two so that load from other processes hits both alike; decide on the median ratio
+    pairs = [(step(False), step(True)) for _ in range(5)]
     model.zero_grad(set_to_none=True)
-    ratio = times[False] / times[True]
+    ratio = paired_speedup(pairs)
     choice = ratio >= threshold
-    log.info("train.dtype auto: %s (a step took %.0f ms in fp32, %.0f ms under bf16 autocast: %.2fx; set "
-             "train.dtype to override)", "bf16 autocast" if choice else "fp32", 1e3 * times[False],
-             1e3 * times[True], ratio)
+    log.info("train.dtype auto: %s (a step took %.0f ms in fp32, %.0f ms under bf16 autocast: %.2fx, median of 5 "
+             "alternating pairs; set train.dtype to override)", "bf16 autocast" if choice else "fp32",
+             1e3 * statistics.median(a for a, _ in pairs), 1e3 * statistics.median(b for _, b in pairs), ratio)
     return choice
+
+
+def paired_speedup(pairs: list[tuple[float, float]]) -> float:
+    """The median over ``(fp32 seconds, bf16 seconds)`` pairs of fp32 / bf16: one pair hit by a burst of other
+    load does not decide, as it can when each dtype's median is taken on its own.
+
+    >>> paired_speedup([(1.0, 0.5), (1.0, 1.0), (3.0, 1.0)])
+    2.0
+    """
+    import statistics
+
+    return statistics.median(a / b for a, b in pairs)
 
 
 def _cpu_flags() -> set[str]:
