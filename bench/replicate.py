@@ -281,7 +281,7 @@ def table4(args) -> None:
         return " → ".join(get(points[(n, label)]) for n in names)
 
     rows = ["| budget | " + " | ".join(f"{f}" for f in longest) + " | longest mean | all tasks | hard (longer than "
-            "trained) | val loss | stage 2's gain on the longest (equal tokens) |", "|---" * (7 + len(longest)) + "|"]
+            "trained) | val loss | stage 2's gain on the longest (equal tokens) |", "|---" * (6 + len(longest)) + "|"]
     for label in models["stage 1 + 2"].budgets:
         a, b = points[("stage 1 only", label)], points[("stage 1 + 2", label)]
         columns = [*(lambda p, f=f: pct(p.accuracy["default"][f]) for f in longest),
