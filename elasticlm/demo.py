@@ -43,7 +43,7 @@ FULL = Recipe(
                       num_key_value_heads=2, attention_head_dim=32, intermediate_size=576),
         "tokenizer": {"kind": "bytes"},
         # recall twice as often: associative recall forms last and by a narrow margin at uniform weights (recall
-        # 6-51 % across machines and seeds at 900 steps; 77-89 % with this weight, docs/results.md)
+        # 6-51 % across machines and seeds at 900 steps; 88/88/45 % over seeds 0-2 with it, docs/results.md)
         "data": {"source": "synthetic", "mask_prompt": True, "seed": 0, "task_weights": {"recall": 2}},
         "train": dict(steps=900, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, min_lr_ratio=0.05,
                       weight_decay=0.1, eval_every=900, checkpoint_every=100, log_every=10),
