@@ -37,7 +37,7 @@ from elasticlm.checkpoint import atomic_write_text
 from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
-from elasticlm.demo import FULL, QUICK, Recipe, seeded, train_or_reuse
+from elasticlm.demo import FULL, QUICK, ROUTER, Recipe, seeded, train_or_reuse
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -115,6 +115,12 @@ def demo(args) -> None:
 # -- Table 1/2 -------------------------------------------------------------------------------------
 
 
+def one_size(elastic_table: dict) -> dict:
+    """The demo's ``[elastic]`` table for distilling one fixed architecture: a single budget, no depth axis and
+    none of the demo's router settings (nothing to route; st would only add full-width mask compute)."""
+    return {**{k: v for k, v in elastic_table.items() if k not in ROUTER}, "budgets": [1.0], "depth": [1.0]}
+
+
 def table1(args) -> None:
     demo, work = Path(args.demo), Path(args.work)
     recipe = demo_recipe(demo)
@@ -128,7 +134,7 @@ def table1(args) -> None:
         tabs = copy.deepcopy(recipe.elastic)
         tabs["parent"] = {"path": str(pruned)}
         tabs["distill"] = {"teacher": str(ordered)}
-        tabs["elastic"] = {**tabs["elastic"], "budgets": [1.0], "depth": [1.0]}
+        tabs["elastic"] = one_size(tabs["elastic"])
         tabs["train"]["out"] = str(work / f"kd-{label}")
         for s in tabs["stages"]:
             s.pop("budget_weights", None)
@@ -314,11 +320,17 @@ def table5(args) -> None:
     tabs["train"]["out"] = str(out)
     tabs["stages"][1]["budget_weights"] = None
     run = elastic_run_config_from_tables(tabs)
-    if not (out / "final" / "config.json").is_file():
+    # reused only when it is stage 2 of this very recipe from this very stage-1 state (a rerun demo replaces it)
+    source = json.loads(json.dumps({"run": run.to_dict(), "stage1": str(stage1.resolve()),
+                                    "stage1_mtime": (stage1 / "config.json").stat().st_mtime}))
+    marker = work / "stage2-uniform.source.json"
+    same = marker.is_file() and json.loads(marker.read_text()) == source
+    if not (same and (out / "final" / "config.json").is_file()):
         if out.exists():
             shutil.rmtree(out)
         print(f"training stage 2 with uniform budget sampling from {stage1} → {out}", flush=True)
         train_elastic(run, progress=not args.no_progress, resume_from=stage1)
+        atomic_write_text(marker, json.dumps(source, indent=2) + "\n")
     tok = load_tokenizer(demo / "parent-ordered")
     models = {"weighted 0.5/0.3/0.2": load(demo / "elastic" / "final"), "uniform": load(out / "final")}
     entries = [Entry(name, label, m, tok, m.budgets[label]) for name, m in models.items() for label in m.budgets]
@@ -341,7 +353,8 @@ def table5(args) -> None:
 
 # the router's own choices under two recipes (docs/elastic.md): the default (hard gates after a 300-step
 # budget-only warm start) and the straight-through mask estimator after a 20-step warm start
-ROUTER_RECIPES = {"learned, hard": {}, "learned, st": {"router_mode": "st", "router_init_steps": 20}}
+ROUTER_RECIPES = {"learned, hard": {"router_mode": "hard", "router_init_steps": 300},
+                  "learned, st": {"router_mode": "st", "router_init_steps": 20}}
 ROUTER_AXES = {"heterogeneous": ["ffn"]}
 
 
@@ -390,9 +403,10 @@ def router(args) -> None:
     seeds = args.seeds
     progress = not args.no_progress
 
-    def elastic_tables(out: Path, seed: int, extra: dict, stages: list[dict]) -> dict:
+    def elastic_tables(out: Path, seed: int, extra: dict | None, stages: list[dict]) -> dict:
+        """``extra`` None: one fixed architecture (``one_size``)."""
         tabs = copy.deepcopy(recipe.elastic)
-        tabs["elastic"] = {**tabs["elastic"], **extra}
+        tabs["elastic"] = one_size(tabs["elastic"]) if extra is None else {**tabs["elastic"], **extra}
         tabs["stages"] = stages
         tabs["train"] = {**tabs["train"], "out": str(out), "seed": seed}
         tabs["data"] = {**tabs["data"], "seed": 1 + seed}
@@ -431,7 +445,7 @@ def router(args) -> None:
         if not (student / "config.json").is_file():
             with atomic_directory(student, overwrite=True) as tmp:
                 write_model_files(extract(ordered, subnet), tmp, "native", tokenizer_dir=ordered_dir)
-        tabs = elastic_tables(out, seed, {"budgets": [1.0], "depth": [1.0]}, [kd_stage])
+        tabs = elastic_tables(out, seed, None, [kd_stage])
         tabs["parent"] = {"path": str(student)}
         tabs["distill"] = {"teacher": str(ordered_dir)}
         train_or_reuse(f"KD student {slug}", out, elastic_run_config_from_tables(tabs), train_elastic, progress, print)
