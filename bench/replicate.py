@@ -550,8 +550,10 @@ def seeds(args) -> None:
             "(the same parent): the difference must be positive in every seed and its mean larger than its std "
             "over seeds, for accuracy and loss.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdicts)
             + f"\n- the parent's recall per seed: {', '.join(f'{100 * r:.0f} %' for r in recall)}"
-            + "\n- time per demo before its evaluation (training, importance, extraction, baselines): "
-            + ", ".join(f"{t:.1f} min" for t in total))
+            + "\n- time per demo before its evaluation (training, importance, extraction, baselines; a parent reused "
+            "from an earlier demo of the same recipe counts 0): "
+            + ", ".join(f"{t:.1f} min (parent {m.get('parent', 0) / 60:.1f})" for t, m in zip(total, minutes,
+                                                                                       strict=True)))
     write_section(Path(args.results), "seeds", "The demo over seeds: mean and spread", body,
                   "elasticlm demo --seed N  (N = " + ", ".join(map(str, sorted(runs))) + "), then "
                   "python bench/replicate.py seeds --demos " + " ".join(args.demos))
