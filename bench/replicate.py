@@ -557,8 +557,42 @@ def seeds(args) -> None:
                   "python bench/replicate.py seeds --demos " + " ".join(args.demos))
 
 
-TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "table5": table5, "router": router,
-          "seeds": seeds}
+# -- Budgets never trained (issue 19) ---------------------------------------------------------------
+
+UNSEEN = ("0.85", "0.6")
+
+
+def unseen(args) -> None:
+    """The demo's elastic checkpoint at budgets it never trained, next to the trained ones (``elasticlm eval
+    --budgets``' path: the router's input interpolated between neighbours, the cost solver as fallback)."""
+    from elasticlm.elastic.unseen import add_untrained_budget
+
+    demo = Path(args.demo)
+    model = load(demo / "elastic" / "final")
+    tok = load_tokenizer(demo / "elastic" / "final")
+    full = count_parameters(model.config)
+    for text in UNSEEN:
+        add_untrained_budget(model, text)
+    order = sorted(model.budgets, key=lambda b: -float(b))
+    entries = [Entry("elastic", label, model, tok, model.budgets[label]) for label in order]
+    points = {p.budget: p for p in evaluate(entries, args)}
+    rows = ["| budget | trained? | parameters (vs target) | val loss | mean accuracy (default) | how it was found |",
+            "|---|---|---|---|---|---|"]
+    for label in order:
+        p, n = points[label], model.num_parameters(model.budgets[label])
+        info = model.untrained.get(label)
+        how = info.describe().split(": ", 1)[1].split("; cost")[0] if info else "trained"
+        rows.append(f"| {label} | {'no' if info else 'yes'} | {n:,} ({n / (float(label) * full) - 1:+.1%}) | "
+                    f"{p.val_loss:.3f} | {100 * p.mean_accuracy():.1f} % | {how} |")
+    body = ("Every budget of the demo's elastic checkpoint, trained or not, as `elasticlm eval --checkpoint "
+            f"{demo}/elastic/final --budgets {','.join(order)}` resolves them. n = {args.n} prompts per family, "
+            "default difficulty; loss on 48 held-out sequences. Parameters against the budget's target (budget × "
+            f"the parent's {full:,}).\n\n" + "\n".join(rows))
+    write_section(Path(args.results), "unseen", "Budgets never trained", body, "python bench/replicate.py unseen")
+
+
+TABLES = {"demo": demo, "table1": table1, "table3": table3, "table4": table4, "table5": table5, "unseen": unseen,
+          "router": router, "seeds": seeds}
 
 
 def seed_list(text: str) -> list[int]:
@@ -592,7 +626,7 @@ def main() -> None:
     torch.manual_seed(0)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     # all: the tables of one demo; seeds and router train or read several runs and are asked for by name
-    for name in (["demo", "table1", "table3", "table4", "table5"] if args.table == "all" else [args.table]):
+    for name in (["demo", "table1", "table3", "table4", "table5", "unseen"] if args.table == "all" else [args.table]):
         start = time.perf_counter()
         TABLES[name](args)
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)

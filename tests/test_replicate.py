@@ -27,8 +27,15 @@ def test_replicate_writes_every_table_on_a_quick_demo(tmp_path):
     common = ["--demo", str(demo), "--work", str(tmp_path / "work"), "--results", str(results), "--n", "3"]
     replicate("all", *common)
     text = results.read_text()
-    for key in ("demo", "table1", "table3", "table4", "table5"):
+    for key in ("demo", "table1", "table3", "table4", "table5", "unseen"):
         assert text.count(f"<!-- {key} -->") == 1 and text.count(f"<!-- /{key} -->") == 1
+    unseen = text[text.index("<!-- unseen -->"):text.index("<!-- /unseen -->")]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in unseen.splitlines()
+            if line.startswith("| 0.") or line.startswith("| 1.0")}
+    assert [rows[b][1] for b in ("1.0", "0.85", "0.75", "0.6", "0.5")] == ["yes", "no", "yes", "no", "yes"]
+    for b in ("0.85", "0.6"):  # the size is within 2 % of the target (the eval path's promise)
+        deviation = float(rows[b][2].split("(")[1].rstrip("%)"))
+        assert abs(deviation) <= 2.0, rows[b]
     table1 = text[text.index("<!-- table1 -->"):text.index("<!-- /table1 -->")]
     assert "| 0.5 |" in table1 and "| 0.75 |" in table1 and "**tokens**" in table1
     for run in ("kd-0.75", "kd-0.5", "scratch-0.75", "scratch-0.5", "stage2-uniform"):

@@ -96,6 +96,12 @@ def _axis_key(name: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
+def _default_pressure(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Routers saved before the budget-loss pressure existed load with every budget at weight 1."""
+    if prefix + "pressure" not in state_dict:
+        state_dict[prefix + "pressure"] = torch.ones(len(module.space.budgets), dtype=torch.float64)
+
+
 class AxisRouter(nn.Module):
     """Linear(n_budgets → hidden) → LeakyReLU → Linear(→ slots × choices)."""
 
@@ -119,6 +125,10 @@ class Router(nn.Module):
         n = len(space.budgets)
         self.axes = nn.ModuleDict({a.name: AxisRouter(n, a.n_slots, a.n_choices, hidden) for a in space.axes})
         self.register_buffer("targets", torch.tensor(space.targets, dtype=torch.float64), persistent=False)
+        # per-budget weight of the budget loss, raised while a budget's architecture stays off target (see
+        # update_pressure); saved with the router so that a resumed run continues with it
+        self.register_buffer("pressure", torch.ones(n, dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_default_pressure)
 
     @property
     def n_budgets(self) -> int:
@@ -167,10 +177,31 @@ class Router(nn.Module):
                 tuple(z.shape), seed, step, b, k, _axis_key(name)) for k in range(samples)]).to(
                 z.device, torch.float64)) / temperature, -1) for name, z in logits.items()}  # [samples, slots, choices]
             deviation = (self.space.expected_cost(draws) / self.targets[b] - 1).abs()
-            losses.append((deviation - tolerance).clamp(min=0).mean() if tolerance else deviation.mean())
+            loss = (deviation - tolerance).clamp(min=0).mean() if tolerance else deviation.mean()
+            losses.append(self.pressure[b] * loss)
         if not losses:
             return torch.zeros(()), costs
         return torch.stack(losses).mean().float(), costs
+
+    @torch.no_grad()
+    def update_pressure(self, rate: float, band: float = 0.01) -> list[float]:
+        """Raise budget ``b``'s weight in :meth:`budget_loss` by ``1 + rate`` while its argmax architecture
+        misses the target by more than ``band``, and let it fall back towards 1 by ``1 − rate`` once inside
+        (dual ascent on the constraint |cost / target − 1| ≤ band). Why: under ``st`` the language-model loss
+        reaches every choice's probability and pulls towards wider ones; at a fixed weight the two gradients
+        can balance with the architecture several percent over its budget, and stay there. Returns each
+        budget's deviation."""
+        deviations = []
+        for b in range(self.n_budgets):
+            dev = self.space.cost_of(self.resolve(b)) / float(self.targets[b]) - 1
+            deviations.append(dev)
+            if rate <= 0:
+                continue
+            if abs(dev) > band:
+                self.pressure[b] *= 1 + rate
+            else:
+                self.pressure[b] = max(1.0, float(self.pressure[b]) * (1 - rate))
+        return deviations
 
     def fit_budgets(self, steps: int, lr: float = 3e-3, scale: float = 1.0, temperature: float = 1.0,
                     seed: int = 0) -> float:

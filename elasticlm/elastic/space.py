@@ -138,6 +138,9 @@ class ElasticConfig:
     # Deviation from a budget's target that the budget loss does not penalise (0.02: ±2 %), so that inside
     # the band the language-model loss alone moves the router's choices. 0: every deviation counts.
     budget_tolerance: float = 0.0
+    # Growth per step of a budget's budget-loss weight while its architecture is off target by more than
+    # max(budget_tolerance, 1 %) (elastic/router.py: Router.update_pressure); 0: a fixed weight.
+    budget_pressure: float = 0.05
     # Consecutive rows of the global batch that share one budget draw. 0 = auto: 1 (every row draws its own)
     # unless FSDP2 shards the model, where all rows of one micro-step across ranks share a budget, so no rank
     # runs a budget it has no rows for. The marginal distribution of budgets is the same either way.
@@ -146,6 +149,9 @@ class ElasticConfig:
     def validate(self) -> None:
         if self.target not in ("params", "memory"):
             raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
+        if isinstance(self.budget_pressure, bool) or not isinstance(self.budget_pressure, (int, float)) \
+                or not 0.0 <= self.budget_pressure <= 1.0:
+            raise ConfigError(f"elastic.budget_pressure must be a number in [0, 1], got {self.budget_pressure!r}")
         if not 0.0 <= self.budget_tolerance < 0.5:
             raise ConfigError(f"elastic.budget_tolerance must be in [0, 0.5), got {self.budget_tolerance}")
         if self.router_mode not in ROUTER_MODES:

@@ -241,6 +241,8 @@ class ElasticDistillation(Objective):
     def before_update(self) -> None:
         if self.sharded:
             average_gradients(self.router, self.dist)  # the router is replicated, not sharded
+        ec = self.run.elastic
+        self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.01))
 
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
         kd_sum: dict[int, float] = {}
@@ -256,6 +258,7 @@ class ElasticDistillation(Objective):
                 row[f"kd_{label}"] = kd_sum[b] / max(kd_tok[b], 1.0)
             resolved = self.router.resolve(b)
             row[f"cost_{label}"] = self.space.cost_of(resolved) / self.space.targets[b]
+            row[f"pressure_{label}"] = float(self.router.pressure[b])
             for axis, idx in self.router.resolved_choices(b).items():  # per-axis trajectories
                 row[f"width_{label}_{axis}"] = self.space.axis(axis).kept_fraction(idx)
             if resolved != self.architectures.get(label):  # the router's choice for this budget changed
@@ -288,7 +291,7 @@ class ElasticDistillation(Objective):
 
 # Elastic fields added after checkpoints began recording compatibility, with their defaults: a field at its
 # default is left out of the record, so a checkpoint written before the field existed still resumes.
-ADDED_LATER: dict[str, Any] = {"budget_tolerance": 0.0}
+ADDED_LATER: dict[str, Any] = {"budget_tolerance": 0.0, "budget_pressure": 0.05}
 
 
 def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
