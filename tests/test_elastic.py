@@ -165,7 +165,7 @@ def test_budget_loss_drives_every_resolved_subnet_within_two_percent():
 @pytest.mark.parametrize("rate", [0.0, 0.05])
 def test_budget_pressure_brings_a_budget_pulled_wider_back_on_target(rate):
     """A stand-in for st's language-model gradient pulls every budget towards wider choices; at a fixed budget-loss
-    weight the router settles far over its targets, with the pressure (dual ascent) back within 1 %."""
+    weight the router settles far over its targets, with the pressure (dual ascent) back within 2 %."""
     space = ElasticSpace.build(ordered_config(), ElasticConfig(budgets=[1.0, 0.75, 0.5]))
     torch.manual_seed(0)
     router = Router(space, hidden=64)
@@ -183,7 +183,7 @@ def test_budget_pressure_brings_a_budget_pulled_wider_back_on_target(rate):
     if rate == 0:
         assert max(after) > 0.2, after
     else:
-        assert max(abs(d) for d in after) <= 0.01, after
+        assert max(abs(d) for d in after) <= 0.02, after
         assert router.pressure.max().item() < 2.0  # relaxed again once on target
     # saved with the router; a router saved before the pressure existed still loads
     state = router.state_dict()

@@ -184,13 +184,13 @@ class Router(nn.Module):
         return torch.stack(losses).mean().float(), costs
 
     @torch.no_grad()
-    def update_pressure(self, rate: float, band: float = 0.01) -> list[float]:
-        """Raise budget ``b``'s weight in :meth:`budget_loss` by ``1 + rate`` while its argmax architecture
-        misses the target by more than ``band``, and let it fall back towards 1 by ``1 − rate`` once inside
-        (dual ascent on the constraint |cost / target − 1| ≤ band). Why: under ``st`` the language-model loss
-        reaches every choice's probability and pulls towards wider ones; at a fixed weight the two gradients
-        can balance with the architecture several percent over its budget, and stay there. Returns each
-        budget's deviation."""
+    def update_pressure(self, rate: float, band: float = 0.02, cap: float = 1e3) -> list[float]:
+        """Raise budget ``b``'s weight in :meth:`budget_loss` by ``1 + rate`` (up to ``cap``) while its argmax
+        architecture misses the target by more than ``band``, and let it fall back towards 1 by ``1 − rate``
+        once inside (dual ascent on the constraint |cost / target − 1| ≤ band). Why: under ``st`` the
+        language-model loss reaches every choice's probability and pulls towards wider ones; at a fixed weight
+        the two gradients can balance with the architecture several percent over its budget, and stay there.
+        Returns each budget's deviation."""
         deviations = []
         for b in range(self.n_budgets):
             dev = self.space.cost_of(self.resolve(b)) / float(self.targets[b]) - 1
@@ -198,7 +198,7 @@ class Router(nn.Module):
             if rate <= 0:
                 continue
             if abs(dev) > band:
-                self.pressure[b] *= 1 + rate
+                self.pressure[b] = min(cap, float(self.pressure[b]) * (1 + rate))
             else:
                 self.pressure[b] = max(1.0, float(self.pressure[b]) * (1 - rate))
         return deviations

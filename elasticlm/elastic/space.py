@@ -139,7 +139,7 @@ class ElasticConfig:
     # the band the language-model loss alone moves the router's choices. 0: every deviation counts.
     budget_tolerance: float = 0.0
     # Growth per step of a budget's budget-loss weight while its architecture is off target by more than
-    # max(budget_tolerance, 1 %) (elastic/router.py: Router.update_pressure); 0: a fixed weight.
+    # max(budget_tolerance, 2 %) (elastic/router.py: Router.update_pressure); 0: a fixed weight.
     budget_pressure: float = 0.05
     # Consecutive rows of the global batch that share one budget draw. 0 = auto: 1 (every row draws its own)
     # unless FSDP2 shards the model, where all rows of one micro-step across ranks share a budget, so no rank

@@ -242,7 +242,7 @@ class ElasticDistillation(Objective):
         if self.sharded:
             average_gradients(self.router, self.dist)  # the router is replicated, not sharded
         ec = self.run.elastic
-        self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.01))
+        self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.02))
 
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
         kd_sum: dict[int, float] = {}
