@@ -77,8 +77,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
                 inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None) -> torch.Tensor:
-        # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
-        # nn.Module.__call__ costs as much as a small kernel here.
+        # The mixer's run() is a plain method call: single-token decoding is overhead-bound, and a second
+        # nn.Module.__call__ per block costs as much as a small kernel here. Hooks go on blocks.
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
             if layer not in cache.weights:
                 cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
@@ -108,7 +108,7 @@ Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class HybridLM(nn.Module):
     observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
-    call_blocks = False  # True once blocks are sharded (see mark_sharded): call them through nn.Module.__call__
+    sharded = False  # True once FSDP2 shards the blocks (see mark_sharded)
     # Per-block activation checkpointing while gradients are on: each block keeps only its input and
     # recomputes its inside during backward (activation memory ≈ one hidden state per block).
     activation_checkpointing = False
@@ -203,13 +203,11 @@ class HybridLM(nn.Module):
                 scale = mod.block[i] if mod.block is not None else None
                 inner = mod.inner[i] if mod.inner is not None else None
                 nw = mod.norm_width
+                # through nn.Module.__call__, so module hooks (FSDP2's per-block all-gathers among them) run
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    call = block if self.call_blocks else block.forward
-                    x = checkpoint(call, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
-                elif self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
-                    x = block(x, width, cache, i, documents, scale, inner, nw)
+                    x = checkpoint(block, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
                 else:
-                    x = block.forward(x, width, cache, i, documents, scale, inner, nw)
+                    x = block(x, width, cache, i, documents, scale, inner, nw)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if logits_to_keep > 0:
@@ -264,12 +262,12 @@ class HybridLM(nn.Module):
         return generate(self, input_ids, subnet=subnet, **kwargs)
 
     def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
-        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.call_blocks)
+        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.sharded)
 
     def mark_sharded(self) -> None:
-        """Called once FSDP2 wraps the blocks: run them through their hooks, and keep no slices or copies
-        of parameters between calls (a sharded block's full parameters exist only inside its forward)."""
-        self.call_blocks = True
+        """Called once FSDP2 wraps the blocks: keep no slices or copies of parameters between calls (a sharded
+        block's full parameters exist only inside its forward, between FSDP2's hooks)."""
+        self.sharded = True
         for module in self.modules():
             if hasattr(module, "packed"):
                 module.packed.enabled = False
