@@ -80,7 +80,8 @@ QUICK = Recipe(
     },
     importance={"samples": 8, "seq_len": 128, "depth_samples": 4},
     elastic={
-        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2, **ROUTER},
+        # a longer budget-only warm start: 40 steps are too few for the budget pressure to pull a budget back
+        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2, **ROUTER, "router_init_steps": 100},
         "data": {"source": "synthetic", "mask_prompt": True, "seed": 1},
         "train": dict(lr=5e-4, warmup_steps=5, eval_every=10_000, checkpoint_every=20, log_every=10,
                       val_batches=1),
