@@ -147,9 +147,12 @@ def table1(args) -> None:
         model.pop("depth_order", None)
         tabs["model"] = model
         tabs["train"]["out"] = str(work / f"scratch-{label}")
+        runs["scratch"][label] = work / f"scratch-{label}" / "final"
+        if args.keep_scratch and (runs["scratch"][label] / "config.json").is_file():
+            print(f"keeping the from-scratch model {label} of an earlier run (--keep-scratch)", flush=True)
+            continue  # its architecture came from the earlier demo's sizes: the table says so
         train_or_reuse(f"from-scratch model {label}", work / f"scratch-{label}", run_config_from_tables(tabs),
                        pretrain, not args.no_progress, print)
-        runs["scratch"][label] = work / f"scratch-{label}" / "final"
 
     parent = load(ordered)
     tok = load_tokenizer(ordered)
@@ -172,9 +175,12 @@ def table1(args) -> None:
     rows.append(f"| 1.0 | {full.parameters:,} | {cell('elastic', '1.0')} | parent: {cell('parent', '1.0')} | "
                 f"parent: {cell('parent', '1.0')} | – |")
     for label in SIZES:
+        scratch = cell("from scratch", label)
+        n_scratch = points[("from scratch", label)].parameters
+        if n_scratch != points[("zero-shot pruned", label)].parameters:  # kept from an earlier demo's sizes
+            scratch += f" ({n_scratch:,} parameters)"
         rows.append(f"| {label} | {points[('elastic', label)].parameters:,} | {cell('elastic', label)} | "
-                    f"{cell('prune + KD', label)} | {cell('from scratch', label)} | "
-                    f"{cell('zero-shot pruned', label)} |")
+                    f"{cell('prune + KD', label)} | {scratch} | {cell('zero-shot pruned', label)} |")
     p_tok = parent_tokens(recipe)
     rows.append(f"| **tokens** (beyond the parent's {p_tok / 1e6:.2f} M) | | **{elastic_tokens / 1e6:.2f} M** for "
                 f"all sizes | **{len(SIZES) * elastic_tokens / 1e6:.2f} M** ({elastic_tokens / 1e6:.2f} M per size) | "
@@ -550,8 +556,10 @@ def seeds(args) -> None:
             "(the same parent): the difference must be positive in every seed and its mean larger than its std "
             "over seeds, for accuracy and loss.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdicts)
             + f"\n- the parent's recall per seed: {', '.join(f'{100 * r:.0f} %' for r in recall)}"
-            + "\n- time per demo before its evaluation (training, importance, extraction, baselines): "
-            + ", ".join(f"{t:.1f} min" for t in total))
+            + "\n- time per demo before its evaluation (training, importance, extraction, baselines; a parent reused "
+            "from an earlier demo of the same recipe counts 0): "
+            + ", ".join(f"{t:.1f} min (parent {m.get('parent', 0) / 60:.1f})" for t, m in zip(total, minutes,
+                                                                                       strict=True)))
     write_section(Path(args.results), "seeds", "The demo over seeds: mean and spread", body,
                   "elasticlm demo --seed N  (N = " + ", ".join(map(str, sorted(runs))) + "), then "
                   "python bench/replicate.py seeds --demos " + " ".join(args.demos))
@@ -612,6 +620,9 @@ def main() -> None:
     ap.add_argument("--demo", default="runs/demo", help="the working directory of a finished `elasticlm demo`")
     ap.add_argument("--work", default="runs/replicate", help="where the extra training runs go")
     ap.add_argument("--results", default="docs/results.md")
+    ap.add_argument("--keep-scratch", action="store_true",
+                    help="table1: keep from-scratch models an earlier run trained (their sizes are then the earlier "
+                         "demo's and the table says so) instead of training them again")
     ap.add_argument("--n", type=int, default=100, help="held-out prompts per task family")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--demos", nargs="+", default=["runs/demo", "runs/demo-seed1", "runs/demo-seed2"],
