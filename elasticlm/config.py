@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .kinds import KINDS, AttentionWidth, MambaWidth, MlpWidth, kind_of, kind_of_width, width_fields
 
 MAMBA, ATTENTION, MLP = "M", "*", "-"
-LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
 
 IntOrList = int | list[int]
 
@@ -188,14 +189,9 @@ class ModelConfig:
         """Position of ``layer`` among the layers of its own kind (``"M-M*"``: layer 2 → 1)."""
         return self.pattern[:layer].count(self.pattern[layer])
 
-    def layer_widths(self, layer: int) -> MambaWidth | AttentionWidth | MlpWidth:
+    def layer_widths(self, layer: int) -> LayerWidth:
         """The full (parent) width of one layer, as a Subnet entry."""
-        kind, k = self.pattern[layer], self.kind_index(layer)
-        if kind == MAMBA:
-            return MambaWidth(self.mamba_heads_list()[k] // self.mamba_n_groups, self.mamba_head_dims_list()[k])
-        if kind == ATTENTION:
-            return AttentionWidth(self.attention_heads_list()[k] // self.num_key_value_heads)
-        return MlpWidth(self.intermediate_sizes_list()[k])
+        return kind_of(self.pattern[layer]).full_width(self, self.kind_index(layer))
 
     @property
     def is_homogeneous(self) -> bool:
@@ -222,31 +218,7 @@ class ModelConfig:
 # -- Subnet ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MambaWidth:
-    """Kept prefix of a Mamba-2 layer: heads per group (every group keeps the same count) and
-    channels per head (one shared prefix of the head dimension)."""
-
-    heads_per_group: int
-    head_dim: int
-
-
-@dataclass(frozen=True)
-class AttentionWidth:
-    """Kept prefix of query heads inside each KV group; the KV heads themselves are always kept."""
-
-    heads_per_kv_group: int
-
-
-@dataclass(frozen=True)
-class MlpWidth:
-    """Kept prefix of FFN neurons."""
-
-    intermediate_size: int
-
-
 LayerWidth = MambaWidth | AttentionWidth | MlpWidth
-_WIDTH_OF_KIND = {MAMBA: MambaWidth, ATTENTION: AttentionWidth, MLP: MlpWidth}
 
 
 @dataclass(frozen=True)
@@ -275,18 +247,16 @@ class Subnet:
         drop_layers: tuple[int, ...] | list[int] = (),
     ) -> Subnet:
         """A homogeneous Subnet: the same kept width for every layer of a kind (None = full)."""
+        given = {"mamba_heads_per_group": mamba_heads_per_group, "mamba_head_dim": mamba_head_dim,
+                 "attention_heads_per_kv_group": attention_heads_per_kv_group, "intermediate_size": intermediate_size}
         layers: list[LayerWidth | None] = []
         for i in range(config.num_layers):
-            full = config.layer_widths(i)
             if i in set(drop_layers):
                 layers.append(None)
-            elif isinstance(full, MambaWidth):
-                layers.append(MambaWidth(mamba_heads_per_group or full.heads_per_group,
-                                         mamba_head_dim or full.head_dim))
-            elif isinstance(full, AttentionWidth):
-                layers.append(AttentionWidth(attention_heads_per_kv_group or full.heads_per_kv_group))
-            else:
-                layers.append(MlpWidth(intermediate_size or full.intermediate_size))
+                continue
+            kind, full = kind_of(config.pattern[i]), config.layer_widths(i)
+            layers.append(dataclasses.replace(full, **{field: given[kw] for kw, field in kind.uniform_keywords.items()
+                                                       if given.get(kw)}))
         return cls(hidden_size or config.hidden_size, tuple(layers))
 
     @property
@@ -304,21 +274,21 @@ class Subnet:
         for i, width in enumerate(self.layers):
             if width is None:
                 continue
-            kind = config.pattern[i]
-            if not isinstance(width, _WIDTH_OF_KIND[kind]):
-                raise ConfigError(f"subnet layer {i} is a {LAYER_NAMES[kind]} layer but was given {width!r}")
+            kind = kind_of(config.pattern[i])
+            if not isinstance(width, kind.width):
+                raise ConfigError(f"subnet layer {i} is a {kind.name} layer but was given {width!r}")
             full = config.layer_widths(i)
             for name in dataclasses.fields(width):
                 v, limit = getattr(width, name.name), getattr(full, name.name)
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
                     raise ConfigError(
-                        f"subnet layer {i} ({LAYER_NAMES[kind]}) {name.name}={v!r} must be in [1, {limit}]")
+                        f"subnet layer {i} ({kind.name}) {name.name}={v!r} must be in [1, {limit}]")
 
     def to_dict(self) -> dict[str, Any]:
         def entry(w: LayerWidth | None) -> dict[str, Any] | None:
             if w is None:
                 return None
-            return {"kind": LAYER_NAMES[_KIND_OF_WIDTH[type(w)]], **dataclasses.asdict(w)}
+            return {"kind": kind_of_width(w).name, **dataclasses.asdict(w)}
 
         return {"hidden_size": self.hidden_size, "layers": [entry(w) for w in self.layers]}
 
@@ -331,19 +301,17 @@ class Subnet:
                     layers.append(None)
                     continue
                 e = dict(e)
-                kind = {v: k for k, v in LAYER_NAMES.items()}.get(e.pop("kind", None))
+                kind = next((k for k in KINDS.values() if k.name == e.get("kind")), None)
                 if kind is None:
                     raise ConfigError(f"subnet layer {i}: 'kind' must be one of {sorted(LAYER_NAMES.values())}")
-                layers.append(_WIDTH_OF_KIND[kind](**e))
+                e.pop("kind")
+                layers.append(kind.width(**e))
             hidden = data["hidden_size"]
             if isinstance(hidden, bool) or not isinstance(hidden, int):
                 raise ConfigError(f"subnet hidden_size must be an int, got {hidden!r}")
             return cls(hidden, tuple(layers))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed subnet description: {exc}") from None
-
-
-_KIND_OF_WIDTH = {v: k for k, v in _WIDTH_OF_KIND.items()}
 
 
 # -- sub-model config and exact parameter counts -------------------------------------------
@@ -356,49 +324,30 @@ def subnet_config(config: ModelConfig, subnet: Subnet) -> ModelConfig:
     if not kept:
         # A model with no blocks is embeddings → norm → head; keep it expressible.
         raise ConfigError("subnet keeps no layers; keep at least one")
-    widths = [subnet.layers[i] for i in kept]
-    mamba = [w for w in widths if isinstance(w, MambaWidth)]
-    attn = [w for w in widths if isinstance(w, AttentionWidth)]
-    mlp = [w for w in widths if isinstance(w, MlpWidth)]
-    g, kv = config.mamba_n_groups, config.num_key_value_heads
-
-    def keep(values: list[int], parent: IntOrList) -> IntOrList:
-        # A kind with no kept layer keeps the parent's value: it is never used, but stays valid.
-        return _collapse(values, parent if isinstance(parent, int) else parent[0])
-
+    fields: dict[str, Any] = {}
+    for char, kind in KINDS.items():
+        widths = [subnet.layers[i] for i in kept if config.pattern[i] == char]
+        # A kind with no kept layer keeps the parent's values: never used, but valid.
+        fields.update({name: _collapse(v, v[0]) for name, v in kind.config_fields(config, widths).items()})
     return dataclasses.replace(
         config,
         pattern="".join(config.pattern[i] for i in kept),
         hidden_size=subnet.hidden_size,
-        mamba_num_heads=keep([w.heads_per_group * g for w in mamba], config.mamba_num_heads),
-        mamba_head_dim=keep([w.head_dim for w in mamba], config.mamba_head_dim),
-        num_attention_heads=keep([w.heads_per_kv_group * kv for w in attn], config.num_attention_heads),
-        intermediate_size=keep([w.intermediate_size for w in mlp], config.intermediate_size),
+        **fields,
         depth_order=None,
     )
 
 
-def block_parameters(config: ModelConfig, kind: str, hidden: Any, *, mamba_heads_per_group: Any = 0,
-                     mamba_head_dim: Any = 0, heads_per_kv_group: Any = 0, ffn: Any = 0) -> Any:
-    """Parameters of one block (pre-norm + mixer) at the given widths.
+def block_parameters(config: ModelConfig, kind: str, hidden: Any, **widths: Any) -> Any:
+    """Parameters of one block (pre-norm + mixer) at the given widths (the kind's width fields as keywords:
+    ``heads_per_group``, ``head_dim``, ``heads_per_kv_group``, ``intermediate_size``).
 
     Multilinear in the widths (each appears at most once per term), so it also gives the exact
     *expected* count when the widths are expectations of independent choices (ints, floats or tensors).
+    The layer's parent width only fixes the layout's shape; any layer of the kind gives the same count.
     """
-    if kind == MAMBA:
-        g, n, k = config.mamba_n_groups, config.ssm_state_size, config.conv_kernel
-        heads = g * mamba_heads_per_group
-        d_inner = heads * mamba_head_dim
-        conv_dim = d_inner + 2 * g * n
-        proj_out = 2 * d_inner + 2 * g * n + heads
-        params = hidden * proj_out + conv_dim * k + 3 * heads + d_inner + d_inner * hidden
-        params = params + (proj_out + hidden) * int(config.use_bias) + conv_dim * int(config.use_conv_bias)
-    elif kind == ATTENTION:
-        kv, dh = config.num_key_value_heads, config.attention_head_dim
-        params = 2 * hidden * kv * heads_per_kv_group * dh + 2 * hidden * kv * dh
-    else:
-        params = 2 * hidden * ffn + (ffn + hidden) * int(config.mlp_bias)
-    return params + hidden  # the block's pre-norm
+    spec = kind_of(kind)
+    return spec.parameters(config, spec.full_width(config, 0), widths, hidden)
 
 
 def outer_parameters(config: ModelConfig, hidden: Any) -> Any:
@@ -406,19 +355,11 @@ def outer_parameters(config: ModelConfig, hidden: Any) -> Any:
     return config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden
 
 
-def width_keywords(width: LayerWidth) -> dict[str, int]:
-    """A layer width as :func:`block_parameters` keywords."""
-    if isinstance(width, MambaWidth):
-        return {"mamba_heads_per_group": width.heads_per_group, "mamba_head_dim": width.head_dim}
-    if isinstance(width, AttentionWidth):
-        return {"heads_per_kv_group": width.heads_per_kv_group}
-    return {"ffn": width.intermediate_size}
-
-
 def layer_parameters(config: ModelConfig, kind: str, width: LayerWidth, hidden: int) -> int:
     """Exact parameter count of one block (pre-norm + mixer) at the given widths."""
-    assert isinstance(width, _WIDTH_OF_KIND[kind])
-    return int(block_parameters(config, kind, hidden, **width_keywords(width)))
+    spec = kind_of(kind)
+    assert isinstance(width, spec.width)
+    return int(block_parameters(config, kind, hidden, **width_fields(width)))
 
 
 def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:

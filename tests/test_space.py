@@ -10,8 +10,8 @@ import torch
 from conftest import random_subnet, tiny_config
 
 from elasticlm import HybridLM, Subnet, count_parameters, extract
-from elasticlm.config import width_keywords
 from elasticlm.elastic.space import expected_parameter_count, memory_bytes
+from elasticlm.kinds import width_fields
 from elasticlm.model.cache import KVState, MambaState
 
 
@@ -20,7 +20,7 @@ def test_expected_count_at_point_masses_is_the_exact_count():
     rng = random.Random(0)
     for _ in range(20):
         s = random_subnet(cfg, rng)
-        widths = [width_keywords(w if w is not None else cfg.layer_widths(i)) for i, w in enumerate(s.layers)]
+        widths = [width_fields(w if w is not None else cfg.layer_widths(i)) for i, w in enumerate(s.layers)]
         kept = [0 if w is None else 1 for w in s.layers]
         n = expected_parameter_count(cfg, s.hidden_size, widths, kept)
         assert n == count_parameters(cfg, s) == extract(HybridLM(cfg), s).num_parameters()
@@ -43,8 +43,8 @@ def test_expected_count_equals_enumerated_expectation():
         exact += p * count_parameters(cfg, s)
     probs = {name: torch.tensor(pr, dtype=torch.float64, requires_grad=True) for name, (_, pr) in axes.items()}
     e = {name: (torch.tensor(vals, dtype=torch.float64) * probs[name]).sum() for name, (vals, _) in axes.items()}
-    mamba = {"mamba_heads_per_group": e["hpg"], "mamba_head_dim": e["hd"]}
-    layers = [mamba, {"ffn": e["ffn"]}, {"heads_per_kv_group": e["r"]}, mamba]
+    mamba = {"heads_per_group": e["hpg"], "head_dim": e["hd"]}
+    layers = [mamba, {"intermediate_size": e["ffn"]}, {"heads_per_kv_group": e["r"]}, mamba]
     got = expected_parameter_count(cfg, e["hidden"], layers, [1, e["keep1"], 1, 1])
     assert got.item() == pytest.approx(exact, rel=1e-12)
     got.backward()

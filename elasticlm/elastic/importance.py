@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..config import ATTENTION, MAMBA, MLP, MambaWidth, ModelConfig, Subnet
+from ..config import ModelConfig, Subnet
 from ..data.datasets import DataConfig, PackedStream, documents
 from ..errors import CheckpointError, ConfigError
+from ..kinds import LayerKind, Run, kind_of
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
 
@@ -72,13 +73,7 @@ class Importance:
         if len(self.layers) != config.num_layers:
             fail(f"{len(self.layers)} layers scored, the model has {config.num_layers}")
         for i, scores in enumerate(self.layers):
-            full = config.layer_widths(i)
-            kind = config.pattern[i]
-            want = {MAMBA: {"channel": getattr(full, "head_dim", 0),
-                            "head": getattr(full, "heads_per_group", 0) * config.mamba_n_groups},
-                    ATTENTION: {"head": getattr(full, "heads_per_kv_group", 0) * config.num_key_value_heads},
-                    MLP: {"neuron": getattr(full, "intermediate_size", 0)}}[kind]
-            for name, size in want.items():
+            for name, size in score_sizes(config, i).items():
                 if name not in scores or scores[name].shape != (size,):
                     fail(f"layer {i} needs {size} {name} scores")
         for metric, order in self.depth.items():
@@ -194,6 +189,35 @@ def _attach(model: HybridLM, recorder: _Recorder) -> Callable[[], None]:
     return detach
 
 
+def score_sizes(config: ModelConfig, layer: int) -> dict[str, int]:
+    """The score vectors layer ``layer`` has, and their sizes: one score per unit of every group for the field
+    that cuts units (ranked within its group), one per entry for the field that cuts inside a unit."""
+    kind = kind_of(config.pattern[layer])
+    inner = kind.inner(config, config.layer_widths(layer))
+    sizes = {kind.scores[inner.unit]: inner.groups * inner.per_group} if inner.unit else {}
+    if inner.entry:
+        sizes[kind.scores[inner.entry]] = inner.inner
+    return sizes
+
+
+def unit_scores(kind: LayerKind, inner: Run, activation: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores of one layer from its aggregated activation in the kind's inner layout ``[groups · units ·
+    entries]``: a unit's score is the L2 over its entries, an entry's the L2 over every unit.
+
+    >>> from elasticlm.kinds import MAMBA_KIND
+    >>> run = Run(1, 2, 2, unit="heads_per_group", entry="head_dim")
+    >>> {k: v.tolist() for k, v in unit_scores(MAMBA_KIND, run, torch.tensor([3., 4., 0., 1.])).items()}
+    {'head': [5.0, 1.0], 'channel': [3.0, 4.123105525970459]}
+    """
+    per = activation.view(-1, inner.inner)  # [groups · units, entries]
+    out = {}
+    if inner.unit:
+        out[kind.scores[inner.unit]] = per.norm(dim=1) if inner.inner > 1 else per[:, 0]
+    if inner.entry:
+        out[kind.scores[inner.entry]] = per.norm(dim=0)
+    return out
+
+
 @torch.no_grad()
 def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], total: int | None = None,
                      progress: bool = True) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[float]]:
@@ -217,18 +241,9 @@ def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], to
     for i in range(cfg.num_layers):
         hidden += recorder.agg(i, "norm")
     layers: list[dict[str, torch.Tensor]] = []
-    for i, kind in enumerate(cfg.pattern):
-        full = cfg.layer_widths(i)
-        if kind == MAMBA:
-            assert isinstance(full, MambaWidth)
-            hd = full.head_dim
-            per = recorder.agg(i, "x").view(-1, hd)  # [heads, channels]
-            layers.append({"channel": per.norm(dim=0), "head": per.norm(dim=1)})
-        elif kind == ATTENTION:
-            per = recorder.agg(i, "o_in").view(-1, cfg.attention_head_dim)
-            layers.append({"head": per.norm(dim=1)})
-        else:
-            layers.append({"neuron": recorder.agg(i, "down_in")})
+    for i, char in enumerate(cfg.pattern):
+        kind = kind_of(char)
+        layers.append(unit_scores(kind, kind.inner(cfg, cfg.layer_widths(i)), recorder.agg(i, kind.observed)))
     cosine = [1.0 - float(c) / recorder.tokens for c in recorder.cos_sum]
     return hidden, layers, cosine
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import MLP, ModelConfig, Subnet, count_parameters
+from ..config import ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
+from ..kinds import KINDS
 from ..model.hybrid import HybridLM
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token ids, document ids, loss mask (all [b, t])
@@ -78,40 +79,50 @@ def _solve(config: ModelConfig, make: Callable[[int], Subnet], lo: int, hi: int,
     return (subnet, n, v) if abs(n - budget) <= TOLERANCE * budget else None
 
 
+def _grid(rule: str, full: int) -> list[int]:
+    """The values ``elasticlm prune`` tries for a width field of parent width ``full`` (see LayerKind.prune_grid)."""
+    if rule == "heads":
+        return _choices(full, HEAD_FRACTIONS)
+    return _choices(full, WIDTH_FRACTIONS[::2], 2 if full >= 8 else 1)
+
+
+def _uniform(config: ModelConfig, hidden: int, values: dict[tuple[str, str], int], dropped: tuple[int, ...]) -> Subnet:
+    """A homogeneous Subnet: ``values[(kind char, width field)]`` in every layer of that kind."""
+    layers = []
+    for i, char in enumerate(config.pattern):
+        mine = {f: v for (c, f), v in values.items() if c == char}
+        layers.append(None if i in dropped else dataclasses.replace(config.layer_widths(i), **mine))
+    return Subnet(hidden, tuple(layers))
+
+
 def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) -> list[Candidate]:
     """Every homogeneous architecture on the grid whose parameter count is within 1 % of ``budget`` (layers
-    dropped in :meth:`ModelConfig.drop_order`: the last attention layer stays unless ``keep_attention`` is off)."""
-    mamba = config.count("M") > 0
-    attention = config.count("*") > 0
-    fill_ffn = config.count(MLP) > 0
-    hidden_choices = _choices(config.hidden_size, WIDTH_FRACTIONS, 8 if config.hidden_size >= 64 else 1)
-    hg = config.mamba_heads_list()[0] // config.mamba_n_groups if mamba else 1
-    hd = config.mamba_head_dims_list()[0] if mamba else 1
-    per_kv = config.attention_heads_list()[0] // config.num_key_value_heads if attention else 1
-    ffn = config.intermediate_sizes_list()[0] if fill_ffn else 1
+    dropped in :meth:`ModelConfig.drop_order`: the last attention layer stays unless ``keep_attention`` is off).
+    Each kind present contributes its grid fields; the "fill" field (FFN width) is solved, or the hidden size
+    when no kind has one."""
     if not config.is_homogeneous:
         raise ConfigError("pruning searches homogeneous architectures; the parent has per-layer widths")
+    present = [k for k in KINDS.values() if config.count(k.char)]
+    fulls = {k.char: config.layer_widths(config.pattern.index(k.char)) for k in present}
+    grid = [(k, f, getattr(fulls[k.char], f), rule) for k in present for f, rule in k.prune_grid.items()
+            if rule != "fill"]
+    fill = next(((k, f, getattr(fulls[k.char], f)) for k in present for f, rule in k.prune_grid.items()
+                 if rule == "fill"), None)
+    hidden_choices = _choices(config.hidden_size, WIDTH_FRACTIONS, 8 if config.hidden_size >= 64 else 1)
     order = config.drop_order(keep_attention)
     drops = [0] if order is None else list(range(int(MAX_DEPTH_DROP * config.num_layers) + 1))
     out: list[Candidate] = []
-    axes = itertools.product(
-        hidden_choices if fill_ffn else [None],
-        _choices(hg, HEAD_FRACTIONS) if mamba else [1],
-        _choices(hd, WIDTH_FRACTIONS[::2], 2 if hd >= 8 else 1) if mamba else [1],
-        _choices(per_kv, HEAD_FRACTIONS) if attention else [1],
-        drops,
-    )
-    for hidden, mh, mc, ah, k in axes:
+    for hidden, *picks, k in itertools.product(hidden_choices if fill else [None],
+                                               *[_grid(rule, full) for _, _, full, rule in grid], drops):
         dropped = tuple(order[:k]) if order else ()
+        values = {(kind.char, f): v for (kind, f, _, _), v in zip(grid, picks, strict=True)}
 
-        def make(v: int, hidden=hidden, mh=mh, mc=mc, ah=ah, dropped=dropped) -> Subnet:
-            h, f = (hidden, v) if fill_ffn else (v, ffn)
-            return Subnet.uniform(config, hidden_size=h, mamba_heads_per_group=mh if mamba else None,
-                                  mamba_head_dim=mc if mamba else None,
-                                  attention_heads_per_kv_group=ah if attention else None,
-                                  intermediate_size=f if fill_ffn else None, drop_layers=dropped)
+        def make(v: int, hidden=hidden, values=values, dropped=dropped) -> Subnet:
+            if fill is None:
+                return _uniform(config, v, values, dropped)
+            return _uniform(config, hidden, {**values, (fill[0].char, fill[1]): v}, dropped)
 
-        full_fill = ffn if fill_ffn else config.hidden_size
+        full_fill = fill[2] if fill else config.hidden_size
         lo = max(1, math.ceil(MIN_FILL_FRACTION * full_fill))
         try:
             solved = _solve(config, make, lo, full_fill, budget)
@@ -121,12 +132,9 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) ->
             continue
         subnet, n, v = solved
         fractions = {"hidden": subnet.hidden_size / config.hidden_size, "depth": 1 - k / config.num_layers}
-        if mamba:
-            fractions.update(mamba_heads=mh / hg, mamba_head_dim=mc / hd)
-        if attention:
-            fractions["attention_heads"] = ah / per_kv
-        if fill_ffn:
-            fractions["ffn"] = v / ffn
+        fractions.update({kind.fields[f]: pick / full for (kind, f, full, _), pick in zip(grid, picks, strict=True)})
+        if fill:
+            fractions[fill[0].fields[fill[1]]] = v / fill[2]
         out.append(Candidate(subnet, n, fractions))
     return out
 

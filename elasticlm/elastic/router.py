@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import Subnet
+from ..kinds import kind_of
 from ..model.hybrid import Modulation
 from .space import ROUTER_MODES, ElasticSpace
 
@@ -275,22 +276,12 @@ class Router(nn.Module):
             return stair(y, [v[s] for v in axis.values], full)
 
         inner: list[torch.Tensor | None] = [None] * cfg.num_layers
-        for i in range(cfg.num_layers):
-            full = cfg.layer_widths(i)
-            if cfg.pattern[i] == "-":
-                inner[i] = layer_stair("ffn", i, full.intermediate_size)
-            elif cfg.pattern[i] == "*":
-                heads = layer_stair("attention_heads", i, full.heads_per_kv_group)
-                if heads is not None:  # [kv, per group, head_dim], head-major
-                    inner[i] = heads[None, :, None].expand(cfg.num_key_value_heads, -1, cfg.attention_head_dim
-                                                          ).reshape(-1)
-            else:
-                heads = layer_stair("mamba_heads", i, full.heads_per_group)
-                dims = layer_stair("mamba_head_dim", i, full.head_dim)
-                if heads is not None or dims is not None:
-                    h = heads if heads is not None else torch.ones(full.heads_per_group, device=dev)
-                    d = dims if dims is not None else torch.ones(full.head_dim, device=dev)
-                    inner[i] = (h[:, None] * d[None, :]).repeat(cfg.mamba_n_groups, 1).reshape(-1)
+        for i in range(cfg.num_layers):  # each kind's mask over its inner layout (elasticlm.kinds)
+            kind = kind_of(cfg.pattern[i])
+            run = kind.inner(cfg, cfg.layer_widths(i))
+            units = layer_stair(kind.fields[run.unit], i, run.per_group) if run.unit else None
+            entries = layer_stair(kind.fields[run.entry], i, run.inner) if run.entry else None
+            inner[i] = run.mask(units, entries)
         block: list[torch.Tensor | None] = []
         for i in range(cfg.num_layers):
             parts = [t for t in (keep[i], hidden) if t is not None]

@@ -8,7 +8,8 @@ axis independently, the expected count is the same formula evaluated at each axi
 exact, and differentiable through the router's probabilities.
 
 Worked example (one MLP layer, hidden 64, FFN 128, no bias): ``2·64·128 + 64 = 16,448`` parameters;
-keeping FFN 128 or 64 with probability ½ each gives ``block_parameters(cfg, "-", 64, ffn=96) = 12,352``.
+keeping FFN 128 or 64 with probability ½ each gives
+``block_parameters(cfg, "-", 64, intermediate_size=96) = 12,352``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import (
-    ATTENTION,
-    MAMBA,
-    MLP,
-    AttentionWidth,
     LayerWidth,
-    MambaWidth,
-    MlpWidth,
     ModelConfig,
     Subnet,
-    block_parameters,
     count_parameters,
     outer_parameters,
     parse_budget,
-    width_keywords,
 )
 from ..errors import ConfigError
+from ..kinds import KINDS, kind_of, width_fields
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -49,7 +43,7 @@ def expected_parameter_count(config: ModelConfig, hidden: Any, layers: list[dict
     total = outer_parameters(config, hidden)
     for i, widths in enumerate(layers):
         p = 1 if kept is None else kept[i]
-        total = total + p * block_parameters(config, config.pattern[i], hidden, **widths)
+        total = total + p * kind_of(config.pattern[i]).parameters(config, config.layer_widths(i), widths, hidden)
     return total
 
 
@@ -62,17 +56,20 @@ def memory_bytes(config: ModelConfig, subnet: Subnet | None = None, *, context: 
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}")
     subnet = subnet or Subnet.full(config)
     w, s = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
-    g, n = config.mamba_n_groups, config.ssm_state_size
-    kv = state = 0
-    for width in subnet.layers:
-        if isinstance(width, AttentionWidth):
-            kv += 2 * batch * context * config.num_key_value_heads * config.attention_head_dim * w
-        elif isinstance(width, MambaWidth):
-            d_inner = g * width.heads_per_group * width.head_dim
-            state += batch * (d_inner + 2 * g * n) * (config.conv_kernel - 1) * w
-            state += batch * d_inner * n * s
+    states = _state_keys()
+    for i, width in enumerate(subnet.layers):
+        if width is not None:
+            kind = kind_of(config.pattern[i])
+            if kind.state_name:
+                states[kind.state_name] += kind.state_bytes(config, width, batch=batch, context=context,
+                                                            dtype_bytes=w, state_bytes=s)
     weights = count_parameters(config, subnet) * w
-    return {"weights": weights, "kv_cache": kv, "mamba_state": state, "total": weights + kv + state}
+    return {"weights": weights, **states, "total": weights + sum(states.values())}
+
+
+def _state_keys() -> dict[str, int]:
+    """Every kind's state entry of :func:`memory_bytes`, at 0 (``kv_cache``, ``mamba_state``)."""
+    return {k.state_name: 0 for k in KINDS.values() if k.state_name}
 
 
 def expected_memory_bytes(config: ModelConfig, hidden: Any, layers: list[dict[str, Any]], kept: list[Any] | None,
@@ -80,23 +77,19 @@ def expected_memory_bytes(config: ModelConfig, hidden: Any, layers: list[dict[st
     """E[:func:`memory_bytes`] under independent per-axis choices (same arguments as
     :func:`expected_parameter_count`); exact for the same reason: every term is multilinear."""
     w, s = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
-    g, n = config.mamba_n_groups, config.ssm_state_size
     total = expected_parameter_count(config, hidden, layers, kept) * w
     for i, widths in enumerate(layers):
         p = 1 if kept is None else kept[i]
-        if config.pattern[i] == ATTENTION:
-            total = total + p * 2 * batch * context * config.num_key_value_heads * config.attention_head_dim * w
-        elif config.pattern[i] == MAMBA:
-            d_inner = g * widths["mamba_heads_per_group"] * widths["mamba_head_dim"]
-            total = total + p * batch * ((d_inner + 2 * g * n) * (config.conv_kernel - 1) * w + d_inner * n * s)
+        state = kind_of(config.pattern[i]).state_bytes(config, widths, batch=batch, context=context, dtype_bytes=w,
+                                                       state_bytes=s)
+        total = total + p * state
     return total
 
 
 # -- the elastic space ----------------------------------------------------------------------------
 
 # Width axes that act on one kind of layer, and the Subnet field each one sets.
-LAYER_AXES = {"mamba_heads": (MAMBA, "heads_per_group"), "mamba_head_dim": (MAMBA, "head_dim"),
-              "attention_heads": (ATTENTION, "heads_per_kv_group"), "ffn": (MLP, "intermediate_size")}
+LAYER_AXES = {axis: (kind.char, fieldname) for kind in KINDS.values() for fieldname, axis in kind.fields.items()}
 AXES = ("hidden", *LAYER_AXES, "depth")
 DEFAULT_WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
 DEFAULT_FFN_FRACTIONS = tuple(i / 32 for i in range(32, 7, -1))  # 1, 31/32, …, 1/4: fine enough to hit budgets
@@ -298,8 +291,7 @@ class ElasticSpace:
         dropped = set(self.dropped_layers(kept))
         layers: list[LayerWidth | None] = []
         for i, w in enumerate(widths):
-            kind_cls = {MAMBA: MambaWidth, ATTENTION: AttentionWidth, MLP: MlpWidth}[cfg.pattern[i]]
-            layers.append(None if i in dropped else kind_cls(**w))
+            layers.append(None if i in dropped else kind_of(cfg.pattern[i]).width(**w))
         return Subnet(hidden, tuple(layers))
 
     def dropped_layers(self, kept: int) -> list[int]:
@@ -329,7 +321,7 @@ class ElasticSpace:
         cfg = self.config
         hidden: Any = float(cfg.hidden_size)
         widths: list[dict[str, Any]] = [
-            {k: float(v) for k, v in _keywords(cfg, i).items()} for i in range(cfg.num_layers)]
+            {k: float(v) for k, v in width_fields(cfg.layer_widths(i)).items()} for i in range(cfg.num_layers)]
         kept: list[Any] | None = None
         for axis in self.axes:
             p = probs[axis.name]
@@ -342,7 +334,7 @@ class ElasticSpace:
                 runs = p[..., 0, :] @ keep  # [..., layers]
                 kept = [runs[..., i] for i in range(cfg.num_layers)]
             else:
-                key = _KEYWORD[axis.name]
+                key = LAYER_AXES[axis.name][1]
                 expected = (p * values.T).sum(-1) if axis.heterogeneous else p[..., 0, :] @ values  # [..., slots]
                 for s, layer in enumerate(axis.layers):
                     widths[layer][key] = expected[..., s]
@@ -351,14 +343,6 @@ class ElasticSpace:
         m = dict(self.memory)
         return expected_memory_bytes(cfg, hidden, widths, kept, context=m["context"], batch=m["batch"],
                                      dtype=m["dtype"])
-
-
-_KEYWORD = {"mamba_heads": "mamba_heads_per_group", "mamba_head_dim": "mamba_head_dim",
-            "attention_heads": "heads_per_kv_group", "ffn": "ffn"}
-
-
-def _keywords(config: ModelConfig, layer: int) -> dict[str, int]:
-    return width_keywords(config.layer_widths(layer))
 
 
 def _budget_label(b: Any) -> str:

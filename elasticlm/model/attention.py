@@ -12,43 +12,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AttentionWidth
-from .cache import KVState
+from ..config import ModelConfig
+from ..kinds import ATTENTION_KIND, AttentionWidth, slice_params
+from .cache import HybridCache, KVState
 from .documents import DocumentMask, document_attention
-from .slicing import PackedWeights, grouped_prefix, prefix
+from .slicing import PackedWeights
 
 
 class Attention(nn.Module):
     observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, full: AttentionWidth, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/attention.py)
         self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.attention_head_dim
+        self.num_heads = full.heads_per_kv_group * self.num_kv_heads
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, **kw)
+        for name, dims in ATTENTION_KIND.layout(config, full, full, config.hidden_size).items():
+            out_features, in_features = (d.full_size for d in dims)
+            setattr(self, name.removesuffix(".weight"), nn.Linear(in_features, out_features, **kw))
 
     def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views, except
         the kept query heads inside each KV group: copies, memoised while decoding)."""
-        per, r = self.num_heads // self.num_kv_heads, width.heads_per_kv_group
-        if r == per:
+        if width == self.full:
             return self._slice(hidden, width)
         return self.packed.get((hidden, width), [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                                                  self.o_proj.weight], lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        kv, per, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, width.heads_per_kv_group
-        return {
-            "q_proj.weight": prefix(grouped_prefix(self.q_proj.weight, 0, kv, per, r, self.head_dim), 1, hidden),
-            "k_proj.weight": prefix(self.k_proj.weight, 1, hidden),
-            "v_proj.weight": prefix(self.v_proj.weight, 1, hidden),
-            "o_proj.weight": prefix(grouped_prefix(self.o_proj.weight, 1, kv, per, r, self.head_dim), 0, hidden),
-        }
+        params = {f"{n}.weight": getattr(self, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        return slice_params(params, ATTENTION_KIND.layout(self.config, self.full, width, hidden))
+
+    def run(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None, layer: int,
+            documents: DocumentMask | None, inner: torch.Tensor | None,
+            params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The block's call: :meth:`forward` appending to this layer's KV state in ``cache``."""
+        if cache is None:
+            return self.forward(x, width, None, documents, inner, params)
+        state = cache.layers[layer] or KVState()
+        cache.layers[layer] = state
+        return self.forward(x, width, state, documents, inner, params, cache.key_valid)
 
     def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
                 documents: DocumentMask | None = None, inner: torch.Tensor | None = None,

@@ -7,7 +7,6 @@ The model knows nothing of routers or training; it only executes a Subnet.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import (
-    ATTENTION,
-    MAMBA,
     AttentionWidth,
     LayerWidth,
     MambaWidth,
@@ -27,8 +24,9 @@ from ..config import (
     Subnet,
     count_parameters,
 )
+from ..kinds import ATTENTION_KIND, MAMBA_KIND, MLP_KIND
 from .attention import Attention
-from .cache import HybridCache, KVState, MambaState
+from .cache import HybridCache
 from .documents import DocumentMask
 from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
@@ -62,6 +60,10 @@ class Modulation:
     norm_width: torch.Tensor | None = None
 
 
+# The nn.Module of every layer kind (elasticlm.kinds); built from the model config and the layer's full width.
+MIXERS: dict[str, type[nn.Module]] = {MAMBA_KIND.char: Mamba2Mixer, ATTENTION_KIND.char: Attention, MLP_KIND.char: MLP}
+
+
 class Block(nn.Module):
     # Set by elasticlm.elastic.importance while it records activations; None otherwise.
     observer: Observer | None = None
@@ -70,24 +72,13 @@ class Block(nn.Module):
         super().__init__()
         self.kind = config.pattern[layer]
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
-        full = config.layer_widths(layer)
-        d = config.hidden_size
-        if isinstance(full, MambaWidth):
-            self.mixer: nn.Module = Mamba2Mixer(
-                d, full.heads_per_group * config.mamba_n_groups, full.head_dim, config.mamba_n_groups,
-                config.ssm_state_size, config.conv_kernel, config.chunk_size, config.time_step_min,
-                config.norm_eps, config.use_bias, config.use_conv_bias, device=device, dtype=dtype)
-        elif isinstance(full, AttentionWidth):
-            self.mixer = Attention(d, full.heads_per_kv_group * config.num_key_value_heads,
-                                   config.num_key_value_heads, config.attention_head_dim, device=device, dtype=dtype)
-        else:
-            self.mixer = MLP(d, full.intermediate_size, config.mlp_bias, device=device, dtype=dtype)
+        self.mixer: nn.Module = MIXERS[self.kind](config, config.layer_widths(layer), device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
                 inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None) -> torch.Tensor:
-        # Sub-module forwards are called directly: single-token decoding is overhead-bound, and
-        # nn.Module.__call__ costs as much as a small kernel here.
+        # The mixer's run() is a plain method call: single-token decoding is overhead-bound, and a second
+        # nn.Module.__call__ per block costs as much as a small kernel here. Hooks go on blocks.
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
             if layer not in cache.weights:
                 cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
@@ -99,23 +90,7 @@ class Block(nn.Module):
         if self.observer is not None:
             self.observer("block_in", x)
             self.observer("norm", h)
-        if self.kind == MAMBA:
-            state = cache.layers[layer] if cache is not None else None
-            assert state is None or isinstance(state, MambaState)
-            h, new = self.mixer.forward(h, width, state, new_state=cache is not None, documents=documents,
-                                        inner=inner, params=prm,
-                                        valid=cache.chunk_valid if cache is not None else None)
-            if cache is not None:
-                cache.layers[layer] = new
-        elif self.kind == ATTENTION:
-            state = None
-            if cache is not None:
-                state = cache.layers[layer] or KVState()
-                cache.layers[layer] = state
-            h = self.mixer.forward(h, width, state, documents, inner, params=prm,
-                                   key_valid=cache.key_valid if cache is not None else None)
-        else:
-            h = self.mixer.forward(h, width, inner, params=prm)
+        h = self.mixer.run(h, width, cache, layer, documents, inner, prm)
         if scale is not None:
             h = h * scale
         if self.observer is not None:
@@ -133,7 +108,7 @@ Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class HybridLM(nn.Module):
     observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
-    call_blocks = False  # True once blocks are sharded (see mark_sharded): call them through nn.Module.__call__
+    sharded = False  # True once FSDP2 shards the blocks (see mark_sharded)
     # Per-block activation checkpointing while gradients are on: each block keeps only its input and
     # recomputes its inside during backward (activation memory ≈ one hidden state per block).
     activation_checkpointing = False
@@ -171,10 +146,9 @@ class HybridLM(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, (RMSNorm, NormWeight)):
                 nn.init.ones_(module.weight)
-        for block in self.layers:
-            if isinstance(block.mixer, Mamba2Mixer):
-                block.mixer.init_ssm_parameters(self.config.time_step_max)
-                block.mixer.out_proj.weight.mul_(1 / math.sqrt(self.config.num_layers))
+        for block in self.layers:  # a kind's own init on top (Mamba-2: its SSM parameters)
+            if hasattr(block.mixer, "init_kind_parameters"):
+                block.mixer.init_kind_parameters()
 
     # -- running ------------------------------------------------------------------------------
     def check_subnet(self, subnet: Subnet | None) -> Subnet:
@@ -229,13 +203,11 @@ class HybridLM(nn.Module):
                 scale = mod.block[i] if mod.block is not None else None
                 inner = mod.inner[i] if mod.inner is not None else None
                 nw = mod.norm_width
+                # through nn.Module.__call__, so module hooks (FSDP2's per-block all-gathers among them) run
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    call = block if self.call_blocks else block.forward
-                    x = checkpoint(call, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
-                elif self.call_blocks:  # through __call__, so FSDP2's per-block hooks run
-                    x = block(x, width, cache, i, documents, scale, inner, nw)
+                    x = checkpoint(block, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
                 else:
-                    x = block.forward(x, width, cache, i, documents, scale, inner, nw)
+                    x = block(x, width, cache, i, documents, scale, inner, nw)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if logits_to_keep > 0:
@@ -290,12 +262,12 @@ class HybridLM(nn.Module):
         return generate(self, input_ids, subnet=subnet, **kwargs)
 
     def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
-        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.call_blocks)
+        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.sharded)
 
     def mark_sharded(self) -> None:
-        """Called once FSDP2 wraps the blocks: run them through their hooks, and keep no slices or copies
-        of parameters between calls (a sharded block's full parameters exist only inside its forward)."""
-        self.call_blocks = True
+        """Called once FSDP2 wraps the blocks: keep no slices or copies of parameters between calls (a sharded
+        block's full parameters exist only inside its forward, between FSDP2's hooks)."""
+        self.sharded = True
         for module in self.modules():
             if hasattr(module, "packed"):
                 module.packed.enabled = False

@@ -19,37 +19,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MambaWidth
-from .cache import MambaState
+from ..config import ModelConfig
+from ..kinds import MAMBA_KIND, MambaWidth, slice_params
+from .cache import HybridCache, MambaState
 from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
-from .slicing import PackedWeights, grouped_prefix, prefix
+from .slicing import PackedWeights
 
 
 class Mamba2Mixer(nn.Module):
     observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, n_groups: int, state_size: int,
-                 conv_kernel: int, chunk_size: int, time_step_min: float, norm_eps: float,
-                 use_bias: bool = False, use_conv_bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, full: MambaWidth, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mamba.py)
         self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
-        self.num_heads, self.head_dim, self.n_groups = num_heads, head_dim, n_groups
-        self.state_size, self.conv_kernel, self.chunk_size = state_size, conv_kernel, chunk_size
-        self.time_step_min, self.norm_eps = time_step_min, norm_eps
-        d_inner = num_heads * head_dim
-        conv_dim = d_inner + 2 * n_groups * state_size
+        self.n_groups = config.mamba_n_groups
+        self.num_heads, self.head_dim = full.heads_per_group * self.n_groups, full.head_dim
+        self.state_size, self.conv_kernel = config.ssm_state_size, config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.time_step_min, self.norm_eps = config.time_step_min, config.norm_eps
         kw = dict(device=device, dtype=dtype)
-        self.in_proj = nn.Linear(hidden_size, 2 * d_inner + 2 * n_groups * state_size + num_heads,
-                                 bias=use_bias, **kw)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=conv_kernel - 1,
-                                bias=use_conv_bias, **kw)
-        self.dt_bias = nn.Parameter(torch.empty(num_heads, **kw))
-        self.A_log = nn.Parameter(torch.empty(num_heads, **kw))
-        self.D = nn.Parameter(torch.empty(num_heads, **kw))
-        self.norm = NormWeight(d_inner, **kw)
-        self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias, **kw)
+        shapes = {name: tuple(d.full_size for d in dims)
+                  for name, dims in MAMBA_KIND.layout(config, full, full, config.hidden_size).items()}
+        self.in_proj = nn.Linear(*shapes["in_proj.weight"][::-1], bias=config.use_bias, **kw)
+        conv_dim = shapes["conv1d.weight"][0]
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.conv_kernel, groups=conv_dim,
+                                padding=config.conv_kernel - 1, bias=config.use_conv_bias, **kw)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, **kw))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, **kw))
+        self.D = nn.Parameter(torch.empty(self.num_heads, **kw))
+        self.norm = NormWeight(shapes["norm.weight"][0], **kw)
+        self.out_proj = nn.Linear(*shapes["out_proj.weight"][::-1], bias=config.use_bias, **kw)
 
     # -- slicing ----------------------------------------------------------------------------
     def sliced(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
@@ -58,53 +60,15 @@ class Mamba2Mixer(nn.Module):
         Views when the head widths are full; otherwise copies of the kept rows (memoised while
         decoding, see :class:`~elasticlm.model.slicing.PackedWeights`).
         """
-        hg, p = self.num_heads // self.n_groups, self.head_dim
-        h, c = width.heads_per_group, width.head_dim
-        if h == hg and c == p and hidden == self.out_proj.out_features:
+        if width == self.full and hidden == self.out_proj.out_features:
             return self._full_params()
-        if h == hg and c == p:  # only the hidden size is cut: views
+        if width == self.full:  # only the hidden size is cut: views
             return self._slice(hidden, width)
         return self.packed.get((hidden, width), list(self._full_params().values()),
                                lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
-        g, hg, p = self.n_groups, self.num_heads // self.n_groups, self.head_dim
-        h, c = width.heads_per_group, width.head_dim
-        d_inner, bc = self.num_heads * p, 2 * self.n_groups * self.state_size
-
-        def heads(w: torch.Tensor, dim: int = 0) -> torch.Tensor:  # [.. heads·head_dim ..] → kept channels
-            return grouped_prefix(w, dim, g, hg, h, p, c)
-
-        def per_head(w: torch.Tensor) -> torch.Tensor:  # [heads] → kept heads
-            return grouped_prefix(w, 0, g, hg, h)
-
-        def in_rows(w: torch.Tensor) -> torch.Tensor:
-            if h == hg and c == p:
-                return w
-            z, x, b_c, dt = w.split([d_inner, d_inner, bc, self.num_heads], dim=0)
-            return torch.cat([heads(z), heads(x), b_c, per_head(dt)], dim=0)
-
-        def conv_rows(w: torch.Tensor) -> torch.Tensor:
-            if h == hg and c == p:
-                return w
-            x, b_c = w.split([d_inner, bc], dim=0)
-            return torch.cat([heads(x), b_c], dim=0)
-
-        out = {
-            "in_proj.weight": prefix(in_rows(self.in_proj.weight), 1, hidden),
-            "conv1d.weight": conv_rows(self.conv1d.weight),
-            "dt_bias": per_head(self.dt_bias),
-            "A_log": per_head(self.A_log),
-            "D": per_head(self.D),
-            "norm.weight": heads(self.norm.weight),
-            "out_proj.weight": prefix(heads(self.out_proj.weight, 1), 0, hidden),
-        }
-        if self.in_proj.bias is not None:
-            out["in_proj.bias"] = in_rows(self.in_proj.bias)
-            out["out_proj.bias"] = prefix(self.out_proj.bias, 0, hidden)
-        if self.conv1d.bias is not None:
-            out["conv1d.bias"] = conv_rows(self.conv1d.bias)
-        return out
+        return slice_params(self._full_params(), MAMBA_KIND.layout(self.config, self.full, width, hidden))
 
     def _full_params(self) -> dict[str, torch.Tensor]:
         out = {"in_proj.weight": self.in_proj.weight, "conv1d.weight": self.conv1d.weight,
@@ -117,6 +81,16 @@ class Mamba2Mixer(nn.Module):
         return out
 
     # -- forward ----------------------------------------------------------------------------
+    def run(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None, layer: int,
+            documents: DocumentMask | None, inner: torch.Tensor | None,
+            params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The block's call: :meth:`forward` with this layer's state in ``cache`` (read and replaced)."""
+        if cache is None:
+            return self.forward(u, width, None, documents=documents, inner=inner, params=params)[0]
+        out, cache.layers[layer] = self.forward(u, width, cache.layers[layer], new_state=True, documents=documents,
+                                                inner=inner, params=params, valid=cache.chunk_valid)
+        return out
+
     def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False, documents: DocumentMask | None = None,
                 inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
@@ -198,6 +172,13 @@ class Mamba2Mixer(nn.Module):
         h = prm["norm.weight"] * F.rms_norm(h, (hg * hd,), None, self.norm_eps).view(b, d_inner)
         out = F.linear(h.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out.view(b, 1, -1), MambaState(window[..., 1:], ssm.view(b, g * hg, hd, n))
+
+    @torch.no_grad()
+    def init_kind_parameters(self) -> None:
+        """After the generic init (HybridLM.init_weights): Mamba-2's SSM init, and ``out_proj`` scaled by
+        1/sqrt(layers) as transformers does for the residual outputs of Mamba layers."""
+        self.init_ssm_parameters(self.config.time_step_max)
+        self.out_proj.weight.mul_(1 / math.sqrt(self.config.num_layers))
 
     @torch.no_grad()
     def init_ssm_parameters(self, time_step_max: float) -> None:

@@ -8,30 +8,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MlpWidth
-from .slicing import prefix
+from ..config import ModelConfig
+from ..kinds import MLP_KIND, MlpWidth, slice_params
 
 
 class MLP(nn.Module):
     observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, full: MlpWidth, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, device=device, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
+        self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mlp.py)
+        kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(config.hidden_size, full.intermediate_size, **kw)
+        self.down_proj = nn.Linear(full.intermediate_size, config.hidden_size, **kw)
 
     def sliced(self, hidden: int, width: MlpWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
-        f = width.intermediate_size
-        out = {
-            "up_proj.weight": prefix(prefix(self.up_proj.weight, 0, f), 1, hidden),
-            "down_proj.weight": prefix(prefix(self.down_proj.weight, 0, hidden), 1, f),
-        }
+        params = {"up_proj.weight": self.up_proj.weight, "down_proj.weight": self.down_proj.weight}
         if self.up_proj.bias is not None:
-            out["up_proj.bias"] = prefix(self.up_proj.bias, 0, f)
-            out["down_proj.bias"] = prefix(self.down_proj.bias, 0, hidden)
-        return out
+            params["up_proj.bias"], params["down_proj.bias"] = self.up_proj.bias, self.down_proj.bias
+        return slice_params(params, MLP_KIND.layout(self.config, self.full, width, hidden))
+
+    def run(self, x: torch.Tensor, width: MlpWidth, cache: object, layer: int, documents: object,
+            inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The block's call (an MLP keeps no state and needs no document mask)."""
+        return self.forward(x, width, inner, params)
 
     def forward(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

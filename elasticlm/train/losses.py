@@ -77,7 +77,7 @@ def teacher_hidden(teacher: HybridLM, inputs: torch.Tensor, doc: torch.Tensor | 
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen teacher's final-norm output and head weight (a copy when the teacher is sharded:
     its gathered weight is freed after the forward)."""
-    sharded = teacher.call_blocks
+    sharded = teacher.sharded
     return teacher(inputs, document_ids=doc, head=lambda h, w: (h, w.detach().clone() if sharded else w.detach()))
 
 

@@ -13,12 +13,12 @@ The plan adds up what one rank holds at its peak (``elasticlm plan``):
   (``[chunk, vocab]`` logits, log-softmaxes and their gradients), FSDP2's all-gather and
   reduce-scatter buffers (two blocks in flight).
 
-Bytes saved per token and layer come from ``LAYER_BYTES`` (counted on this code with
-``torch.autograd.graph.saved_tensors_hooks``, per precision mode: fp32, bf16 autocast on fp32 weights, bf16
-weights as FSDP2's mixed precision runs them). Note that bf16 saves little inside a Mamba-2 layer: the scan
-and the gated norm upcast to fp32. ``bench/bench_plan.py`` holds the whole plan against measured peak memory
-of real training steps on CPU (fp32); ``bench/simulate_plan.py`` against PyTorch's FSDPMemTracker on a
-fake-tensor FSDP2 step of the 12B parent (bf16 weights).
+Bytes saved per token and layer come from each layer kind's ``SAVED_BYTES`` (:mod:`elasticlm.kinds`;
+counted on this code with ``torch.autograd.graph.saved_tensors_hooks``, per precision mode: fp32, bf16
+autocast on fp32 weights, bf16 weights as FSDP2's mixed precision runs them). Note that bf16 saves little
+inside a Mamba-2 layer: the scan and the gated norm upcast to fp32. ``bench/bench_plan.py`` holds the whole
+plan against measured peak memory of real training steps on CPU (fp32); ``bench/simulate_plan.py`` against
+PyTorch's FSDPMemTracker on a fake-tensor FSDP2 step of the 12B parent (bf16 weights).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ATTENTION, MAMBA, AttentionWidth, MambaWidth, ModelConfig, Subnet, count_parameters
+from ..config import ATTENTION, ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
+from ..kinds import kind_of
 from ..model.documents import DENSE_MASK_MAX_LEN
 
 GiB = 1024**3
@@ -70,47 +71,19 @@ def parse_flops(text: str) -> float:
 # -- activations -------------------------------------------------------------------------------
 
 
-# Bytes saved for backward per token and layer, by precision mode, as coefficients of the layer's widths:
-#   Mamba-2:   d, Di, G·N, H, H·L, Di·N/L      attention: d, q      MLP: d, f
-# ("fp32": fp32 weights; "autocast": fp32 weights under bf16 autocast; "bf16": bf16 weights, as FSDP2's
-# MixedPrecisionPolicy runs them). Counted with torch.autograd.graph.saved_tensors_hooks on this code,
-# least-squares over 11 Mamba, 7 attention and 4 MLP shapes (Mamba and MLP within 5 %, attention 15 %).
-LAYER_BYTES = {
-    "fp32": {MAMBA: (8.4, 46.1, 53.1, 96.4, 9.5, 12.0), ATTENTION: (13.0, 11.2), "-": (12.0, 8.0)},
-    "autocast": {MAMBA: (3.7, 40.1, 31.6, 119.5, 5.9, 7.3), ATTENTION: (14.6, 5.6), "-": (10.0, 4.0)},
-    "bf16": {MAMBA: (6.4, 45.2, 38.3, 84.1, 9.9, 14.4), ATTENTION: (10.6, 5.6), "-": (10.0, 4.0)},
-}
-# Packed documents add, in fp32 (half in the bf16 modes): Mamba's masked conv taps (Di, G·N) and
-# attention's per-document gather / scatter (q).
-DOCUMENT_BYTES = {MAMBA: (4.0, 7.0), ATTENTION: 8.9}
+MODES = ("fp32", "autocast", "bf16")  # see Precision; each layer kind's saved bytes per mode: elasticlm.kinds
 
 
 def layer_bytes_per_token(config: ModelConfig, layer: int, width: Any, hidden: int, scan_chunk: int, mode: str,
                           documents: bool = True) -> float:
-    """Bytes one block saves for backward per token (see ``LAYER_BYTES``)."""
-    kind = config.pattern[layer]
-    d, doc_scale = hidden, (1.0 if mode == "fp32" else 0.5) * float(documents)
-    if kind == MAMBA:
-        assert isinstance(width, MambaWidth)
-        g, n = config.mamba_n_groups, config.ssm_state_size
-        heads = g * width.heads_per_group
-        di = heads * width.head_dim
-        c = LAYER_BYTES[mode][MAMBA]
-        doc = DOCUMENT_BYTES[MAMBA]
-        return (c[0] * d + c[1] * di + c[2] * g * n + c[3] * heads + c[4] * heads * scan_chunk
-                + c[5] * di * n / scan_chunk + doc_scale * (doc[0] * di + doc[1] * g * n))
-    if kind == ATTENTION:
-        assert isinstance(width, AttentionWidth)
-        q = config.num_key_value_heads * width.heads_per_kv_group * config.attention_head_dim
-        c = LAYER_BYTES[mode][ATTENTION]
-        return c[0] * d + c[1] * q + doc_scale * DOCUMENT_BYTES[ATTENTION] * q
-    c = LAYER_BYTES[mode]["-"]
-    return c[0] * d + c[1] * width.intermediate_size
+    """Bytes one block saves for backward per token (the kind's measured coefficients)."""
+    doc_scale = (1.0 if mode == "fp32" else 0.5) * float(documents)
+    return kind_of(config.pattern[layer]).saved_bytes_per_token(config, width, hidden, scan_chunk, mode, doc_scale)
 
 
 @dataclass
 class Precision:
-    """How a run stores values: ``mode`` (a ``LAYER_BYTES`` key) and bytes per value of the residual
+    """How a run stores values: ``mode`` (a key of the kinds' ``SAVED_BYTES``) and bytes per value of the residual
     stream (what a checkpointed block keeps) and of the teacher's weights and hidden states."""
 
     mode: str = "fp32"
@@ -161,32 +134,20 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
 
 
 def _sliced_copy_parameters(config: ModelConfig, layer: int, width: Any, hidden: int) -> int:
-    """Parameters of the block that slicing copies (grouped prefixes) rather than views."""
-    from ..config import layer_parameters
-
-    full = config.layer_widths(layer)
-    if isinstance(width, MambaWidth) and (width.heads_per_group, width.head_dim) != (full.heads_per_group,
-                                                                                      full.head_dim):
-        return layer_parameters(config, MAMBA, width, hidden)
-    if isinstance(width, AttentionWidth) and width.heads_per_kv_group != full.heads_per_kv_group:
-        return layer_parameters(config, ATTENTION, width, hidden)
-    return 0
+    """Parameters of the block when slicing copies any of them (kept units inside groups) rather than
+    taking views; 0 when every sliced tensor is a view."""
+    kind, full = kind_of(config.pattern[layer]), config.layer_widths(layer)
+    layout = kind.layout(config, full, width, hidden)
+    if all(d.is_view for dims in layout.values() for d in dims):
+        return 0
+    return int(kind.parameters(config, full, width, hidden))
 
 
 def layer_flops_per_token(config: ModelConfig, context: int) -> float:
     """Forward FLOPs per token of the full model beyond the 2·parameters of its matmuls: attention
     scores over ``context`` (causal: half on average) and the chunked scan."""
-    extra = 0.0
-    for i in range(config.num_layers):
-        w = config.layer_widths(i)
-        if isinstance(w, AttentionWidth):
-            q = config.num_key_value_heads * w.heads_per_kv_group * config.attention_head_dim
-            extra += 2 * 2 * q * context / 2
-        elif isinstance(w, MambaWidth):
-            heads = config.mamba_n_groups * w.heads_per_group
-            di, gn, l = heads * w.head_dim, config.mamba_n_groups * config.ssm_state_size, config.chunk_size
-            extra += 2 * l * (gn + di) + 6 * di * config.ssm_state_size
-    return extra
+    return sum(kind_of(config.pattern[i]).extra_flops_per_token(config, config.layer_widths(i), context)
+               for i in range(config.num_layers))
 
 
 # -- the plan ------------------------------------------------------------------------------------
