@@ -170,8 +170,8 @@ def test_budget_pressure_brings_a_budget_pulled_wider_back_on_target(rate):
     torch.manual_seed(0)
     router = Router(space, hidden=64)
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
-    sched = RouterSchedule(300)
-    for step in range(300):
+    sched = RouterSchedule(150)
+    for step in range(150):
         scale, temp = sched.scale_at(step), sched.temperature_at(step)
         loss, _ = router.budget_loss(scale, temp, 0, step)
         pull = sum(space.expected_cost(router.probabilities(b, scale, temp)) / t for b, t in enumerate(space.targets))
