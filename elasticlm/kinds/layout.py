@@ -72,6 +72,16 @@ class Run:
     def is_full(self) -> bool:
         return self.units == self.per_group and self.entries == self.inner
 
+    @property
+    def prefix_length(self) -> Any:
+        """How many leading entries the kept set is, when it is one prefix (whole units of one group, or a
+        prefix of its first unit); None otherwise."""
+        if self.groups != 1:
+            return None
+        if self.entries == self.inner:
+            return self.units * self.inner
+        return self.entries if self.units == 1 else None
+
     def size(self) -> Any:
         """Kept entries; multilinear in ``keep`` and ``keep_inner``."""
         return self.groups * self.units * self.entries
@@ -140,8 +150,7 @@ class Dim:
             return True
         if len(self.runs) > 1:
             return False
-        r = self.runs[0]
-        return r.groups == 1 and (r.entries == r.inner or r.units == 1)
+        return self.runs[0].prefix_length is not None
 
     def slice(self, w: torch.Tensor, dim: int) -> torch.Tensor:
         """``w`` with only the kept entries along ``dim``: a view when the kept entries are one prefix (or all)."""
@@ -167,10 +176,8 @@ class Dim:
 def _slice_run(w: torch.Tensor, dim: int, r: Run) -> torch.Tensor:
     if r.is_full:
         return w
-    if r.groups == 1 and r.entries == r.inner:  # one prefix of whole units: a view
-        return w.narrow(dim, 0, r.units * r.inner)
-    if r.groups == 1 and r.units == 1:  # a prefix of the first unit
-        return w.narrow(dim, 0, r.entries)
+    if r.prefix_length is not None:  # one prefix: a view
+        return w.narrow(dim, 0, r.prefix_length)
     shape = list(w.shape)
     v = w.reshape(shape[:dim] + [r.groups, r.per_group, r.inner] + shape[dim + 1:])
     index = [slice(None)] * v.dim()
