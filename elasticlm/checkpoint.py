@@ -1,4 +1,5 @@
-"""Model directories on disk: native elasticlm or Hugging Face NemotronH, safetensors + JSON only.
+"""Model directories on disk: native elasticlm or Hugging Face (NemotronH, Llama, Qwen2, Qwen3), safetensors +
+JSON only.
 
 A native directory holds ``config.json`` (``{"elasticlm_format": 1, "model": {...}}``, per-layer
 widths allowed), ``model.safetensors`` and any tokenizer files. A NemotronH directory is what
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
-from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_nemotron_h, name_from_hf, resolve_tied_head
+from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_hf_config, name_from_hf, resolve_tied_head
 from .model.hybrid import HybridLM
 from .outputs import atomic_file, atomic_output, resolve_output
 from .tokenizer import copy_tokenizer_config
@@ -60,13 +61,13 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
             if raw["elasticlm_format"] != NATIVE_FORMAT:
                 raise CheckpointError(f"{path}: unsupported elasticlm_format {raw['elasticlm_format']!r}")
             return ModelConfig.from_dict(raw.get("model")), "native"
-        if is_nemotron_h(raw):
+        if is_hf_config(raw):
             return config_from_hf(raw), "hf"
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
     raise CheckpointError(
         f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is not supported "
-        "(expected an elasticlm directory or a Hugging Face nemotron_h one)"
+        "(expected an elasticlm directory or a Hugging Face nemotron_h, llama, qwen2 or qwen3 one)"
     )
 
 
@@ -111,7 +112,7 @@ def read_weights(path: Path, private: bool = False) -> dict[str, torch.Tensor]:
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
          serving: bool = False) -> HybridLM:
-    """Load a native elasticlm or Hugging Face NemotronH directory as a HybridLM (eval mode).
+    """Load a native elasticlm or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory as a HybridLM (eval mode).
 
     ``serving=True`` stores the projections in the layout that decodes fastest, for the parent and
     every nested budget alike (:meth:`HybridLM.use_decode_layout`; one copy of the weights).
@@ -124,7 +125,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     raw = read_weights(path, private=serving)
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
-        name = name_from_hf(key) if kind == "hf" else key
+        name = name_from_hf(key, config.family) if kind == "hf" else key
         if name is not None:
             weights[name] = tensor
     if kind == "hf":

@@ -85,10 +85,12 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import read_config
     from .config import LAYER_NAMES, count_parameters
+    from .model.hf import hf_label
 
     config, kind = read_config(args.model)
     subnet = _read_subnet(args.subnet)
-    print(f"{args.model}  ({'Hugging Face NemotronH' if kind == 'hf' else 'elasticlm native'})")
+    print(f"{args.model}  ({hf_label(config.family) if kind == 'hf' else 'elasticlm native'}, "
+          f"family {config.family})")
     print(f"pattern      {config.pattern}  ({config.num_layers} layers: "
           + ", ".join(f"{config.count(k)} {n}" for k, n in LAYER_NAMES.items()) + ")")
     print(f"hidden       {config.hidden_size}   vocab {config.vocab_size}   tied head {config.tie_word_embeddings}")
@@ -123,7 +125,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint],
                                             gguf_type=args.gguf_type):
         n = count_parameters(model.config, model.budgets[label])
-        print(f"budget {label}: {path} ({FORMAT_LABELS[fmt]}, {n:,} parameters)")
+        print(f"budget {label}: {path} ({format_label(fmt, model.config.family)}, {n:,} parameters)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -190,19 +192,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import check_output_path, load, save
-    from .model.hf import hf_incompatibility
+    from .model.hf import hf_incompatibility, hf_label
 
     check_output_path(args.dst, args.force, "model", [args.src])
     model = load(args.src, dtype=_torch_dtype(args.dtype))
     if args.to == "hf":
         reason = hf_incompatibility(model.config)
         if reason:
-            raise ConfigError(f"cannot convert {args.src} to Hugging Face NemotronH: {reason}")
+            raise ConfigError(f"cannot convert {args.src} to {hf_label(model.config.family)}: {reason}")
     save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src], gguf_type=args.gguf_type)
-    print(f"wrote {args.dst} ({FORMAT_LABELS[args.to]}, {model.num_parameters():,} parameters)")
+    print(f"wrote {args.dst} ({format_label(args.to, model.config.family)}, {model.num_parameters():,} parameters)")
 
 
-FORMAT_LABELS = {"hf": "Hugging Face NemotronH", "native": "elasticlm native", "gguf": "GGUF for llama.cpp"}
+def format_label(fmt: str, family: str) -> str:
+    from .model.hf import hf_label
+
+    return {"hf": hf_label(family), "native": "elasticlm native", "gguf": "GGUF for llama.cpp"}[fmt]
 GGUF_TYPE_HELP = ("GGUF tensor type for the weight matrices: auto keeps the weights' precision; q8_0 needs "
                   "rows that are a multiple of 32 (others fall back to f16); norms and SSM parameters stay f32")
 
@@ -569,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", formatter_class=fmt, help="describe a model directory",
                        description="Print a model directory's architecture and exact parameter count "
                                    "(of the model, and of a Subnet if given). Reads config.json only.")
-    p.add_argument("model", help="native or Hugging Face NemotronH directory")
+    p.add_argument("model", help="native or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory")
     p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
     p.add_argument("--layers", action="store_true", help="list every layer's widths")
     p.add_argument("--context", type=_count(1), default=4096, help="context length for the memory of each budget")
@@ -581,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of a prompt (greedy by default; temperature and "
                                    "top-p sampling), optionally with a nested sub-model (--subnet).")
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="native or Hugging Face NemotronH directory, or an elastic checkpoint")
+                   help="native or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory, or an elastic checkpoint")
     p.add_argument("--budget", help="run this budget of an elastic checkpoint (nested: no copy), e.g. 0.5; an "
                                     "untrained one (0.6) is placed by the router and said so")
     p.add_argument("--think-budget", help="think small, answer big: this budget writes the reasoning trace, and "
@@ -604,15 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", formatter_class=fmt, help="slice trained budgets out as standalone models",
                        description="Write one trained budget (or all) of an elastic checkpoint as standalone "
                                    "model directories: weights, config, tokenizer and a model card, no training. "
-                                   "Homogeneous sub-models are written as Hugging Face NemotronH (transformers "
-                                   "loads them without remote code) unless --format native.")
+                                   "Sub-models the parent's Hugging Face class can express are written in it "
+                                   "(NemotronH, Llama, Qwen2, Qwen3; transformers loads them without remote code) "
+                                   "unless --format native.")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
     p.add_argument("--budget", required=True,
                    help="a budget (0.5, 50%%, 780K; one never trained, e.g. 0.6, is placed by the router and marked "
                         "as untrained) or 'all' (the trained ones)")
     p.add_argument("--out", required=True, help="output directory (with 'all': one budget-<label>/ per budget)")
     p.add_argument("--format", choices=["auto", "hf", "native", "gguf"], default="auto",
-                   help="auto: Hugging Face NemotronH when the sub-model's layers of a type share widths, else "
+                   help="auto: the parent's Hugging Face class when it can express the sub-model (layers of a "
+                        "type share widths; Llama family: whole decoder layers), else "
                         "native; gguf: one llama.cpp file per budget (per-layer FFN widths allowed)")
     p.add_argument("--gguf-type", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
                    help=GGUF_TYPE_HELP)
@@ -621,12 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", formatter_class=fmt,
                        help="convert between native, Hugging Face and GGUF formats",
-                       description="Convert a model directory. --to hf writes a NemotronH directory that "
-                                   "transformers loads without trust_remote_code (layers of a type must share "
+                       description="Convert a model directory. --to hf writes a directory of the model's "
+                                   "Hugging Face class (NemotronH, Llama, Qwen2, Qwen3) that transformers loads "
+                                   "without trust_remote_code (layers of a type must share "
                                    "their widths); --to native writes elasticlm's format (per-layer widths allowed); "
                                    "--to gguf writes model.gguf for llama.cpp (per-layer FFN widths and head counts "
                                    "allowed, Mamba widths shared by every layer).")
-    p.add_argument("src", help="source model directory (native or NemotronH)")
+    p.add_argument("src", help="source model directory (native or Hugging Face)")
     p.add_argument("dst", help="destination directory (must not exist or be empty, unless --force)")
     p.add_argument("--to", choices=["hf", "native", "gguf"], required=True,
                    help="output format (gguf: model.gguf for llama.cpp, with the tokenizer inside)")

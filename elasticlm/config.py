@@ -2,7 +2,11 @@
 
 A model is a string pattern of blocks (DESIGN 2.1):
 
-    ``M`` Mamba-2 mixer · ``*`` GQA attention (no positional encoding) · ``-`` squared-ReLU MLP
+    ``M`` Mamba-2 mixer · ``*`` GQA attention · ``-`` MLP
+
+Nemotron-H's attention has no positional encoding and its MLP is squared-ReLU; transformer parents
+(Llama, Qwen2, Qwen3) are the pattern ``"*-" * layers`` with rotary attention (``rope_parameters``) and a
+gated SiLU MLP (``mlp_type = "swiglu"``); ``family`` names the Hugging Face class a model exports to.
 
 Widths may differ per layer (an extracted heterogeneous sub-model): ``mamba_num_heads``,
 ``mamba_head_dim``, ``num_attention_heads`` and ``intermediate_size`` are either one int for
@@ -34,6 +38,39 @@ MAMBA, ATTENTION, MLP = "M", "*", "-"
 LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
 
 IntOrList = int | list[int]
+MLP_TYPES = ("relu2", "swiglu")
+FAMILIES = ("nemotron_h", "llama", "qwen2", "qwen3")
+# rope_type → the keys it needs besides rope_theta (transformers' names)
+ROPE_TYPES = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope(rope: Any, head_dim: int) -> None:
+    """Raise ConfigError unless ``rope`` is None or rope parameters this library computes exactly.
+
+    >>> check_rope({"rope_type": "default", "rope_theta": 10000.0}, 16)
+    >>> check_rope({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 16)
+    Traceback (most recent call last):
+    ...
+    elasticlm.errors.ConfigError: rope_type 'yarn' is not supported; use one of ['default', 'linear', 'llama3']
+    """
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_parameters must be a mapping or null, got {rope!r}")
+    kind = rope.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope_type {kind!r} is not supported; use one of {sorted(ROPE_TYPES)}")
+    for key in ("rope_theta", *ROPE_TYPES[kind]):
+        v = rope.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"rope_parameters[{key!r}] must be a positive number for rope_type {kind!r}, got {v!r}")
+    if kind == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+        raise ConfigError("rope_parameters: llama3 needs high_freq_factor > low_freq_factor")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("rope_parameters: partial_rotary_factor other than 1 is not supported")
+    if head_dim % 2:
+        raise ConfigError(f"rotary attention needs an even attention_head_dim, got {head_dim}")
 
 
 def check_fields(cls: type, data: Any, where: str) -> None:
@@ -92,8 +129,16 @@ class ModelConfig:
     num_attention_heads: IntOrList = 4
     num_key_value_heads: int = 2
     attention_head_dim: int = 16
+    # rotary position embeddings (None: no positional encoding, as Nemotron-H): transformers' rope_parameters,
+    # {"rope_type": "default" | "linear" | "llama3", "rope_theta": ..., and the scaling type's own keys}
+    rope_parameters: dict[str, Any] | None = None
+    attention_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias also sets attention_out_bias)
+    attention_out_bias: bool = False  # o_proj
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before the rotation (Qwen3)
+    max_position_embeddings: int = 4096  # carried to exported configs; positions are not limited by it
     # MLP
     intermediate_size: IntOrList = 256
+    mlp_type: str = "relu2"  # "relu2": down(relu(up x)²) (Nemotron-H); "swiglu": down(silu(gate x) · up x)
     # misc
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -104,6 +149,9 @@ class ModelConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # The Hugging Face family the model comes from and exports to (elasticlm.model.hf): "nemotron_h", "llama",
+    # "qwen2", "qwen3".
+    family: str = "nemotron_h"
     # Filled in by importance reordering (later issues): layer indices, least important first.
     depth_order: list[int] | None = field(default=None)
 
@@ -143,6 +191,14 @@ class ModelConfig:
                     f"num_key_value_heads={self.num_key_value_heads}"
                 )
         self.intermediate_sizes_list()
+        if self.mlp_type not in MLP_TYPES:
+            raise ConfigError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("attention_bias", "attention_out_bias", "qk_norm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_rope(self.rope_parameters, self.attention_head_dim)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):

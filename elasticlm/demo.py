@@ -154,6 +154,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .elastic.prune import describe_subnet, search
     from .elastic.reorder import reorder_
     from .eval.report import Entry, evaluate_entries, markdown_table, save_report
+    from .model.hf import hf_label
     from .outputs import resolve_output
     from .tokenizer import load_tokenizer
     from .train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -227,7 +228,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     elastic = load(out / "elastic" / "final")
     written = extract_budgets(elastic, list(elastic.budgets), out / "family", "auto", force=True)
     for label, path, fmt in written:
-        log(f"budget {label}: {path} ({'Hugging Face NemotronH' if fmt == 'hf' else 'native'}, "
+        log(f"budget {label}: {path} ({hf_label(elastic.config.family) if fmt == 'hf' else 'native'}, "
             f"{elastic.num_parameters(elastic.budgets[label]):,} parameters)")
     step("extract", t0)
 

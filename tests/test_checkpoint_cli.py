@@ -89,8 +89,11 @@ def test_bad_directories_give_clear_errors(tmp_path):
     (tmp_path / "d" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         elasticlm.load(tmp_path / "d")
-    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match="not supported"):
+        elasticlm.load(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="llama config.json is missing 'hidden_size'"):
         elasticlm.load(tmp_path / "d")
     _, src = saved_model(tmp_path)
     cfg = json.loads((src / "config.json").read_text())

@@ -17,7 +17,7 @@ from ..checkpoint import atomic_directory, check_format, check_output_path, read
 from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
 from ..errors import ConfigError
 from ..model.gguf import DT_CLAMP_NOTE, gguf_incompatibility
-from ..model.hf import hf_incompatibility
+from ..model.hf import hf_incompatibility, hf_label
 from ..model.hybrid import HybridLM
 from .extract import extract
 from .prune import describe_subnet
@@ -44,7 +44,7 @@ def select_budgets(model: HybridLM, budget: str) -> list[str]:
 
 
 def output_format(config: ModelConfig, requested: str, label: str) -> str:
-    """``auto``: Hugging Face NemotronH when the sub-model can be one, else native."""
+    """``auto``: the parent family's Hugging Face class when the sub-model can be one, else native."""
     if requested == "gguf":
         reason = gguf_incompatibility(config)
         if reason:
@@ -52,7 +52,7 @@ def output_format(config: ModelConfig, requested: str, label: str) -> str:
         return requested
     reason = hf_incompatibility(config)
     if requested == "hf" and reason:
-        raise ConfigError(f"budget {label} cannot be written as Hugging Face NemotronH: {reason}")
+        raise ConfigError(f"budget {label} cannot be written as {hf_label(config.family)}: {reason}")
     if requested == "auto":
         return "native" if reason else "hf"
     return requested
@@ -68,7 +68,7 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
         f"- parameters: {n:,} ({n / count_parameters(parent.config):.1%} of the parent's "
         f"{count_parameters(parent.config):,})",
         f"- budget: {label} (target {entry.get('target', n):,.0f} {entry.get('target_kind', 'params')})",
-        f"- format: {FORMAT_NAMES[fmt]}",
+        f"- format: {format_name(fmt, config.family)}",
         f"- made by: `elasticlm extract` (elasticlm {__version__}, {datetime.date.today()}) from the elastic "
         f"checkpoint `{source}`, by slicing the nested sub-model its router chose for this budget; no training "
         "after the elastic run. The weights are the prefixes of the importance-ordered parent's axes.",
@@ -84,8 +84,9 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
     return "\n".join(lines) + "\n"
 
 
-FORMAT_NAMES = {"hf": "Hugging Face NemotronH (transformers, no remote code)", "native": "elasticlm native",
-                "gguf": "GGUF for llama.cpp (nemotron_h), model.gguf"}
+def format_name(fmt: str, family: str) -> str:
+    return {"hf": f"{hf_label(family)} (transformers, no remote code)", "native": "elasticlm native",
+            "gguf": "GGUF for llama.cpp (nemotron_h), model.gguf"}[fmt]
 
 
 def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",

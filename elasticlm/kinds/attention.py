@@ -1,6 +1,10 @@
 """Grouped-query attention layers (``*``): query head ``j`` reads KV head ``j // heads_per_kv_group``
 (transformers' ``repeat_kv`` order), so a width keeps the first ``heads_per_kv_group`` query heads of every
-KV group; the KV heads and the head dimension are never cut."""
+KV group; the KV heads and the head dimension are never cut.
+
+Worked example — 2 KV heads, 3 query heads per KV head, head_dim 2, keeping 2 per group: ``q_proj`` (and its
+bias, Qwen2) keeps rows [0, 1, 2, 3, 6, 7, 8, 9] (heads 0, 1, 3, 4) and ``o_proj`` the same columns; ``k_proj``,
+``v_proj`` and the per-head q/k norms (Qwen3, one weight of head_dim shared by every head) keep everything."""
 
 from __future__ import annotations
 
@@ -58,8 +62,16 @@ class AttentionKind(LayerKind):
         q = Dim.of(self.inner(config, full, width))
         kv = Dim.of(Run.fixed(config.num_key_value_heads * config.attention_head_dim))
         hid = Dim.of(Run.prefix(config.hidden_size, hidden, "hidden"))
-        return {"q_proj.weight": (q, hid), "k_proj.weight": (kv, hid), "v_proj.weight": (kv, hid),
-                "o_proj.weight": (hid, q)}
+        out: Layout = {"q_proj.weight": (q, hid), "k_proj.weight": (kv, hid), "v_proj.weight": (kv, hid),
+                       "o_proj.weight": (hid, q)}
+        if config.attention_bias:
+            out.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
+        if config.attention_out_bias:
+            out["o_proj.bias"] = (hid,)
+        if config.qk_norm:
+            head = Dim.of(Run.fixed(config.attention_head_dim))
+            out["q_norm.weight"], out["k_norm.weight"] = (head,), (head,)
+        return out
 
     def saved_bytes_per_token(self, config: ModelConfig, width: AttentionWidth, hidden: int, scan_chunk: int,
                               mode: str, documents: float) -> float:

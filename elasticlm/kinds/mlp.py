@@ -1,5 +1,8 @@
-"""Squared-ReLU MLP layers (``-``): a width keeps the first ``intermediate_size`` FFN neurons (rows of
-``up_proj``, columns of ``down_proj``)."""
+"""MLP layers (``-``): a width keeps the first ``intermediate_size`` FFN neurons — rows of ``up_proj`` (and of
+``gate_proj`` in the gated SiLU MLP of Llama / Qwen, ``mlp_type = "swiglu"``) and columns of ``down_proj``.
+
+Worked example — FFN 4, hidden 3, gated, keeping 2 neurons and hidden 2: ``gate_proj`` and ``up_proj`` keep rows
+[0, 1] and columns [0, 1]; ``down_proj`` keeps rows [0, 1] and columns [0, 1]."""
 
 from __future__ import annotations
 
@@ -50,13 +53,19 @@ class MlpKind(LayerKind):
     def saved_bytes_per_token(self, config: ModelConfig, width: MlpWidth, hidden: int, scan_chunk: int, mode: str,
                               documents: float) -> float:
         c = SAVED_BYTES[mode]
-        return c[0] * hidden + c[1] * width.intermediate_size
+        # The gated MLP saves its gate and up outputs and their product: about twice the FFN-width term (an
+        # estimate, not fitted like the squared-ReLU coefficients).
+        return c[0] * hidden + c[1] * width.intermediate_size * (2 if config.mlp_type == "swiglu" else 1)
 
     def layout(self, config: ModelConfig, full: MlpWidth, width: Width | Mapping[str, Any], hidden: Any) -> Layout:
         f = Dim.of(self.inner(config, full, width))
         hid = Dim.of(Run.prefix(config.hidden_size, hidden, "hidden"))
-        out: Layout = {"up_proj.weight": (f, hid), "down_proj.weight": (hid, f)}
+        gated = config.mlp_type == "swiglu"
+        out: Layout = {"gate_proj.weight": (f, hid)} if gated else {}
+        out.update({"up_proj.weight": (f, hid), "down_proj.weight": (hid, f)})
         if config.mlp_bias:
+            if gated:
+                out["gate_proj.bias"] = (f,)
             out["up_proj.bias"], out["down_proj.bias"] = (f,), (hid,)
         return out
 

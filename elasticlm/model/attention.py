@@ -1,4 +1,5 @@
-"""Grouped-query attention with no positional encoding (Nemotron-H), sliceable per KV group.
+"""Grouped-query attention, sliceable per KV group: no positional encoding (Nemotron-H), or rotary positions
+with optional q/k/v and output biases (Qwen2, Llama) and per-head q/k RMSNorm (Qwen3).
 
 Query head ``j`` reads KV head ``j // heads_per_kv_group`` (transformers' ``repeat_kv`` order),
 so keeping the first ``r`` query heads of every KV group is a prefix inside each group.
@@ -16,7 +17,11 @@ from ..config import ModelConfig
 from ..kinds import ATTENTION_KIND, AttentionWidth, slice_params
 from .cache import HybridCache, KVState
 from .documents import DocumentMask, document_attention
+from .norm import RMSNorm, rms_norm
+from .rope import rotate
 from .slicing import PackedWeights
+
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin [batch, 1, seq, head_dim] of the call's positions
 
 
 class Attention(nn.Module):
@@ -29,43 +34,54 @@ class Attention(nn.Module):
         self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.attention_head_dim
         self.num_heads = full.heads_per_kv_group * self.num_kv_heads
-        kw = dict(bias=False, device=device, dtype=dtype)
-        for name, dims in ATTENTION_KIND.layout(config, full, full, config.hidden_size).items():
-            out_features, in_features = (d.full_size for d in dims)
-            setattr(self, name.removesuffix(".weight"), nn.Linear(in_features, out_features, **kw))
+        layout = ATTENTION_KIND.layout(config, full, full, config.hidden_size)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out_features, in_features = (d.full_size for d in layout[f"{name}.weight"])
+            setattr(self, name, nn.Linear(in_features, out_features, bias=f"{name}.bias" in layout,
+                                          device=device, dtype=dtype))
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
 
     def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views, except
         the kept query heads inside each KV group: copies, memoised while decoding)."""
         if width == self.full:
             return self._slice(hidden, width)
-        return self.packed.get((hidden, width), [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
-                                                 self.o_proj.weight], lambda: self._slice(hidden, width))
+        return self.packed.get((hidden, width), list(self.parameters()), lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        params = {f"{n}.weight": getattr(self, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        return slice_params(params, ATTENTION_KIND.layout(self.config, self.full, width, hidden))
+        return slice_params(dict(self.named_parameters()), ATTENTION_KIND.layout(self.config, self.full, width,
+                                                                                 hidden))
 
     def run(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None, layer: int,
             documents: DocumentMask | None, inner: torch.Tensor | None,
-            params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+            params: dict[str, torch.Tensor] | None, rotary: Rotary | None = None) -> torch.Tensor:
         """The block's call: :meth:`forward` appending to this layer's KV state in ``cache``."""
         if cache is None:
-            return self.forward(x, width, None, documents, inner, params)
+            return self.forward(x, width, None, documents, inner, params, rotary=rotary)
         state = cache.layers[layer] or KVState()
         cache.layers[layer] = state
-        return self.forward(x, width, state, documents, inner, params, cache.key_valid)
+        return self.forward(x, width, state, documents, inner, params, cache.key_valid, rotary)
 
     def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
                 documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
-                params: dict[str, torch.Tensor] | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                params: dict[str, torch.Tensor] | None = None, key_valid: torch.Tensor | None = None,
+                rotary: Rotary | None = None) -> torch.Tensor:
         """``inner`` ([heads·head_dim]) multiplies the attention output before ``o_proj`` (soft masks).
-        ``key_valid`` [batch, keys] (left-padded ragged batches): padding keys are never attended to."""
+        ``key_valid`` [batch, keys] (left-padded ragged batches): padding keys are never attended to.
+        ``rotary``: the cos / sin of the new tokens' positions (rotary models; the model computes them)."""
         b, t, _ = x.shape
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
-        q = F.linear(x, p["q_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = F.linear(x, p["k_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = F.linear(x, p["v_proj.weight"]).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, self.head_dim)
+        k = F.linear(x, p["k_proj.weight"], p.get("k_proj.bias")).view(b, t, -1, self.head_dim)
+        v = F.linear(x, p["v_proj.weight"], p.get("v_proj.bias")).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if "q_norm.weight" in p:
+            q = rms_norm(q, p["q_norm.weight"], self.config.norm_eps)
+            k = rms_norm(k, p["k_norm.weight"], self.config.norm_eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         past = 0
         if state is not None:
             past = state.length
@@ -96,4 +112,4 @@ class Attention(nn.Module):
             o = o * inner
         if self.observer is not None:
             self.observer("o_in", o)
-        return F.linear(o, p["o_proj.weight"])
+        return F.linear(o, p["o_proj.weight"], p.get("o_proj.bias"))

@@ -109,6 +109,7 @@ class DocumentMask:
     reset: torch.Tensor  # [batch, seq] bool: the token starts a new document (not at position 0)
     conv_keep: torch.Tensor  # [batch, kernel, seq] float: the token `j` back is in the same document
     dense: torch.Tensor | None = None  # [batch, 1, seq, seq] bool (causal, same document) for short CPU rows
+    positions: torch.Tensor | None = None  # [batch, seq]: each token's position inside its document (rotary)
 
     @classmethod
     def from_ids(cls, document_ids: torch.Tensor, conv_kernel: int) -> DocumentMask:
@@ -120,12 +121,14 @@ class DocumentMask:
         keep = torch.zeros(b, conv_kernel, t, device=document_ids.device)
         for j in range(conv_kernel):
             keep[:, j, j:] = (document_ids[:, j:] == document_ids[:, : t - j]).float()
+        first = reset.clone()
+        first[:, 0] = True
+        index = torch.arange(t, device=document_ids.device).expand(b, t)
+        positions = index - torch.where(first, index, 0).cummax(dim=1).values
         if document_ids.device.type == "cpu" and t <= DENSE_MASK_MAX_LEN:
             same = document_ids[:, :, None] == document_ids[:, None, :]
             causal = torch.ones(t, t, dtype=torch.bool).tril()
-            return cls([], reset, keep, (same & causal)[:, None])
-        first = reset.clone()
-        first[:, 0] = True
+            return cls([], reset, keep, (same & causal)[:, None], positions)
         starts = first.flatten().nonzero().flatten().tolist()
         lengths = [e - s for s, e in zip(starts, starts[1:] + [b * t], strict=True)]
-        return cls(document_buckets(starts, lengths, document_ids.device), reset, keep)
+        return cls(document_buckets(starts, lengths, document_ids.device), reset, keep, positions=positions)

@@ -49,6 +49,9 @@ DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_m
 
 def gguf_incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` cannot run as llama.cpp's nemotron_h, or None if it can."""
+    if config.family != "nemotron_h":
+        return (f"GGUF export writes llama.cpp's nemotron_h; a {config.family} model is exported with --format hf "
+                "and converted with llama.cpp's own convert_hf_to_gguf.py")
     mamba = [(h, d) for h, d in zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True)]
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "

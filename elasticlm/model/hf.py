@@ -1,6 +1,9 @@
-"""Hugging Face NemotronH ⇄ elasticlm: config translation and weight names.
+"""Hugging Face ⇄ elasticlm: config translation and weight names, per family.
 
-Our parameter names are transformers' in-memory names without the ``model.`` prefix, so the
+NemotronH lives here; Llama, Qwen2 and Qwen3 in :mod:`elasticlm.model.hf_llama`. The public functions below
+dispatch on ``model_type`` (import) or ``ModelConfig.family`` (export).
+
+NemotronH: our parameter names are transformers' in-memory names without the ``model.`` prefix, so the
 weight map is a prefix rule. NemotronH checkpoints on disk use ``backbone.*`` (transformers
 maps it to ``model.*`` in memory); both are accepted on import and ``backbone.*`` is written.
 transformers itself is only needed for the in-memory converters at the bottom.
@@ -16,6 +19,7 @@ import torch
 
 from ..config import ATTENTION, MAMBA, MLP, ModelConfig
 from ..errors import ConfigError
+from . import hf_llama
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
@@ -29,6 +33,19 @@ _HF_PREFIXES = ("backbone.", "model.")
 
 def is_nemotron_h(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "nemotron_h"
+
+
+def is_hf_config(config: dict[str, Any]) -> bool:
+    """True for a config.json of a family this library imports."""
+    return is_nemotron_h(config) or config.get("model_type") in hf_llama.ARCHITECTURES
+
+
+HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", **hf_llama.ARCHITECTURES}
+
+
+def hf_label(family: str) -> str:
+    """How messages name a family's Hugging Face format: ``Hugging Face NemotronH`` …"""
+    return f"Hugging Face {HF_CLASSES[family].removesuffix('ForCausalLM')}"
 
 
 def _pattern(cfg: dict[str, Any]) -> str:
@@ -66,7 +83,9 @@ def _per_kind(value: Any, pattern: str, kind: str, name: str) -> Any:
 
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    """Translate a transformers NemotronH config.json into a ModelConfig."""
+    """Translate a transformers config.json (NemotronH, Llama, Qwen2, Qwen3) into a ModelConfig."""
+    if cfg.get("model_type") in hf_llama.ARCHITECTURES:
+        return hf_llama.config_from_hf(cfg)
     for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
         if cfg.get(key, want) != want:
             raise ConfigError(f"NemotronH {key}={cfg[key]!r} is not supported (only {want!r})")
@@ -119,7 +138,12 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 
 def hf_incompatibility(config: ModelConfig) -> str | None:
-    """Why ``config`` cannot be written as a NemotronH config, or None if it can."""
+    """Why ``config`` cannot be written as its family's Hugging Face config, or None if it can."""
+    if config.family != "nemotron_h":
+        return hf_llama.incompatibility(config)
+    if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
+            or config.attention_out_bias):
+        return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
     checks = (
         ("Mamba head counts", config.mamba_heads_list()),
         ("Mamba head dims", config.mamba_head_dims_list()),
@@ -134,7 +158,9 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A NemotronH config.json dict (raises ConfigError for per-layer widths)."""
+    """The family's config.json dict (raises ConfigError for what it cannot express, e.g. per-layer widths)."""
+    if config.family != "nemotron_h":
+        return hf_llama.config_to_hf(config, dtype)
     reason = hf_incompatibility(config)
     if reason:
         raise ConfigError(f"cannot export to Hugging Face NemotronH: {reason}")
@@ -188,14 +214,16 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     }
 
 
-def name_from_hf(name: str) -> str | None:
-    """Our parameter name for a NemotronH checkpoint key (None: a key we drop, e.g. MTP layers).
+def name_from_hf(name: str, family: str = "nemotron_h") -> str | None:
+    """Our parameter name for a checkpoint key of ``family`` (None: a key we drop, e.g. MTP layers).
 
     >>> name_from_hf("backbone.layers.3.mixer.in_proj.weight")
     'layers.3.mixer.in_proj.weight'
     >>> name_from_hf("lm_head.weight")
     'lm_head.weight'
     """
+    if family != "nemotron_h":
+        return hf_llama.name_from_hf(name)
     for p in _HF_PREFIXES:
         if name.startswith(p):
             return name[len(p):]
@@ -211,7 +239,8 @@ def name_to_hf(name: str) -> str:
 def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> ModelConfig:
     """transformers' NemotronH never ties its head (its ``_tied_weights_keys`` is empty): with
     ``tie_word_embeddings`` set it still reads ``lm_head.weight``. Keep our model tied only when
-    that head equals the embeddings (or is absent); drop the duplicate in that case."""
+    that head equals the embeddings (or is absent); drop the duplicate in that case. (Llama-family
+    checkpoints of tied models usually have no ``lm_head.weight``; the same rule holds for them.)"""
     head, emb = weights.get("lm_head.weight"), weights.get("embeddings.weight")
     if not config.tie_word_embeddings or head is None:
         return config
@@ -222,7 +251,10 @@ def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
 
 
 def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under NemotronH's on-disk names (an explicit head even when tied)."""
+    """Checkpoint tensors under the family's on-disk names (NemotronH: an explicit head even when tied, since
+    transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them)."""
+    if model.config.family != "nemotron_h":
+        return {hf_llama.name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     state = {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["backbone.embeddings.weight"].clone()
@@ -233,13 +265,14 @@ def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
 
 
 def from_transformers(hf_model: Any) -> HybridLM:
-    """A HybridLM with the weights of a transformers ``NemotronHForCausalLM`` (copied)."""
+    """A HybridLM with the weights of a transformers ``NemotronHForCausalLM`` / ``LlamaForCausalLM`` /
+    ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (copied)."""
     from .hybrid import HybridLM
 
     config = config_from_hf(hf_model.config.to_dict())
     weights = {}
     for k, v in hf_model.state_dict().items():
-        name = name_from_hf(k)
+        name = name_from_hf(k, config.family)
         if name is not None:
             weights[name] = v.detach().clone()
     config = resolve_tied_head(config, weights)
@@ -249,7 +282,22 @@ def from_transformers(hf_model: Any) -> HybridLM:
 
 
 def to_transformers(model: HybridLM) -> Any:
-    """A transformers ``NemotronHForCausalLM`` with this model's weights (homogeneous widths only)."""
+    """The family's transformers model (``NemotronHForCausalLM``, ``LlamaForCausalLM`` …) with this model's
+    weights (homogeneous widths only)."""
+    if model.config.family != "nemotron_h":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        dtype = model.embeddings.weight.dtype
+        cfg = config_to_hf(model.config, dtype)
+        family = cfg.pop("model_type")
+        for k in ("architectures", "dtype", "rope_theta", "rope_scaling"):
+            cfg.pop(k)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg)).to(dtype)
+        state = hf_state_dict(model)
+        if model.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        hf.load_state_dict(state, strict=True)
+        return hf.eval()
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     dtype = model.embeddings.weight.dtype

@@ -31,6 +31,7 @@ from .documents import DocumentMask
 from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
 from .norm import RMSNorm, rms_norm
+from .rope import inverse_frequencies, rotary_tables
 from .serving import decode_layout
 from .slicing import prefix
 
@@ -76,7 +77,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
-                inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None) -> torch.Tensor:
+                inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # The mixer's run() is a plain method call: single-token decoding is overhead-bound, and a second
         # nn.Module.__call__ per block costs as much as a small kernel here. Hooks go on blocks.
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
@@ -90,7 +92,7 @@ class Block(nn.Module):
         if self.observer is not None:
             self.observer("block_in", x)
             self.observer("norm", h)
-        h = self.mixer.run(h, width, cache, layer, documents, inner, prm)
+        h = self.mixer.run(h, width, cache, layer, documents, inner, prm, rotary)
         if scale is not None:
             h = h * scale
         if self.observer is not None:
@@ -129,6 +131,7 @@ class HybridLM(nn.Module):
         # filled by elasticlm.load from elastic.json, empty for a plain model.
         self.budgets: dict[str, Subnet] = {}
         self.budget_targets: dict[str, float] = {}
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary models: inverse frequencies per device
         if torch.device(device or "cpu").type != "meta":
             self.init_weights()
 
@@ -160,6 +163,26 @@ class HybridLM(nn.Module):
                 self._checked = {self._full}
             self._checked.add(subnet)
         return subnet
+
+    def positions(self, input_ids: torch.Tensor, cache: HybridCache | None,
+                  documents: DocumentMask | None) -> torch.Tensor:
+        """Position ids [batch or 1, seq] of the call's tokens: restarting at every packed document, counted
+        from each row's first real token in left-padded batches, continuing from the cache's length."""
+        t, device = input_ids.shape[1], input_ids.device
+        if documents is not None:
+            return documents.positions
+        past = cache.seq_len if cache is not None else 0
+        pos = torch.arange(past, past + t, device=device)[None]
+        if cache is not None and cache.pad is not None:
+            pos = (pos - cache.pad[:, None].to(device)).clamp(min=0)
+        return pos
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = positions.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = inverse_frequencies(self.config.rope_parameters or {},
+                                                         self.config.attention_head_dim).to(device)
+        return rotary_tables(self._inv_freq[device], positions, dtype)
 
     def head_weight(self) -> torch.Tensor:
         return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
@@ -198,6 +221,9 @@ class HybridLM(nn.Module):
         mod = modulation or Modulation()
         if mod.embedding is not None:
             x = x * mod.embedding
+        rotary = None
+        if self.config.rope_parameters is not None:
+            rotary = self.rotary(self.positions(input_ids, cache, documents), x.dtype)
         for i, (block, width) in enumerate(zip(self.layers, subnet.layers, strict=True)):
             if width is not None:
                 scale = mod.block[i] if mod.block is not None else None
@@ -205,9 +231,10 @@ class HybridLM(nn.Module):
                 nw = mod.norm_width
                 # through nn.Module.__call__, so module hooks (FSDP2's per-block all-gathers among them) run
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    x = checkpoint(block, x, width, None, i, documents, scale, inner, nw, use_reentrant=False)
+                    x = checkpoint(block, x, width, None, i, documents, scale, inner, nw, rotary,
+                                   use_reentrant=False)
                 else:
-                    x = block(x, width, cache, i, documents, scale, inner, nw)
+                    x = block(x, width, cache, i, documents, scale, inner, nw, rotary)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if logits_to_keep > 0:

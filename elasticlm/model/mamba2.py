@@ -83,7 +83,7 @@ class Mamba2Mixer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def run(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None, layer: int,
             documents: DocumentMask | None, inner: torch.Tensor | None,
-            params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+            params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
         """The block's call: :meth:`forward` with this layer's state in ``cache`` (read and replaced)."""
         if cache is None:
             return self.forward(u, width, None, documents=documents, inner=inner, params=params)[0]

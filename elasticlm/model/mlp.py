@@ -1,4 +1,4 @@
-"""Squared-ReLU MLP (not gated), sliceable in hidden and FFN width."""
+"""MLP sliceable in hidden and FFN width: squared-ReLU (Nemotron-H) or gated SiLU (Llama / Qwen, "swiglu")."""
 
 from __future__ import annotations
 
@@ -20,18 +20,18 @@ class MLP(nn.Module):
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mlp.py)
         kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
+        self.gated = config.mlp_type == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, full.intermediate_size, **kw)
         self.up_proj = nn.Linear(config.hidden_size, full.intermediate_size, **kw)
         self.down_proj = nn.Linear(full.intermediate_size, config.hidden_size, **kw)
 
     def sliced(self, hidden: int, width: MlpWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
-        params = {"up_proj.weight": self.up_proj.weight, "down_proj.weight": self.down_proj.weight}
-        if self.up_proj.bias is not None:
-            params["up_proj.bias"], params["down_proj.bias"] = self.up_proj.bias, self.down_proj.bias
-        return slice_params(params, MLP_KIND.layout(self.config, self.full, width, hidden))
+        return slice_params(dict(self.named_parameters()), MLP_KIND.layout(self.config, self.full, width, hidden))
 
     def run(self, x: torch.Tensor, width: MlpWidth, cache: object, layer: int, documents: object,
-            inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+            inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
         """The block's call (an MLP keeps no state and needs no document mask)."""
         return self.forward(x, width, inner, params)
 
@@ -39,7 +39,11 @@ class MLP(nn.Module):
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``inner`` ([ffn] or broadcastable) multiplies the activations before ``down_proj`` (soft masks)."""
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
-        h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
+        if self.gated:
+            h = F.silu(F.linear(x, p["gate_proj.weight"], p.get("gate_proj.bias"))) * F.linear(
+                x, p["up_proj.weight"], p.get("up_proj.bias"))
+        else:
+            h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
         if inner is not None:
             h = h * inner
         if self.observer is not None:

@@ -131,7 +131,7 @@ def fill_shards(model: HybridLM, path: str | Path) -> None:
         where: dict[str, tuple[TensorFile, str]] = {}
         for f in files:
             for key in f.keys():
-                name = name_from_hf(key) if kind == "hf" else key
+                name = name_from_hf(key, config.family) if kind == "hf" else key
                 if name is not None:
                     where[name] = (f, key)
         if model.lm_head is not None and "lm_head.weight" not in where and "embeddings.weight" in where:

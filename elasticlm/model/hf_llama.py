@@ -1,0 +1,197 @@
+"""Hugging Face Llama, Qwen2 and Qwen3 ⇄ elasticlm: config translation and weight names.
+
+A transformer decoder layer ``i`` is two of our blocks: ``2i`` (attention, its ``input_layernorm`` as the
+block's norm) and ``2i + 1`` (the gated MLP, its ``post_attention_layernorm``), so a parent's pattern is
+``"*-" * num_hidden_layers``. The three families differ only in switches our attention already has:
+
+=======  ====================  ==============  =======
+family   q/k/v bias            o_proj bias     q/k norm
+=======  ====================  ==============  =======
+llama    attention_bias        attention_bias  no
+qwen2    always                never           no
+qwen3    attention_bias        attention_bias  yes
+=======  ====================  ==============  =======
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..config import ATTENTION, MLP, ModelConfig
+from ..errors import ConfigError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(.+)$")
+_OUTER = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight": "norm_f.weight",
+          "lm_head.weight": "lm_head.weight"}
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers ≥ 5 keeps ``rope_parameters``; older configs ``rope_theta`` and ``rope_scaling`` (its type
+    under ``type`` or ``rope_type``)."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    legacy = dict(cfg.get("rope_scaling") or {})
+    if "type" in legacy:
+        legacy.setdefault("rope_type", legacy.pop("type"))
+    rope = {**legacy, **rope}
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope.setdefault("rope_type", "default")
+    return {k: v for k, v in rope.items() if v is not None}
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Translate a Llama / Qwen2 / Qwen3 config.json into a ModelConfig."""
+    family = cfg.get("model_type")
+    if family not in ARCHITECTURES:
+        raise ConfigError(f"model_type {family!r} is not a Llama-family model ({sorted(ARCHITECTURES)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{family} hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+    if cfg.get("use_sliding_window"):
+        raise ConfigError(f"{family} use_sliding_window=true is not supported (every layer must attend fully)")
+    types = cfg.get("layer_types") or []
+    if any(t != "full_attention" for t in types):
+        raise ConfigError(f"{family} layer_types {sorted(set(types))} are not supported (only full_attention)")
+    if cfg.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"{family} pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
+
+    def get(name: str, default: Any = None) -> Any:
+        v = cfg.get(name)
+        if v is None:
+            if default is None:
+                raise ConfigError(f"{family} config.json is missing {name!r}")
+            return default
+        return v
+
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    layers = get("num_hidden_layers")
+    bias = bool(cfg.get("attention_bias", False))
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return ModelConfig(
+        pattern=(ATTENTION + MLP) * layers,
+        vocab_size=get("vocab_size"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads", heads),
+        attention_head_dim=get("head_dim", hidden // heads if isinstance(hidden, int) and heads else None),
+        rope_parameters=_rope_from_hf(cfg),
+        attention_bias=True if family == "qwen2" else bias,
+        attention_out_bias=False if family == "qwen2" else bias,
+        qk_norm=family == "qwen3",
+        max_position_embeddings=get("max_position_embeddings", 4096),
+        intermediate_size=get("intermediate_size"),
+        mlp_type="swiglu",
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos,
+        family=family,
+    )
+
+
+def incompatibility(config: ModelConfig) -> str | None:
+    """Why ``config`` cannot be written as its family's transformers config, or None if it can."""
+    family = config.family
+    layers = len(config.pattern) // 2
+    if layers == 0 or config.pattern != (ATTENTION + MLP) * layers:
+        return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a {family} decoder layer has "
+                "both (a sub-model that drops one half of a layer); save it in the native format instead")
+    for what, values in (("attention head counts", config.attention_heads_list()),
+                         ("FFN widths", config.intermediate_sizes_list())):
+        if len(set(values)) > 1:
+            return (f"its layers have different {what} {values}, and a {family} config holds one value; "
+                    "save it in the native format instead")
+    heads = config.attention_heads_list()[0]
+    if family == "llama" and config.hidden_size % heads:
+        return (f"transformers' LlamaConfig requires hidden_size ({config.hidden_size}) to be a multiple of "
+                f"num_attention_heads ({heads}); save it in the native format instead")
+    want_out = False if family == "qwen2" else config.attention_bias
+    if (family == "qwen2" and not config.attention_bias) or config.attention_out_bias != want_out:
+        return (f"its attention biases (q/k/v {config.attention_bias}, o {config.attention_out_bias}) differ "
+                f"from {family}'s")
+    if config.qk_norm != (family == "qwen3") or config.mlp_type != "swiglu" or config.rope_parameters is None:
+        return f"its attention / MLP variant is not {family}'s"
+    if config.mlp_bias and family != "llama":
+        return f"{family} has no MLP bias"
+    return None
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A config.json dict for the family's transformers class (raises ConfigError when it cannot be one)."""
+    reason = incompatibility(config)
+    if reason:
+        raise ConfigError(f"cannot export to Hugging Face {config.family}: {reason}")
+    family, layers = config.family, len(config.pattern) // 2
+    rope = dict(config.rope_parameters or {})
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_sizes_list()[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": config.attention_heads_list()[0],
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.attention_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.norm_eps,
+        "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_parameters": rope,
+        # the pre-5 names, read by older transformers, vLLM and llama.cpp's converter
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": None if rope.get("rope_type", "default") == "default" else
+        {k: v for k, v in rope.items() if k != "rope_theta"},
+        "attention_bias": config.attention_bias if family != "qwen2" else True,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+    if family == "llama":
+        out["mlp_bias"] = config.mlp_bias
+    else:
+        out.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers})
+    return out
+
+
+def name_from_hf(name: str) -> str | None:
+    """Our parameter name for a checkpoint key (None: a key we drop, e.g. a stored rotary table).
+
+    >>> name_from_hf("model.layers.3.mlp.gate_proj.weight"), name_from_hf("model.layers.3.input_layernorm.weight")
+    ('layers.7.mixer.gate_proj.weight', 'layers.6.norm.weight')
+    """
+    if name in _OUTER:
+        return _OUTER[name]
+    m = _LAYER.match(name)
+    if m is None:
+        return None if "rotary_emb" in name else name
+    layer, part, rest = int(m.group(1)), m.group(2), m.group(3)
+    block = 2 * layer + (part in ("post_attention_layernorm", "mlp"))
+    return f"layers.{block}.norm.weight" if part.endswith("layernorm") else f"layers.{block}.mixer.{rest}"
+
+
+def name_to_hf(name: str) -> str:
+    """The checkpoint key of one of our parameter names (a model that :func:`incompatibility` accepts).
+
+    >>> name_to_hf("layers.7.mixer.down_proj.weight"), name_to_hf("layers.6.norm.weight")
+    ('model.layers.3.mlp.down_proj.weight', 'model.layers.3.input_layernorm.weight')
+    """
+    outer = {v: k for k, v in _OUTER.items()}
+    if name in outer:
+        return outer[name]
+    _, block, rest = name.split(".", 2)
+    layer, is_mlp = divmod(int(block), 2)
+    if rest == "norm.weight":
+        return f"model.layers.{layer}.{'post_attention_layernorm' if is_mlp else 'input_layernorm'}.weight"
+    return f"model.layers.{layer}.{'mlp' if is_mlp else 'self_attn'}.{rest.removeprefix('mixer.')}"
