@@ -390,9 +390,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import comparison_lines, run_demo
 
-    out = args.out or (("runs/demo-quick" if args.quick else "runs/demo") + (f"-seed{args.seed}" if args.seed else ""))
+    out = args.out or (("runs/demo-quick" if args.quick else "runs/demo")
+                       + (f"-{args.family}" if args.family != "nemotron_h" else "")
+                       + (f"-seed{args.seed}" if args.seed else ""))
     result = run_demo(out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress,
-                      log=lambda msg: print(msg, flush=True), seed=args.seed)
+                      log=lambda msg: print(msg, flush=True), seed=args.seed, family=args.family)
     print("\n## elasticlm demo" + (" --quick" if args.quick else "") + "\n")
     print(result["table"])
     print()
@@ -714,7 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run; quality is not "
                                                         "meaningful)")
     p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick; "
-                                 "runs/demo-seedN with --seed N)")
+                                 "runs/demo-FAMILY with --family, runs/demo-seedN with --seed N)")
+    p.add_argument("--family", choices=["nemotron_h", "llama", "qwen3"], default="nemotron_h",
+                   help="the parent's architecture: the Nemotron-H hybrid (Mamba-2 + attention + MLP), or a "
+                        "Llama- or Qwen3-shaped transformer (rotary attention + gated SiLU MLP) of about the same "
+                        "size; the rest of the recipe is the same")
     p.add_argument("--seed", type=int, default=0, help="moves every random choice (the parent's and the elastic "
                                                        "run's init and data slice; the evaluation prompts stay): run "
                                                        "seeds 0, 1, 2 to see the spread (bench/replicate.py seeds)")

@@ -39,7 +39,7 @@ LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
 
 IntOrList = int | list[int]
 MLP_TYPES = ("relu2", "swiglu")
-FAMILIES = ("nemotron_h", "llama", "qwen2", "qwen3")
+FAMILIES = ("nemotron_h", "mamba2", "llama", "qwen2", "qwen3")
 # rope_type → the keys it needs besides rope_theta (transformers' names)
 ROPE_TYPES = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -125,6 +125,9 @@ class ModelConfig:
     chunk_size: int = 64
     time_step_min: float = 1e-3  # softplus(dt) is clamped below at this (as transformers does)
     time_step_max: float = 0.1  # only used to initialise dt_bias
+    # the range softplus(dt) is clamped to; None: [time_step_min, inf) (NemotronH). Mamba2 checkpoints carry their
+    # own (transformers' default there: [0, inf), no clamp)
+    time_step_limit: list[float] | None = None
     # attention
     num_attention_heads: IntOrList = 4
     num_key_value_heads: int = 2
@@ -149,8 +152,8 @@ class ModelConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
-    # The Hugging Face family the model comes from and exports to (elasticlm.model.hf): "nemotron_h", "llama",
-    # "qwen2", "qwen3".
+    # The Hugging Face family the model comes from and exports to (elasticlm.model.hf): "nemotron_h", "mamba2",
+    # "llama", "qwen2", "qwen3".
     family: str = "nemotron_h"
     # Filled in by importance reordering (later issues): layer indices, least important first.
     depth_order: list[int] | None = field(default=None)
@@ -199,6 +202,11 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_rope(self.rope_parameters, self.attention_head_dim)
+        limit = self.time_step_limit
+        if limit is not None and not (isinstance(limit, (list, tuple)) and len(limit) == 2
+                                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+                                      and 0 <= limit[0] < limit[1]):
+            raise ConfigError(f"time_step_limit must be [low, high] with 0 <= low < high, got {limit!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):

@@ -94,6 +94,36 @@ QUICK = Recipe(
 )
 
 
+# The parent's family (`elasticlm demo --family`): Nemotron-H (the recipes above) or a transformer of about the same
+# size — Llama (rotary attention, gated SiLU MLP, untied) or Qwen3 (plus per-head q/k norm, tied embeddings) —
+# trained by the same recipe. A transformer decoder layer is two blocks, attention then MLP.
+TRANSFORMER_PARENTS: dict[str, dict[bool, dict[str, Any]]] = {
+    family: {
+        False: dict(pattern="*-" * 4, vocab_size=288, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                    attention_head_dim=32, intermediate_size=512, mlp_type="swiglu", family=family,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, qk_norm=family == "qwen3",
+                    tie_word_embeddings=family == "qwen3", norm_eps=1e-6),
+        True: dict(pattern="*-" * 2, vocab_size=288, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   attention_head_dim=16, intermediate_size=128, mlp_type="swiglu", family=family,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, qk_norm=family == "qwen3",
+                   tie_word_embeddings=family == "qwen3", norm_eps=1e-6),
+    }
+    for family in ("llama", "qwen3")
+}
+DEMO_FAMILIES = ("nemotron_h", *TRANSFORMER_PARENTS)
+
+
+def for_family(recipe: Recipe, family: str, quick: bool) -> Recipe:
+    """``recipe`` with a parent of ``family`` (its model table replaced; training and elastic recipe unchanged)."""
+    if family == "nemotron_h":
+        return recipe
+    if family not in TRANSFORMER_PARENTS:
+        raise ConfigError(f"unknown demo family {family!r}; choose one of {list(DEMO_FAMILIES)}")
+    parent = _plain(recipe.parent)
+    parent["model"] = _plain(TRANSFORMER_PARENTS[family][quick])
+    return dataclasses.replace(recipe, parent=parent)
+
+
 def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
@@ -143,8 +173,9 @@ def seeded(recipe: Recipe, seed: int) -> Recipe:
 
 
 def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
-    """The whole pipeline under ``out``; returns the evaluation points and the paths written."""
+             log: Callable[[str], None] = print, seed: int = 0, family: str = "nemotron_h") -> dict[str, Any]:
+    """The whole pipeline under ``out``; returns the evaluation points and the paths written. ``family``: the
+    parent's architecture (see :data:`TRANSFORMER_PARENTS`)."""
     from .checkpoint import atomic_directory, atomic_write_text, load, save, write_model_files
     from .data.datasets import data_config_from_spec
     from .data.synthetic import FAMILIES
@@ -161,7 +192,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .train.elastic import train_elastic
     from .train.pretrain import pretrain
 
-    recipe = seeded(QUICK if quick else FULL, seed)
+    recipe = for_family(seeded(QUICK if quick else FULL, seed), family, quick)
     out = Path(out)
     # the demo works in its own directory: an empty or new one, or one of its earlier runs (reused / resumed)
     resolve_output(out, force=True, kind="demo")
@@ -169,8 +200,8 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
         log(f"--fresh: removing {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full", "seed": seed})
-                      + "\n")
+    atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full", "seed": seed,
+                                                     "family": family}) + "\n")
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -265,7 +296,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
                 for label, subnet in zero_shot.items()]
     points = evaluate_entries(entries, families=FAMILIES, levels=tuple(ev["levels"]), n=ev["n"], val_data=val,
                               val_samples=ev["val_samples"], log=log)
-    meta = {"demo": "quick" if quick else "full", "seed": seed, "out": str(out), "n": ev["n"],
+    meta = {"demo": "quick" if quick else "full", "seed": seed, "family": family, "out": str(out), "n": ev["n"],
             "difficulty": ev["levels"], "val_samples": ev["val_samples"], "timings_s": timings}
     paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""),
                         force=True)

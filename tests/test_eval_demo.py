@@ -157,3 +157,31 @@ def test_demo_refuses_a_negative_seed(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seed" in err[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_quick_with_a_llama_parent_exports_to_transformers(tmp_path, capsys):
+    """The whole pipeline on a Llama-shaped parent: importance → reorder → elastic training → extract → export;
+    budgets that are whole decoder layers of one width load in transformers' LlamaForCausalLM."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--family", "llama", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "budget 0.5: elastic vs zero-shot pruned" in printed
+    assert json.loads((out / "demo.json").read_text())["family"] == "llama"
+    elastic = elasticlm.load(out / "elastic" / "final")
+    assert elastic.config.family == "llama" and set(elastic.config.pattern) == {"*", "-"}
+    assert elastic.config.rope_parameters is not None and elastic.config.mlp_type == "swiglu"
+    ids = torch.randint(3, elastic.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    exported = 0
+    for label, subnet in elastic.budgets.items():
+        directory = out / "family" / f"budget-{label}"
+        assert elasticlm.load(directory).num_parameters() == elastic.num_parameters(subnet)
+        config = json.loads((directory / "config.json").read_text())
+        if config.get("model_type") == "llama":  # written as Hugging Face Llama: transformers runs it
+            hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+            with torch.no_grad():
+                assert (hf(ids, use_cache=False).logits - elastic(ids, subnet=subnet)).abs().max() <= 1e-4
+            exported += 1
+        else:  # per-layer widths or half a decoder layer dropped: native
+            assert "elasticlm_format" in config
+    assert exported >= 1  # at least the full budget

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import ATTENTION, MAMBA, MLP, ModelConfig
 from ..errors import ConfigError
-from . import hf_llama
+from . import hf_llama, hf_mamba2
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
@@ -37,10 +38,10 @@ def is_nemotron_h(config: dict[str, Any]) -> bool:
 
 def is_hf_config(config: dict[str, Any]) -> bool:
     """True for a config.json of a family this library imports."""
-    return is_nemotron_h(config) or config.get("model_type") in hf_llama.ARCHITECTURES
+    return config.get("model_type") in HF_CLASSES
 
 
-HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", **hf_llama.ARCHITECTURES}
+HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", **hf_llama.ARCHITECTURES}
 
 
 def hf_label(family: str) -> str:
@@ -86,6 +87,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Translate a transformers config.json (NemotronH, Llama, Qwen2, Qwen3) into a ModelConfig."""
     if cfg.get("model_type") in hf_llama.ARCHITECTURES:
         return hf_llama.config_from_hf(cfg)
+    if cfg.get("model_type") == "mamba2":
+        return hf_mamba2.config_from_hf(cfg)
     for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
         if cfg.get(key, want) != want:
             raise ConfigError(f"NemotronH {key}={cfg[key]!r} is not supported (only {want!r})")
@@ -139,8 +142,12 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 def hf_incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` cannot be written as its family's Hugging Face config, or None if it can."""
+    if config.family == "mamba2":
+        return hf_mamba2.incompatibility(config)
     if config.family != "nemotron_h":
         return hf_llama.incompatibility(config)
+    if config.time_step_limit not in (None, [config.time_step_min, math.inf]):
+        return f"NemotronH clamps the time step at time_step_min; this model clamps it to {config.time_step_limit}"
     if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
             or config.attention_out_bias):
         return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
@@ -159,6 +166,8 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The family's config.json dict (raises ConfigError for what it cannot express, e.g. per-layer widths)."""
+    if config.family == "mamba2":
+        return hf_mamba2.config_to_hf(config, dtype)
     if config.family != "nemotron_h":
         return hf_llama.config_to_hf(config, dtype)
     reason = hf_incompatibility(config)
@@ -222,7 +231,7 @@ def name_from_hf(name: str, family: str = "nemotron_h") -> str | None:
     >>> name_from_hf("lm_head.weight")
     'lm_head.weight'
     """
-    if family != "nemotron_h":
+    if family in hf_llama.ARCHITECTURES:
         return hf_llama.name_from_hf(name)
     for p in _HF_PREFIXES:
         if name.startswith(p):
@@ -253,7 +262,7 @@ def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
 def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
     """Checkpoint tensors under the family's on-disk names (NemotronH: an explicit head even when tied, since
     transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them)."""
-    if model.config.family != "nemotron_h":
+    if model.config.family in hf_llama.ARCHITECTURES:
         return {hf_llama.name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     state = {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if "lm_head.weight" not in state:
@@ -291,10 +300,10 @@ def to_transformers(model: HybridLM) -> Any:
         cfg = config_to_hf(model.config, dtype)
         family = cfg.pop("model_type")
         for k in ("architectures", "dtype", "rope_theta", "rope_scaling"):
-            cfg.pop(k)
+            cfg.pop(k, None)
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg)).to(dtype)
         state = hf_state_dict(model)
-        if model.config.tie_word_embeddings:
+        if "lm_head.weight" not in state:  # a tied Llama-family model: transformers' state dict lists the head
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         hf.load_state_dict(state, strict=True)
         return hf.eval()

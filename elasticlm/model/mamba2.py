@@ -40,6 +40,9 @@ class Mamba2Mixer(nn.Module):
         self.state_size, self.conv_kernel = config.ssm_state_size, config.conv_kernel
         self.chunk_size = config.chunk_size
         self.time_step_min, self.norm_eps = config.time_step_min, config.norm_eps
+        limit = config.time_step_limit or (config.time_step_min, math.inf)
+        # softplus(dt) is clamped to [dt_low, dt_high] (dt_high None: no upper clamp)
+        self.dt_low, self.dt_high = float(limit[0]), (float(limit[1]) if math.isfinite(limit[1]) else None)
         kw = dict(device=device, dtype=dtype)
         shapes = {name: tuple(d.full_size for d in dims)
                   for name, dims in MAMBA_KIND.layout(config, full, full, config.hidden_size).items()}
@@ -135,7 +138,7 @@ class Mamba2Mixer(nn.Module):
             x = torch.where(valid[..., None], x, 0.0)
 
         A = -torch.exp(prm["A_log"].float())
-        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp(min=self.time_step_min)
+        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp(min=self.dt_low, max=self.dt_high)
         x = x.reshape(b, t, heads, hd)
         B, C = B.reshape(b, t, g, n), C.reshape(b, t, g, n)
         init = state.ssm if state is not None else None
@@ -161,7 +164,7 @@ class Mamba2Mixer(nn.Module):
         if "conv1d.bias" in prm:
             xbc = xbc + prm["conv1d.bias"]
         x, B, C = F.silu(xbc).split([d_inner, g * n, g * n], dim=-1)
-        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp_(min=self.time_step_min)
+        dt = F.softplus(dt.float() + prm["dt_bias"].float()).clamp_(min=self.dt_low, max=self.dt_high)
         decay = (dt * prm["A_log"].float().exp()).neg_().exp_().view(b, g, hg, 1, 1)
         x = x.float().view(b, g, hg, hd, 1)
         ssm = torch.addcmul(state.ssm.view(b, g, hg, hd, n) * decay, x * dt.view(b, g, hg, 1, 1),
