@@ -222,8 +222,19 @@ class ModelConfig:
 
         >>> ModelConfig(pattern="M*M*", vocab_size=8, hidden_size=8, depth_order=[1, 3, 0, 2]).drop_order()
         [1, 0, 2, 3]
+
+        A transformer (:attr:`depth_unit` 2) drops whole decoder layers, attention and MLP together, least
+        important first by the mean rank of their two blocks (every layer has attention):
+
+        >>> ModelConfig(pattern="*-*-", vocab_size=8, hidden_size=8, family="llama", depth_order=[2, 3, 1, 0],
+        ...             rope_parameters={"rope_theta": 1e4}).drop_order()
+        [2, 3, 0, 1]
         """
         order = self.depth_order
+        if order is not None and self.depth_unit == 2:
+            rank = {block: k for k, block in enumerate(order)}
+            layers = sorted(range(self.num_layers // 2), key=lambda j: (rank[2 * j] + rank[2 * j + 1], j))
+            return [block for j in layers for block in (2 * j, 2 * j + 1)]
         if order is None or not keep_attention or ATTENTION not in self.pattern:
             return None if order is None else list(order)
         keep = [i for i in order if self.pattern[i] == ATTENTION][-1]
@@ -233,6 +244,14 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         return len(self.pattern)
+
+    @property
+    def depth_unit(self) -> int:
+        """Blocks that are dropped together: 2 for a transformer family (a decoder layer is an attention and an MLP
+        block, and its Hugging Face class cannot hold half of one), else 1."""
+        pairs = self.num_layers // 2
+        transformer = self.family in ("llama", "qwen2", "qwen3") and self.pattern == (ATTENTION + MLP) * pairs
+        return 2 if transformer and pairs else 1
 
     def count(self, kind: str) -> int:
         return self.pattern.count(kind)

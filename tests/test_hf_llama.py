@@ -241,3 +241,31 @@ def test_position_ids_restart_per_document_and_skip_left_padding():
     cache = model.new_cache()
     cache.pad, cache.seq_len = torch.tensor([0, 3]), 5
     assert model.positions(torch.zeros(2, 2, dtype=torch.long), cache, None).tolist() == [[5, 6], [2, 3]]
+
+
+def test_a_transformer_drops_whole_decoder_layers():
+    """Depth choices, the drop order and the prune grid of a Llama parent remove attention + MLP pairs, so every
+    sub-model with homogeneous widths is still a LlamaForCausalLM."""
+    from elasticlm.elastic.prune import candidates
+    from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+    from elasticlm.errors import ConfigError
+
+    model = from_transformers(hf_model("llama-gqa3", layers=4))
+    config = model.config
+    config.depth_order = [5, 0, 6, 2, 7, 1, 3, 4]  # block 5 least important, ...
+    order = config.drop_order()
+    assert sorted(order) == list(range(8))
+    assert all(order[k] % 2 == 0 and order[k + 1] == order[k] + 1 for k in range(0, 8, 2))
+    # mean ranks: layer 0 (blocks 0, 1) 1 + 5 = 6, layer 1: 3 + 6 = 9, layer 2: 7 + 0 = 7, layer 3: 2 + 4 = 6
+    assert order == [0, 1, 6, 7, 4, 5, 2, 3]
+    space = ElasticSpace.build(config, ElasticConfig(budgets=[1.0, 0.5], depth=[1.0, 0.75, 0.5, 0.3]))
+    assert all(v[0] % 2 == 0 for v in space.axis("depth").values)
+    with pytest.raises(ConfigError, match="whole decoder layers"):
+        ElasticSpace.build(config, ElasticConfig(budgets=[1.0, 0.5], depth=[8, 7]))
+    found = candidates(config, count_parameters(config) // 2)
+    assert found and any(c.subnet.layers.count(None) for c in found)
+    for c in found:
+        dropped = [i for i, w in enumerate(c.subnet.layers) if w is None]
+        assert all(i % 2 == 0 and i + 1 in dropped for i in dropped[::2]), dropped
+        reason = hf_incompatibility(extract(model, c.subnet).config)  # LlamaConfig may still refuse the hidden size
+        assert reason is None or "pairs" not in reason and "hidden_size" in reason, reason

@@ -110,7 +110,7 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) ->
                  if rule == "fill"), None)
     hidden_choices = _choices(config.hidden_size, WIDTH_FRACTIONS, 8 if config.hidden_size >= 64 else 1)
     order = config.drop_order(keep_attention)
-    drops = [0] if order is None else list(range(int(MAX_DEPTH_DROP * config.num_layers) + 1))
+    drops = [0] if order is None else list(range(0, int(MAX_DEPTH_DROP * config.num_layers) + 1, config.depth_unit))
     out: list[Candidate] = []
     for hidden, *picks, k in itertools.product(hidden_choices if fill else [None],
                                                *[_grid(rule, full) for _, _, full, rule in grid], drops):

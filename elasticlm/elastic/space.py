@@ -382,7 +382,11 @@ def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogen
     if name == "depth":
         L = config.num_layers
         choices = raw if raw is not None else list(DEFAULT_DEPTH_FRACTIONS)
-        values = _dedup([(_resolve_choice(v, L, where),) for v in choices])
+        unit = config.depth_unit  # whole decoder layers in a transformer
+        values = _dedup([(_resolve_choice(v, L, where, unit),) for v in choices])
+        if any(v[0] % unit for v in values):
+            raise ConfigError(f"{where}: a {config.family} model drops whole decoder layers ({unit} blocks each); "
+                              f"give block counts that are multiples of {unit}")
         if any(v[0] < L for v in values) and config.depth_order is None:
             raise ConfigError("elastic.depth drops layers, but the parent has no depth order; run `elasticlm "
                               "importance` and `elasticlm reorder` first (or set elastic.depth = [1.0])")
