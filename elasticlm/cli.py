@@ -94,6 +94,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"pattern      {config.pattern}  ({config.num_layers} layers: "
           + ", ".join(f"{config.count(k)} {n}" for k, n in LAYER_NAMES.items()) + ")")
     print(f"hidden       {config.hidden_size}   vocab {config.vocab_size}   tied head {config.tie_word_embeddings}")
+    if config.count("*"):
+        rope = config.rope_parameters
+        position = ("none" if rope is None
+                    else f"rotary ({rope.get('rope_type', 'default')}, theta {rope['rope_theta']:g})")
+        biases = "q/k/v" * config.attention_bias + (", o" if config.attention_out_bias else "") or "none"
+        print(f"attention    {config.num_key_value_heads} KV heads × head_dim {config.attention_head_dim}; positions "
+              f"{position}; biases {biases}; q/k norm {'yes' if config.qk_norm else 'no'}")
+    if config.count("-"):
+        print(f"mlp          {'gated SiLU' if config.mlp_type == 'swiglu' else 'squared ReLU'}")
     print(f"parameters   {count_parameters(config):,}")
     if subnet is not None:
         n = count_parameters(config, subnet)
