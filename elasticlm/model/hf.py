@@ -21,6 +21,7 @@ import torch
 from ..config import ATTENTION, MAMBA, MLP, ModelConfig
 from ..errors import ConfigError
 from . import hf_llama, hf_mamba2
+from .hf_fields import Fields
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
@@ -97,20 +98,10 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if cfg.get("num_nextn_predict_layers"):
         log.warning("multi-token-prediction layers are dropped on import")
 
-    def get(name: str, *aliases: str, default: Any = None) -> Any:
-        for k in (name, *aliases):
-            if k in cfg and cfg[k] is not None:
-                return cfg[k]
-        if default is None:
-            raise ConfigError(f"NemotronH config.json is missing {name!r}")
-        return default
-
+    get = Fields(cfg, "NemotronH")
     hidden = get("hidden_size")
     pattern = _pattern(cfg)
     n_heads = _per_kind(get("num_attention_heads"), pattern, "*", "num_attention_heads")
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
     return ModelConfig(
         pattern=pattern,
         vocab_size=get("vocab_size"),
@@ -136,7 +127,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos,
+        eos_token_id=get.eos(),
     )
 
 

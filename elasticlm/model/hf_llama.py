@@ -22,6 +22,7 @@ import torch
 
 from ..config import ATTENTION, MLP, ModelConfig
 from ..errors import ConfigError
+from .hf_fields import Fields
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(.+)$")
@@ -57,41 +58,31 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if cfg.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"{family} pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
 
-    def get(name: str, default: Any = None) -> Any:
-        v = cfg.get(name)
-        if v is None:
-            if default is None:
-                raise ConfigError(f"{family} config.json is missing {name!r}")
-            return default
-        return v
-
+    get = Fields(cfg, family)
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     layers = get("num_hidden_layers")
     bias = bool(cfg.get("attention_bias", False))
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
     return ModelConfig(
         pattern=(ATTENTION + MLP) * layers,
         vocab_size=get("vocab_size"),
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_key_value_heads=get("num_key_value_heads", heads),
-        attention_head_dim=get("head_dim", hidden // heads if isinstance(hidden, int) and heads else None),
+        num_key_value_heads=get("num_key_value_heads", default=heads),
+        attention_head_dim=get("head_dim", default=hidden // heads if isinstance(hidden, int) and heads else None),
         rope_parameters=_rope_from_hf(cfg),
         attention_bias=True if family == "qwen2" else bias,
         attention_out_bias=False if family == "qwen2" else bias,
         qk_norm=family == "qwen3",
-        max_position_embeddings=get("max_position_embeddings", 4096),
+        max_position_embeddings=get("max_position_embeddings", default=4096),
         intermediate_size=get("intermediate_size"),
         mlp_type="swiglu",
         mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
-        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        norm_eps=float(get("rms_norm_eps", default=1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos,
+        eos_token_id=get.eos(),
         family=family,
     )
 

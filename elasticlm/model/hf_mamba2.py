@@ -16,6 +16,7 @@ import torch
 
 from ..config import MAMBA, ModelConfig
 from ..errors import ConfigError
+from .hf_fields import Fields
 
 
 def _number(value: Any) -> float:
@@ -37,39 +38,29 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"mamba2 hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
 
-    def get(name: str, default: Any = None) -> Any:
-        v = cfg.get(name)
-        if v is None:
-            if default is None:
-                raise ConfigError(f"mamba2 config.json is missing {name!r}")
-            return default
-        return v
-
+    get = Fields(cfg, "mamba2")
     limit = [_number(x) for x in cfg.get("time_step_limit") or (0.0, math.inf)]
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
     return ModelConfig(
         pattern=MAMBA * get("num_hidden_layers"),
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
         mamba_num_heads=get("num_heads"),
         mamba_head_dim=get("head_dim"),
-        mamba_n_groups=get("n_groups", 1),
+        mamba_n_groups=get("n_groups", default=1),
         ssm_state_size=get("state_size"),
-        conv_kernel=get("conv_kernel", 4),
-        chunk_size=get("chunk_size", 256),
-        time_step_min=float(get("time_step_min", 1e-3)),
-        time_step_max=float(get("time_step_max", 0.1)),
+        conv_kernel=get("conv_kernel", default=4),
+        chunk_size=get("chunk_size", default=256),
+        time_step_min=float(get("time_step_min", default=1e-3)),
+        time_step_max=float(get("time_step_max", default=0.1)),
         time_step_limit=limit,
-        norm_eps=float(get("layer_norm_epsilon", 1e-5)),
+        norm_eps=float(get("layer_norm_epsilon", default=1e-5)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         use_bias=bool(cfg.get("use_bias", False)),
         use_conv_bias=bool(cfg.get("use_conv_bias", True)),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos,
+        eos_token_id=get.eos(),
         family="mamba2",
     )
 
