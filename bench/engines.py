@@ -1,13 +1,16 @@
 """Every budget of an elastic checkpoint in the engines people deploy with, against elasticlm's nested budget.
 
     python bench/engines.py [--checkpoint runs/demo/elastic/final] [--prompts 8] [--new-tokens 48]
+                            [--llama-cpp-convert PATH/convert_hf_to_gguf.py]
 
 For each budget the sub-model is exported the way a user would (`extract --format hf` and `--format gguf`),
 then every installed engine runs the same token ids:
 
 - **transformers**: `AutoModelForCausalLM` on the Hugging Face export, `generate(do_sample=False)`;
 - **llama.cpp** (llama-cpp-python): the GGUF export, greedy decoding from its own logits, and its own
-  tokenizer on the prompt texts (must give our ids);
+  tokenizer on the prompt texts (must give our ids). Nemotron-H budgets are written by `extract --format gguf`;
+  the other families' Hugging Face exports are converted by llama.cpp's own `convert_hf_to_gguf.py`
+  (`--llama-cpp-convert`), as a user of those families would;
 - **vLLM** (the CPU build too): the Hugging Face export, greedy `SamplingParams(temperature=0)` and its
   prompt log-probs;
 - **lm-eval** (its `hf` model on the Hugging Face export): `loglikelihood` of elasticlm's greedy continuation
@@ -27,6 +30,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -63,15 +67,25 @@ class Skip(Exception):
 def dt_unclamped(model: Any) -> Iterator[None]:
     """elasticlm with the Mamba step size not clamped at time_step_min: the convention of llama.cpp and of
     transformers' one-token decode step (its chunked forward clamps, as elasticlm does everywhere)."""
-    mixers = [m for m in model.modules() if hasattr(m, "time_step_min")]
-    saved = [m.time_step_min for m in mixers]
+    mixers = [m for m in model.modules() if hasattr(m, "dt_low")]
+    saved = [m.dt_low for m in mixers]
     for m in mixers:
-        m.time_step_min = 0.0
+        m.dt_low = 0.0
     try:
         yield
     finally:
         for m, v in zip(mixers, saved, strict=True):
-            m.time_step_min = v
+            m.dt_low = v
+
+
+def convert_with_llama_cpp(script: str, hf_dir: Path, out: Path) -> Path:
+    """llama.cpp's converter on a Hugging Face export (f32); raises Skip with its last error line."""
+    done = subprocess.run([sys.executable, script, str(hf_dir), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise Skip(f"llama.cpp's converter failed: {lines[-1] if lines else done.returncode}")
+    return out
 
 
 def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int, clamp: bool = True) -> dict[str, Any]:
@@ -216,6 +230,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--gguf-type", default="f32", help="GGUF tensor type of the llama.cpp export")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "engines.json"))
+    ap.add_argument("--llama-cpp-convert", help="llama.cpp's convert_hf_to_gguf.py: GGUF for families other than "
+                                                "Nemotron-H (Llama, Qwen, Mamba2), from their Hugging Face export")
     args = ap.parse_args()
 
     import torch
@@ -244,10 +260,13 @@ def main() -> None:
             except ElasticLMError as exc:
                 print(f"budget {label}: no Hugging Face export ({exc})")
             try:
-                [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}", "gguf",
-                                              gguf_type=args.gguf_type)
-                gguf_file = d / "model.gguf"
-            except ElasticLMError as exc:
+                if model.config.family != "nemotron_h" and args.llama_cpp_convert and hf_dir is not None:
+                    gguf_file = convert_with_llama_cpp(args.llama_cpp_convert, hf_dir, Path(tmp) / f"{label}.gguf")
+                else:
+                    [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}", "gguf",
+                                                  gguf_type=args.gguf_type)
+                    gguf_file = d / "model.gguf"
+            except (ElasticLMError, Skip) as exc:
                 print(f"budget {label}: no GGUF export ({exc})")
             ref = run_elasticlm(model, label, prompts, args.new_tokens)
             unclamped = run_elasticlm(model, label, prompts, args.new_tokens, clamp=False)
