@@ -1,7 +1,7 @@
 """elasticlm: many nested model sizes from one hybrid Mamba-2/attention language model."""
 
 from .checkpoint import load, save
-from .config import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, Subnet, count_parameters, preset
+from .config import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, MoeWidth, Subnet, count_parameters, preset
 from .elastic.extract import extract
 from .errors import CheckpointError, ConfigError, ElasticLMError
 from .generate import generate
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionWidth", "CheckpointError", "ConfigError", "ElasticLMError", "HybridLM", "MambaWidth",
-    "MlpWidth", "ModelConfig", "Subnet", "count_parameters", "extract", "generate", "load", "preset",
+    "MlpWidth", "ModelConfig", "MoeWidth", "Subnet", "count_parameters", "extract", "generate", "load", "preset",
     "save", "__version__",
 ]

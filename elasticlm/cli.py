@@ -726,8 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "meaningful)")
     p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick; "
                                  "runs/demo-FAMILY with --family, runs/demo-seedN with --seed N)")
-    p.add_argument("--family", choices=["nemotron_h", "llama", "qwen3"], default="nemotron_h",
-                   help="the parent's architecture: the Nemotron-H hybrid (Mamba-2 + attention + MLP), or a "
+    p.add_argument("--family", choices=["nemotron_h", "nemotron_h_moe", "llama", "qwen3"], default="nemotron_h",
+                   help="the parent's architecture: the Nemotron-H hybrid (Mamba-2 + attention + MLP), the hybrid "
+                        "with mixture-of-experts layers instead of MLPs (8 experts, top 2, a shared expert), or a "
                         "Llama- or Qwen3-shaped transformer (rotary attention + gated SiLU MLP) of about the same "
                         "size; the rest of the recipe is the same")
     p.add_argument("--seed", type=int, default=0, help="moves every random choice (the parent's and the elastic "

@@ -2,7 +2,7 @@
 
 A model is a string pattern of blocks (DESIGN 2.1):
 
-    ``M`` Mamba-2 mixer · ``*`` GQA attention · ``-`` MLP
+    ``M`` Mamba-2 mixer · ``*`` GQA attention · ``-`` MLP · ``E`` mixture of experts (Nemotron-H MoE)
 
 Nemotron-H's attention has no positional encoding and its MLP is squared-ReLU; transformer parents
 (Llama, Qwen2, Qwen3) are the pattern ``"*-" * layers`` with rotary attention (``rope_parameters``) and a
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .kinds import KINDS, AttentionWidth, MambaWidth, MlpWidth, kind_of, kind_of_width, width_fields
+from .kinds import KINDS, AttentionWidth, MambaWidth, MlpWidth, MoeWidth, kind_of, kind_of_width, width_fields
 
-MAMBA, ATTENTION, MLP = "M", "*", "-"
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
 
 IntOrList = int | list[int]
@@ -142,6 +142,15 @@ class ModelConfig:
     # MLP
     intermediate_size: IntOrList = 256
     mlp_type: str = "relu2"  # "relu2": down(relu(up x)²) (Nemotron-H); "swiglu": down(silu(gate x) · up x)
+    # mixture of experts (Nemotron-H's MoE layers; routed experts and the shared expert are squared-ReLU MLPs)
+    moe_num_experts: IntOrList = 8  # routed experts per MoE layer
+    moe_intermediate_size: IntOrList = 64  # FFN width of each routed expert
+    moe_shared_intermediate_size: int = 64  # FFN width of the shared expert
+    moe_top_k: int = 2  # experts each token is routed to
+    moe_n_group: int = 1  # routing groups (the router first keeps the best moe_topk_group groups)
+    moe_topk_group: int = 1
+    moe_norm_topk_prob: bool = True  # the top-k routing weights are normalised to sum to 1
+    moe_routed_scaling_factor: float = 1.0
     # misc
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -164,13 +173,13 @@ class ModelConfig:
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise ConfigError("pattern must be a non-empty string of 'M' (Mamba-2), '*' (attention), '-' (MLP)")
+            raise ConfigError("pattern must be a non-empty string of 'M' (Mamba-2), '*' (attention), '-' (MLP), "
+                              "'E' (mixture of experts)")
         unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
         if unknown:
-            hint = " (MoE layers 'E' are not supported)" if "E" in unknown else ""
             raise ConfigError(
-                f"pattern {self.pattern!r} has unknown layer character(s) {unknown}{hint}; "
-                "use 'M' (Mamba-2), '*' (attention), '-' (MLP)"
+                f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; "
+                "use 'M' (Mamba-2), '*' (attention), '-' (MLP), 'E' (mixture of experts)"
             )
         for name in ("vocab_size", "hidden_size", "mamba_n_groups", "ssm_state_size", "conv_kernel",
                      "chunk_size", "num_key_value_heads", "attention_head_dim"):
@@ -194,6 +203,17 @@ class ModelConfig:
                     f"num_key_value_heads={self.num_key_value_heads}"
                 )
         self.intermediate_sizes_list()
+        self.moe_intermediate_sizes_list()
+        for name in ("moe_shared_intermediate_size", "moe_top_k", "moe_n_group", "moe_topk_group"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        for i, e in enumerate(self.moe_experts_list()):
+            if e % self.moe_n_group or e // self.moe_n_group < kind_of(MOE).minimum(self, "experts_per_group"):
+                raise ConfigError(f"moe_num_experts={e} (MoE layer {i}) must be a multiple of moe_n_group="
+                                  f"{self.moe_n_group} with at least max(2, top_k / groups) experts per group")
+        if self.count(MOE) and not self.moe_topk_group <= self.moe_n_group:
+            raise ConfigError(f"moe_topk_group={self.moe_topk_group} exceeds moe_n_group={self.moe_n_group}")
         if self.mlp_type not in MLP_TYPES:
             raise ConfigError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if self.family not in FAMILIES:
@@ -268,6 +288,12 @@ class ModelConfig:
     def intermediate_sizes_list(self) -> list[int]:
         return _per_layer(self.intermediate_size, self.count(MLP), "intermediate_size")
 
+    def moe_experts_list(self) -> list[int]:
+        return _per_layer(self.moe_num_experts, self.count(MOE), "moe_num_experts")
+
+    def moe_intermediate_sizes_list(self) -> list[int]:
+        return _per_layer(self.moe_intermediate_size, self.count(MOE), "moe_intermediate_size")
+
     def kind_index(self, layer: int) -> int:
         """Position of ``layer`` among the layers of its own kind (``"M-M*"``: layer 2 → 1)."""
         return self.pattern[:layer].count(self.pattern[layer])
@@ -280,7 +306,8 @@ class ModelConfig:
     def is_homogeneous(self) -> bool:
         """True when every layer of a kind has the same widths (expressible as a NemotronH config)."""
         return all(len(set(f())) <= 1 for f in (self.mamba_heads_list, self.mamba_head_dims_list,
-                                                   self.attention_heads_list, self.intermediate_sizes_list))
+                                                   self.attention_heads_list, self.intermediate_sizes_list,
+                                                   self.moe_experts_list, self.moe_intermediate_sizes_list))
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -301,7 +328,7 @@ class ModelConfig:
 # -- Subnet ---------------------------------------------------------------------------------
 
 
-LayerWidth = MambaWidth | AttentionWidth | MlpWidth
+LayerWidth = MambaWidth | AttentionWidth | MlpWidth | MoeWidth
 
 
 @dataclass(frozen=True)
@@ -327,11 +354,14 @@ class Subnet:
         mamba_head_dim: int | None = None,
         attention_heads_per_kv_group: int | None = None,
         intermediate_size: int | None = None,
+        moe_experts_per_group: int | None = None,
+        moe_intermediate_size: int | None = None,
         drop_layers: tuple[int, ...] | list[int] = (),
     ) -> Subnet:
         """A homogeneous Subnet: the same kept width for every layer of a kind (None = full)."""
         given = {"mamba_heads_per_group": mamba_heads_per_group, "mamba_head_dim": mamba_head_dim,
-                 "attention_heads_per_kv_group": attention_heads_per_kv_group, "intermediate_size": intermediate_size}
+                 "attention_heads_per_kv_group": attention_heads_per_kv_group, "intermediate_size": intermediate_size,
+                 "moe_experts_per_group": moe_experts_per_group, "moe_intermediate_size": moe_intermediate_size}
         layers: list[LayerWidth | None] = []
         for i in range(config.num_layers):
             if i in set(drop_layers):
@@ -363,9 +393,10 @@ class Subnet:
             full = config.layer_widths(i)
             for name in dataclasses.fields(width):
                 v, limit = getattr(width, name.name), getattr(full, name.name)
-                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
+                low = kind.minimum(config, name.name)
+                if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= limit:
                     raise ConfigError(
-                        f"subnet layer {i} ({kind.name}) {name.name}={v!r} must be in [1, {limit}]")
+                        f"subnet layer {i} ({kind.name}) {name.name}={v!r} must be in [{low}, {limit}]")
 
     def to_dict(self) -> dict[str, Any]:
         def entry(w: LayerWidth | None) -> dict[str, Any] | None:
@@ -457,6 +488,20 @@ def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
     for i, width in enumerate(subnet.layers):
         if width is not None:
             total += layer_parameters(config, config.pattern[i], width, d)
+    return total
+
+
+def count_active_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
+    """Parameters one token uses in the model or in ``subnet``: all of them, except that a mixture-of-experts
+    layer counts ``moe_top_k`` of its routed experts (its router and shared expert always)."""
+    subnet = subnet or Subnet.full(config)
+    subnet.validate(config)
+    d = subnet.hidden_size
+    total = outer_parameters(config, d)
+    for i, width in enumerate(subnet.layers):
+        if width is not None:
+            kind = kind_of(config.pattern[i])
+            total += int(kind.active_parameters(config, config.layer_widths(i), width_fields(width), d))
     return total
 
 

@@ -110,17 +110,29 @@ TRANSFORMER_PARENTS: dict[str, dict[bool, dict[str, Any]]] = {
     }
     for family in ("llama", "qwen3")
 }
-DEMO_FAMILIES = ("nemotron_h", *TRANSFORMER_PARENTS)
+# A Nemotron-H hybrid whose MLP layers are mixtures of experts (8 routed experts, top 2, and a shared expert),
+# the layout of Nemotron 3 Nano 30B-A3B in miniature.
+MOE_PARENTS: dict[bool, dict[str, Any]] = {
+    False: dict(pattern="M*EM*EM*E", vocab_size=288, hidden_size=192, mamba_num_heads=4,
+                mamba_head_dim=64, mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
+                num_key_value_heads=2, attention_head_dim=32, moe_num_experts=8, moe_intermediate_size=192,
+                moe_shared_intermediate_size=192, moe_top_k=2),
+    True: dict(pattern="M*EM-", vocab_size=288, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
+               mamba_n_groups=2, ssm_state_size=8, chunk_size=32, num_attention_heads=4, num_key_value_heads=2,
+               attention_head_dim=16, intermediate_size=128, moe_num_experts=4, moe_intermediate_size=48,
+               moe_shared_intermediate_size=32, moe_top_k=2),
+}
+DEMO_FAMILIES = ("nemotron_h", "nemotron_h_moe", *TRANSFORMER_PARENTS)
 
 
 def for_family(recipe: Recipe, family: str, quick: bool) -> Recipe:
     """``recipe`` with a parent of ``family`` (its model table replaced; training and elastic recipe unchanged)."""
     if family == "nemotron_h":
         return recipe
-    if family not in TRANSFORMER_PARENTS:
+    if family not in DEMO_FAMILIES:
         raise ConfigError(f"unknown demo family {family!r}; choose one of {list(DEMO_FAMILIES)}")
     parent = _plain(recipe.parent)
-    parent["model"] = _plain(TRANSFORMER_PARENTS[family][quick])
+    parent["model"] = _plain(MOE_PARENTS[quick] if family == "nemotron_h_moe" else TRANSFORMER_PARENTS[family][quick])
     return dataclasses.replace(recipe, parent=parent)
 
 

@@ -7,12 +7,13 @@ import random
 import pytest
 import torch
 
-from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, Subnet
+from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, MoeWidth, Subnet
+from elasticlm.kinds import kind_of
 
 torch.set_num_threads(2)
 
 # transformers' layer-type names (independent of elasticlm's exporter, which writes the pattern string)
-HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 
 
 def tiny_config(pattern: str = "M-*M-M*", *, groups: int = 2, heads: int = 8, head_dim: int = 8,
@@ -59,6 +60,11 @@ def hf_twin(config: ModelConfig, seed: int = 0):
         num_key_value_heads=config.num_key_value_heads, head_dim=config.attention_head_dim,
         intermediate_size=config.intermediate_sizes_list()[0] if config.count("-") else 48,
         tie_word_embeddings=config.tie_word_embeddings, use_bias=config.use_bias, mlp_bias=config.mlp_bias,
+        n_routed_experts=config.moe_experts_list()[0] if config.count("E") else 8,
+        moe_intermediate_size=config.moe_intermediate_sizes_list()[0] if config.count("E") else 48,
+        moe_shared_expert_intermediate_size=config.moe_shared_intermediate_size,
+        num_experts_per_tok=config.moe_top_k, n_group=config.moe_n_group, topk_group=config.moe_topk_group,
+        norm_topk_prob=config.moe_norm_topk_prob, routed_scaling_factor=config.moe_routed_scaling_factor,
     )
     torch.manual_seed(seed)
     return randomize_(NemotronHForCausalLM(hc), seed).eval()
@@ -75,6 +81,10 @@ def random_subnet(config: ModelConfig, rng: random.Random, allow_drop: bool = Tr
             layers.append(MambaWidth(rng.randint(1, full.heads_per_group), rng.randint(1, full.head_dim)))
         elif isinstance(full, AttentionWidth):
             layers.append(AttentionWidth(rng.randint(1, full.heads_per_kv_group)))
+        elif isinstance(full, MoeWidth):
+            low = kind_of("E").minimum(config, "experts_per_group")
+            layers.append(MoeWidth(rng.randint(low, full.experts_per_group),
+                                   rng.randint(1, full.expert_intermediate_size)))
         else:
             layers.append(MlpWidth(rng.randint(1, full.intermediate_size)))
     if all(w is None for w in layers):

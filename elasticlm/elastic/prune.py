@@ -112,8 +112,8 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) ->
     order = config.drop_order(keep_attention)
     drops = [0] if order is None else list(range(0, int(MAX_DEPTH_DROP * config.num_layers) + 1, config.depth_unit))
     out: list[Candidate] = []
-    for hidden, *picks, k in itertools.product(hidden_choices if fill else [None],
-                                               *[_grid(rule, full) for _, _, full, rule in grid], drops):
+    grids = [[v for v in _grid(rule, full) if v >= kind.minimum(config, f)] for kind, f, full, rule in grid]
+    for hidden, *picks, k in itertools.product(hidden_choices if fill else [None], *grids, drops):
         dropped = tuple(order[:k]) if order else ()
         values = {(kind.char, f): v for (kind, f, _, _), v in zip(grid, picks, strict=True)}
 

@@ -69,8 +69,9 @@ def unit_orders(kind: LayerKind, config: ModelConfig, full: Width, scores: dict[
 @torch.no_grad()
 def reorder_mixer_(mixer: torch.nn.Module, kind: LayerKind, config: ModelConfig, full: Width,
                    orders: dict[str, torch.Tensor]) -> None:
-    """Permute every parameter of one layer's mixer along every dimension its layout says moves."""
-    params = dict(mixer.named_parameters())
+    """Permute every parameter (and laid-out buffer, e.g. an MoE router's bias) of one layer's mixer along every
+    dimension its layout says moves."""
+    params = {**dict(mixer.named_parameters()), **dict(mixer.named_buffers())}
     for name, dims in kind.layout(config, full, full, config.hidden_size).items():
         for axis, dim in enumerate(dims):
             index = dim.permutation(orders)

@@ -23,6 +23,7 @@ from ..config import (
     LayerWidth,
     ModelConfig,
     Subnet,
+    count_active_parameters,
     count_parameters,
     outer_parameters,
     parse_budget,
@@ -34,16 +35,19 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
 
 def expected_parameter_count(config: ModelConfig, hidden: Any, layers: list[dict[str, Any]],
-                             kept: list[Any] | None = None) -> Any:
+                             kept: list[Any] | None = None, active: bool = False) -> Any:
     """E[parameter count] when every axis is chosen independently: ``hidden`` and the entries of
     ``layers[i]`` (the :func:`~elasticlm.config.block_parameters` keywords of layer ``i``) are expected
-    widths, ``kept[i]`` the probability that layer ``i`` runs. Differentiable when they are tensors."""
+    widths, ``kept[i]`` the probability that layer ``i`` runs. Differentiable when they are tensors.
+    ``active``: the parameters one token uses (mixture-of-experts layers count their top-k experts)."""
     if len(layers) != config.num_layers or (kept is not None and len(kept) != config.num_layers):
         raise ValueError(f"give one entry per layer ({config.num_layers})")
     total = outer_parameters(config, hidden)
     for i, widths in enumerate(layers):
         p = 1 if kept is None else kept[i]
-        total = total + p * kind_of(config.pattern[i]).parameters(config, config.layer_widths(i), widths, hidden)
+        kind = kind_of(config.pattern[i])
+        count = kind.active_parameters if active else kind.parameters
+        total = total + p * count(config, config.layer_widths(i), widths, hidden)
     return total
 
 
@@ -109,7 +113,9 @@ class ElasticConfig:
     """
 
     budgets: list[Any] = field(default_factory=lambda: [1.0, 0.75, 0.5])
-    target: str = "params"  # params | memory (weights + KV cache + Mamba state at memory_context)
+    # params | active (parameters one token uses: MoE layers count top_k experts) | memory (weights + KV cache +
+    # Mamba state at memory_context)
+    target: str = "params"
     memory_context: int = 4096
     memory_batch: int = 1
     memory_dtype: str = "bfloat16"
@@ -118,6 +124,8 @@ class ElasticConfig:
     mamba_head_dim: list[Any] | None = None
     attention_heads: list[Any] | None = None  # query heads per KV group
     ffn: list[Any] | None = None
+    moe_experts: list[Any] | None = None  # routed experts per routing group
+    moe_ffn: list[Any] | None = None  # FFN width of every routed expert
     depth: list[Any] | None = None  # layers kept
     heterogeneous: list[str] = field(default_factory=list)
     # Depth never drops the last attention layer while other layers remain (inference engines' hybrid caches
@@ -147,8 +155,8 @@ class ElasticConfig:
     budget_rows: int = 0
 
     def validate(self) -> None:
-        if self.target not in ("params", "memory"):
-            raise ConfigError(f"elastic.target must be params or memory, got {self.target!r}")
+        if self.target not in ("params", "active", "memory"):
+            raise ConfigError(f"elastic.target must be params, active or memory, got {self.target!r}")
         if isinstance(self.budget_pressure, bool) or not isinstance(self.budget_pressure, (int, float)) \
                 or not 0.0 <= self.budget_pressure <= 1.0:
             raise ConfigError(f"elastic.budget_pressure must be a number in [0, 1], got {self.budget_pressure!r}")
@@ -249,7 +257,7 @@ class ElasticSpace:
             label = _budget_label(b)
             if label in labels:
                 raise ConfigError(f"elastic.budgets lists {label} twice")
-            if ec.target == "params":
+            if ec.target in ("params", "active"):
                 t = float(parse_budget(b, int(parent)))
             else:
                 t = float(parse_memory_budget(b, parent))
@@ -308,6 +316,8 @@ class ElasticSpace:
         """The router's resource for ``subnet``: parameters, or deployment bytes."""
         if self.target == "params":
             return float(count_parameters(self.config, subnet))
+        if self.target == "active":
+            return float(count_active_parameters(self.config, subnet))
         m = dict(self.memory)
         return float(memory_bytes(self.config, subnet, context=m["context"], batch=m["batch"],
                                   dtype=m["dtype"])["total"])
@@ -338,8 +348,8 @@ class ElasticSpace:
                 expected = (p * values.T).sum(-1) if axis.heterogeneous else p[..., 0, :] @ values  # [..., slots]
                 for s, layer in enumerate(axis.layers):
                     widths[layer][key] = expected[..., s]
-        if self.target == "params":
-            return expected_parameter_count(cfg, hidden, widths, kept)
+        if self.target in ("params", "active"):
+            return expected_parameter_count(cfg, hidden, widths, kept, active=self.target == "active")
         m = dict(self.memory)
         return expected_memory_bytes(cfg, hidden, widths, kept, context=m["context"], batch=m["batch"],
                                      dtype=m["dtype"])
@@ -400,7 +410,8 @@ def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogen
     fulls = [getattr(config.layer_widths(i), fieldname) for i in layers]
     default = DEFAULT_FFN_FRACTIONS if name == "ffn" else DEFAULT_WIDTH_FRACTIONS
     choices = raw if raw is not None else list(default)
-    values = _dedup([tuple(_resolve_choice(v, full, where) for full in fulls) for v in choices])
+    low = kind_of(kind).minimum(config, fieldname)  # e.g. an MoE router needs top_k experts to choose from
+    values = _dedup([tuple(max(low, _resolve_choice(v, full, where)) for full in fulls) for v in choices])
     if raw is None and len(values) == 1:
         return None
     return Axis(name, layers, values, heterogeneous)

@@ -203,9 +203,9 @@ def untrained_subnet(space: ElasticSpace, router: Router, label: str, target: fl
 
 
 def parse_target(space: ElasticSpace, text: str) -> float:
-    """``text`` as a cost in the space's unit (parameters, or deployment bytes for memory budgets)."""
-    if space.target == "params":
-        return float(parse_budget(text.strip(), int(count_parameters(space.config))))
+    """``text`` as a cost in the space's unit (parameters, active parameters, or deployment bytes)."""
+    if space.target in ("params", "active"):
+        return float(parse_budget(text.strip(), int(space.cost_of(Subnet.full(space.config)))))
     return float(parse_memory_budget(text.strip(), space.cost_of(Subnet.full(space.config))))
 
 

@@ -62,6 +62,15 @@ class LayerKind:
         """Parameters of one block (pre-norm + mixer); multilinear in the widths."""
         return layout_size(self.layout(config, full, width, hidden)) + hidden
 
+    def active_parameters(self, config: ModelConfig, full: Width, width: Width | Mapping[str, Any],
+                          hidden: Any) -> Any:
+        """Parameters one token uses (all of them, except in a mixture of experts)."""
+        return self.parameters(config, full, width, hidden)
+
+    def minimum(self, config: ModelConfig, field: str) -> int:
+        """The smallest value width ``field`` may take (1 unless the kind needs more)."""
+        return 1
+
     # -- training plan (elasticlm.train.plan) -------------------------------------------------
     def saved_bytes_per_token(self, config: ModelConfig, width: Width, hidden: int, scan_chunk: int, mode: str,
                               documents: float) -> float:

@@ -56,6 +56,8 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
                 "the Mamba mixer by one set of ssm.* keys; save it in the native format instead")
+    if "E" in config.pattern:
+        return "mixture-of-experts layers are not written to GGUF yet; use --format hf (NemotronH) or native"
     if "M" not in config.pattern:
         return ("it has no Mamba layer, and llama.cpp's nemotron_h fails on an empty recurrent state "
                 "(GGML_ASSERT(buffer)); a transformer-only model is not a nemotron_h")

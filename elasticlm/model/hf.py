@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import ATTENTION, MAMBA, MLP, ModelConfig
+from ..config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from ..errors import ConfigError
 from . import hf_llama, hf_mamba2
 from .hf_fields import Fields
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HF_KIND = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
-            "mlp": MLP}
+            "mlp": MLP, "moe": MOE}
 _HF_PREFIXES = ("backbone.", "model.")
 
 
@@ -55,14 +55,11 @@ def _pattern(cfg: dict[str, Any]) -> str:
     if types:
         bad = sorted({t for t in types if t not in _HF_KIND})
         if bad:
-            moe = " (mixture-of-experts layers are not supported)" if "moe" in bad else ""
-            raise ConfigError(f"NemotronH layers_block_type has unsupported layer type(s) {bad}{moe}")
+            raise ConfigError(f"NemotronH layers_block_type has unsupported layer type(s) {bad}")
         return "".join(_HF_KIND[t] for t in types)
     pattern = cfg.get("hybrid_override_pattern")
     if not isinstance(pattern, str) or not pattern:
         raise ConfigError("NemotronH config has neither layers_block_type nor hybrid_override_pattern")
-    if "E" in pattern:
-        raise ConfigError("NemotronH pattern has mixture-of-experts layers ('E'), which are not supported")
     return pattern
 
 
@@ -97,6 +94,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         log.warning("attention_bias=True is ignored, as transformers' NemotronH ignores it")
     if cfg.get("num_nextn_predict_layers"):
         log.warning("multi-token-prediction layers are dropped on import")
+    if cfg.get("moe_latent_size") is not None:
+        raise ConfigError("NemotronH moe_latent_size (latent expert projections) is not supported")
 
     get = Fields(cfg, "NemotronH")
     hidden = get("hidden_size")
@@ -119,6 +118,16 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         attention_head_dim=get("head_dim", "attention_head_dim",
                                default=hidden // n_heads if isinstance(n_heads, int) else None),
         intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
+        moe_num_experts=_per_kind(get("n_routed_experts", "num_local_experts", default=8), pattern, MOE,
+                                  "n_routed_experts"),
+        moe_intermediate_size=_per_kind(get("moe_intermediate_size", default=64), pattern, MOE,
+                                        "moe_intermediate_size"),
+        moe_shared_intermediate_size=get("moe_shared_expert_intermediate_size", default=64),
+        moe_top_k=get("num_experts_per_tok", default=2),
+        moe_n_group=get("n_group", default=1),
+        moe_topk_group=get("topk_group", default=1),
+        moe_norm_topk_prob=bool(get("norm_topk_prob", default=True)),
+        moe_routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)),
         norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         use_bias=bool(cfg.get("use_bias", False)),
@@ -147,6 +156,8 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
         ("Mamba head dims", config.mamba_head_dims_list()),
         ("attention head counts", config.attention_heads_list()),
         ("FFN widths", config.intermediate_sizes_list()),
+        ("expert counts", config.moe_experts_list()),
+        ("expert FFN widths", config.moe_intermediate_sizes_list()),
     )
     for what, values in checks:
         if len(set(values)) > 1:
@@ -211,6 +222,24 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "pad_token_id": config.pad_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        **moe_config(config),
+    }
+
+
+def moe_config(config: ModelConfig) -> dict[str, Any]:
+    """NemotronH's mixture-of-experts keys; none for a model without MoE layers (its config stays as before)."""
+    if MOE not in config.pattern:
+        return {}
+    return {
+        "n_routed_experts": config.moe_experts_list()[0],
+        "moe_intermediate_size": config.moe_intermediate_sizes_list()[0],
+        "moe_shared_expert_intermediate_size": config.moe_shared_intermediate_size,
+        "num_experts_per_tok": config.moe_top_k,
+        "n_group": config.moe_n_group,
+        "topk_group": config.moe_topk_group,
+        "norm_topk_prob": config.moe_norm_topk_prob,
+        "routed_scaling_factor": config.moe_routed_scaling_factor,
+        "moe_latent_size": None,
     }
 
 

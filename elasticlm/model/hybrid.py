@@ -24,12 +24,13 @@ from ..config import (
     Subnet,
     count_parameters,
 )
-from ..kinds import ATTENTION_KIND, MAMBA_KIND, MLP_KIND
+from ..kinds import ATTENTION_KIND, MAMBA_KIND, MLP_KIND, MOE_KIND
 from .attention import Attention
 from .cache import HybridCache
 from .documents import DocumentMask
 from .mamba2 import Mamba2Mixer, NormWeight
 from .mlp import MLP
+from .moe import MoE
 from .norm import RMSNorm, rms_norm
 from .rope import inverse_frequencies, rotary_tables
 from .serving import decode_layout
@@ -62,7 +63,8 @@ class Modulation:
 
 
 # The nn.Module of every layer kind (elasticlm.kinds); built from the model config and the layer's full width.
-MIXERS: dict[str, type[nn.Module]] = {MAMBA_KIND.char: Mamba2Mixer, ATTENTION_KIND.char: Attention, MLP_KIND.char: MLP}
+MIXERS: dict[str, type[nn.Module]] = {MAMBA_KIND.char: Mamba2Mixer, ATTENTION_KIND.char: Attention, MLP_KIND.char: MLP,
+                                      MOE_KIND.char: MoE}
 
 
 class Block(nn.Module):

@@ -20,6 +20,7 @@ router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import ROUTER_WEIGHTS, ROUTING, atomic_directory, load, read_config, read_json, write_model_files
-from ..config import count_parameters
+from ..config import ModelConfig, count_parameters
 from ..data.datasets import PackedStream, documents
 from ..elastic.prune import describe_subnet
 from ..elastic.router import Router, RouterSchedule
@@ -291,7 +292,12 @@ class ElasticDistillation(Objective):
 
 # Elastic fields added after checkpoints began recording compatibility, with their defaults: a field at its
 # default is left out of the record, so a checkpoint written before the field existed still resumes.
-ADDED_LATER: dict[str, Any] = {"budget_tolerance": 0.0, "budget_pressure": 0.05}
+ADDED_LATER: dict[str, Any] = {"budget_tolerance": 0.0, "budget_pressure": 0.05, "moe_experts": None, "moe_ffn": None}
+# The same for the parent's ModelConfig (transformer variants, Mamba2's dt clamp, mixture of experts).
+PARENT_ADDED_LATER = ("rope_parameters", "attention_bias", "attention_out_bias", "qk_norm", "max_position_embeddings",
+                      "mlp_type", "family", "time_step_limit", "moe_num_experts", "moe_intermediate_size",
+                      "moe_shared_intermediate_size", "moe_top_k", "moe_n_group", "moe_topk_group",
+                      "moe_norm_topk_prob", "moe_routed_scaling_factor")
 
 
 def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
@@ -303,7 +309,9 @@ def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
     for name, default in ADDED_LATER.items():  # at their defaults, records of older checkpoints still match
         if elastic.get(name) == default:
             elastic.pop(name)
-    return {"parent": space.config.to_dict(), "elastic": elastic, "distill": d["distill"], "data": d["data"],
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    parent = {k: v for k, v in space.config.to_dict().items() if k not in PARENT_ADDED_LATER or v != defaults[k]}
+    return {"parent": parent, "elastic": elastic, "distill": d["distill"], "data": d["data"],
             "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 

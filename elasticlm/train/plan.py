@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ATTENTION, ModelConfig, Subnet, count_parameters
+from ..config import ATTENTION, ModelConfig, Subnet, count_active_parameters, count_parameters
 from ..errors import ConfigError
 from ..kinds import kind_of
 from ..model.documents import DENSE_MASK_MAX_LEN
@@ -301,7 +301,7 @@ def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int,
 
 def _flops_per_token(config: ModelConfig, seq_len: int, teacher: bool, checkpointing: bool,
                      budget_fraction: float) -> float:
-    p = count_parameters(config)
+    p = count_active_parameters(config)  # a mixture of experts computes with top_k experts per token
     matmul = 2 * p + layer_flops_per_token(config, seq_len)
     student = matmul * budget_fraction * (4 if checkpointing else 3)  # forward + backward (+ recompute)
     return student + (matmul if teacher else 0.0)
@@ -320,7 +320,8 @@ def plan_elastic(run: Any, config: ModelConfig, cluster: Cluster, checkpointing:
 
     with torch.random.fork_rng(devices=[]):  # building a router to count it must not move the run's RNG
         router_params = sum(p.numel() for p in Router(space, run.elastic.router_hidden).parameters())
-    fractions = [t / count_parameters(config) if space.target == "params" else 1.0 for t in space.targets]
+    fractions = [t / space.cost_of(Subnet.full(config)) if space.target in ("params", "active") else 1.0
+                 for t in space.targets]
     stages = []
     for i, s in enumerate(run.stages):
         w = s.budget_weights or [1.0] * len(fractions)

@@ -1,0 +1,121 @@
+"""Mixture-of-experts layers (``E``), as transformers' Nemotron-H defines them: a sigmoid router with a score
+correction bias picks ``top_k`` of the routed experts (inside the best ``topk_group`` of ``n_group`` expert
+groups), each a squared-ReLU MLP; a shared squared-ReLU expert sees every token.
+
+A width keeps the first ``experts_per_group`` experts of every routing group (the router's rows, its bias and
+the experts' weights together: the router of a sub-model chooses among the kept experts only, exactly as the
+extracted model's does, because sigmoid scores do not depend on the other experts) and the first
+``expert_intermediate_size`` neurons of every kept expert (one neuron order shared by the experts). The shared
+expert is never cut.
+
+Worked example — 4 experts in 2 routing groups, expert FFN 3, keeping 1 expert per group and 2 neurons:
+``gate.weight`` keeps rows [0, 2]; ``experts.up_proj`` ``[experts, ffn, hidden]`` keeps experts [0, 2] and
+rows [0, 1] of each; ``experts.down_proj`` ``[experts, hidden, ffn]`` the same experts and columns [0, 1].
+
+*Active* parameters are what one token uses: the router, the shared expert and ``top_k`` routed experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .base import LayerKind, Width, width_fields
+from .layout import Dim, Layout, Run, layout_size
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+# Not fitted like the other kinds' coefficients (bench/bench_plan.py has no MoE shapes yet): the router's
+# scores, the shared expert's activations as the squared-ReLU MLP's, and top_k routed experts' as many MLPs.
+SAVED_BYTES = {"fp32": (12.0, 8.0), "autocast": (10.0, 4.0), "bf16": (10.0, 4.0)}
+BUFFERS = ("gate.e_score_correction_bias",)  # in the layout (sliced, permuted, saved) but not a parameter
+
+
+@dataclass(frozen=True)
+class MoeWidth:
+    """Kept routed experts per routing group, and kept neurons of every kept expert."""
+
+    experts_per_group: int
+    expert_intermediate_size: int
+
+
+class MoeKind(LayerKind):
+    char, name, width = "E", "moe", MoeWidth
+    fields = {"experts_per_group": "moe_experts", "expert_intermediate_size": "moe_ffn"}
+    scores = {"experts_per_group": "expert", "expert_intermediate_size": "expert_neuron"}
+    uniform_keywords = {"moe_experts_per_group": "experts_per_group",
+                        "moe_intermediate_size": "expert_intermediate_size"}
+    observed = "experts_in"
+    prune_grid = {"experts_per_group": "heads", "expert_intermediate_size": "channels"}
+
+    def full_width(self, config: ModelConfig, k: int) -> MoeWidth:
+        return MoeWidth(config.moe_experts_list()[k] // config.moe_n_group, config.moe_intermediate_sizes_list()[k])
+
+    def minimum(self, config: ModelConfig, field: str) -> int:
+        """The router needs ``top_k`` experts to choose from, and two per group to score a group."""
+        if field != "experts_per_group":
+            return 1
+        return max(math.ceil(config.moe_top_k / config.moe_n_group), 2 if config.moe_n_group > 1 else 1)
+
+    def config_fields(self, config: ModelConfig, widths: list[Width]) -> dict[str, Any]:
+        if not widths:
+            return {}
+        return {"moe_num_experts": [w.experts_per_group * config.moe_n_group for w in widths],
+                "moe_intermediate_size": [w.expert_intermediate_size for w in widths]}
+
+    def _runs(self, config: ModelConfig, full: MoeWidth, w: dict[str, Any]) -> tuple[Dim, Dim]:
+        experts = Dim.of(Run(config.moe_n_group, full.experts_per_group, 1, w["experts_per_group"], None,
+                             "experts_per_group"))
+        ffn = Dim.of(Run.prefix(full.expert_intermediate_size, w["expert_intermediate_size"],
+                                "expert_intermediate_size"))
+        return experts, ffn
+
+    def layout(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any], hidden: Any) -> Layout:
+        experts, ffn = self._runs(config, full, width_fields(width))
+        hid = Dim.of(Run.prefix(config.hidden_size, hidden, "hidden"))
+        shared = Dim.of(Run.fixed(config.moe_shared_intermediate_size))
+        out: Layout = {
+            "gate.weight": (experts, hid),
+            "gate.e_score_correction_bias": (experts,),
+            "experts.up_proj": (experts, ffn, hid),
+            "experts.down_proj": (experts, hid, ffn),
+            "shared_experts.up_proj.weight": (shared, hid),
+            "shared_experts.down_proj.weight": (hid, shared),
+        }
+        if config.mlp_bias:
+            out["shared_experts.up_proj.bias"], out["shared_experts.down_proj.bias"] = (shared,), (hid,)
+        return out
+
+    def inner(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any] | None = None) -> Run:
+        """The routed experts' activations ``[experts · ffn]``, each scaled by its routing weight (0 where the
+        expert was not chosen): importance ranks experts by routing-weighted activation, and a soft mask
+        that zeroes an expert also removes it from the router's choice."""
+        w = width_fields(width or full)
+        return Run(config.moe_n_group, full.experts_per_group, full.expert_intermediate_size,
+                   w["experts_per_group"], w["expert_intermediate_size"], "experts_per_group",
+                   "expert_intermediate_size")
+
+    def parameters(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any], hidden: Any) -> Any:
+        layout = self.layout(config, full, width, hidden)
+        return layout_size({k: v for k, v in layout.items() if k not in BUFFERS}) + hidden
+
+    def active_parameters(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any],
+                          hidden: Any) -> Any:
+        """Parameters one token uses: the pre-norm, the router (every kept expert's row), the shared expert and
+        ``top_k`` routed experts at the kept width."""
+        w = width_fields(width)
+        experts = config.moe_n_group * w["experts_per_group"]
+        per_expert = 2 * hidden * w["expert_intermediate_size"]
+        return self.parameters(config, full, width, hidden) - (experts - config.moe_top_k) * per_expert
+
+    def saved_bytes_per_token(self, config: ModelConfig, width: MoeWidth, hidden: int, scan_chunk: int, mode: str,
+                              documents: float) -> float:
+        c = SAVED_BYTES[mode]
+        routed = config.moe_top_k * width.expert_intermediate_size
+        return c[0] * hidden * (1 + config.moe_top_k) + c[1] * (config.moe_shared_intermediate_size + routed)
+
+
+MOE_KIND = MoeKind()

@@ -1,0 +1,247 @@
+"""Mixture-of-experts layers (Nemotron-H ``E``): transformers' NemotronHForCausalLM as the oracle, and the
+elastic invariants — nested == extracted, exact total and active parameter counts, reorder, kept indices."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import hf_twin, max_rel, random_subnet, randomize_, tiny_config
+
+import elasticlm
+from elasticlm import MoeWidth, Subnet, count_parameters, extract
+from elasticlm.config import count_active_parameters
+from elasticlm.elastic.importance import estimate
+from elasticlm.elastic.reorder import reorder_
+from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+from elasticlm.kinds import MOE_KIND, kept_indices
+from elasticlm.model.documents import document_ids_from_eos
+
+CASES = {
+    # pattern, routed experts, top_k, routing groups, groups kept, normalised weights, scaling
+    "hybrid-4x2": dict(pattern="ME*E", moe_num_experts=4, moe_top_k=2),
+    "grouped-8-g2": dict(pattern="M*E-E", moe_num_experts=8, moe_top_k=2, moe_n_group=2, moe_topk_group=1),
+    "6-unnormalised-tied": dict(pattern="E*E", moe_num_experts=6, moe_top_k=2, moe_norm_topk_prob=False,
+                                moe_routed_scaling_factor=2.5, tie_word_embeddings=True),
+}
+
+
+def config_for(name: str):
+    return tiny_config(**{"moe_intermediate_size": 20, "moe_shared_intermediate_size": 12, **CASES[name]})
+
+
+@torch.no_grad()
+def random_bias_(model: torch.nn.Module, seed: int) -> None:
+    """The routers' score correction biases are buffers (randomize_ leaves them at 0): make them matter."""
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(0.3 * torch.randn(buf.shape, generator=g))
+
+
+def model_for(name: str, seed: int = 0) -> elasticlm.HybridLM:
+    model = randomize_(elasticlm.HybridLM(config_for(name)), seed).eval()
+    random_bias_(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_transformers_nemotron_h_moe(tmp_path, name):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from elasticlm.model.hf import from_transformers
+
+    cfg = config_for(name)
+    hf = hf_twin(cfg, seed=3)
+    random_bias_(hf, 3)
+    ours = from_transformers(hf)
+    assert ours.config.pattern == cfg.pattern and ours.config.moe_experts_list() == cfg.moe_experts_list()
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+        assert ref.abs().max() > 1.0
+        assert (ours(ids) - ref).abs().max().item() <= 1e-4
+    prompt = ids[:1, :5]
+    want = hf.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+    assert torch.equal(elasticlm.generate(ours, prompt, max_new_tokens=10), want)
+    assert count_parameters(ours.config) == sum(p.numel() for p in hf.parameters())
+    elasticlm.save(ours, tmp_path / "out", format="hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == "NemotronHForCausalLM"
+    with torch.no_grad():
+        assert (again(ids, use_cache=False).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nested_equals_extracted_and_counts_are_exact(name):
+    model = model_for(name, seed=5)
+    cfg = model.config
+    rng = random.Random(sorted(CASES).index(name))
+    ids = torch.randint(0, cfg.vocab_size, (2, 15), generator=torch.Generator().manual_seed(2))
+    for _ in range(5):
+        subnet = random_subnet(cfg, rng)
+        small = extract(model, subnet)
+        assert sum(p.numel() for p in small.parameters()) == count_parameters(cfg, subnet)
+        # active parameters, counted from the extracted tensors: everything but (experts - top_k) routed experts
+        direct = sum(p.numel() for p in small.parameters())
+        for mixer in (b.mixer for b in small.layers if b.kind == "E"):
+            per_expert = mixer.experts.up_proj[0].numel() + mixer.experts.down_proj[0].numel()
+            direct -= (mixer.experts.up_proj.shape[0] - cfg.moe_top_k) * per_expert
+        assert count_active_parameters(cfg, subnet) == direct
+        with torch.no_grad():
+            assert max_rel(model(ids, subnet=subnet), small(ids)) <= 1e-5
+            cache_n, cache_a = model.new_cache(subnet), small.new_cache()
+            a = [model(ids[:, :4], subnet=subnet, cache=cache_n)] + [
+                model(ids[:, t:t + 1], subnet=subnet, cache=cache_n) for t in range(4, 15)]
+            b = [small(ids[:, :4], cache=cache_a)] + [small(ids[:, t:t + 1], cache=cache_a) for t in range(4, 15)]
+            assert max_rel(torch.cat(a, 1), torch.cat(b, 1)) <= 1e-5
+
+
+def test_a_soft_mask_of_one_hot_choices_is_the_sliced_moe():
+    """The router's masks zero an expert's activations and take it out of the routing: exact for 0/1 masks."""
+    model = model_for("grouped-8-g2", seed=7)
+    cfg = model.config
+    layer = cfg.pattern.index("E")
+    mixer = model.layers[layer].mixer
+    full = cfg.layer_widths(layer)
+    width = MoeWidth(2, 9)
+    mask = MOE_KIND.inner(cfg, full, width).mask(
+        (torch.arange(full.experts_per_group) < width.experts_per_group).float(),
+        (torch.arange(full.expert_intermediate_size) < width.expert_intermediate_size).float())
+    x = torch.randn(2, 7, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked, sliced = mixer(x, full, inner=mask), mixer(x, width)
+    assert (masked - sliced).abs().max().item() <= 1e-6
+
+
+def test_reorder_leaves_logits_unchanged_and_ranks_experts():
+    model = model_for("hybrid-4x2", seed=9)
+
+    def batches():
+        for i in range(2):
+            ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(20 + i))
+            ids[:, 12] = 2
+            yield ids, document_ids_from_eos(ids, 2)
+
+    ids = torch.randint(3, 64, (2, 17), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids)
+    importance = estimate(model, batches(), progress=False)
+    layer = model.config.pattern.index("E")
+    assert set(importance.layers[layer]) == {"expert", "expert_neuron"}
+    reorder_(model, importance)
+    with torch.no_grad():
+        assert max_rel(model(ids), before) <= 1e-5
+    # after the reorder the experts' scores are descending: the prefix a sub-model keeps is the most important
+    again = estimate(model, batches(), progress=False).layers[layer]["expert"]
+    assert torch.all(again[:-1] >= again[1:] - 1e-6), again
+
+
+def test_kept_indices_of_every_moe_parameter_against_loops():
+    cfg = config_for("grouped-8-g2")  # 2 routing groups × 4 experts, expert FFN 20, shared 12, hidden 32
+    full = cfg.layer_widths(cfg.pattern.index("E"))
+    layout = MOE_KIND.layout(cfg, full, MoeWidth(3, 7), 24)
+    experts = [g * 4 + e for g in range(2) for e in range(3)]
+    want = {
+        "gate.weight": [experts, list(range(24))],
+        "gate.e_score_correction_bias": [experts],
+        "experts.up_proj": [experts, list(range(7)), list(range(24))],
+        "experts.down_proj": [experts, list(range(24)), list(range(7))],
+        "shared_experts.up_proj.weight": [list(range(12)), list(range(24))],
+        "shared_experts.down_proj.weight": [list(range(24)), list(range(12))],
+    }
+    assert kept_indices(layout) == want
+    # the counts skip the bias buffer: 6 gate rows × 24 + 2 × 6 × 7 × 24 + 2 × 12 × 24 + the block's norm 24
+    assert MOE_KIND.parameters(cfg, full, MoeWidth(3, 7), 24) == 6 * 24 + 2 * 6 * 7 * 24 + 2 * 12 * 24 + 24
+
+
+def test_active_parameter_budgets_and_bad_widths():
+    cfg = config_for("hybrid-4x2")
+    space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.6], target="active", depth=[1.0]))
+    assert min(v[0] for v in space.axis("moe_experts").values) == 2  # never fewer than top_k experts
+    parent_active = count_active_parameters(cfg)
+    assert parent_active < count_parameters(cfg) and space.targets == (parent_active, round(0.6 * parent_active))
+    full = Subnet.full(cfg)
+    assert space.cost_of(full) == parent_active
+    with pytest.raises(elasticlm.ConfigError, match=r"experts_per_group=1 must be in \[2, 4\]"):
+        Subnet.uniform(cfg, moe_experts_per_group=1).validate(cfg)  # top_k 2 needs two experts
+    with pytest.raises(elasticlm.ConfigError, match="moe_num_experts=6"):
+        tiny_config(pattern="E", moe_num_experts=6, moe_n_group=4)
+
+
+def moe_parent_config():
+    cfg = config_for("grouped-8-g2")  # M*E-E
+    cfg.depth_order = [3, 1, 4, 0, 2]
+    return cfg
+
+
+@pytest.mark.parametrize("target", ["params", "active"])
+def test_expected_cost_is_exact_for_one_hot_choices_on_an_moe_parent(target):
+    from test_elastic import one_hot_probs, random_choices
+
+    cfg = moe_parent_config()
+    space = ElasticSpace.build(cfg, ElasticConfig(target=target, heterogeneous=["moe_experts", "moe_ffn"]))
+    assert {"moe_experts", "moe_ffn"} <= {a.name for a in space.axes}
+    model = elasticlm.HybridLM(cfg)
+    rng = random.Random(3)
+    for _ in range(10):
+        choices = random_choices(space, rng)
+        subnet = space.subnet(choices)
+        small = extract(model, subnet)
+        n = sum(p.numel() for p in small.parameters())
+        exact = n if target == "params" else count_active_parameters(cfg, subnet)
+        assert space.cost_of(subnet) == exact
+        assert float(space.expected_cost(one_hot_probs(space, choices))) == pytest.approx(exact, rel=1e-12)
+
+
+def test_router_masks_with_one_hot_choices_equal_slicing_on_an_moe_parent():
+    from test_elastic import one_hot_probs
+
+    from elasticlm.elastic.router import Router
+
+    cfg = moe_parent_config()
+    model = model_for("grouped-8-g2", seed=11)
+    model.config.depth_order = cfg.depth_order
+    ec = ElasticConfig(hidden=[1.0, 0.75], moe_experts=[1.0, 0.75, 0.5], moe_ffn=[1.0, 0.5, 0.25],
+                       depth=[1.0, 0.8], heterogeneous=["moe_experts", "moe_ffn"], router_mode="st", budgets=[1.0])
+    space = ElasticSpace.build(model.config, ec)
+    router = Router(space, mode="st")
+    rng = random.Random(5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    for _ in range(6):
+        choices = {a.name: [rng.randrange(a.n_choices) for _ in range(a.n_slots)] for a in space.axes}
+        soft = {k: v.float() for k, v in one_hot_probs(space, choices).items()}
+        with torch.no_grad():
+            masked = model(ids, modulation=router._staircase(soft))
+            sliced = model(ids, space.subnet(choices))
+        assert max_rel(masked, sliced) < 1e-5, choices
+
+
+@pytest.mark.parametrize("mode", ["hard", "st"])
+def test_elastic_training_of_an_moe_parent_on_active_parameters(tmp_path, mode):
+    from test_elastic import tables
+
+    from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
+    from elasticlm.train.config import elastic_run_config_from_tables
+    from elasticlm.train.elastic import train_elastic
+
+    cfg = tiny_config(pattern="M*E-E", vocab_size=260, hidden=48, moe_num_experts=8, moe_intermediate_size=20,
+                      moe_shared_intermediate_size=12)
+    cfg.depth_order = [3, 1, 4, 0, 2]
+    parent = randomize_(elasticlm.HybridLM(cfg), seed=3)
+    save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
+    elasticlm.save(parent, tmp_path / "parent", tokenizer_dir=tmp_path / "tok")
+    tabs = tables(tmp_path / "parent", tmp_path / "run")
+    tabs["elastic"].update(target="active", router_mode=mode, heterogeneous=["moe_experts"], router_init_steps=300)
+    train_elastic(elastic_run_config_from_tables(tabs), progress=False)
+    elastic = elasticlm.load(tmp_path / "run" / "final")
+    assert set(elastic.budgets) == {"1.0", "0.6"}
+    small = elastic.budgets["0.6"]
+    active = count_active_parameters(cfg, small)
+    assert abs(active / (0.6 * count_active_parameters(cfg)) - 1) <= 0.05
+    ids = torch.randint(3, 260, (1, 9))
+    with torch.no_grad():
+        assert max_rel(elastic(ids, subnet=small), extract(elastic, small)(ids)) <= 1e-5
