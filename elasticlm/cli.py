@@ -103,6 +103,12 @@ def cmd_info(args: argparse.Namespace) -> None:
               f"{position}; biases {biases}; q/k norm {'yes' if config.qk_norm else 'no'}")
     if config.count("-"):
         print(f"mlp          {'gated SiLU' if config.mlp_type == 'swiglu' else 'squared ReLU'}")
+    if config.count("E"):
+        from .config import count_active_parameters
+
+        print(f"moe          routed experts {config.moe_num_experts} (top {config.moe_top_k}, {config.moe_n_group} "
+              f"routing group(s)), expert FFN {config.moe_intermediate_size}, shared expert FFN "
+              f"{config.moe_shared_intermediate_size}; active parameters {count_active_parameters(config):,}")
     print(f"parameters   {count_parameters(config):,}")
     if subnet is not None:
         n = count_parameters(config, subnet)

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check elasticlm tests bench
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=10 "$@"
