@@ -279,6 +279,10 @@ def main() -> None:
                 except Skip as why:
                     rows.append({"budget": label, "engine": name, "skipped": str(why)})
                     continue
+                except Exception as exc:  # an engine that refuses the model: a result, not a crash of the bench
+                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    rows.append({"budget": label, "engine": name, "skipped": f"FAILED: {type(exc).__name__} {msg}"})
+                    continue
                 row = {"budget": label, "engine": name, **compare(ref, got),
                        "dt_unclamped": compare(unclamped, got)}
                 if "tokenized" in got:
