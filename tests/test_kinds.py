@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import randomize_, tiny_config
 
-from elasticlm import AttentionWidth, HybridLM, MambaWidth, MlpWidth
+from elasticlm import AttentionWidth, HybridLM, MambaWidth, MlpWidth, MoeWidth
 from elasticlm.kinds import KINDS, kept_indices, kind_of, layout_size
 
 SHAPES = [  # (pattern, groups, mamba heads, head dim, q heads, kv heads, extra config)
@@ -22,6 +22,14 @@ SHAPES = [  # (pattern, groups, mamba heads, head dim, q heads, kv heads, extra 
     ("M*-", 2, 8, 8, 4, 2, {"use_bias": True, "mlp_bias": True}),
     ("-M*", 4, 8, 6, 6, 3, {"use_conv_bias": False}),
     ("*M-", 2, 6, 5, 9, 3, {}),
+    # a transformer's variants: q/k/v and o biases, per-head q/k norm, gated SiLU MLP with biases, rotary
+    ("*-*-", 1, 4, 4, 6, 2, {"attention_bias": True, "attention_out_bias": True, "qk_norm": True,
+                             "mlp_type": "swiglu", "mlp_bias": True, "rope_parameters": {"rope_theta": 1e4}}),
+    # mixture of experts: 6 experts in 2 routing groups, and 5 in one group, with a shared expert
+    ("ME*E", 2, 4, 4, 4, 2, {"moe_num_experts": 6, "moe_n_group": 2, "moe_intermediate_size": 10,
+                             "moe_shared_intermediate_size": 7}),
+    ("E-", 1, 4, 4, 4, 2, {"moe_num_experts": 5, "moe_top_k": 1, "moe_intermediate_size": 6,
+                           "moe_shared_intermediate_size": 3, "mlp_bias": True}),
 ]
 
 
@@ -49,12 +57,33 @@ def naive(cfg, kind: str, full, w, hidden: int) -> dict[str, list[list[int]]]:
         # query head j of KV group k sits at row block k·per + j (transformers' repeat_kv order)
         q = [(k * per + j) * dh + c for k in range(kv) for j in range(w.heads_per_kv_group) for c in range(dh)]
         kvr = list(range(kv * dh))
-        return {"q_proj.weight": [q, hid], "k_proj.weight": [kvr, hid], "v_proj.weight": [kvr, hid],
-                "o_proj.weight": [hid, q]}
+        out = {"q_proj.weight": [q, hid], "k_proj.weight": [kvr, hid], "v_proj.weight": [kvr, hid],
+               "o_proj.weight": [hid, q]}
+        if cfg.attention_bias:
+            out.update({"q_proj.bias": [q], "k_proj.bias": [kvr], "v_proj.bias": [kvr]})
+        if cfg.attention_out_bias:
+            out["o_proj.bias"] = [hid]
+        if cfg.qk_norm:  # one weight of head_dim shared by every head: never cut
+            out.update({"q_norm.weight": [list(range(dh))], "k_norm.weight": [list(range(dh))]})
+        return out
+    if kind == "E":
+        groups, per = cfg.moe_n_group, full.experts_per_group
+        experts = [gi * per + e for gi in range(groups) for e in range(w.experts_per_group)]
+        f, shared = list(range(w.expert_intermediate_size)), list(range(cfg.moe_shared_intermediate_size))
+        out = {"gate.weight": [experts, hid], "gate.e_score_correction_bias": [experts],
+               "experts.up_proj": [experts, f, hid], "experts.down_proj": [experts, hid, f],
+               "shared_experts.up_proj.weight": [shared, hid], "shared_experts.down_proj.weight": [hid, shared]}
+        if cfg.mlp_bias:
+            out.update({"shared_experts.up_proj.bias": [shared], "shared_experts.down_proj.bias": [hid]})
+        return out
     f = list(range(w.intermediate_size))
     out = {"up_proj.weight": [f, hid], "down_proj.weight": [hid, f]}
+    if cfg.mlp_type == "swiglu":  # the gate rows of a neuron go with its up row
+        out["gate_proj.weight"] = [f, hid]
     if cfg.mlp_bias:
         out.update({"up_proj.bias": [f], "down_proj.bias": [hid]})
+        if cfg.mlp_type == "swiglu":
+            out["gate_proj.bias"] = [f]
     return out
 
 
@@ -63,6 +92,8 @@ def random_width(full, rng: random.Random):
         return MambaWidth(rng.randint(1, full.heads_per_group), rng.randint(1, full.head_dim))
     if isinstance(full, AttentionWidth):
         return AttentionWidth(rng.randint(1, full.heads_per_kv_group))
+    if isinstance(full, MoeWidth):
+        return MoeWidth(rng.randint(1, full.experts_per_group), rng.randint(1, full.expert_intermediate_size))
     return MlpWidth(rng.randint(1, full.intermediate_size))
 
 
@@ -85,7 +116,7 @@ def test_kept_indices_and_slices_match_a_naive_reference(shape):
             layout = kind_of(cfg.pattern[i]).layout(cfg, full, width, hidden)
             want = naive(cfg, cfg.pattern[i], full, width, hidden)
             assert kept_indices(layout) == want
-            params = dict(block.mixer.named_parameters())
+            params = {**dict(block.mixer.named_parameters()), **dict(block.mixer.named_buffers())}
             assert set(params) == set(want)  # the layout names every parameter of the module, nothing else
             sliced = block.mixer.sliced(hidden, width)
             assert set(sliced) == set(want)
@@ -93,12 +124,17 @@ def test_kept_indices_and_slices_match_a_naive_reference(shape):
                 reference = params[name][torch.meshgrid(*[torch.tensor(ix) for ix in index], indexing="ij")]
                 assert torch.equal(sliced[name], reference), (i, name)
             assert layout_size(layout) == sum(torch.Size([len(ix) for ix in index]).numel() for index in want.values())
+            # the block's parameter count: every laid-out parameter (not the MoE router's bias buffer) + the norm
+            counted = sum(torch.Size([len(ix) for ix in index]).numel() for name, index in want.items()
+                          if name != "gate.e_score_correction_bias") + hidden
+            assert kind_of(cfg.pattern[i]).parameters(cfg, full, width, hidden) == counted
 
 
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[5]], ids=["hybrid", "transformer", "moe"])
 @torch.no_grad()
-def test_one_hot_staircase_is_the_kept_set():
+def test_one_hot_staircase_is_the_kept_set(shape):
     """The router's soft mask for a one-hot choice marks exactly the naive kept entries of the inner activation."""
-    cfg = config_of(SHAPES[3])
+    cfg = config_of(shape)
     rng = random.Random(1)
     for i in range(cfg.num_layers):
         kind, full = kind_of(cfg.pattern[i]), cfg.layer_widths(i)
@@ -110,8 +146,12 @@ def test_one_hot_staircase_is_the_kept_set():
             entries = (torch.arange(run.inner) < fields[run.entry]).float() if run.entry else None
             mask = run.mask(units, entries)
             # the inner activation is what the output projection reads: its kept columns, from the naive lists
-            out_name = {"M": "out_proj.weight", "*": "o_proj.weight", "-": "down_proj.weight"}[cfg.pattern[i]]
-            kept = naive(cfg, cfg.pattern[i], full, width, cfg.hidden_size)[out_name][1]
+            if cfg.pattern[i] == "E":  # [experts · ffn]: every kept neuron of every kept expert
+                experts, _, ffn = naive(cfg, "E", full, width, cfg.hidden_size)["experts.down_proj"]
+                kept = [e * full.expert_intermediate_size + c for e in experts for c in ffn]
+            else:
+                out_name = {"M": "out_proj.weight", "*": "o_proj.weight", "-": "down_proj.weight"}[cfg.pattern[i]]
+                kept = naive(cfg, cfg.pattern[i], full, width, cfg.hidden_size)[out_name][1]
             assert torch.nonzero(mask).flatten().tolist() == kept
 
 
@@ -137,7 +177,7 @@ def test_permutation_moves_units_with_their_entries():
 
 
 def test_every_kind_is_registered_once():
-    assert sorted(KINDS) == ["*", "-", "M"]
+    assert sorted(KINDS) == ["*", "-", "E", "M"]
     assert len({k.width for k in KINDS.values()}) == len(KINDS)
     axes = [a for k in KINDS.values() for a in k.fields.values()]
     assert len(axes) == len(set(axes))
