@@ -39,7 +39,8 @@ LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
 
 IntOrList = int | list[int]
 MLP_TYPES = ("relu2", "swiglu")
-FAMILIES = ("nemotron_h", "mamba2", "llama", "qwen2", "qwen3")
+FAMILIES = ("nemotron_h", "mamba2", "llama", "qwen2", "qwen3", "qwen3_moe")
+TRANSFORMER_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # rope_type → the keys it needs besides rope_theta (transformers' names)
 ROPE_TYPES = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -142,10 +143,13 @@ class ModelConfig:
     # MLP
     intermediate_size: IntOrList = 256
     mlp_type: str = "relu2"  # "relu2": down(relu(up x)²) (Nemotron-H); "swiglu": down(silu(gate x) · up x)
-    # mixture of experts (Nemotron-H's MoE layers; routed experts and the shared expert are squared-ReLU MLPs)
+    # mixture of experts: Nemotron-H's (sigmoid router with a correction bias, squared-ReLU experts, a shared
+    # expert) or Qwen3-MoE's (softmax router, gated SiLU experts, no shared expert)
     moe_num_experts: IntOrList = 8  # routed experts per MoE layer
     moe_intermediate_size: IntOrList = 64  # FFN width of each routed expert
-    moe_shared_intermediate_size: int = 64  # FFN width of the shared expert
+    moe_shared_intermediate_size: int = 64  # FFN width of the shared expert (0: none)
+    moe_router: str = "sigmoid"  # "sigmoid" (Nemotron-H) | "softmax" (Qwen3-MoE)
+    moe_expert_type: str = "relu2"  # "relu2" | "swiglu" (the experts' MLP, as mlp_type)
     moe_top_k: int = 2  # experts each token is routed to
     moe_n_group: int = 1  # routing groups (the router first keeps the best moe_topk_group groups)
     moe_topk_group: int = 1
@@ -162,7 +166,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # The Hugging Face family the model comes from and exports to (elasticlm.model.hf): "nemotron_h", "mamba2",
-    # "llama", "qwen2", "qwen3".
+    # "llama", "qwen2", "qwen3", "qwen3_moe".
     family: str = "nemotron_h"
     # Filled in by importance reordering (later issues): layer indices, least important first.
     depth_order: list[int] | None = field(default=None)
@@ -204,10 +208,19 @@ class ModelConfig:
                 )
         self.intermediate_sizes_list()
         self.moe_intermediate_sizes_list()
-        for name in ("moe_shared_intermediate_size", "moe_top_k", "moe_n_group", "moe_topk_group"):
+        for name in ("moe_top_k", "moe_n_group", "moe_topk_group"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        v = self.moe_shared_intermediate_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"moe_shared_intermediate_size must be an int >= 0 (0: no shared expert), got {v!r}")
+        if self.moe_router not in ("sigmoid", "softmax"):
+            raise ConfigError(f"moe_router must be sigmoid or softmax, got {self.moe_router!r}")
+        if self.moe_expert_type not in MLP_TYPES:
+            raise ConfigError(f"moe_expert_type must be one of {MLP_TYPES}, got {self.moe_expert_type!r}")
+        if self.moe_router == "softmax" and self.moe_n_group != 1:
+            raise ConfigError("routing groups (moe_n_group > 1) go with the sigmoid router only")
         for i, e in enumerate(self.moe_experts_list()):
             if e % self.moe_n_group or e // self.moe_n_group < kind_of(MOE).minimum(self, "experts_per_group"):
                 raise ConfigError(f"moe_num_experts={e} (MoE layer {i}) must be a multiple of moe_n_group="
@@ -270,8 +283,9 @@ class ModelConfig:
         """Blocks that are dropped together: 2 for a transformer family (a decoder layer is an attention and an MLP
         block, and its Hugging Face class cannot hold half of one), else 1."""
         pairs = self.num_layers // 2
-        transformer = self.family in ("llama", "qwen2", "qwen3") and self.pattern == (ATTENTION + MLP) * pairs
-        return 2 if transformer and pairs else 1
+        layered = self.num_layers == 2 * pairs and all(self.pattern[2 * j] == ATTENTION and
+                                                       self.pattern[2 * j + 1] in (MLP, MOE) for j in range(pairs))
+        return 2 if self.family in TRANSFORMER_FAMILIES and layered and pairs else 1
 
     def count(self, kind: str) -> int:
         return self.pattern.count(kind)

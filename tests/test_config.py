@@ -11,7 +11,14 @@ from elasticlm import AttentionWidth, ConfigError, HybridLM, MambaWidth, MlpWidt
 
 @pytest.mark.parametrize("change,needle", [
     (dict(pattern="M-X"), "unknown layer character"),
-    (dict(pattern="M-E"), "MoE"),
+    (dict(pattern="M-E", moe_num_experts=6, moe_n_group=4), "moe_num_experts=6"),
+    (dict(pattern="E", moe_router="relu"), "moe_router"),
+    (dict(pattern="E", moe_top_k=0), "moe_top_k"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "rope_type 'yarn'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}), "factor"),
+    (dict(mlp_type="gelu"), "mlp_type"),
+    (dict(family="gpt2"), "family"),
+    (dict(time_step_limit=[0.5, 0.1]), "time_step_limit"),
     (dict(pattern=""), "pattern"),
     (dict(heads=6, groups=4), "mamba_num_heads=6"),
     (dict(q_heads=5, kv_heads=2), "num_attention_heads=5"),

@@ -245,3 +245,88 @@ def test_elastic_training_of_an_moe_parent_on_active_parameters(tmp_path, mode):
     ids = torch.randint(3, 260, (1, 9))
     with torch.no_grad():
         assert max_rel(elastic(ids, subnet=small), extract(elastic, small)(ids)) <= 1e-5
+
+
+QWEN_CASES = {  # experts, top_k, normalised, dense layers (mlp_only_layers), tied
+    "qwen3moe-4x2": (4, 2, True, [], False),
+    "qwen3moe-6x2-unnormalised-dense0-tied": (6, 2, False, [0], True),
+}
+
+
+def qwen3_moe(name: str, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    experts, top_k, norm, dense, tied = QWEN_CASES[name]
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=80, hidden_size=48, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, num_experts=experts, num_experts_per_tok=top_k,
+        norm_topk_prob=norm, mlp_only_layers=dense, decoder_sparse_step=1, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = randomize_(transformers.Qwen3MoeForCausalLM(config), seed)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_CASES))
+def test_qwen3_moe_matches_transformers_and_nests(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    from elasticlm.model.hf import from_transformers
+
+    hf = qwen3_moe(name, seed=2)
+    ours = from_transformers(hf)
+    experts, _, _, dense, _ = QWEN_CASES[name]
+    assert ours.config.family == "qwen3_moe"
+    assert ours.config.pattern == "".join("*" + ("-" if i in dense else "E") for i in range(3))
+    ids = torch.randint(3, 80, (2, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+        assert ref.abs().max() > 1.0
+        assert (ours(ids) - ref).abs().max().item() <= 1e-4
+    prompt = ids[:1, :5]
+    want = hf.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+    assert torch.equal(elasticlm.generate(ours, prompt, max_new_tokens=10), want)
+    assert count_parameters(ours.config) == sum(p.numel() for p in hf.parameters())
+    elasticlm.save(ours, tmp_path / "out", format="hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        assert (again(ids, use_cache=False).logits - ref).abs().max().item() <= 1e-4
+    # the elastic invariants: nested == extracted (with the cache), exact total and active counts
+    rng = random.Random(len(name))
+    for _ in range(4):
+        subnet = random_subnet(ours.config, rng)
+        small = extract(ours, subnet)
+        assert sum(p.numel() for p in small.parameters()) == count_parameters(ours.config, subnet)
+        direct = sum(p.numel() for p in small.parameters())
+        for mixer in (b.mixer for b in small.layers if b.kind == "E"):
+            per_expert = mixer.experts.gate_up_proj[0].numel() + mixer.experts.down_proj[0].numel()
+            direct -= (mixer.experts.down_proj.shape[0] - ours.config.moe_top_k) * per_expert
+        assert count_active_parameters(ours.config, subnet) == direct
+        with torch.no_grad():
+            assert max_rel(ours(ids, subnet=subnet), small(ids)) <= 1e-5
+            cache_n, cache_a = ours.new_cache(subnet), small.new_cache()
+            a = [ours(ids[:, :4], subnet=subnet, cache=cache_n)] + [
+                ours(ids[:, t:t + 1], subnet=subnet, cache=cache_n) for t in range(4, 14)]
+            b = [small(ids[:, :4], cache=cache_a)] + [small(ids[:, t:t + 1], cache=cache_a) for t in range(4, 14)]
+            assert max_rel(torch.cat(a, 1), torch.cat(b, 1)) <= 1e-5
+
+
+def test_qwen3_moe_reorder_leaves_logits_unchanged():
+    from elasticlm.model.hf import from_transformers
+
+    model = from_transformers(qwen3_moe("qwen3moe-4x2", seed=4))
+
+    def batches():
+        for i in range(2):
+            ids = torch.randint(3, 80, (2, 24), generator=torch.Generator().manual_seed(30 + i))
+            ids[:, 12] = 2
+            yield ids, document_ids_from_eos(ids, 2)
+
+    ids = torch.randint(3, 80, (2, 15), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids)
+    reorder_(model, estimate(model, batches(), progress=False))
+    with torch.no_grad():
+        assert max_rel(model(ids), before) <= 1e-5

@@ -76,17 +76,19 @@ class MoeKind(LayerKind):
     def layout(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any], hidden: Any) -> Layout:
         experts, ffn = self._runs(config, full, width_fields(width))
         hid = Dim.of(Run.prefix(config.hidden_size, hidden, "hidden"))
-        shared = Dim.of(Run.fixed(config.moe_shared_intermediate_size))
-        out: Layout = {
-            "gate.weight": (experts, hid),
-            "gate.e_score_correction_bias": (experts,),
-            "experts.up_proj": (experts, ffn, hid),
-            "experts.down_proj": (experts, hid, ffn),
-            "shared_experts.up_proj.weight": (shared, hid),
-            "shared_experts.down_proj.weight": (hid, shared),
-        }
-        if config.mlp_bias:
-            out["shared_experts.up_proj.bias"], out["shared_experts.down_proj.bias"] = (shared,), (hid,)
+        out: Layout = {"gate.weight": (experts, hid)}
+        if config.moe_router == "sigmoid":
+            out["gate.e_score_correction_bias"] = (experts,)
+        if config.moe_expert_type == "swiglu":  # [gate | up] rows of every expert, as transformers' Qwen3-MoE
+            out["experts.gate_up_proj"] = (experts, Dim(ffn.runs + ffn.runs), hid)
+        else:
+            out["experts.up_proj"] = (experts, ffn, hid)
+        out["experts.down_proj"] = (experts, hid, ffn)
+        if config.moe_shared_intermediate_size:
+            shared = Dim.of(Run.fixed(config.moe_shared_intermediate_size))
+            out["shared_experts.up_proj.weight"], out["shared_experts.down_proj.weight"] = (shared, hid), (hid, shared)
+            if config.mlp_bias:
+                out["shared_experts.up_proj.bias"], out["shared_experts.down_proj.bias"] = (shared,), (hid,)
         return out
 
     def inner(self, config: ModelConfig, full: MoeWidth, width: Width | Mapping[str, Any] | None = None) -> Run:
@@ -108,13 +110,13 @@ class MoeKind(LayerKind):
         ``top_k`` routed experts at the kept width."""
         w = width_fields(width)
         experts = config.moe_n_group * w["experts_per_group"]
-        per_expert = 2 * hidden * w["expert_intermediate_size"]
+        per_expert = (3 if config.moe_expert_type == "swiglu" else 2) * hidden * w["expert_intermediate_size"]
         return self.parameters(config, full, width, hidden) - (experts - config.moe_top_k) * per_expert
 
     def saved_bytes_per_token(self, config: ModelConfig, width: MoeWidth, hidden: int, scan_chunk: int, mode: str,
                               documents: float) -> float:
         c = SAVED_BYTES[mode]
-        routed = config.moe_top_k * width.expert_intermediate_size
+        routed = config.moe_top_k * width.expert_intermediate_size * (2 if config.moe_expert_type == "swiglu" else 1)
         return c[0] * hidden * (1 + config.moe_top_k) + c[1] * (config.moe_shared_intermediate_size + routed)
 
 

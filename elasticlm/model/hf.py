@@ -151,6 +151,9 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
     if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
             or config.attention_out_bias):
         return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
+    if MOE in config.pattern and (config.moe_router, config.moe_expert_type) != ("sigmoid", "relu2") \
+            or MOE in config.pattern and not config.moe_shared_intermediate_size:
+        return "NemotronH's experts are squared-ReLU MLPs behind a sigmoid router, with a shared expert"
     checks = (
         ("Mamba head counts", config.mamba_heads_list()),
         ("Mamba head dims", config.mamba_head_dims_list()),

@@ -1,8 +1,10 @@
-"""Hugging Face Llama, Qwen2 and Qwen3 ⇄ elasticlm: config translation and weight names.
+"""Hugging Face Llama, Qwen2, Qwen3 and Qwen3-MoE ⇄ elasticlm: config translation and weight names.
 
 A transformer decoder layer ``i`` is two of our blocks: ``2i`` (attention, its ``input_layernorm`` as the
 block's norm) and ``2i + 1`` (the gated MLP, its ``post_attention_layernorm``), so a parent's pattern is
-``"*-" * num_hidden_layers``. The three families differ only in switches our attention already has:
+``"*-" * num_hidden_layers`` — ``"*E"`` for a Qwen3-MoE layer whose MLP is sparse (our MoE kind with a softmax
+router and gated experts, no shared expert). The dense families differ only in switches our attention already
+has:
 
 =======  ====================  ==============  =======
 family   q/k/v bias            o_proj bias     q/k norm
@@ -20,11 +22,12 @@ from typing import Any
 
 import torch
 
-from ..config import ATTENTION, MLP, ModelConfig
+from ..config import ATTENTION, MLP, MOE, ModelConfig
 from ..errors import ConfigError
 from .hf_fields import Fields
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(.+)$")
 _OUTER = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight": "norm_f.weight",
           "lm_head.weight": "lm_head.weight"}
@@ -62,8 +65,17 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     layers = get("num_hidden_layers")
     bias = bool(cfg.get("attention_bias", False))
+    pattern, moe = (ATTENTION + MLP) * layers, {}
+    if family == "qwen3_moe":
+        experts, step = get("num_experts", "num_local_experts"), get("decoder_sparse_step", default=1)
+        dense = set(cfg.get("mlp_only_layers") or [])
+        sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
+        pattern = "".join(ATTENTION + (MOE if s else MLP) for s in sparse)
+        moe = dict(moe_num_experts=experts, moe_intermediate_size=get("moe_intermediate_size"),
+                   moe_top_k=get("num_experts_per_tok"), moe_norm_topk_prob=bool(get("norm_topk_prob", default=False)),
+                   moe_router="softmax", moe_expert_type="swiglu", moe_shared_intermediate_size=0)
     return ModelConfig(
-        pattern=(ATTENTION + MLP) * layers,
+        pattern=pattern,
         vocab_size=get("vocab_size"),
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -72,7 +84,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rope_parameters=_rope_from_hf(cfg),
         attention_bias=True if family == "qwen2" else bias,
         attention_out_bias=False if family == "qwen2" else bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         max_position_embeddings=get("max_position_embeddings", default=4096),
         intermediate_size=get("intermediate_size"),
         mlp_type="swiglu",
@@ -84,18 +96,20 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=get.eos(),
         family=family,
+        **moe,
     )
 
 
 def incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` cannot be written as its family's transformers config, or None if it can."""
     family = config.family
-    layers = len(config.pattern) // 2
-    if layers == 0 or config.pattern != (ATTENTION + MLP) * layers:
+    if config.depth_unit != 2 or (MOE in config.pattern and family != "qwen3_moe"):
         return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a {family} decoder layer has "
                 "both (a sub-model that drops one half of a layer); save it in the native format instead")
     for what, values in (("attention head counts", config.attention_heads_list()),
-                         ("FFN widths", config.intermediate_sizes_list())):
+                         ("FFN widths", config.intermediate_sizes_list()),
+                         ("expert counts", config.moe_experts_list()),
+                         ("expert FFN widths", config.moe_intermediate_sizes_list())):
         if len(set(values)) > 1:
             return (f"its layers have different {what} {values}, and a {family} config holds one value; "
                     "save it in the native format instead")
@@ -107,7 +121,11 @@ def incompatibility(config: ModelConfig) -> str | None:
     if (family == "qwen2" and not config.attention_bias) or config.attention_out_bias != want_out:
         return (f"its attention biases (q/k/v {config.attention_bias}, o {config.attention_out_bias}) differ "
                 f"from {family}'s")
-    if config.qk_norm != (family == "qwen3") or config.mlp_type != "swiglu" or config.rope_parameters is None:
+    if MOE in config.pattern and (config.moe_router, config.moe_expert_type, config.moe_shared_intermediate_size) \
+            != ("softmax", "swiglu", 0):
+        return f"its mixture of experts is not {family}'s (softmax router, gated experts, no shared expert)"
+    if config.qk_norm != (family in ("qwen3", "qwen3_moe")) or config.mlp_type != "swiglu" \
+            or config.rope_parameters is None:
         return f"its attention / MLP variant is not {family}'s"
     if config.mlp_bias and family != "llama":
         return f"{family} has no MLP bias"
@@ -127,7 +145,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "dtype": str(dtype).removeprefix("torch."),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_sizes_list()[0],
+        "intermediate_size": (config.intermediate_sizes_list() or [1])[0],
         "num_hidden_layers": layers,
         "num_attention_heads": config.attention_heads_list()[0],
         "num_key_value_heads": config.num_key_value_heads,
@@ -153,6 +171,14 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         out["mlp_bias"] = config.mlp_bias
     else:
         out.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers})
+    if family == "qwen3_moe":
+        dense = [j for j in range(layers) if config.pattern[2 * j + 1] == MLP]
+        out.update({"num_experts": config.moe_experts_list()[0] if MOE in config.pattern else 0,
+                    "num_local_experts": config.moe_experts_list()[0] if MOE in config.pattern else 0,
+                    "moe_intermediate_size": (config.moe_intermediate_sizes_list() or [1])[0],
+                    "num_experts_per_tok": config.moe_top_k, "norm_topk_prob": config.moe_norm_topk_prob,
+                    "decoder_sparse_step": 1, "mlp_only_layers": dense,
+                    "intermediate_size": (config.intermediate_sizes_list() or [out["intermediate_size"]])[0]})
     return out
 
 

@@ -1,10 +1,14 @@
-"""Nemotron-H's mixture-of-experts layer, sliceable in routed experts and expert FFN width.
+"""Mixture-of-experts layers, sliceable in routed experts and expert FFN width: Nemotron-H's and Qwen3-MoE's.
 
-Routing follows transformers' ``NemotronHTopkRouter``: sigmoid scores in fp32, plus a correction bias for the
-choice only; with several routing groups the best ``topk_group`` groups (by the sum of their two best scores)
-are kept first; the chosen experts' *uncorrected* scores are the weights, normalised when
-``moe_norm_topk_prob`` and scaled by ``moe_routed_scaling_factor``. Routed experts and the shared expert are
-squared-ReLU MLPs; the routed outputs are summed in fp32, expert by expert in index order (as transformers does).
+Sigmoid routing (``moe_router = "sigmoid"``) follows transformers' ``NemotronHTopkRouter``: sigmoid scores in
+fp32, plus a correction bias for the choice only; with several routing groups the best ``topk_group`` groups (by
+the sum of their two best scores) are kept first; the chosen experts' *uncorrected* scores are the weights,
+normalised when ``moe_norm_topk_prob`` and scaled by ``moe_routed_scaling_factor``; the routed outputs are summed
+in fp32. Softmax routing (``"softmax"``) follows ``Qwen3MoeTopKRouter``: logits in the model's dtype, softmax in
+fp32, the top-k probabilities (normalised when ``moe_norm_topk_prob``) cast back, outputs summed in the model's
+dtype. Either way experts are summed one by one in index order, as transformers does. Experts are squared-ReLU
+MLPs (Nemotron-H) or gated SiLU ones (Qwen3-MoE, ``[gate | up]`` rows in one ``gate_up_proj``); the shared expert
+(Nemotron-H; ``moe_shared_intermediate_size = 0``: none) is a squared-ReLU MLP.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from ..kinds import MOE_KIND, MoeWidth, slice_params
 
 
 class MoeGate(nn.Module):
-    def __init__(self, experts: int, hidden: int, device: torch.device | str | None, dtype: torch.dtype | None):
+    def __init__(self, experts: int, hidden: int, sigmoid: bool, device: torch.device | str | None,
+                 dtype: torch.dtype | None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, hidden, device=device, dtype=dtype))
-        # Shifts which experts are chosen, not their weights; learnt outside gradient descent (load balancing).
-        self.register_buffer("e_score_correction_bias", torch.zeros(experts, device=device, dtype=torch.float32))
+        if sigmoid:  # shifts which experts are chosen, not their weights; learnt outside gradient descent
+            self.register_buffer("e_score_correction_bias", torch.zeros(experts, device=device, dtype=torch.float32))
 
 
 class Experts(nn.Module):
-    def __init__(self, experts: int, ffn: int, hidden: int, device: torch.device | str | None,
+    def __init__(self, experts: int, ffn: int, hidden: int, gated: bool, device: torch.device | str | None,
                  dtype: torch.dtype | None):
         super().__init__()
-        self.up_proj = nn.Parameter(torch.empty(experts, ffn, hidden, device=device, dtype=dtype))
+        rows = 2 * ffn if gated else ffn
+        setattr(self, "gate_up_proj" if gated else "up_proj",
+                nn.Parameter(torch.empty(experts, rows, hidden, device=device, dtype=dtype)))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, ffn, device=device, dtype=dtype))
 
 
@@ -51,16 +58,19 @@ class MoE(nn.Module):
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/moe.py)
         experts = full.experts_per_group * config.moe_n_group
-        self.gate = MoeGate(experts, config.hidden_size, device, dtype)
-        self.experts = Experts(experts, full.expert_intermediate_size, config.hidden_size, device, dtype)
-        self.shared_experts = SharedExpert(config, device, dtype)
+        self.sigmoid, self.gated = config.moe_router == "sigmoid", config.moe_expert_type == "swiglu"
+        self.gate = MoeGate(experts, config.hidden_size, self.sigmoid, device, dtype)
+        self.experts = Experts(experts, full.expert_intermediate_size, config.hidden_size, self.gated, device, dtype)
+        if config.moe_shared_intermediate_size:
+            self.shared_experts = SharedExpert(config, device, dtype)
 
     @torch.no_grad()
     def init_kind_parameters(self) -> None:
         std = self.config.initializer_range
-        for p in (self.gate.weight, self.experts.up_proj, self.experts.down_proj):
+        for p in (self.gate.weight, *self.experts.parameters()):
             nn.init.normal_(p, std=std)
-        self.gate.e_score_correction_bias.zero_()
+        if self.sigmoid:
+            self.gate.e_score_correction_bias.zero_()
 
     def sliced(self, hidden: int, width: MoeWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters (and the router's bias buffer) for the sub-model, keyed like its state_dict."""
@@ -77,6 +87,14 @@ class MoE(nn.Module):
         """Chosen experts ``[tokens, top_k]`` and their weights (fp32) for ``h`` ``[tokens, hidden]``;
         ``excluded`` [experts] bool: experts no token may choose (a soft mask's zeros)."""
         cfg = self.config
+        if not self.sigmoid:
+            logits = F.linear(h, p["gate.weight"])
+            if excluded is not None:
+                logits = logits.masked_fill(excluded, float("-inf"))
+            top, index = torch.softmax(logits, dim=-1, dtype=torch.float).topk(cfg.moe_top_k, dim=-1)
+            if cfg.moe_norm_topk_prob:
+                top = top / top.sum(-1, keepdim=True)
+            return index, top.to(logits.dtype)
         scores = F.linear(h.float(), p["gate.weight"].float()).sigmoid()
         choice = scores + p["gate.e_score_correction_bias"].float()
         if excluded is not None:
@@ -101,15 +119,19 @@ class MoE(nn.Module):
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        up, down = p["experts.up_proj"], p["experts.down_proj"]
-        experts, ffn = up.shape[0], up.shape[1]
+        up, down = p["experts.gate_up_proj" if self.gated else "experts.up_proj"], p["experts.down_proj"]
+        experts, ffn = down.shape[0], down.shape[2]
         mask = None if inner is None else inner.reshape(experts, ffn)
         index, weights = self.route(h, p, None if mask is None else mask.amax(-1) == 0)
         out = torch.zeros(h.shape, device=h.device, dtype=weights.dtype)
         record = torch.zeros(h.shape[0], experts, ffn, device=h.device) if self.observer is not None else None
         for e in index.unique().tolist():
             token, slot = torch.where(index == e)
-            act = F.relu(F.linear(h[token], up[e])).square()
+            if self.gated:
+                gate, value = F.linear(h[token], up[e]).chunk(2, dim=-1)
+                act = F.silu(gate) * value
+            else:
+                act = F.relu(F.linear(h[token], up[e])).square()
             if mask is not None:
                 act = act * mask[e]
             w = weights[token, slot, None]
@@ -118,6 +140,9 @@ class MoE(nn.Module):
             out.index_add_(0, token, (F.linear(act, down[e]) * w).to(out.dtype))
         if record is not None:
             self.observer("experts_in", record.view(*shape[:-1], experts * ffn))
+        out = out.to(x.dtype).view(shape)
+        if "shared_experts.up_proj.weight" not in p:
+            return out
         shared = F.linear(F.relu(F.linear(x, p["shared_experts.up_proj.weight"], p.get("shared_experts.up_proj.bias")))
                           .square(), p["shared_experts.down_proj.weight"], p.get("shared_experts.down_proj.bias"))
-        return out.to(x.dtype).view(shape) + shared
+        return out + shared
