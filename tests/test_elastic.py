@@ -108,7 +108,7 @@ def test_default_choice_sets_follow_the_parent():
     (dict(hidden=[1.5]), "must be in (0, 1]"),
     (dict(attention_heads=[99]), "must be in [1,"),
     (dict(heterogeneous=["hidden"]), "cannot be per-layer"),
-    (dict(target="flops"), "params or memory"),
+    (dict(target="flops"), "params, active or memory"),
     (dict(router_mode="gumbel"), "hard, soft or st"),
     (dict(temperature=[1.0]), "[start, end]"),
 ])
