@@ -490,10 +490,12 @@ def layer_parameters(config: ModelConfig, kind: str, width: LayerWidth, hidden: 
     return int(block_parameters(config, kind, hidden, **width_fields(width)))
 
 
-def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
+def count_parameters(config: ModelConfig, subnet: Subnet | None = None, active: bool = False) -> int:
     """Exact parameter count of the model, or of the sub-model ``subnet`` names.
 
-    Equals ``sum(p.numel() for p in extract(model, subnet).parameters())``.
+    Equals ``sum(p.numel() for p in extract(model, subnet).parameters())``. ``active``: the parameters one token
+    uses — all of them, except that a mixture-of-experts layer counts ``moe_top_k`` of its routed experts (its
+    router and shared expert always).
     """
     subnet = subnet or Subnet.full(config)
     subnet.validate(config)
@@ -501,22 +503,15 @@ def count_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
     total = outer_parameters(config, d)
     for i, width in enumerate(subnet.layers):
         if width is not None:
-            total += layer_parameters(config, config.pattern[i], width, d)
+            kind = kind_of(config.pattern[i])
+            count = kind.active_parameters if active else kind.parameters
+            total += int(count(config, config.layer_widths(i), width_fields(width), d))
     return total
 
 
 def count_active_parameters(config: ModelConfig, subnet: Subnet | None = None) -> int:
-    """Parameters one token uses in the model or in ``subnet``: all of them, except that a mixture-of-experts
-    layer counts ``moe_top_k`` of its routed experts (its router and shared expert always)."""
-    subnet = subnet or Subnet.full(config)
-    subnet.validate(config)
-    d = subnet.hidden_size
-    total = outer_parameters(config, d)
-    for i, width in enumerate(subnet.layers):
-        if width is not None:
-            kind = kind_of(config.pattern[i])
-            total += int(kind.active_parameters(config, config.layer_widths(i), width_fields(width), d))
-    return total
+    """:func:`count_parameters` with ``active=True``."""
+    return count_parameters(config, subnet, active=True)
 
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

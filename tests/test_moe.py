@@ -40,25 +40,10 @@ def random_bias_(model: torch.nn.Module, seed: int) -> None:
             buf.copy_(0.3 * torch.randn(buf.shape, generator=g))
 
 
-def model_for(name: str, seed: int = 0) -> elasticlm.HybridLM:
-    model = randomize_(elasticlm.HybridLM(config_for(name)), seed).eval()
-    random_bias_(model, seed)
-    return model
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_transformers_nemotron_h_moe(tmp_path, name):
-    pytest.importorskip("transformers")
+def check_transformers_parity(hf, ours, ids: torch.Tensor, tmp_path, cls: str) -> None:
+    """Logits and greedy tokens equal transformers', parameter counts too; export reloads as ``cls``, same logits."""
     from transformers import AutoModelForCausalLM
 
-    from elasticlm.model.hf import from_transformers
-
-    cfg = config_for(name)
-    hf = hf_twin(cfg, seed=3)
-    random_bias_(hf, 3)
-    ours = from_transformers(hf)
-    assert ours.config.pattern == cfg.pattern and ours.config.moe_experts_list() == cfg.moe_experts_list()
-    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids, use_cache=False).logits
         assert ref.abs().max() > 1.0
@@ -70,34 +55,59 @@ def test_matches_transformers_nemotron_h_moe(tmp_path, name):
     assert count_parameters(ours.config) == sum(p.numel() for p in hf.parameters())
     elasticlm.save(ours, tmp_path / "out", format="hf")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(again).__name__ == "NemotronHForCausalLM"
+    assert type(again).__name__ == cls
     with torch.no_grad():
         assert (again(ids, use_cache=False).logits - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_nested_equals_extracted_and_counts_are_exact(name):
-    model = model_for(name, seed=5)
-    cfg = model.config
-    rng = random.Random(sorted(CASES).index(name))
-    ids = torch.randint(0, cfg.vocab_size, (2, 15), generator=torch.Generator().manual_seed(2))
-    for _ in range(5):
+def check_nested(model: elasticlm.HybridLM, ids: torch.Tensor, rng: random.Random, subnets: int) -> None:
+    """For random Subnets: nested == extracted (with the cache too), the total count and the active count equal
+    counts taken from the extracted tensors (everything but ``experts - top_k`` routed experts per MoE layer)."""
+    cfg, t = model.config, ids.shape[1]
+    for _ in range(subnets):
         subnet = random_subnet(cfg, rng)
         small = extract(model, subnet)
-        assert sum(p.numel() for p in small.parameters()) == count_parameters(cfg, subnet)
-        # active parameters, counted from the extracted tensors: everything but (experts - top_k) routed experts
-        direct = sum(p.numel() for p in small.parameters())
+        total = sum(p.numel() for p in small.parameters())
+        assert count_parameters(cfg, subnet) == total
+        direct = total
         for mixer in (b.mixer for b in small.layers if b.kind == "E"):
-            per_expert = mixer.experts.up_proj[0].numel() + mixer.experts.down_proj[0].numel()
-            direct -= (mixer.experts.up_proj.shape[0] - cfg.moe_top_k) * per_expert
+            per_expert = sum(p[0].numel() for p in mixer.experts.parameters())
+            direct -= (mixer.experts.down_proj.shape[0] - cfg.moe_top_k) * per_expert
         assert count_active_parameters(cfg, subnet) == direct
         with torch.no_grad():
             assert max_rel(model(ids, subnet=subnet), small(ids)) <= 1e-5
             cache_n, cache_a = model.new_cache(subnet), small.new_cache()
             a = [model(ids[:, :4], subnet=subnet, cache=cache_n)] + [
-                model(ids[:, t:t + 1], subnet=subnet, cache=cache_n) for t in range(4, 15)]
-            b = [small(ids[:, :4], cache=cache_a)] + [small(ids[:, t:t + 1], cache=cache_a) for t in range(4, 15)]
+                model(ids[:, j:j + 1], subnet=subnet, cache=cache_n) for j in range(4, t)]
+            b = [small(ids[:, :4], cache=cache_a)] + [small(ids[:, j:j + 1], cache=cache_a) for j in range(4, t)]
             assert max_rel(torch.cat(a, 1), torch.cat(b, 1)) <= 1e-5
+
+
+def model_for(name: str, seed: int = 0) -> elasticlm.HybridLM:
+    model = randomize_(elasticlm.HybridLM(config_for(name)), seed).eval()
+    random_bias_(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_transformers_nemotron_h_moe(tmp_path, name):
+    pytest.importorskip("transformers")
+    from elasticlm.model.hf import from_transformers
+
+    cfg = config_for(name)
+    hf = hf_twin(cfg, seed=3)
+    random_bias_(hf, 3)
+    ours = from_transformers(hf)
+    assert ours.config.pattern == cfg.pattern and ours.config.moe_experts_list() == cfg.moe_experts_list()
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    check_transformers_parity(hf, ours, ids, tmp_path, "NemotronHForCausalLM")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nested_equals_extracted_and_counts_are_exact(name):
+    model = model_for(name, seed=5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(2))
+    check_nested(model, ids, random.Random(sorted(CASES).index(name)), 5)
 
 
 def test_a_soft_mask_of_one_hot_choices_is_the_sliced_moe():
@@ -270,47 +280,16 @@ def qwen3_moe(name: str, seed: int = 0):
 
 @pytest.mark.parametrize("name", sorted(QWEN_CASES))
 def test_qwen3_moe_matches_transformers_and_nests(tmp_path, name):
-    transformers = pytest.importorskip("transformers")
     from elasticlm.model.hf import from_transformers
 
     hf = qwen3_moe(name, seed=2)
     ours = from_transformers(hf)
-    experts, _, _, dense, _ = QWEN_CASES[name]
+    _, _, _, dense, _ = QWEN_CASES[name]
     assert ours.config.family == "qwen3_moe"
     assert ours.config.pattern == "".join("*" + ("-" if i in dense else "E") for i in range(3))
     ids = torch.randint(3, 80, (2, 14), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids, use_cache=False).logits
-        assert ref.abs().max() > 1.0
-        assert (ours(ids) - ref).abs().max().item() <= 1e-4
-    prompt = ids[:1, :5]
-    want = hf.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
-    assert torch.equal(elasticlm.generate(ours, prompt, max_new_tokens=10), want)
-    assert count_parameters(ours.config) == sum(p.numel() for p in hf.parameters())
-    elasticlm.save(ours, tmp_path / "out", format="hf")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(again).__name__ == "Qwen3MoeForCausalLM"
-    with torch.no_grad():
-        assert (again(ids, use_cache=False).logits - ref).abs().max().item() <= 1e-4
-    # the elastic invariants: nested == extracted (with the cache), exact total and active counts
-    rng = random.Random(len(name))
-    for _ in range(4):
-        subnet = random_subnet(ours.config, rng)
-        small = extract(ours, subnet)
-        assert sum(p.numel() for p in small.parameters()) == count_parameters(ours.config, subnet)
-        direct = sum(p.numel() for p in small.parameters())
-        for mixer in (b.mixer for b in small.layers if b.kind == "E"):
-            per_expert = mixer.experts.gate_up_proj[0].numel() + mixer.experts.down_proj[0].numel()
-            direct -= (mixer.experts.down_proj.shape[0] - ours.config.moe_top_k) * per_expert
-        assert count_active_parameters(ours.config, subnet) == direct
-        with torch.no_grad():
-            assert max_rel(ours(ids, subnet=subnet), small(ids)) <= 1e-5
-            cache_n, cache_a = ours.new_cache(subnet), small.new_cache()
-            a = [ours(ids[:, :4], subnet=subnet, cache=cache_n)] + [
-                ours(ids[:, t:t + 1], subnet=subnet, cache=cache_n) for t in range(4, 14)]
-            b = [small(ids[:, :4], cache=cache_a)] + [small(ids[:, t:t + 1], cache=cache_a) for t in range(4, 14)]
-            assert max_rel(torch.cat(a, 1), torch.cat(b, 1)) <= 1e-5
+    check_transformers_parity(hf, ours, ids, tmp_path, "Qwen3MoeForCausalLM")
+    check_nested(ours, ids, random.Random(len(name)), 4)
 
 
 def test_qwen3_moe_reorder_leaves_logits_unchanged():
