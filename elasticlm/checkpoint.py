@@ -26,7 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
-from .model.hf import config_from_hf, config_to_hf, hf_state_dict, is_hf_config, name_from_hf, resolve_tied_head
+from .model.hf import (
+    config_from_hf,
+    config_to_hf,
+    fuse_experts,
+    hf_state_dict,
+    is_hf_config,
+    name_from_hf,
+    resolve_tied_head,
+)
 from .model.hybrid import HybridLM
 from .outputs import atomic_file, atomic_output, resolve_output
 from .tokenizer import copy_tokenizer_config
@@ -129,6 +137,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         if name is not None:
             weights[name] = tensor
     if kind == "hf":
+        try:
+            weights = fuse_experts(weights)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         config = resolve_tied_head(config, weights)
     elif config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -282,9 +284,70 @@ def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> 
     return dataclasses.replace(config, tie_word_embeddings=False)
 
 
-def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face checkpoints on disk hold one tensor per routed expert (``experts.7.up_proj.weight``; Qwen3-MoE
+    also ``gate_proj``); our MoE layers (and transformers' in memory) stack them: ``experts.up_proj``
+    ``[experts, ffn, hidden]`` or ``experts.gate_up_proj`` ``[experts, 2·ffn, hidden]`` (gate rows first), and
+    ``experts.down_proj``. Other tensors pass through; already stacked ones too.
+
+    >>> w = {f"m.experts.{e}.{p}.weight": torch.full((1, 2), float(e)) for e in range(2) for p in ("up_proj",
+    ...      "down_proj")}
+    >>> {k: tuple(v.shape) for k, v in fuse_experts(w).items()}
+    {'m.experts.up_proj': (2, 1, 2), 'm.experts.down_proj': (2, 1, 2)}
+    """
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
+    out = {}
+    for name, tensor in weights.items():
+        m = _EXPERT.match(name)
+        if m is None:
+            out[name] = tensor
+        else:
+            experts[m.group(1)][(int(m.group(2)), m.group(3))] = tensor
+    for prefix, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        try:
+            if any(p == "gate_proj" for _, p in parts):
+                out[f"{prefix}.gate_up_proj"] = torch.stack(
+                    [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n)])
+            else:
+                out[f"{prefix}.up_proj"] = torch.stack([parts[(e, "up_proj")] for e in range(n)])
+            out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
+        except KeyError as missing:
+            e, part = missing.args[0]
+            raise ConfigError(f"the checkpoint has experts 0–{n - 1} under {prefix} but no {part} of expert {e}"
+                              ) from None
+    return out
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`fuse_experts`: one tensor per routed expert, as checkpoints on the Hub store them."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, _, part = name.rpartition(".")
+        if not prefix.endswith(".experts") or part not in ("up_proj", "gate_up_proj", "down_proj"):
+            out[name] = tensor
+            continue
+        for e in range(tensor.shape[0]):
+            if part == "gate_up_proj":
+                gate, up = tensor[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate.clone(), up.clone()
+            else:
+                out[f"{prefix}.{e}.{part}.weight"] = tensor[e].clone()
+    return out
+
+
+def hf_state_dict(model: HybridLM, hub_format: bool = True) -> dict[str, torch.Tensor]:
     """Checkpoint tensors under the family's on-disk names (NemotronH: an explicit head even when tied, since
-    transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them)."""
+    transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them). ``hub_format``:
+    routed experts one tensor each, as on the Hub (False: stacked, as transformers holds them in memory)."""
+    state = _hf_names(model)
+    return split_experts(state) if hub_format else state
+
+
+def _hf_names(model: HybridLM) -> dict[str, torch.Tensor]:
     if model.config.family in hf_llama.ARCHITECTURES:
         return {hf_llama.name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     state = {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -325,7 +388,7 @@ def to_transformers(model: HybridLM) -> Any:
         for k in ("architectures", "dtype", "rope_theta", "rope_scaling"):
             cfg.pop(k, None)
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg)).to(dtype)
-        state = hf_state_dict(model)
+        state = hf_state_dict(model, hub_format=False)
         if "lm_head.weight" not in state:  # a tied Llama-family model: transformers' state dict lists the head
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         hf.load_state_dict(state, strict=True)
@@ -337,6 +400,6 @@ def to_transformers(model: HybridLM) -> Any:
     for k in ("architectures", "model_type", "num_hidden_layers", "dtype"):
         cfg.pop(k)
     hf = NemotronHForCausalLM(NemotronHConfig(**cfg)).to(dtype)
-    state = {k.replace("backbone.", "model.", 1): v for k, v in hf_state_dict(model).items()}
+    state = {k.replace("backbone.", "model.", 1): v for k, v in hf_state_dict(model, hub_format=False).items()}
     hf.load_state_dict(state, strict=True)
     return hf.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ def fill_shards(model: HybridLM, path: str | Path) -> None:
                 name = name_from_hf(key, config.family) if kind == "hf" else key
                 if name is not None:
                     where[name] = (f, key)
+        if any(re.search(r"\.experts\.\d+\.", name) for name in where):
+            raise CheckpointError(f"{path}: a checkpoint with one tensor per routed expert cannot be read shard by "
+                                  "shard yet; convert it once with `elasticlm convert --to native` first")
         if model.lm_head is not None and "lm_head.weight" not in where and "embeddings.weight" in where:
             where["lm_head.weight"] = where["embeddings.weight"]  # a tied checkpoint read into an untied model
         for name, param in model.state_dict().items():
