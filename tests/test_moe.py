@@ -127,26 +127,28 @@ def test_a_soft_mask_of_one_hot_choices_is_the_sliced_moe():
     assert (masked - sliced).abs().max().item() <= 1e-6
 
 
+def calibration(vocab: int, seed: int):
+    """Two batches of two rows with two documents each (end-of-sequence id 2), for importance estimation."""
+    for i in range(2):
+        ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(seed + i))
+        ids[:, 12] = 2
+        yield ids, document_ids_from_eos(ids, 2)
+
+
 def test_reorder_leaves_logits_unchanged_and_ranks_experts():
     model = model_for("hybrid-4x2", seed=9)
-
-    def batches():
-        for i in range(2):
-            ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(20 + i))
-            ids[:, 12] = 2
-            yield ids, document_ids_from_eos(ids, 2)
 
     ids = torch.randint(3, 64, (2, 17), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model(ids)
-    importance = estimate(model, batches(), progress=False)
+    importance = estimate(model, calibration(64, 20), progress=False)
     layer = model.config.pattern.index("E")
     assert set(importance.layers[layer]) == {"expert", "expert_neuron"}
     reorder_(model, importance)
     with torch.no_grad():
         assert max_rel(model(ids), before) <= 1e-5
     # after the reorder the experts' scores are descending: the prefix a sub-model keeps is the most important
-    again = estimate(model, batches(), progress=False).layers[layer]["expert"]
+    again = estimate(model, calibration(64, 20), progress=False).layers[layer]["expert"]
     assert torch.all(again[:-1] >= again[1:] - 1e-6), again
 
 
@@ -297,15 +299,9 @@ def test_qwen3_moe_reorder_leaves_logits_unchanged():
 
     model = from_transformers(qwen3_moe("qwen3moe-4x2", seed=4))
 
-    def batches():
-        for i in range(2):
-            ids = torch.randint(3, 80, (2, 24), generator=torch.Generator().manual_seed(30 + i))
-            ids[:, 12] = 2
-            yield ids, document_ids_from_eos(ids, 2)
-
     ids = torch.randint(3, 80, (2, 15), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = model(ids)
-    reorder_(model, estimate(model, batches(), progress=False))
+    reorder_(model, estimate(model, calibration(80, 30), progress=False))
     with torch.no_grad():
         assert max_rel(model(ids), before) <= 1e-5
