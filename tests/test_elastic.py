@@ -193,6 +193,41 @@ def test_budget_pressure_brings_a_budget_pulled_wider_back_on_target(rate):
     assert torch.equal(fresh.pressure, torch.ones(3, dtype=torch.float64))
 
 
+def test_a_saturated_router_is_projected_back_on_target(monkeypatch):
+    """A strong pull saturates the router's logits far over target before the pressure starts; the budget loss's
+    gradient then vanishes and the pressure caps without moving the argmax (seen on Llama and MoE parents). The
+    projection (at the cap) puts each stuck budget within 2 % at once, moving no other budget."""
+    space = ElasticSpace.build(ordered_config(), ElasticConfig(budgets=[1.0, 0.75, 0.5]))
+    torch.manual_seed(0)
+    router = Router(space, hidden=64)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    sched, first, unstick = RouterSchedule(150), 40, 90
+    monkeypatch.setattr(router, "project", lambda *args, **kw: False)  # first: the pressure alone, up to its cap
+
+    def deviations() -> list[float]:
+        return [space.cost_of(router.resolve(b)) / t - 1 for b, t in enumerate(space.targets)]
+
+    for step in range(120):  # of a 150-step schedule: scale 8.2, temperature 0.09 at the end
+        if step == first:
+            stuck = deviations()
+            assert min(stuck[1:]) > 0.2 and stuck[0] == 0, stuck
+        if step == unstick:
+            assert router.pressure[1:].min().item() == 1e3 and deviations() == stuck  # the pressure alone: nothing
+            monkeypatch.undo()
+        if step == unstick + 1:
+            assert max(abs(d) for d in deviations()) <= 0.02  # projected in one update
+        scale, temp = sched.scale_at(step), sched.temperature_at(step)
+        loss, _ = router.budget_loss(scale, temp, 0, step)
+        pull = sum(space.expected_cost(router.probabilities(b, scale, temp)) / t for b, t in enumerate(space.targets))
+        opt.zero_grad()
+        (loss - (5.0 if step < first else 0.5) * pull / len(space.targets)).backward()
+        router.update_pressure(0.0 if step < first else 0.5)
+        opt.step()
+    after = deviations()
+    assert max(abs(d) for d in after) <= 0.02, after
+    assert after[0] == 0.0  # the full budget was never moved by the others' projection
+
+
 def test_hard_routing_runs_the_sliced_subnet_and_gradients_reach_the_router():
     cfg = ordered_config()
     model = randomize_(HybridLM(cfg))

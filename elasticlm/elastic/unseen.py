@@ -22,12 +22,12 @@ import torch
 
 from ..config import ModelConfig, Subnet, count_parameters, parse_budget
 from ..errors import CheckpointError, ConfigError
-from .router import Router
+from .router import BAND, Router, solve
 from .space import Axis, ElasticSpace, parse_memory_budget
 
 log = logging.getLogger(__name__)
 
-TOLERANCE = 0.02
+TOLERANCE = BAND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,51 +115,6 @@ def mixed_input(targets: tuple[float, ...], target: float) -> tuple[torch.Tensor
 def choice_logits(router: Router, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return {name: net(x.to(next(net.parameters()).dtype)) for name, net in router.axes.items()}
-
-
-def solve(space: ElasticSpace, logits: dict[str, torch.Tensor], choices: dict[str, list[int]], target: float,
-          tolerance: float = TOLERANCE, max_moves: int = 2_000,
-          bounds: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, list[int]]:
-    """Move ``choices`` one slot step at a time until the cost is within ``tolerance`` of ``target``. Each move
-    goes in the needed direction and is the one that loses the least router logit per unit of cost moved
-    among those that do not overshoot the tolerance band; when all overshoot, the one landing nearest."""
-    choices = {k: list(v) for k, v in choices.items()}
-    seen = {_key(choices)}
-    for _ in range(max_moves):
-        cost = space.cost_of(space.subnet(choices))
-        if abs(cost / target - 1) <= tolerance:
-            return choices
-        shrink = cost > target
-        moves = []
-        for axis in space.axes:
-            z = logits[axis.name]
-            for s in range(axis.n_slots):
-                j = choices[axis.name][s]
-                k = j + 1 if shrink else j - 1  # choices are ordered widest first
-                low, high = bounds[axis.name][s] if bounds else (0, axis.n_choices - 1)
-                if not low <= k <= high:
-                    continue
-                trial = {**choices, axis.name: choices[axis.name][:s] + [k] + choices[axis.name][s + 1:]}
-                after = space.cost_of(space.subnet(trial))
-                if (after >= cost) if shrink else (after <= cost) or _key(trial) in seen:
-                    continue
-                overshoot = after < target * (1 - tolerance) if shrink else after > target * (1 + tolerance)
-                moves.append((overshoot, float(z[s, j] - z[s, k]) / abs(cost - after), abs(after / target - 1),
-                              trial))
-        if not moves:
-            break
-        inside = [m for m in moves if not m[0]]
-        choices = min(inside, key=lambda m: m[1])[3] if inside else min(moves, key=lambda m: m[2])[3]
-        seen.add(_key(choices))
-    cost = space.cost_of(space.subnet(choices))
-    if abs(cost / target - 1) > tolerance:
-        raise ConfigError(f"no architecture of the elastic space comes within {tolerance:.0%} of {target:,.0f} "
-                          f"(closest found: {cost:,.0f}); choose a budget nearer the trained ones")
-    return choices
-
-
-def _key(choices: dict[str, list[int]]) -> tuple:
-    return tuple((k, tuple(v)) for k, v in sorted(choices.items()))
 
 
 def untrained_subnet(space: ElasticSpace, router: Router, label: str, target: float,

@@ -244,6 +244,9 @@ class ElasticDistillation(Objective):
             average_gradients(self.router, self.dist)  # the router is replicated, not sharded
         ec = self.run.elastic
         self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.02))
+        for b, dev in self.router.projected:
+            self.say(f"budget {self.space.budgets[b]}: {1 + dev:.3f} × target with the budget loss at its largest "
+                     "weight (its gradient has vanished); projected onto the nearest architecture within 2 %")
 
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
         kd_sum: dict[int, float] = {}
