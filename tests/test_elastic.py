@@ -497,6 +497,12 @@ def test_resume_across_a_stage_boundary_continues_exactly(tmp_path, monkeypatch)
     a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
     assert len(a) == len(b) == 6 and logged(tmp_path / "split", "stage") == [1, 1, 1, 2, 2, 2]
     assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    # the logged total splits into the language model's part and the weighted budget loss (one micro-step)
+    weight = elastic_run_config_from_tables(tables(parent, tmp_path / "x")).elastic.budget_loss_weight
+    lm, budget = logged(tmp_path / "straight", "lm_loss"), logged(tmp_path / "straight", "budget_loss")
+    assert len(lm) == 6 and any(x > 0 for x in budget)
+    assert [t - m for t, m in zip(a, lm, strict=True)] == pytest.approx([weight * x for x in budget], rel=1e-4,
+                                                                         abs=1e-6)
     wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
     meta = json.loads((tmp_path / "straight" / "final" / "elastic.json").read_text())
@@ -704,6 +710,13 @@ def test_fsdp_resume_from_sharded_checkpoints_continues_exactly(tmp_path):
     a, b = logged(tmp_path / "straight"), logged(tmp_path / "split")
     assert len(a) == len(b) == 6 and logged(tmp_path / "split", "stage") == [1, 1, 1, 2, 2, 2]
     assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    # the logged total splits into the language model's part and the weighted budget loss (one micro-step),
+    # on every rank: the ranks' mean loss less the budget term they share
+    weight = elastic_run_config_from_tables(tables(parent, tmp_path / "x")).elastic.budget_loss_weight
+    lm, budget = logged(tmp_path / "straight", "lm_loss"), logged(tmp_path / "straight", "budget_loss")
+    assert len(lm) == 6 and any(x > 0 for x in budget)
+    assert [t - m for t, m in zip(a, lm, strict=True)] == pytest.approx([weight * x for x in budget], rel=1e-4,
+                                                                         abs=1e-6)
     wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
     assert max(max_rel(wb[k], wa[k]) for k in wa) < 1e-5
 

@@ -138,6 +138,9 @@ class ElasticStudent(nn.Module):
             stats["routing"][b] = routing
         bl, costs = self.router.budget_loss(scale, temperature, seed, step, tolerance=budget_tolerance)
         stats["budget_loss"], stats["expected_costs"] = bl.item(), costs
+        # the part of the loss that is not the language model's: logged apart, since a budget held at the
+        # largest pressure (see Router.update_pressure) makes it dominate the total
+        stats["aux_loss"] = budget_weight * bl.item()
         return total + budget_weight * bl, stats
 
 
@@ -443,7 +446,7 @@ def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConf
 def _postfix(row: dict[str, Any], labels: tuple[str, ...]) -> str:
     kd = " ".join(f"{label}:{row[f'kd_{label}']:.3f}" for label in labels if f"kd_{label}" in row)
     cost = " ".join(f"{label}→{row[f'cost_{label}']:.3f}" for label in labels)
-    return f"kd {kd} | cost/target {cost} | tok/s {row['tok_s']:,.0f}"
+    return f"lm {row['lm_loss']:.3f} | kd {kd} | cost/target {cost} | tok/s {row['tok_s']:,.0f}"
 
 
 @torch.no_grad()

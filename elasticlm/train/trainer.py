@@ -253,7 +253,9 @@ class Objective:
         """After the gradients of a step are complete, before clipping (e.g. average replicated gradients)."""
 
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
-        """Extra metrics of a logged step from its micro-steps' statistics."""
+        """Extra metrics of a logged step from its micro-steps' statistics. A micro-step's ``aux_loss`` (the
+        weighted part of its loss that is not the language model's, identical on every rank) is reported by
+        the trainer as ``lm_loss`` = ``loss`` − its mean."""
         return {}
 
     def postfix(self, row: dict[str, Any]) -> str:
@@ -416,6 +418,9 @@ def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Pa
                 elapsed = time.perf_counter() - t_log
                 row: dict[str, Any] = {"loss": loss_sum, "lr": lr, **rates, "grad_norm": grad_norm,
                                        "tok_s": tok_log / max(elapsed, 1e-9)}
+                aux = [st["aux_loss"] for st in stats if "aux_loss" in st]
+                if aux:
+                    row["lm_loss"] = loss_sum - sum(aux) / len(aux)
                 row.update(obj.step_metrics(done, phase, stats))
                 t_log, tok_log = time.perf_counter(), 0
                 last = dict(row)
