@@ -190,8 +190,12 @@ def table1(args) -> None:
             "Elastic: `elasticlm demo`'s single run trained every size at once (the sizes are its router's "
             "choices). Prune + KD: the zero-shot pruned model of the same size (`elasticlm prune`'s search on the "
             "same importance order) distilled from the same parent with the same two stages and token count, "
-            "once per size (`distill.teacher`). From scratch: the pruned architecture randomly initialised and "
-            "trained like the parent.")
+            "once per size (`distill.teacher`), as Minitron does. From scratch: the pruned architecture randomly "
+            "initialised and trained like the parent." + (
+                " The elastic run's teachers differ: with `distill.trainable_teacher` (this recipe) its full budget "
+                "keeps learning from the labels and teaches the smaller budgets as it improves, where prune + KD "
+                "learns from the frozen parent only." if recipe.elastic.get("distill", {}).get("trainable_teacher")
+                else ""))
     (work / "table1.json").write_text(json.dumps({k[0] + ":" + k[1]: dataclasses.asdict(v) for k, v in points.items()},
                                                  indent=2) + "\n")
     write_section(Path(args.results), "table1", "Table 1/2 analogue: one elastic run vs prune + KD per size vs "
