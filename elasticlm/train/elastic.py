@@ -247,7 +247,12 @@ class ElasticDistillation(Objective):
             average_gradients(self.router, self.dist)  # the router is replicated, not sharded
         ec = self.run.elastic
         self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.02))
-        for b, dev in self.router.projected:
+
+    def after_update(self) -> None:
+        ec = self.run.elastic
+        if ec.budget_pressure <= 0:
+            return
+        for b, dev in self.router.project_saturated(max(ec.budget_tolerance, 0.02)):
             self.say(f"budget {self.space.budgets[b]}: {1 + dev:.3f} × target with the budget loss at its largest "
                      "weight (its gradient has vanished); projected onto the nearest architecture within 2 %")
 

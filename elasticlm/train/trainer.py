@@ -252,6 +252,9 @@ class Objective:
     def before_update(self) -> None:
         """After the gradients of a step are complete, before clipping (e.g. average replicated gradients)."""
 
+    def after_update(self) -> None:
+        """After the optimizer step (e.g. a constraint on the weights that the step must not undo)."""
+
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
         """Extra metrics of a logged step from its micro-steps' statistics. A micro-step's ``aux_loss`` (the
         weighted part of its loss that is not the language model's, identical on every rank) is reported by
@@ -411,6 +414,7 @@ def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Pa
                 opt.step()
             for _, opt in obj.parts.values():
                 opt.zero_grad(set_to_none=True)
+            obj.after_update()
             done = step + 1
             tok_log += phase.batch_size * phase.seq_len
             bar.update(1)
