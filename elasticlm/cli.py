@@ -725,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "previous demo left), estimate importance and reorder, train budgets 1.0 / 0.75 "
                                    "/ 0.5 in one elastic run (two stages), extract every budget, build zero-shot "
                                    "pruned baselines of the same sizes, evaluate all of them and write the table, "
-                                   "eval.json and the Pareto plot. ≈ 25 min on 2 CPU cores; --quick: a tiny run of "
+                                   "eval.json and the Pareto plot. ≈ 20 min on 2 CPU cores; --quick: a tiny run of "
                                    "the same pipeline in under a minute. An interrupted demo resumes where it "
                                    "stopped.")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run; quality is not "
