@@ -230,6 +230,10 @@ class Router(nn.Module):
                             w[:, budget] -= step_size * g[:, budget] / g[:, budget].norm().clamp(min=1e-12)
         return True
 
+    def deviation(self, budget: int) -> float:
+        """How far ``budget``'s argmax architecture is from its target: cost / target − 1."""
+        return self.space.cost_of(self.resolve(budget)) / float(self.targets[budget]) - 1
+
     @torch.no_grad()
     def update_pressure(self, rate: float, band: float = BAND, cap: float = PRESSURE_CAP) -> list[float]:
         """Raise budget ``b``'s weight in :meth:`budget_loss` by ``1 + rate`` (up to ``cap``) while its argmax
@@ -242,7 +246,7 @@ class Router(nn.Module):
         budget's deviation."""
         deviations = []
         for b in range(self.n_budgets):
-            dev = self.space.cost_of(self.resolve(b)) / float(self.targets[b]) - 1
+            dev = self.deviation(b)
             deviations.append(dev)
             if rate <= 0 or float(self.pressure[b]) >= cap:
                 continue
@@ -262,7 +266,7 @@ class Router(nn.Module):
         for b in range(self.n_budgets):
             if float(self.pressure[b]) < cap:
                 continue
-            dev = self.space.cost_of(self.resolve(b)) / float(self.targets[b]) - 1
+            dev = self.deviation(b)
             if abs(dev) > band and self.project(b, band):
                 projected.append((b, dev))
         return projected

@@ -245,16 +245,20 @@ class ElasticDistillation(Objective):
     def before_update(self) -> None:
         if self.sharded:
             average_gradients(self.router, self.dist)  # the router is replicated, not sharded
-        ec = self.run.elastic
-        self.router.update_pressure(ec.budget_pressure, max(ec.budget_tolerance, 0.02))
+        self.router.update_pressure(self.run.elastic.budget_pressure, self.band)
+
+    @property
+    def band(self) -> float:
+        """How far off target a budget may resolve before the pressure rises (and, at its cap, it is projected)."""
+        return max(self.run.elastic.budget_tolerance, 0.02)
 
     def after_update(self) -> None:
-        ec = self.run.elastic
-        if ec.budget_pressure <= 0:
+        if self.run.elastic.budget_pressure <= 0:  # a fixed budget-loss weight: no pressure, no projection
             return
-        for b, dev in self.router.project_saturated(max(ec.budget_tolerance, 0.02)):
+        for b, dev in self.router.project_saturated(self.band):
             self.say(f"budget {self.space.budgets[b]}: {1 + dev:.3f} × target with the budget loss at its largest "
-                     "weight (its gradient has vanished); projected onto the nearest architecture within 2 %")
+                     f"weight (its gradient has vanished); projected onto the nearest architecture within "
+                     f"{100 * self.band:.0f} %")
 
     def step_metrics(self, step: int, phase: Phase, stats: list[dict[str, Any]]) -> dict[str, Any]:
         kd_sum: dict[int, float] = {}
