@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install elasticlm with its test tools. Safe to re-run.
+# Create .venv (if missing) and install elasticlm with its test tools at the exact versions of
+# requirements/dev.lock (what the suite was last tested with). Safe to re-run: it also brings an existing .venv
+# back to the lock. The package's own requirements (pyproject.toml) stay ranges; only this environment is pinned.
+# Refresh the pins on purpose with scripts/lock.sh; scripts/test_latest.sh says whether the newest releases pass.
+#
+# TORCH_VERSION=2.14.1 bash scripts/setup.sh   installs another torch and leaves torch out of the lock's pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-# The CPU build of torch lies on local disk here; a bare `torch` requirement would pull a
-# multi-GB CUDA build. Installing the pin first makes the project's range a no-op.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+lock=requirements/dev.lock
+if [ -n "${TORCH_VERSION:-}" ]; then  # a deliberate other torch: pin it, keep every other package locked
+  grep -v '^torch==' requirements/dev.lock > "$VENV/dev.lock.no-torch"
+  lock="$VENV/dev.lock.no-torch"
+  "${pip[@]}" "torch==${TORCH_VERSION}"
+fi
+# The lock lists every package with its dependencies already resolved: installing it without a second resolution
+# is both exact and fast. The CPU build of torch lies on local disk here (pip's find-links); a bare `torch`
+# requirement would pull a multi-GB CUDA build.
+"${pip[@]}" --no-deps -r "$lock"
+"${pip[@]}" --no-deps -e .
+"$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null || {
+  echo "error: the installed set is inconsistent (pip check); refresh requirements/dev.lock with scripts/lock.sh" >&2
+  "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
+  exit 1
+}
