@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
 from .model.hf import (
+    CACHE_ANCHOR,
     config_from_hf,
     config_to_hf,
     fuse_experts,
@@ -131,9 +132,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     path = Path(path)
     config, kind = read_config(path)
     raw = read_weights(path, private=serving)
+    anchored = kind == "hf" and bool(read_json(path / "config.json").get(CACHE_ANCHOR))
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
-        name = name_from_hf(key, config.family) if kind == "hf" else key
+        name = name_from_hf(key, config.family, anchored) if kind == "hf" else key
         if name is not None:
             weights[name] = tensor
     if kind == "hf":

@@ -49,8 +49,9 @@ def check_transformers_parity(hf, ours, ids: torch.Tensor, tmp_path, cls: str) -
         assert ref.abs().max() > 1.0
         assert (ours(ids) - ref).abs().max().item() <= 1e-4
     prompt = ids[:1, :5]
-    want = hf.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
+    # The reference recomputes the whole sequence per token, with no cache: transformers >= 5.25 cannot generate
+    # with a cache when layer 0 holds none (``E*E``), but our export of the same model can (the cache anchor).
+    want = greedy_without_cache(hf, prompt, 10)
     assert torch.equal(elasticlm.generate(ours, prompt, max_new_tokens=10), want)
     assert count_parameters(ours.config) == sum(p.numel() for p in hf.parameters())
     elasticlm.save(ours, tmp_path / "out", format="hf")
@@ -58,6 +59,17 @@ def check_transformers_parity(hf, ours, ids: torch.Tensor, tmp_path, cls: str) -
     assert type(again).__name__ == cls
     with torch.no_grad():
         assert (again(ids, use_cache=False).logits - ref).abs().max().item() <= 1e-4
+    assert torch.equal(again.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0), want)
+
+
+@torch.no_grad()
+def greedy_without_cache(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation: every step runs the whole sequence without a cache."""
+    ids = prompt
+    for _ in range(n):
+        ids = torch.cat([ids, hf(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
 
 
 def check_nested(model: elasticlm.HybridLM, ids: torch.Tensor, rng: random.Random, subnets: int) -> None:
@@ -305,3 +317,30 @@ def test_qwen3_moe_reorder_leaves_logits_unchanged():
     reorder_(model, estimate(model, calibration(80, 30), progress=False))
     with torch.no_grad():
         assert max_rel(model(ids), before) <= 1e-5
+
+
+@pytest.mark.parametrize("drop,first", [((), "M"), ((0,), "-"), ((0, 1), "E")])
+def test_exported_budget_generates_in_transformers_whatever_its_first_layer(tmp_path, drop, first):
+    """A budget whose first kept layer is an MLP or MoE layer holds no cache there; transformers >= 5.25 asks layer 0
+    of its cache for the length, so the export starts with a no-op attention layer. Cached generation in
+    transformers equals elasticlm's, token for token, and re-importing drops the extra layer again."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config(pattern="M-E*M-", moe_num_experts=4, moe_top_k=2, moe_intermediate_size=20,
+                      moe_shared_intermediate_size=12)
+    model = randomize_(elasticlm.HybridLM(cfg), 11).eval()
+    random_bias_(model, 11)
+    budget = extract(model, Subnet.uniform(cfg, hidden_size=cfg.hidden_size - 8, drop_layers=drop)).eval()
+    assert budget.config.pattern[0] == first
+    elasticlm.save(budget, tmp_path / "hf", format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.randint(3, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    want = elasticlm.generate(budget, prompt, max_new_tokens=12)
+    got = hf.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    assert torch.equal(got, want)
+    assert torch.equal(greedy_without_cache(hf, prompt, 12), want)
+    back = elasticlm.load(tmp_path / "hf")
+    assert back.config.pattern == budget.config.pattern
+    assert count_parameters(back.config) == count_parameters(budget.config)
+    with torch.no_grad():
+        assert max_rel(back(prompt), budget(prompt)) <= 1e-6

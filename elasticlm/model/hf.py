@@ -34,6 +34,14 @@ _HF_KIND = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTI
             "mlp": MLP, "moe": MOE}
 _HF_PREFIXES = ("backbone.", "model.")
 
+# transformers >= 5.25 asks a hybrid cache's layer 0 for the sequence length, and an MLP or MoE layer holds no
+# cache there ('DummyLayer' object has no attribute 'get_seq_length'; docs/engines.md has the upstream report).
+# A NemotronH export whose first layer is one of those therefore starts with one extra attention layer whose
+# weights are all zero: its output is exactly 0, so the block is exactly the identity, and its KV cache gives
+# transformers the length it asks for. The config names it, and our importer drops it again.
+CACHE_ANCHOR = "elasticlm_cache_anchor"
+_CACHELESS = (MLP, MOE)
+
 
 def is_nemotron_h(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "nemotron_h"
@@ -102,6 +110,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     get = Fields(cfg, "NemotronH")
     hidden = get("hidden_size")
     pattern = _pattern(cfg)
+    if cfg.get(CACHE_ANCHOR) and pattern[:1] == ATTENTION:
+        pattern = pattern[1:]
     n_heads = _per_kind(get("num_attention_heads"), pattern, "*", "num_attention_heads")
     return ModelConfig(
         pattern=pattern,
@@ -186,6 +196,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
 
     heads = first(config.mamba_heads_list(), config.mamba_n_groups)
     head_dim = first(config.mamba_head_dims_list(), 1)
+    anchored = needs_cache_anchor(config)
+    pattern = ATTENTION + config.pattern if anchored else config.pattern
     return {
         "architectures": ["NemotronHForCausalLM"],
         "model_type": "nemotron_h",
@@ -195,8 +207,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         # Only the pattern string, as NVIDIA's configs carry it: transformers converts it to
         # layers_block_type itself, and parsers that derive layers_block_type from it (SGLang's)
         # refuse a config that also sets it.
-        "hybrid_override_pattern": config.pattern,
-        "num_hidden_layers": config.num_layers,
+        "hybrid_override_pattern": pattern,
+        "num_hidden_layers": len(pattern),
         "mamba_num_heads": heads,
         "mamba_head_dim": head_dim,
         "n_groups": config.mamba_n_groups,
@@ -228,7 +240,42 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         **moe_config(config),
+        **({CACHE_ANCHOR: True} if anchored else {}),
     }
+
+
+def needs_cache_anchor(config: ModelConfig) -> bool:
+    """Whether a NemotronH export of ``config`` starts with the no-op attention layer (see ``CACHE_ANCHOR``)."""
+    return config.family == "nemotron_h" and config.pattern[:1] in _CACHELESS
+
+
+def cache_anchor_weights(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The anchor layer's tensors under our names at layer index 0: all zero but the norm (ones), so the block is
+    ``x + 0``."""
+    heads = (config.attention_heads_list() or [config.num_key_value_heads])[0]
+    d, hd, kv = config.hidden_size, config.attention_head_dim, config.num_key_value_heads
+    shapes = {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, heads * hd)}
+    out = {f"layers.0.mixer.{n}.weight": torch.zeros(s, dtype=dtype) for n, s in shapes.items()}
+    out["layers.0.norm.weight"] = torch.ones(d, dtype=dtype)
+    return out
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def shift_layers(name: str, by: int) -> str | None:
+    """``name`` with its layer index moved by ``by`` (None when it falls below 0: the anchor on import).
+
+    >>> shift_layers("layers.3.mixer.in_proj.weight", 1), shift_layers("layers.0.norm.weight", -1)
+    ('layers.4.mixer.in_proj.weight', None)
+    >>> shift_layers("embeddings.weight", -1)
+    'embeddings.weight'
+    """
+    m = _LAYER.match(name)
+    if m is None:
+        return name
+    i = int(m.group(1)) + by
+    return None if i < 0 else f"layers.{i}." + name[m.end():]
 
 
 def moe_config(config: ModelConfig) -> dict[str, Any]:
@@ -248,8 +295,9 @@ def moe_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def name_from_hf(name: str, family: str = "nemotron_h") -> str | None:
-    """Our parameter name for a checkpoint key of ``family`` (None: a key we drop, e.g. MTP layers).
+def name_from_hf(name: str, family: str = "nemotron_h", anchored: bool = False) -> str | None:
+    """Our parameter name for a checkpoint key of ``family`` (None: a key we drop, e.g. MTP layers, or the cache
+    anchor layer of an ``anchored`` export).
 
     >>> name_from_hf("backbone.layers.3.mixer.in_proj.weight")
     'layers.3.mixer.in_proj.weight'
@@ -260,7 +308,7 @@ def name_from_hf(name: str, family: str = "nemotron_h") -> str | None:
         return hf_llama.name_from_hf(name)
     for p in _HF_PREFIXES:
         if name.startswith(p):
-            return name[len(p):]
+            return shift_layers(name[len(p):], -1) if anchored else name[len(p):]
     if name.startswith("mtp."):
         return None
     return name
@@ -350,7 +398,11 @@ def hf_state_dict(model: HybridLM, hub_format: bool = True) -> dict[str, torch.T
 def _hf_names(model: HybridLM) -> dict[str, torch.Tensor]:
     if model.config.family in hf_llama.ARCHITECTURES:
         return {hf_llama.name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    state = {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if needs_cache_anchor(model.config):
+        ours = {shift_layers(k, 1): v for k, v in ours.items()}
+        ours.update(cache_anchor_weights(model.config, model.embeddings.weight.dtype))
+    state = {name_to_hf(k): v for k, v in ours.items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["backbone.embeddings.weight"].clone()
     return state
@@ -364,10 +416,11 @@ def from_transformers(hf_model: Any) -> HybridLM:
     ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (copied)."""
     from .hybrid import HybridLM
 
-    config = config_from_hf(hf_model.config.to_dict())
+    raw = hf_model.config.to_dict()
+    config = config_from_hf(raw)
     weights = {}
     for k, v in hf_model.state_dict().items():
-        name = name_from_hf(k, config.family)
+        name = name_from_hf(k, config.family, anchored=bool(raw.get(CACHE_ANCHOR)))
         if name is not None:
             weights[name] = v.detach().clone()
     config = resolve_tied_head(config, weights)

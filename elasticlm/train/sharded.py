@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import WEIGHTS, WEIGHTS_INDEX, read_config
+from ..checkpoint import WEIGHTS, WEIGHTS_INDEX, read_config, read_json
 from ..errors import CheckpointError
-from ..model.hf import name_from_hf
+from ..model.hf import CACHE_ANCHOR, name_from_hf
 from ..model.hybrid import HybridLM
 
 
@@ -127,12 +127,13 @@ def fill_shards(model: HybridLM, path: str | Path) -> None:
     config, kind = read_config(path)
     if config != model.config and kind == "native":
         raise CheckpointError(f"{path}: its config.json differs from the model being filled")
+    anchored = kind == "hf" and bool(read_json(path / "config.json").get(CACHE_ANCHOR))
     files = [TensorFile(f) for f in _weight_files(path)]
     try:
         where: dict[str, tuple[TensorFile, str]] = {}
         for f in files:
             for key in f.keys():
-                name = name_from_hf(key, config.family) if kind == "hf" else key
+                name = name_from_hf(key, config.family, anchored) if kind == "hf" else key
                 if name is not None:
                     where[name] = (f, key)
         if any(re.search(r"\.experts\.\d+\.", name) for name in where):
