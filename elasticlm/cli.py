@@ -487,23 +487,37 @@ def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: 
 
 def cmd_importance(args: argparse.Namespace) -> None:
     from .checkpoint import check_output_path, load
-    from .elastic.importance import estimate
+    from .elastic.importance import auto_depth_rounds, estimate
 
     check_output_path(args.out, args.force, "importance", [args.model])
     model = load(args.model, device=_device(args.device))
     _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     metrics = tuple(m.strip() for m in args.depth_metrics.split(",") if m.strip())
+    unit = 1 if args.depth_blocks else model.config.depth_unit
+    if args.depth_rounds == "auto":
+        rounds = auto_depth_rounds(model.config, unit)
+    elif args.depth_rounds == "all":
+        rounds = max(1, model.config.num_layers // unit - 1)
+    else:
+        try:
+            rounds = int(args.depth_rounds)
+        except ValueError:
+            raise ConfigError(f"--depth-rounds must be auto, all or a number of rounds, "
+                              f"got {args.depth_rounds!r}") from None
     start = time.perf_counter()
     batches = _calibration(args, model, args.model, args.samples, "train")
     imp = estimate(model, batches, total_batches=-(-args.samples // args.batch_size),
                    depth_batches=-(-args.depth_samples // args.batch_size), metrics=metrics,
-                   progress=not args.no_progress,
+                   progress=not args.no_progress, depth_rounds=rounds, depth_unit=unit,
                    meta={"model": str(args.model), "data": args.data, "samples": args.samples,
                          "seq_len": args.seq_len, "depth_samples": args.depth_samples})
     imp.save(args.out, force=args.force, inputs=[args.model])
     print(f"wrote {args.out} ({args.samples} × {args.seq_len} tokens, {time.perf_counter() - start:.0f}s)")
     for metric, order in imp.depth.items():
         print(f"  depth order ({metric}, least important first): {order}")
+    if "iterative_mse_note" in imp.meta:
+        print(f"  note: {imp.meta['iterative_mse_note']}; an elastic.depth that drops more layers needs "
+              f"--depth-rounds of at least that many")
 
 
 def cmd_reorder(args: argparse.Namespace) -> None:
@@ -804,8 +818,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_count(1), default=512, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
     p.add_argument("--depth-samples", type=_count(1), default=16,
-                   help="sequences used for the depth metrics (each needs one forward per layer and round)")
+                   help="sequences used for the depth metrics (each round runs every remaining layer's suffix)")
     p.add_argument("--depth-metrics", default="iterative_mse,oneshot_mse,cosine", help="depth metrics to compute")
+    p.add_argument("--depth-rounds", default="auto",
+                   help="layers the iterative MSE drops one by one (each round costs about half a whole-model "
+                        "forward per remaining layer); the rest follow the last round's scores. auto: as many as "
+                        "`prune` and the default elastic.depth choices drop (a quarter of the layers, +1); all: "
+                        "the complete order")
+    p.add_argument("--depth-blocks", action="store_true",
+                   help="a transformer: score its attention and MLP blocks one by one (as before) rather than the "
+                        "whole decoder layers that depth choices drop (about 4x the cost)")
     p.add_argument("--out", required=True, help="directory for the scores (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace an existing importance directory")
     p.add_argument("--device", default="cpu", help="torch device")

@@ -11,7 +11,7 @@ import elasticlm
 from elasticlm import ConfigError, HybridLM, Subnet, count_parameters, extract
 from elasticlm.cli import main
 from elasticlm.config import parse_budget
-from elasticlm.elastic.importance import Importance, _Recorder, estimate, width_importance
+from elasticlm.elastic.importance import Importance, _Recorder, estimate, layer_mse, width_importance
 from elasticlm.elastic.prune import candidates, search
 from elasticlm.elastic.reorder import descending, grouped_order, reorder_
 from elasticlm.model.documents import document_ids_from_eos
@@ -241,3 +241,56 @@ def test_cli_prune_refuses_an_existing_output_before_searching(tmp_path, capsys,
     code = main(["prune", "--model", str(tmp_path / "p"), "--budget", "0.5", "--out", str(tmp_path / "out")])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def llama_config(layers: int = 4, **kw) -> elasticlm.ModelConfig:
+    """A tiny Llama-shaped parent (rotary attention + gated MLP pairs), built without transformers."""
+    return elasticlm.ModelConfig(pattern="*-" * layers, vocab_size=64, hidden_size=32, num_attention_heads=4,
+                                 num_key_value_heads=2, attention_head_dim=8, intermediate_size=48,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, mlp_type="swiglu",
+                                 family="llama", eos_token_id=EOS, **kw)
+
+
+@pytest.mark.parametrize("config,unit", [(tiny_config("M-*M-M*-"), 1), (llama_config(3), 1), (llama_config(4), 2)],
+                         ids=["hybrid", "llama-blocks", "llama-decoder-layers"])
+def test_fast_iterative_depth_order_equals_the_whole_model_reference(config, unit):
+    """The sweep over cached hidden states (stacked candidates, candidates in groups, the head's Gram matrix)
+    gives the order and scores of one whole-model forward per candidate and round, with packed documents —
+    removing single blocks, or a transformer's whole decoder layers."""
+    from elasticlm.elastic.importance import _iterative_reference, depth_evaluations, depth_mse_rounds
+
+    model = randomize_(HybridLM(config), seed=3).eval()
+    data = batches(2, b=2, t=16, seed=4)
+    want_order, want_scores = _iterative_reference(model, data, unit)
+    n, count = config.num_layers, config.num_layers // unit
+    for stack_rows, state_bytes in ((64, 2**30), (2, 2 * 16 * 32 * 4 * 3)):  # everything stacked / 3 per group
+        dropped, history = depth_mse_rounds(model, data, count - 1, unit=unit, stack_rows=stack_rows,
+                                            state_bytes=state_bytes)
+        assert [i for u in dropped for i in range(u * unit, (u + 1) * unit)] == want_order[:-unit]
+        got = [history[dropped.index(u)][u] if u in dropped else None for u in range(count)]
+        assert got[want_order[-1] // unit] is None
+        for g, w in zip(got, want_scores[::unit], strict=True):
+            assert g == w or g == pytest.approx(w, rel=1e-4, abs=1e-9)
+    assert depth_evaluations(n, count - 1, unit=unit) == n + unit * sum(m - 1 + m * (m - 1) // 2
+                                                                        for m in range(2, count + 1))
+    # the whole pipeline: the one-shot order is the first round's, a few rounds fill the rest from the last round
+    imp = estimate(model, iter(data), depth_batches=2, progress=False, depth_rounds=2, depth_unit=unit)
+    assert imp.depth["iterative_mse"][:2 * unit] == want_order[:2 * unit]
+    assert sorted(imp.depth["iterative_mse"]) == list(range(n))
+    assert imp.meta["iterative_mse_rounds"] == 2 and "round 2" in imp.meta["iterative_mse_note"]
+    if unit == 1:
+        oneshot = layer_mse(model, data)
+        assert imp.depth["oneshot_mse"] == sorted(oneshot, key=lambda j: (oneshot[j], j))
+
+
+def test_depth_rounds_default_covers_the_depth_choices():
+    from elasticlm.elastic.importance import auto_depth_rounds
+
+    assert auto_depth_rounds(tiny_config("M-*M-M*-")) == 3  # 25 % of 8 layers = 2, +1 (attention moved last)
+    assert auto_depth_rounds(tiny_config("M-M-M-M-")) == 2
+    # elastic depth 0.75 of SmolLM2's 60 blocks keeps 44: 8 decoder layers dropped; 16 blocks (+1) one by one
+    assert auto_depth_rounds(llama_config(30)) == 8 and auto_depth_rounds(llama_config(30), unit=1) == 17
+    assert auto_depth_rounds(tiny_config("M-")) == 1
+    model = randomize_(HybridLM(tiny_config("M-*"))).eval()
+    with pytest.raises(ConfigError, match="depth rounds must be in"):
+        estimate(model, iter(batches()), progress=False, depth_rounds=3)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +32,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig, Subnet
+from ..config import ATTENTION, ModelConfig, Subnet
 from ..data.datasets import DataConfig, PackedStream, documents
 from ..errors import CheckpointError, ConfigError
 from ..kinds import LayerKind, Run, kind_of
-from ..model.documents import document_ids_from_eos
+from ..model.documents import DocumentMask, document_ids_from_eos
 from ..model.hybrid import HybridLM
 
 DEPTH_METRICS = ("iterative_mse", "oneshot_mse", "cosine")
@@ -249,12 +251,26 @@ def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], to
 
 
 # -- depth scores ------------------------------------------------------------------------------
+#
+# Removing layer j leaves every layer before it unchanged, so the logits of "the current model without j"
+# are the suffix after j run from the current model's hidden state at j's input. One sweep through the
+# current model therefore scores every candidate of a round: at each kept layer i, the state of "drop i"
+# (the current state, which skips i) joins the sweep, and block i runs once on the current state and on
+# every candidate spawned before i, stacked along the batch. A round then costs m + m(m-1)/2 layer
+# evaluations for m remaining layers instead of m whole-model forwards (≈ m² layer evaluations plus m
+# vocabulary projections). The output projection is linear, so
+# Σ‖(h_full − h_j)·Wᵀ‖² = Σ (h_full − h_j)ᵀ (WᵀW) (h_full − h_j): the MSE of the logits needs only the
+# final-norm outputs and the [hidden, hidden] Gram matrix of the head, never a [tokens, vocab] tensor.
+
+STACK_ROWS = 64  # most sequences one block call runs when candidates are stacked
+STATE_BYTES = 2 * 2**30  # most bytes of candidate hidden states held at once (more: candidates in groups)
 
 
 @torch.no_grad()
 def layer_mse(model: HybridLM, batches: list[Batch], dropped: set[int] = frozenset(),  # type: ignore[assignment]
               candidates: list[int] | None = None) -> dict[int, float]:
-    """``Σ(M_full − M_−(dropped ∪ {j}))² / Σ M_full²`` for every candidate layer ``j``."""
+    """``Σ(M_full − M_−(dropped ∪ {j}))² / Σ M_full²`` for every candidate layer ``j``, one whole-model forward
+    per candidate (the reference that :func:`depth_mse_rounds` computes from cached hidden states)."""
     cfg = model.config
     candidates = [j for j in range(cfg.num_layers) if j not in dropped] if candidates is None else candidates
     device = model.embeddings.weight.device
@@ -270,35 +286,237 @@ def layer_mse(model: HybridLM, batches: list[Batch], dropped: set[int] = frozens
     return {j: num[j] / max(den, 1e-30) for j in candidates}
 
 
+def _units(n: int, unit: int) -> list[tuple[int, ...]]:
+    """The blocks removed together: single blocks, or a transformer's (attention, MLP) decoder layers."""
+    if unit < 1 or n % unit:
+        raise ConfigError(f"a depth unit of {unit} blocks does not divide the model's {n} blocks")
+    return [tuple(range(u, u + unit)) for u in range(0, n, unit)]
+
+
 @torch.no_grad()
-def iterative_depth_order(model: HybridLM, batches: list[Batch],
-                          progress: bool = True) -> tuple[list[int], list[float | None]]:
-    """Drop the least important layer, re-score the rest against the full model, repeat.
-    Returns the removal order (least important first) and each layer's score when it was dropped."""
-    n = model.config.num_layers
+def _iterative_reference(model: HybridLM, batches: list[Batch],
+                         unit: int = 1) -> tuple[list[int], list[float | None]]:
+    """The iterative order by whole-model forwards (one per remaining unit per round, every round): the slow
+    reference of the tests. ``unit`` blocks are removed together."""
+    cfg = model.config
+    units = _units(cfg.num_layers, unit)
+    device = model.embeddings.weight.device
     dropped: list[int] = []
-    scores: list[float | None] = [None] * n
-    bar = tqdm(total=n - 1, desc="depth (iterative MSE)", unit="layer", disable=not progress)
-    while len(dropped) < n - 1:
-        mse = layer_mse(model, batches, set(dropped))
-        j = min(mse, key=lambda k: (mse[k], k))
-        dropped.append(j)
-        scores[j] = mse[j]
-        bar.update()
-    bar.close()
-    last = next(i for i in range(n) if i not in dropped)
-    # the last layer standing is never scored: its score stays None
-    return dropped + [last], scores
+    scores: list[float | None] = [None] * len(units)
+    while len(dropped) < len(units) - 1:
+        remaining = [u for u in range(len(units)) if u not in dropped]
+        num, den = dict.fromkeys(remaining, 0.0), 0.0
+        for ids, doc in batches:
+            ids, doc = ids.to(device), doc.to(device)
+            full = model(ids, document_ids=doc).float()
+            den += float(full.square().sum())
+            for u in remaining:
+                drop = tuple(i for v in (*dropped, u) for i in units[v])
+                out = model(ids, Subnet.uniform(cfg, drop_layers=drop), document_ids=doc).float()
+                num[u] += float((full - out).square().sum())
+        u = min(remaining, key=lambda v: (num[v], v))
+        dropped.append(u)
+        scores[u] = num[u] / max(den, 1e-30)
+    dropped.append(next(u for u in range(len(units)) if u not in dropped))
+    return [i for u in dropped for i in units[u]], [scores[i // unit] for i in range(cfg.num_layers)]
+
+
+def auto_depth_rounds(config: ModelConfig, unit: int | None = None) -> int:
+    """Rounds of the iterative depth metric, removing ``unit`` blocks at a time (default
+    :attr:`ModelConfig.depth_unit`), that the default depth choices can use: the most units that ``elasticlm
+    prune`` (``MAX_DEPTH_DROP``) or the default ``elastic.depth`` choices drop — plus one for single blocks in a
+    model with attention, whose drop order moves the most important attention layer last (which brings the next
+    layer of the order forward). An ``elastic.depth`` that drops more layers needs ``--depth-rounds`` of at
+    least that many."""
+    from .prune import MAX_DEPTH_DROP
+    from .space import DEFAULT_DEPTH_FRACTIONS, _resolve_choice
+
+    n, step = config.num_layers, config.depth_unit
+    unit = step if unit is None else unit
+    prune_drop = int(MAX_DEPTH_DROP * n) // step * step
+    elastic_drop = n - min(_resolve_choice(f, n, "elastic.depth", step) for f in DEFAULT_DEPTH_FRACTIONS)
+    margin = 1 if unit == 1 and ATTENTION in config.pattern else 0
+    return max(1, min(n // unit - 1, max(prune_drop, elastic_drop) // unit + margin))
+
+
+def depth_evaluations(num_layers: int, rounds: int, groups: int = 1, unit: int = 1) -> int:
+    """Layer evaluations per sequence of :func:`depth_mse_rounds` for ``rounds`` rounds: the parent's reference
+    pass (``num_layers``), then per round with m units left ``m - 1 + m(m - 1)/2`` unit evaluations (the current
+    model's sweep up to its last candidate, each candidate's suffix) of ``unit`` layers each — with candidates in
+    ``groups`` groups, the sweep runs once per group."""
+    total = 0
+    units = num_layers // unit
+    for r in range(rounds):
+        m = units - r
+        g = min(groups, m)
+        size = -(-m // g)
+        for start in range(0, m, size):
+            last = min(start + size, m) - 1
+            total += last + sum(m - 1 - p for p in range(start, last + 1))
+    return num_layers + total * unit
+
+
+class _DepthData:
+    """One calibration batch prepared for the depth metrics: the parent's final-norm output (float64) and the
+    document masks and rotary tables of the batch stacked ``k`` times (built once per ``k``)."""
+
+    def __init__(self, model: HybridLM, ids: torch.Tensor, doc: torch.Tensor) -> None:
+        self.model, self.ids, self.doc = model, ids, doc
+        self._ctx: dict[int, tuple[DocumentMask, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.full = model.norm_f(_run(model, self, model.embeddings(ids), range(model.config.num_layers))).double()
+
+    def context(self, copies: int, dtype: torch.dtype) -> tuple[DocumentMask, tuple[torch.Tensor, torch.Tensor] | None]:
+        if copies not in self._ctx:
+            docs = DocumentMask.from_ids(self.doc.repeat(copies, 1), self.model.config.conv_kernel)
+            rotary = None
+            if self.model.config.rope_parameters is not None:
+                rotary = self.model.rotary(self.model.positions(self.ids.repeat(copies, 1), None, docs), dtype)
+            self._ctx[copies] = (docs, rotary)
+        return self._ctx[copies]
+
+
+def _run(model: HybridLM, data: _DepthData, x: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
+    """``layers`` of the parent at full width on ``x`` (one or more stacked copies of the batch), as
+    :meth:`HybridLM.forward` runs them."""
+    full = model.check_subnet(None)
+    copies = x.shape[0] // data.ids.shape[0]
+    documents, rotary = data.context(copies, x.dtype)
+    for i in layers:
+        x = model.layers[i](x, full.layers[i], None, i, documents, None, None, None, rotary)
+    return x
+
+
+def _head_gram(model: HybridLM) -> torch.Tensor:
+    """``WᵀW`` (float64) of the output projection, accumulated over vocabulary slices to bound memory."""
+    w = model.head_weight()
+    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
+    for part in w.split(8192):
+        part = part.double()
+        gram += part.T @ part
+    return gram
+
+
+def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """``Σ_tokens δᵀ G δ``: the squared norm of ``δ``'s logits."""
+    flat = delta.reshape(-1, delta.shape[-1])
+    return float(((flat @ gram) * flat).sum())
+
+
+@torch.no_grad()
+def depth_mse_rounds(model: HybridLM, batches: list[Batch], rounds: int, *, unit: int = 1,
+                     stack_rows: int = STACK_ROWS, state_bytes: int = STATE_BYTES,
+                     bar: tqdm | None = None) -> tuple[list[int], list[dict[int, float]]]:
+    """``rounds`` rounds of the iterative normalized MSE over units of ``unit`` consecutive blocks: the units
+    dropped, in order, and every round's scores ``{unit: Σ(M_full − M_−(dropped ∪ {unit}))² / Σ M_full²}`` —
+    the first round's are the one-shot scores. Equal to whole-model forwards (:func:`layer_mse`, to float
+    rounding) at the cost of :func:`depth_evaluations`."""
+    cfg = model.config
+    units = _units(cfg.num_layers, unit)
+    if not 1 <= rounds <= max(1, len(units) - 1):
+        raise ConfigError(f"depth rounds must be in [1, {max(1, len(units) - 1)}] for {len(units)} layers, "
+                          f"got {rounds}")
+    device = model.embeddings.weight.device
+    gram = _head_gram(model)
+    data = [_DepthData(model, ids.to(device), doc.to(device)) for ids, doc in batches]
+    den = sum(_quadratic(d.full, gram) for d in data)
+    if bar is not None:
+        bar.update(cfg.num_layers * sum(d.ids.shape[0] for d in data))
+    dropped: list[int] = []
+    history: list[dict[int, float]] = []
+    for _ in range(rounds):
+        remaining = [u for u in range(len(units)) if u not in dropped]
+        num = dict.fromkeys(remaining, 0.0)
+        for d in data:
+            b, t = d.ids.shape
+            per_state = b * t * cfg.hidden_size * model.embeddings.weight.element_size()
+            size = max(1, min(len(remaining), state_bytes // max(per_state, 1)))
+            for start in range(0, len(remaining), size):
+                group = remaining[start:start + size]
+                for u, state in _sweep(model, d, units, remaining, group, stack_rows, bar):
+                    num[u] += _quadratic(model.norm_f(state).double() - d.full, gram)
+        mse = {u: num[u] / max(den, 1e-30) for u in remaining}
+        history.append(mse)
+        dropped.append(min(mse, key=lambda k: (mse[k], k)))
+    return dropped, history
+
+
+def _sweep(model: HybridLM, data: _DepthData, units: list[tuple[int, ...]], remaining: list[int],
+           group: list[int], stack_rows: int, bar: tqdm | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """The final hidden states of "the current model (units ``remaining``) without unit u", for every u in
+    ``group``: one pass through the current model, each candidate's suffix stacked with it."""
+    b = data.ids.shape[0]
+    per_call = max(1, stack_rows // b)
+    current: torch.Tensor | None = model.embeddings(data.ids)
+    spawned: list[int] = []
+    states: list[torch.Tensor] = []
+    last = group[-1]
+    for u in remaining:
+        if current is not None and u in group:
+            spawned.append(u)
+            states.append(current)  # "without u" skips u: it carries the state at u's input past it
+            current = None if u == last else current
+            ran = states[:-1]
+        else:
+            ran = states
+        inputs = ([current] if current is not None else []) + ran
+        outputs: list[torch.Tensor] = []
+        for k in range(0, len(inputs), per_call):
+            part = inputs[k:k + per_call]
+            y = _run(model, data, torch.cat(part) if len(part) > 1 else part[0], units[u])
+            outputs.extend(y.split(b))
+        if current is not None:
+            current = outputs.pop(0)
+        states[:len(ran)] = outputs
+        if bar is not None:
+            bar.update(len(inputs) * b * len(units[u]))
+    return zip(spawned, states, strict=True)
+
+
+def iterative_depth_order(model: HybridLM, batches: list[Batch], rounds: int | None = None, progress: bool = True,
+                          unit: int = 1, **kwargs: Any) -> tuple[list[int], list[float | None], list[dict[int, float]]]:
+    """Drop the least important unit of ``unit`` blocks, re-score the rest against the full model, repeat — for
+    ``rounds`` rounds (None: until one unit is left, the whole order). Returns the removal order of the blocks
+    (least important first; a unit's blocks together), each block's score (its unit's, in the round the unit was
+    dropped) and every round's scores by unit. With fewer rounds, the units never dropped follow in the order of
+    the last round's scores, and keep that round's score."""
+    n = model.config.num_layers
+    count = n // unit
+    rounds = max(1, count - 1) if rounds is None else rounds
+    total = depth_evaluations(n, rounds, unit=unit) * sum(ids.shape[0] for ids, _ in batches)
+    with tqdm(total=total, desc="depth (iterative MSE)", unit="seq-layer", disable=not progress) as bar:
+        dropped, history = depth_mse_rounds(model, batches, rounds, unit=unit, bar=bar, **kwargs)
+    scores: list[float | None] = [None] * count
+    for u, mse in zip(dropped, history, strict=True):
+        scores[u] = mse[u]
+    last = history[-1]
+    rest = sorted((u for u in range(count) if u not in dropped), key=lambda u: (last[u], u))
+    if len(rest) > 1:
+        for u in rest:
+            scores[u] = last[u]
+    # the last unit standing after every round is never scored: its score stays None
+    order = [i for u in dropped + rest for i in range(u * unit, (u + 1) * unit)]
+    return order, [scores[i // unit] for i in range(n)], history
 
 
 def estimate(model: HybridLM, calibration: Iterator[Batch], *, total_batches: int | None = None,
              depth_batches: int = 4, metrics: tuple[str, ...] = DEPTH_METRICS, progress: bool = True,
-             meta: dict[str, Any] | None = None) -> Importance:
+             meta: dict[str, Any] | None = None, depth_rounds: int | None = None,
+             depth_unit: int = 1) -> Importance:
     """Every score: one streaming width pass over ``calibration`` (its first ``depth_batches``
-    batches are kept for the depth metrics, which need many forward passes)."""
+    batches are kept for the depth metrics, which need many forward passes).
+
+    The MSE depth metrics remove ``depth_unit`` consecutive blocks at a time (1: every block alone;
+    :attr:`ModelConfig.depth_unit`: what the depth choices drop, a transformer's whole decoder layers).
+    ``depth_rounds``: rounds of the iterative MSE (None: all, the complete order; :func:`auto_depth_rounds`:
+    what the default depth choices use); the one-shot MSE is its first round."""
     unknown = sorted(set(metrics) - set(DEPTH_METRICS))
     if unknown:
         raise ConfigError(f"unknown depth metric(s) {unknown}; choose from {list(DEPTH_METRICS)}")
+    n = model.config.num_layers
+    count = len(_units(n, depth_unit))
+    if depth_rounds is not None and not 1 <= depth_rounds <= max(1, count - 1):
+        raise ConfigError(f"depth rounds must be in [1, {max(1, count - 1)}] for a model of {count} layers, "
+                          f"got {depth_rounds}")
     kept: list[Batch] = []
 
     def tee() -> Iterator[Batch]:
@@ -307,26 +525,54 @@ def estimate(model: HybridLM, calibration: Iterator[Batch], *, total_batches: in
                 kept.append(batch)
             yield batch
 
+    start = time.perf_counter()
     hidden, layers, cosine = width_importance(model, tee(), total_batches, progress)
+    width_s = time.perf_counter() - start
     imp = Importance(hidden, layers, meta=dict(meta or {}))
+    if "cosine" in metrics:
+        imp.depth["cosine"] = sorted(range(len(cosine)), key=lambda j: (cosine[j], j))
+        imp.depth_scores["cosine"] = cosine
+    if not {"oneshot_mse", "iterative_mse"} & set(metrics):
+        return imp
+    rounds = (max(1, count - 1) if depth_rounds is None else depth_rounds) if "iterative_mse" in metrics else 1
+    sequences = sum(ids.shape[0] for ids, _ in kept)
+    evaluations = depth_evaluations(n, rounds, unit=depth_unit)
+    what = "layers" if depth_unit == 1 else f"layers of {depth_unit} blocks"
+    if progress:
+        # the width pass ran every layer once per calibration sequence: its pace gives the estimate
+        width_sequences = max(1, (total_batches or len(kept)) * (kept[0][0].shape[0] if kept else 1))
+        per = width_s / (width_sequences * max(n, 1))
+        tqdm.write(f"depth MSE: {rounds} of {max(1, count - 1)} rounds over {count} {what} on {sequences} "
+                   f"sequences = {evaluations * sequences:,} block evaluations (≈ {evaluations / max(n, 1):.0f} "
+                   f"whole-model forwards per sequence), estimated {_duration(per * evaluations * sequences)}",
+                   file=sys.stderr)
     was = model.training
     model.eval()
     try:
-        if "cosine" in metrics:
-            imp.depth["cosine"] = sorted(range(len(cosine)), key=lambda j: (cosine[j], j))
-            imp.depth_scores["cosine"] = cosine
-        if "oneshot_mse" in metrics:
-            mse = layer_mse(model, kept)
-            imp.depth["oneshot_mse"] = sorted(mse, key=lambda j: (mse[j], j))
-            imp.depth_scores["oneshot_mse"] = [mse[j] for j in range(len(mse))]
-        if "iterative_mse" in metrics:
-            order, scores = iterative_depth_order(model, kept, progress)
-            imp.depth["iterative_mse"] = order
-            imp.depth_scores["iterative_mse"] = scores
+        order, scores, history = iterative_depth_order(model, kept, rounds, progress, depth_unit)
     finally:
         model.train(was)
+    if "oneshot_mse" in metrics:
+        mse = history[0]
+        imp.depth["oneshot_mse"] = [i for u in sorted(mse, key=lambda u: (mse[u], u))
+                                    for i in range(u * depth_unit, (u + 1) * depth_unit)]
+        imp.depth_scores["oneshot_mse"] = [mse[i // depth_unit] for i in range(n)]
+    if "iterative_mse" in metrics:
+        imp.depth["iterative_mse"] = order
+        imp.depth_scores["iterative_mse"] = scores
+        imp.meta["iterative_mse_rounds"] = rounds
+        if rounds < count - 1:
+            imp.meta["iterative_mse_note"] = (
+                f"only the first {rounds} {what} of the iterative order were dropped one by one (--depth-rounds); "
+                f"the other {count - rounds} follow in the order of round {rounds}'s scores")
+    imp.meta["depth_unit"] = depth_unit
+    imp.meta["depth_block_evaluations"] = evaluations * sequences
     return imp
 
 
-__all__ = ["DEPTH_METRICS", "Importance", "calibration_batches", "estimate", "iterative_depth_order",
-           "layer_mse", "width_importance"]
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+__all__ = ["DEPTH_METRICS", "Importance", "auto_depth_rounds", "calibration_batches", "depth_evaluations",
+           "depth_mse_rounds", "estimate", "iterative_depth_order", "layer_mse", "width_importance"]
