@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
+from .model.gguf_import import hf_directory
 from .model.hf import (
     CACHE_ANCHOR,
     config_from_hf,
@@ -60,8 +61,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
-    """The ModelConfig of a checkpoint directory and its kind: ``"native"`` or ``"hf"``."""
-    path = Path(path)
+    """The ModelConfig of a checkpoint directory (or a .gguf file, see :mod:`elasticlm.model.gguf_import`) and its
+    kind: ``"native"`` or ``"hf"``."""
+    path = hf_directory(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a model directory with config.json)")
     raw = read_json(path / "config.json")
@@ -126,10 +128,12 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     ``serving=True`` stores the projections in the layout that decodes fastest, for the parent and
     every nested budget alike (:meth:`HybridLM.use_decode_layout`; one copy of the weights).
 
+    A ``.gguf`` file is imported through transformers' GGUF loader first (:mod:`elasticlm.model.gguf_import`).
+
     Raises CheckpointError with a one-line message for a missing, corrupt, truncated or
     mismatched checkpoint.
     """
-    path = Path(path)
+    path = hf_directory(path)
     config, kind = read_config(path)
     raw = read_weights(path, private=serving)
     anchored = kind == "hf" and bool(read_json(path / "config.json").get(CACHE_ANCHOR))
@@ -227,6 +231,8 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
     for what their readers cannot express.
     """
     source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
+    if source is not None:
+        source = hf_directory(source)  # a .gguf file: the tokenizer it carries
     check_format(model.config, format, source)
     path = Path(path)
     with atomic_directory(path, overwrite, "model", inputs) as tmp:

@@ -234,10 +234,18 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     run = load_run_config(args.config, args.set or [])
     if args.out:
         run.train.out = args.out
+    _set_val_data(run, args.val_data)
     final = pretrain(run, resume=args.resume, progress=not args.no_progress,
                      allow_config_change=args.allow_config_change)
     print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
                                                      if isinstance(v, float)))
+
+
+def _set_val_data(run: Any, path: str | None) -> None:
+    """``--val-data FILE``: the run's validation data (data.val_path); training then reads all of data.path."""
+    if path:
+        run.data.val_path = path
+        run.data.validate()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -249,6 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         run.train.out = args.out
     if args.parent:
         run.parent.path = args.parent
+    _set_val_data(run, args.val_data)
     final = train_elastic(run, resume=args.resume, progress=not args.no_progress, resume_from=args.resume_from,
                           allow_config_change=args.allow_config_change)
     print(f"done: {run.train.out}/final  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
@@ -326,7 +335,7 @@ def _parent_architecture(parent: Any) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import check_output_path, load
-    from .data.datasets import data_config_from_spec
+    from .data.datasets import is_local
     from .elastic.deploy import select_budgets
     from .eval.report import Entry, evaluate_entries, markdown_table, parse_levels, parse_tasks, save_report
     from .tokenizer import load_tokenizer
@@ -375,7 +384,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         base = load(path, device=device)
         entries.append(Entry(label or Path(path).resolve().name, f"{base.num_parameters() / reference:.2f}", base,
                              load_tokenizer(path), None, path))
-    val = data_config_from_spec(args.data, mask_prompt=args.data == "synthetic") if ppl else None
+    val = _data_spec(args) if ppl else None
+    whole = val is not None and is_local(val)  # a file or folder: every token of it (or --val-samples windows)
     start = time.perf_counter()
     points = evaluate_entries(entries, families=families, levels=levels, n=args.n, val_data=val,
                               val_samples=args.val_samples, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -389,17 +399,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 point.lm_eval = run_tasks(e.model, e.tokenizer, e.subnet, lm_tasks, limit=args.lm_eval_limit,
                                           batch_size=args.batch_size, manager=manager)
     meta = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "difficulty": list(levels), "n": args.n,
-            "data": args.data if ppl else None, "val_samples": args.val_samples, "seq_len": args.seq_len,
+            "data": args.data if ppl else None, "separator": args.separator, "seq_len": args.seq_len,
+            "val_samples": args.val_samples if whole or not ppl else args.val_samples or 48,
+            "val_tokens": next((p.val_tokens for p in points if p.val_tokens is not None), None),
             "lm_eval": {"tasks": lm_tasks, "include": args.lm_eval_include, "limit": args.lm_eval_limit}
             if lm_tasks else None,
             "untrained": {k: v.describe() for k, v in getattr(model, "untrained", {}).items()}}
     paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
     print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"
-          + (f"; loss on {args.val_samples} held-out sequences of {args.seq_len} tokens" if ppl else "")
+          + (f"; loss on {_loss_scope(args, points, whole)}" if ppl else "")
           + f"; {time.perf_counter() - start:.0f}s]")
     print("wrote " + ", ".join(str(p) for p in paths.values())
           + ("" if "plot" in paths else "  (no plot: pip install matplotlib)"))
+
+
+def _loss_scope(args: argparse.Namespace, points: list[Any], whole: bool) -> str:
+    """What the loss column covers, for the line under the table."""
+    tokens = sorted({p.val_tokens for p in points if p.val_tokens is not None})
+    counted = "/".join(f"{t:,}" for t in tokens) + " tokens"  # one count per distinct tokenizer
+    if whole:
+        part = "every token" if args.val_samples is None else f"{args.val_samples} windows"
+        return f"{part} of {args.data}: {counted} in windows of up to {args.seq_len}"
+    return f"{args.val_samples or 48} held-out sequences of {args.seq_len} tokens ({counted})"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -469,9 +491,23 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
 
 
+def _data_spec(args: argparse.Namespace) -> Any:
+    """The DataConfig of ``--data`` (and ``--separator``)."""
+    from .data.datasets import data_config_from_spec
+
+    # synthetic prompts are random digits: a validation loss counts the trace and answer only
+    return data_config_from_spec(args.data, mask_prompt=args.data == "synthetic",
+                                 separator=_escapes(args.separator) if args.separator else None)
+
+
+def _escapes(text: str) -> str:
+    """\\n and \\t as typed in a shell: a new line and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: int, split: str,
                  loss_mask: bool = False) -> Any:
-    from .data.datasets import data_config_from_spec
+    from .data.datasets import calibration_windows, is_local
     from .elastic.importance import calibration_batches
     from .tokenizer import load_tokenizer
 
@@ -479,8 +515,11 @@ def _calibration(args: argparse.Namespace, model: Any, model_dir: str, samples: 
     eos = model.config.eos_token_id
     if eos is None:
         raise ConfigError(f"{model_dir}: the model has no eos_token_id, needed to pack calibration documents")
-    # synthetic prompts are random digits: a validation loss counts the trace and answer only
-    data = data_config_from_spec(args.data, mask_prompt=args.data == "synthetic")
+    data = _data_spec(args)
+    if is_local(data):  # a file the user gives is used whole: no hashed split
+        flags = ("--val-samples" if split == "val" else "--samples", "--seq-len")
+        return calibration_windows(data, lambda text: tok.encode(text).ids, eos, samples, args.seq_len,
+                                   args.batch_size, loss_mask, flags)
     return calibration_batches(data, lambda text: tok.encode(text).ids, eos, samples, args.seq_len,
                                args.batch_size, split, loss_mask)
 
@@ -659,15 +698,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", formatter_class=fmt,
                        help="convert between native, Hugging Face and GGUF formats",
-                       description="Convert a model directory. --to hf writes a directory of the model's "
+                       description="Convert a model directory, or import a .gguf file (transformers' GGUF "
+                                   "loader dequantizes it; any verb's --model also takes one). --to native (the "
+                                   "default) writes elasticlm's format; --to hf writes a directory of the model's "
                                    "Hugging Face class (NemotronH, Llama, Qwen2, Qwen3) that transformers loads "
                                    "without trust_remote_code (layers of a type must share "
-                                   "their widths); --to native writes elasticlm's format (per-layer widths allowed); "
+                                   "their widths); native allows per-layer widths; "
                                    "--to gguf writes model.gguf for llama.cpp (per-layer FFN widths and head counts "
                                    "allowed, Mamba widths shared by every layer).")
-    p.add_argument("src", help="source model directory (native or Hugging Face)")
+    p.add_argument("src", help="source model directory (native or Hugging Face), or a .gguf file (llama, qwen2, "
+                               "qwen3, qwen3moe; dequantized by transformers' GGUF loader, tokenizer included)")
     p.add_argument("dst", help="destination directory (must not exist or be empty, unless --force)")
-    p.add_argument("--to", choices=["hf", "native", "gguf"], required=True,
+    p.add_argument("--to", choices=["hf", "native", "gguf"], default="native",
                    help="output format (gguf: model.gguf for llama.cpp, with the tokenizer inside)")
     p.add_argument("--gguf-type", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
                    help=GGUF_TYPE_HELP)
@@ -682,6 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a field, e.g. --set train.steps=200 --set train.lr=1e-3")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
+    p.add_argument("--val-data", metavar="PATH", help="validation text / JSONL file or folder (shortcut for --set "
+                                                      "data.val_path=PATH); training then reads all of data.path")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the checkpoint's in fields a resume must keep "
@@ -700,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set elastic.budgets='[1.0,0.5]' --set stages[0].tokens=100000")
     p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
+    p.add_argument("--val-data", metavar="PATH", help="validation text / JSONL file or folder (shortcut for --set "
+                                                      "data.val_path=PATH); training then reads all of data.path")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the checkpoint's in fields a resume must keep "
@@ -732,7 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     data_help = ("calibration data: 'synthetic' (the embedded blend), a .jsonl file (field 'text'), a text "
-                 "file or folder, or hf:NAME[:CONFIG]")
+                 "file or folder, or hf:NAME[:CONFIG]; a file or folder is used whole (hold it out yourself)")
+    separator_help = ("text data: cut each file into documents at this string (\\n\\n: paragraphs); default: "
+                      "each file is one document")
 
     p = sub.add_parser("demo", formatter_class=fmt, help="the whole method end to end on the embedded data",
                        description="Train the small parent on the synthetic reasoning blend (or reuse the one a "
@@ -779,7 +827,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another model directory to score and plot alongside (repeatable), e.g. a pruned model")
     p.add_argument("--subnet", help="JSON Subnet of a plain model to evaluate (default: the full model)")
     p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
-    p.add_argument("--val-samples", type=_count(1), default=48, help="held-out sequences for the loss")
+    p.add_argument("--separator", help=separator_help)
+    p.add_argument("--val-samples", type=_count(1), default=None,
+                   help="held-out sequences for the loss (default: 48; with a file or folder: every window, so "
+                        "that every token of it is scored)")
     p.add_argument("--seq-len", type=_count(1), default=256, help="tokens per held-out sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
     p.add_argument("--lm-eval", metavar="TASKS",
@@ -814,6 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and by cosine block importance. Writes scores.safetensors + importance.json.")
     p.add_argument("--model", required=True, help="parent model directory (with tokenizer.json)")
     p.add_argument("--data", default="synthetic", help=data_help)
+    p.add_argument("--separator", help=separator_help)
     p.add_argument("--samples", type=_count(1), default=256, help="calibration sequences")
     p.add_argument("--seq-len", type=_count(1), default=512, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
@@ -854,7 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="reordered parent (`elasticlm reorder`)")
     p.add_argument("--budget", required=True, help="fraction of the parent (0.5, 75%%) or a count (300M, 6B)")
     p.add_argument("--data", default="synthetic", help=data_help.replace("calibration", "validation"))
-    p.add_argument("--val-samples", type=_count(1), default=16, help="validation sequences per candidate")
+    p.add_argument("--separator", help=separator_help)
+    p.add_argument("--val-samples", type=_count(1), default=16,
+                   help="validation sequences per candidate (from a file: evenly spread over all of it)")
     p.add_argument("--seq-len", type=_count(1), default=256, help="tokens per validation sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
     p.add_argument("--max-candidates", type=_count(1), default=24,

@@ -69,7 +69,10 @@ def copy_tokenizer_config(src: Path, dst: Path) -> None:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    file = Path(directory) / "tokenizer.json"
+    """The ``tokenizer.json`` of a model directory (or the tokenizer a .gguf file carries)."""
+    from .model.gguf_import import hf_directory
+
+    file = hf_directory(directory) / "tokenizer.json"
     if not file.is_file():
         raise CheckpointError(f"{directory} has no tokenizer.json; pass token ids with --prompt-ids instead")
     try:

@@ -67,7 +67,7 @@ def test_text_folder_split_is_disjoint_and_deterministic(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(f"document number {i}" for i in range(300)))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("another one\n\nand more")
-    cfg = DataConfig(source="text", path=str(tmp_path), val_fraction=0.1)
+    cfg = DataConfig(source="text", path=str(tmp_path), val_fraction=0.1, separator="\n\n")
     train, val = list(documents(cfg, "train")(0)), list(documents(cfg, "val")(0))
     assert len(train) + len(val) == 302 and not set(train) & set(val) and 10 < len(val) < 60
     assert list(documents(cfg, "train")(5)) == train[5:]
@@ -166,7 +166,7 @@ def test_local_files_resume_by_seeking_not_rereading(tmp_path, source, split, mo
             write_jsonl(data / f"part{k}.jsonl", [{"text": t} for t in texts])
         else:
             (data / f"part{k}.txt").write_text("\n\n".join(texts))
-    cfg = DataConfig(source=source, path=str(data), val_fraction=0.3)
+    cfg = DataConfig(source=source, path=str(data), val_fraction=0.3, separator="\n\n")
     if source == "hf":
         pytest.importorskip("datasets")
         monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -365,10 +365,10 @@ def test_a_binary_data_file_names_the_file_and_offset(w, capsys):
 def test_a_sequence_longer_than_the_data_is_refused_not_repeated(w, capsys):
     (w / "short.txt").write_text("\n\n".join(f"short document {i}" for i in range(20)))
     cfg = json.loads(elastic_run(w).read_text())
-    cfg["data"] = {"source": "text", "path": str(w / "short.txt"), "val_fraction": 0.5}
+    cfg["data"] = {"source": "text", "path": str(w / "short.txt"), "val_fraction": 0.5, "separator": "\n\n"}
     cfg["stages"][0]["seq_len"] = 4096
     (w / "long.json").write_text(json.dumps(cfg))
-    refused(w, ["train", "--config", str(w / "long.json"), "--no-progress"], capsys, "fewer tokens than one batch")
+    refused(w, ["train", "--config", str(w / "long.json"), "--no-progress"], capsys, "fewer than one batch")
 
 
 def test_a_run_too_large_for_memory_is_refused_before_allocating(w, capsys):

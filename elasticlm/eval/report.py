@@ -76,6 +76,7 @@ class Point:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # level → family → fraction
     source: str = ""
     lm_eval: dict[str, float] = field(default_factory=dict)  # "task/metric" → value (eval --lm-eval)
+    val_tokens: int | None = None  # how many tokens val_loss is the mean over
 
     @property
     def perplexity(self) -> float | None:
@@ -205,7 +206,7 @@ def load_points(path: str | Path) -> list[Point]:
     """The points of an ``eval.json`` written by :func:`save_report`."""
     try:
         data = json.loads(Path(path).read_text())
-        keep = {"series", "budget", "parameters", "val_loss", "accuracy", "source", "lm_eval"}
+        keep = {"series", "budget", "parameters", "val_loss", "accuracy", "source", "lm_eval", "val_tokens"}
         return [Point(**{k: v for k, v in p.items() if k in keep}) for p in data["points"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not an eval.json written by `elasticlm eval` ({exc})") from None
@@ -226,13 +227,17 @@ class Entry:
 
 
 def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels: tuple[str, ...], n: int,
-                     val_data: Any | None, val_samples: int = 48, seq_len: int = 256, batch_size: int = 8,
+                     val_data: Any | None, val_samples: int | None = 48, seq_len: int = 256, batch_size: int = 8,
                      log=print) -> list[Point]:
     """Evaluate every entry; ``val_data`` (a DataConfig, None: no loss) gives the held-out sequences,
-    encoded once per distinct tokenizer so that every model is scored on the same text."""
+    encoded once per distinct tokenizer so that every model is scored on the same text. Files (text, JSONL)
+    are scored whole — every token once, in windows of ``seq_len`` (``val_samples``: only that many windows,
+    spread over the file); other data gives ``val_samples`` (default 48) sequences of its validation split."""
+    from ..data.datasets import is_local, scoring_batches
     from ..elastic.importance import calibration_batches
 
     batches: dict[str, list[Any]] = {}
+    counts: dict[str, int] = {}
     points = []
     for i, e in enumerate(entries, 1):
         val = None
@@ -243,12 +248,21 @@ def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels:
                 if eos is None:
                     raise ConfigError(f"{e.source or e.series}: the model has no eos_token_id, needed to pack "
                                       "validation documents")
-                batches[key] = list(calibration_batches(val_data, lambda s, t=e.tokenizer: t.encode(s).ids, eos,
-                                                        val_samples, seq_len, batch_size, "val", True))
+                encode = lambda s, t=e.tokenizer: t.encode(s).ids  # noqa: E731
+                if is_local(val_data):
+                    scored = scoring_batches(val_data, encode, eos, seq_len, batch_size, val_samples)
+                    batches[key] = scored.batches
+                    log(f"scoring {val_data.path}: {scored.tokens:,} tokens of {scored.documents} document(s) in "
+                        f"{scored.windows} window(s) of up to {seq_len}")
+                else:
+                    batches[key] = list(calibration_batches(val_data, encode, eos, val_samples or 48, seq_len,
+                                                            batch_size, "val", True))
+                counts[key] = sum(int(m[:, 1:].sum()) for _, _, m in batches[key])
             val = batches[key]
         loss, acc = evaluate_model(e.model, e.tokenizer, e.subnet, families=families, levels=levels, n=n,
                                    val_batches=val if e.think is None else None, think=e.think)
-        point = Point(e.series, e.budget, e.model.num_parameters(e.subnet), loss, acc, e.source)
+        point = Point(e.series, e.budget, e.model.num_parameters(e.subnet), loss, acc, e.source,
+                      val_tokens=counts.get(e.tokenizer.to_str()) if val is not None else None)
         points.append(point)
         mean = point.mean_accuracy(levels[0]) if families else None
         log(f"[{i}/{len(entries)}] {e.series} {e.budget}: {point.parameters:,} parameters"

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..checkpoint import ROUTER_WEIGHTS, ROUTING, atomic_directory, load, read_config, read_json, write_model_files
 from ..config import ModelConfig, count_parameters
-from ..data.datasets import PackedStream, documents
+from ..data.datasets import PackedStream, compat_data, documents
 from ..elastic.prune import describe_subnet
 from ..elastic.router import Router, RouterSchedule
 from ..elastic.space import ElasticSpace, memory_bytes
@@ -326,7 +326,7 @@ def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
             elastic.pop(name)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     parent = {k: v for k, v in space.config.to_dict().items() if k not in PARENT_ADDED_LATER or v != defaults[k]}
-    return {"parent": parent, "elastic": elastic, "distill": d["distill"], "data": d["data"],
+    return {"parent": parent, "elastic": elastic, "distill": d["distill"], "data": compat_data(d["data"]),
             "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 

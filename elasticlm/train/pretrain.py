@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_directory, write_model_files
-from ..data.datasets import PackedStream, doc_text, documents
+from ..data.datasets import PackedStream, compat_data, doc_text, documents
 from ..errors import ConfigError
 from ..model.documents import document_ids_from_eos
 from ..model.hybrid import HybridLM
@@ -115,7 +115,7 @@ class LanguageModeling(Objective):
 def compat_record(run: RunConfig) -> dict[str, Any]:
     """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
     d = run.to_dict()
-    return {"model": d["model"], "tokenizer": d["tokenizer"], "data": d["data"],
+    return {"model": d["model"], "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
             "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 
