@@ -160,10 +160,15 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights {unexpected[:3]}{' …' if len(unexpected) > 3 else ''} "
                               "for the architecture in config.json")
+    kinds = {k: v.dtype for k, v in model.state_dict().items()}
     for name, shape in expected.items():
         if weights[name].shape != shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(weights[name].shape)}, "
                                   f"config.json implies {tuple(shape)}")
+        if weights[name].is_floating_point() != kinds[name].is_floating_point:
+            raise CheckpointError(f"{path}: {name} is stored as {str(weights[name].dtype).removeprefix('torch.')}, "
+                                  f"expected a {'floating-point' if kinds[name].is_floating_point else 'integer'} "
+                                  "tensor; the file was not written from this architecture")
     target = dtype or next(iter(weights.values())).dtype
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)

@@ -190,8 +190,15 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        for name in ("norm_eps", "time_step_min", "time_step_max", "initializer_range", "moe_routed_scaling_factor"):
+            v = getattr(self, name)  # a string ("1e-5") would otherwise fail deep inside a comparison or torch
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not 0 < self.time_step_min <= self.time_step_max:
+            raise ConfigError(f"time_step_min and time_step_max must satisfy 0 < min <= max (dt_bias is initialised "
+                              f"on a log scale between them), got {self.time_step_min!r} and {self.time_step_max!r}")
         heads = self.mamba_heads_list()
         self.mamba_head_dims_list()
         for i, h in enumerate(heads):

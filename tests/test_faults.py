@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from elasticlm.cli import main
 
@@ -291,6 +292,7 @@ def test_resume_under_changed_budgets_is_refused_naming_the_field(w, capsys):
     changed = elastic_run(w, budgets=[1.0, 0.5])
     msg = refused(w, ["train", "--config", str(changed), "--no-progress", "--resume"], capsys, "elastic.budgets")
     assert "--allow-config-change" in msg
+    assert "0.7 (params" in msg and "0.5 (params" in msg  # the budgets as the user wrote them, not only counts
     # the same budgets in other spellings are the same budgets: the resume goes ahead
     same = elastic_run(w, budgets=["100%", "70%"])
     assert main(["train", "--config", str(same), "--no-progress", "--resume"]) == 0
@@ -427,3 +429,49 @@ def test_the_output_is_checked_before_any_work(tmp_path, capsys):
     t0 = time.perf_counter()
     refused(tmp_path, ["init", str(tmp_path), "--preset", "nemotron-nano-12b-v2"], capsys, "already exists")
     assert time.perf_counter() - t0 < 30
+
+
+# -- 5. inputs that used to escape as "unexpected" errors ---------------------------------------------------
+
+
+def edited_config(w: Path, name: str, **fields) -> Path:
+    """A copy of the world's model with ``fields`` of its config.json replaced."""
+    dst = w / name
+    shutil.copytree(w / "model", dst)
+    raw = json.loads((dst / "config.json").read_text())
+    raw["model"].update(fields)
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("norm_eps", "1e-5", "norm_eps must be a finite number, got '1e-5'"),
+    ("time_step_min", 0, "time_step_min and time_step_max must satisfy 0 < min"),
+])
+def test_a_config_field_of_the_wrong_type_or_range_is_named(w, capsys, field, value, needle):
+    model = edited_config(w, "edited", **{field: value})
+    refused(w, ["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"], capsys, needle)
+    refused(w, ["init", str(w / "new"), "--preset", "tiny", "--set", f"{field}={json.dumps(value)}"], capsys, field)
+
+
+def test_a_tensor_of_the_wrong_dtype_is_named(w, capsys):
+    from safetensors.torch import load_file, save_file
+
+    dst = w / "ints"
+    shutil.copytree(w / "model", dst)
+    weights = load_file(dst / "model.safetensors")
+    weights["embeddings.weight"] = weights["embeddings.weight"].to(torch.int32)
+    save_file(weights, dst / "model.safetensors")
+    refused(w, ["generate", "--model", str(dst), "--prompt", "x", "--max-new-tokens", "1"], capsys,
+            "embeddings.weight is stored as int32")
+
+
+def test_pretrain_that_fills_the_disk_leaves_no_run_directory(tmp_path, capsys):
+    cfg = tmp_path / "pre.json"
+    with tmpfs(tmp_path / "small", "size=256k") as small:
+        cfg.write_text(json.dumps({
+            "model": {"preset": "tiny"}, "tokenizer": {"kind": "bytes"}, "data": {"source": "synthetic"},
+            "train": {"out": str(small / "run"), "steps": 2, "batch_size": 2, "seq_len": 32, "checkpoint_every": 1,
+                      "eval_every": 100, "val_batches": 1, "tensorboard": False, "dtype": "float32"}}))
+        refused(small, ["pretrain", "--config", str(cfg), "--no-progress"], capsys, "No space left on device")
+        assert not (small / "run").exists()

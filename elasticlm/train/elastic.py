@@ -50,7 +50,17 @@ from .checkpoint import gathered
 from .config import ElasticRunConfig
 from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of, shared_encoder
 from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
-from .trainer import Objective, Phase, autocast_dtype, build_optimizer, check_resume, fit, open_run, run_autocast
+from .trainer import (
+    Objective,
+    Phase,
+    autocast_dtype,
+    build_optimizer,
+    check_resume,
+    fit,
+    open_run,
+    removed_unless_resumable,
+    run_autocast,
+)
 
 log = logging.getLogger("elasticlm.train")
 
@@ -326,8 +336,10 @@ def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
             elastic.pop(name)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     parent = {k: v for k, v in space.config.to_dict().items() if k not in PARENT_ADDED_LATER or v != defaults[k]}
+    labels = {f"{space.target} {t:.6g}": label for label, t in zip(space.budgets, space.targets, strict=True)}
     return {"parent": parent, "elastic": elastic, "distill": d["distill"], "data": compat_data(d["data"]),
-            "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
+            "stages": d["stages"], "train": {"seed": run.train.seed, "document_masking": run.train.document_masking},
+            "_labels": labels}
 
 
 def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = True,
@@ -417,13 +429,14 @@ def train_elastic(run: ElasticRunConfig, resume: bool = False, progress: bool = 
         wrapped = _parallelize(student, teacher, run, dist, device, (parent_dir, teacher_dir) if meta_init else None)
     objective = ElasticDistillation(run, student, wrapped, teacher, space, amp, sharded, val_batches, tok)
     objective.compat = compat_record(run, space)
-    if dist.main:  # the first write of the run: everything is checked now
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (parent_dir / name).is_file():
-                shutil.copy2(parent_dir / name, tok_dir / name)
-    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(), resumed_from=ckpt,
-               dist=dist, device=device, progress=progress)
+    with removed_unless_resumable(out, dist.main):
+        if dist.main:  # the first write of the run: everything is checked now
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (parent_dir / name).is_file():
+                    shutil.copy2(parent_dir / name, tok_dir / name)
+        return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(),
+                   resumed_from=ckpt, dist=dist, device=device, progress=progress)
 
 
 def _parallelize(student: ElasticStudent, teacher: HybridLM, run: ElasticRunConfig, dist: Distributed,

@@ -23,7 +23,16 @@ from ..tokenizer import batch_encoder, byte_level_tokenizer, load_tokenizer, sav
 from .config import RunConfig
 from .distributed import Distributed
 from .losses import ce_loss_from_hidden
-from .trainer import Objective, Phase, build_optimizer, check_resume, fit, open_run, run_autocast
+from .trainer import (
+    Objective,
+    Phase,
+    build_optimizer,
+    check_resume,
+    fit,
+    open_run,
+    removed_unless_resumable,
+    run_autocast,
+)
 
 log = logging.getLogger("elasticlm.train")
 
@@ -168,7 +177,8 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True,
     val_batches = [tuple(t.to(device) for t in val_stream.next_masked_batch()) for _ in range(cfg.val_batches)]
     objective = LanguageModeling(run, model, amp, tok, val_batches)
     objective.compat = compat_record(run)
-    if not (tok_dir / "tokenizer.json").is_file():  # the first write of the run: everything is checked now
-        save_tokenizer(tok, tok_dir)
-    return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(), resumed_from=ckpt,
-               device=device, progress=progress)
+    with removed_unless_resumable(out):
+        if not (tok_dir / "tokenizer.json").is_file():  # the first write of the run: everything is checked now
+            save_tokenizer(tok, tok_dir)
+        return fit(objective, cfg, stream, out=out, tokenizer_dir=tok_dir, run_config=run.to_dict(),
+                   resumed_from=ckpt, device=device, progress=progress)

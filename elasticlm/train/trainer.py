@@ -302,6 +302,21 @@ def open_run(out: Path, *, resume: bool, resume_from: str | Path | None = None,
     return ckpt
 
 
+@contextlib.contextmanager
+def removed_unless_resumable(out: Path, main: bool = True) -> Any:
+    """Remove ``out`` if the block fails before the run wrote a complete checkpoint into a directory that did not
+    exist when the block began (a full disk in the first steps leaves nothing behind). A run with a checkpoint
+    stays, since ``--resume`` can continue it; so does a directory that was there before."""
+    fresh = main and not out.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and out.exists() and latest(out) is None:
+            log.warning("removing %s: the run stopped before its first complete checkpoint", out)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(record, dict):
         out: dict[str, Any] = {}
@@ -327,6 +342,18 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k, missing)} → {b.get(k, missing)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _labelled(change: str, labels: dict[str, str]) -> str:
+    """``change`` with every recorded value that has a label written as ``label (value)``.
+
+    >>> _labelled("elastic.budgets: ['params 10', 'params 5'] → ['params 10', 'params 6']",
+    ...           {"params 5": "0.5", "params 6": "0.6"})
+    "elastic.budgets: ['params 10', 0.5 (params 5)] → ['params 10', 0.6 (params 6)]"
+    """
+    for value, label in labels.items():
+        change = change.replace(repr(value), f"{label} ({value})")
+    return change
+
+
 def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, branch: bool = False) -> None:
     """Refuse to resume ``ckpt`` under a config whose compatibility ``record`` (what a checkpoint's meaning
     depends on: architecture, elastic space with budgets by value, stages, data, …) differs from the one the
@@ -338,7 +365,10 @@ def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, 
     saved = state.get("compat")
     if saved is None:  # written before checkpoints recorded it
         return
-    changes = config_changes(saved, record)
+    # "_labels": how the user wrote a recorded value (the budget "0.75" for "params 145302"); shown, not compared
+    saved, record = dict(saved), dict(record)
+    labels = {**saved.pop("_labels", {}), **record.pop("_labels", {})}
+    changes = [_labelled(c, labels) for c in config_changes(saved, record)]
     if branch:
         done = int(state.get("stage", 0))
         later = re.compile(r"^stages(\[(\d+)\])?")
