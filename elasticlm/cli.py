@@ -444,24 +444,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"total {result['timings']['total'] / 60:.1f} min")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import build_app, load_engine
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import build_app, load_engine, serve_until_signalled
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("`elasticlm serve` needs FastAPI and uvicorn: pip install 'elasticlm[serve]'") from None
     _check_listen(args.host, args.port)  # before loading and measuring anything
+    api_key = args.api_key or os.environ.get("ELASTICLM_API_KEY") or None
     engine, path = load_engine(args.checkpoint, args.device, max_batch=args.max_batch,
-                               target_latency_ms=args.target_latency_ms, max_context=args.max_context)
-    app = build_app(engine, path)
+                               target_latency_ms=args.target_latency_ms, max_context=args.max_context,
+                               max_queue=args.max_queue)
+    app = build_app(engine, path, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                    request_timeout=args.request_timeout)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without an API key: anyone who reaches the port can use it "
+              "(set ELASTICLM_API_KEY or --api-key)", file=sys.stderr)
     print(f"serving {engine.name}: budgets {', '.join(engine.order)} and auto on http://{args.host}:{args.port}/v1 "
           "(measuring step times…)", file=sys.stderr, flush=True)
     engine.start()
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.stop()
+    return serve_until_signalled(engine, app, args.host, args.port, args.shutdown_timeout)
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -856,6 +861,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_count(2), default=4096, help="most prompt + generated tokens per request")
     p.add_argument("--target-latency-ms", type=_number(0.0, None, low_open=True), default=100.0,
                    help="NAME@auto: the per-token latency the chosen budget must meet under the current load")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                                     "ELASTICLM_API_KEY environment variable; none: open)")
+    p.add_argument("--max-queue", type=_count(1), default=256,
+                   help="most requests waiting for a decoding slot; more get 429 with Retry-After")
+    p.add_argument("--request-timeout", type=_number(0.0, None), default=600.0,
+                   help="seconds a request may take from arrival to its last token, then 504 (0: no limit)")
+    p.add_argument("--max-body-bytes", type=_count(1), default=2 << 20,
+                   help="larger request bodies get 413 without being parsed")
+    p.add_argument("--shutdown-timeout", type=_number(0.0, None), default=30.0,
+                   help="on SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("importance", formatter_class=fmt, help="score every width axis and layer (calibration)",

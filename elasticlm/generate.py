@@ -12,6 +12,8 @@ from .errors import ConfigError
 from .model.cache import HybridCache
 from .model.hybrid import HybridLM
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is decoded greedily (see sample_next)
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -19,16 +21,30 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
     temperature 0 is greedy; otherwise softmax(logits / T) restricted to the smallest set of
     tokens whose probability reaches ``top_p`` (nucleus sampling).
+
+    Safe for every temperature > 0: a temperature below ``MIN_TEMPERATURE`` decodes greedily (it would put
+    all the mass on the argmax anyway, unless two logits are within ~1e-4, and 1e-300 is 0 in float32, which
+    would divide 0 by 0); above it, the logits are shifted so that their maximum is 0 before they are scaled
+    (log space: nothing overflows to inf). NaN logits are never drawn; a row without one finite logit gets its
+    argmax. The draw runs on the generator's device, so a CPU generator also serves a model on a GPU.
     """
-    if temperature <= 0:
+    if not temperature >= MIN_TEMPERATURE:  # also NaN
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    x = torch.nan_to_num(logits.float(), nan=-torch.inf, posinf=torch.finfo(torch.float32).max, neginf=-torch.inf)
+    top = x.amax(-1, keepdim=True)
+    dead = ~torch.isfinite(top)  # [batch, 1]: every logit -inf or NaN, nothing to draw from
+    x = torch.where(dead, 0.0, (x - torch.where(dead, 0.0, top)) / temperature)
+    probs = torch.softmax(x, dim=-1)  # the top token has exp(0) = 1: the sum is >= 1, never 0 / 0
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is not None and generator.device != probs.device:
+        drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    else:
+        drawn = torch.multinomial(probs, 1, generator=generator)
+    return torch.where(dead, logits.argmax(-1, keepdim=True), drawn).squeeze(-1)
 
 
 def generate(model: HybridLM, input_ids: torch.Tensor, *, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -196,7 +212,9 @@ class DecodeBatch:
 
 
 def sample_rows(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-    """The next token of each row under its own temperature, top-p and generator (greedy rows in one argmax)."""
+    """The next token of each row under its own temperature, top-p and generator (greedy rows in one argmax).
+    A row draws from its own generator only, one draw per step, so a seeded row samples the same tokens whatever
+    the other rows of the batch are."""
     out = logits.argmax(-1)
     for i, r in enumerate(rows):
         if r.temperature > 0:

@@ -13,7 +13,16 @@ in turn: a Subnet's widths are fixed per forward, so rows of different budgets c
 
 ``NAME@auto`` serves the largest budget whose predicted time per token, with the rows it would join, meets
 ``--target-latency-ms``; the prediction is a per-budget line (fixed cost + cost per row) fitted to step times
-measured at start-up and updated while serving. The response's ``model`` field names the budget that served it.
+measured at start-up and updated while serving, summed over the budgets that have rows (they step in turn, so a
+token of one budget waits for a step of each). The response's ``model`` field names the budget that served it.
+
+No request can stop the server: an exception while admitting or decoding fails the requests it touched (an
+OpenAI-style error, 4xx where their input was at fault, else 500) and the engine goes on with a fresh batch; if
+the engine thread dies anyway, a watchdog fails its requests and restarts it (``max_restarts`` times a minute,
+then ``/health`` answers 503 for good and :func:`serve_until_signalled` exits 1). Limits: an API key on every
+``/v1`` route, a bounded queue (429 + ``Retry-After``), a deadline per request (504), a bound on the body size
+(413, before parsing) and on the prompt (400, before tokenising); SIGTERM drains (see
+:func:`serve_until_signalled`).
 
 The web layer (FastAPI + uvicorn) is an optional dependency: ``pip install elasticlm[serve]``.
 """
@@ -21,20 +30,23 @@ The web layer (FastAPI + uvicorn) is an optional dependency: ``pip install elast
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
-import queue
+import math
+import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ElasticLMError
 from .generate import DecodeBatch, Request
 from .model.hybrid import HybridLM
 
@@ -42,13 +54,28 @@ log = logging.getLogger("elasticlm.serve")
 
 AUTO = "auto"
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
 
 class RequestError(Exception):
-    """A bad request: becomes an OpenAI-style JSON error with this HTTP status."""
+    """A request that cannot be served: becomes an OpenAI-style JSON error with this HTTP status (and headers,
+    e.g. ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages echo what a client sent, however long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -57,25 +84,30 @@ class Job:
 
     budget: str
     request: Request
-    sink: Any  # put(item): called on the engine thread with ("token", id) / ("done", reason) / ("error", text)
+    # put(item): called on the engine thread with ("token", id) / ("done", reason) / ("error", (status, message))
+    sink: Any
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cancelled: bool = False
 
 
 class StepModel:
-    """Per-budget decode-step time as ``fixed + per_row · rows`` (least squares over recent measurements)."""
+    """Per-budget decode-step time as ``fixed + per_row · rows`` (least squares over recent measurements).
+    Written by the engine thread, read by request handlers: behind a lock."""
 
     def __init__(self) -> None:
         self.samples: dict[str, list[tuple[int, float]]] = {}
+        self.lock = threading.Lock()
 
     def add(self, budget: str, rows: int, seconds: float) -> None:
-        s = self.samples.setdefault(budget, [])
-        s.append((rows, seconds))
-        del s[:-200]
+        with self.lock:
+            s = self.samples.setdefault(budget, [])
+            s.append((rows, seconds))
+            del s[:-200]
 
     def predict(self, budget: str, rows: int) -> float:
-        s = self.samples.get(budget) or [(1, 0.0)]
+        with self.lock:
+            s = list(self.samples.get(budget) or [(1, 0.0)])
         n = len(s)
         mx = sum(r for r, _ in s) / n
         my = sum(t for _, t in s) / n
@@ -85,37 +117,60 @@ class StepModel:
 
 
 class Engine:
-    """Continuous batching per budget on one thread (see the module docstring)."""
+    """Continuous batching per budget on one thread, kept alive by a watchdog (see the module docstring)."""
 
     def __init__(self, model: HybridLM, tokenizer: Any, name: str, max_batch: int = 32,
-                 target_latency_ms: float = 100.0, max_context: int = 4096) -> None:
+                 target_latency_ms: float = 100.0, max_context: int = 4096, max_queue: int = 256,
+                 max_restarts: int = 3, stall_seconds: float = 120.0) -> None:
         if not model.budgets:
             raise ConfigError("serve needs an elastic checkpoint (the final/ directory of `elasticlm train`, with "
                               "elastic.json); a plain model has no budgets to serve")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device = model.embeddings.weight.device  # where sampling happens: request generators live here
         self.budgets = dict(model.budgets)
         self.order = sorted(self.budgets, key=lambda b: model.budget_targets.get(b, 0.0))  # smallest first
         self.max_batch, self.target = max_batch, target_latency_ms / 1000
-        self.max_context = max_context
+        self.max_context, self.max_queue = max_context, max_queue
+        self.max_restarts, self.stall_seconds = max_restarts, stall_seconds
         self.eos = model.config.eos_token_id
+        # the longest token, in characters: a text longer than max_context times this cannot fit the context,
+        # which is known without tokenising it (a byte-level BPE token covers at least one character)
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.max_token_chars = max((len(t) for t in vocab), default=16)
         self.batches = {b: DecodeBatch(model, s) for b, s in self.budgets.items()}
-        self.jobs: dict[str, list[Job]] = {b: [] for b in self.budgets}
-        self.incoming: queue.Queue[Job] = queue.Queue()
+        self.jobs: dict[str, list[Job]] = {b: [] for b in self.budgets}  # decoding now (the engine thread's)
+        self._waiting: deque[Job] = deque()  # submitted, not yet admitted (at most max_queue)
+        self._cv = threading.Condition()  # guards _waiting and accepting; wakes an idle engine
         self.steps = StepModel()
         self.metrics = Metrics(list(self.budgets))
+        self.accepting = True  # False once draining for shutdown: new requests get 503
+        self.fatal: str | None = None  # why the engine stopped for good (restarts used up)
+        self.on_fatal: Callable[[], None] | None = None  # e.g. tell the web server to exit
+        self.restarts: deque[float] = deque()  # when the watchdog restarted the engine thread (last minute)
+        self._beat = time.monotonic()  # when the engine loop last began a round
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
 
     # -- the engine thread ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.calibrate()
-        self._thread = threading.Thread(target=self._run, name="elasticlm-engine", daemon=True)
-        self._thread.start()
+        self._launch()
+        self._watchdog = threading.Thread(target=self._watch, name="elasticlm-watchdog", daemon=True)
+        self._watchdog.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        with self._cv:
+            self._cv.notify_all()
+        for t in (self._thread, self._watchdog):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=10)
+
+    def drain(self) -> None:
+        """Stop admitting (new requests and /health get 503); what is decoding goes on."""
+        with self._cv:
+            self.accepting = False
 
     @torch.inference_mode()
     def calibrate(self, rows: tuple[int, ...] = (1, 4)) -> None:
@@ -130,43 +185,132 @@ class Engine:
                 batch.step()
                 self.steps.add(b, n, time.perf_counter() - t0)
 
+    def _launch(self) -> None:
+        self._beat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="elasticlm-engine", daemon=True)
+        self._thread.start()
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._admit(block=not any(self.jobs.values()))
-            for b in self.order:
-                if self.jobs[b]:
-                    self._step(b)
+        try:
+            while not self._stop.is_set():
+                self._beat = time.monotonic()
+                self._admit(block=not any(self.jobs.values()))
+                for b in self.order:
+                    if self.jobs[b]:
+                        self._step(b)
+        except BaseException:  # a bug outside the guarded steps (or an injected kill): the watchdog takes over
+            log.exception("the engine thread died")
+
+    def _watch(self) -> None:
+        """Restart a dead engine thread, failing the requests it was decoding; give up after ``max_restarts``
+        restarts within a minute (a fault that comes back at once would otherwise spin)."""
+        while not self._stop.wait(0.1):
+            thread = self._thread
+            if thread is None or thread.is_alive():
+                continue
+            if self._stop.is_set():
+                return
+            for b in self.order:  # the thread is gone: its batches are ours now
+                jobs, self.jobs[b] = self.jobs[b], []
+                self.batches[b] = DecodeBatch(self.model, self.budgets[b])
+                self._fail(jobs, 500, f"the engine failed while decoding this request (budget {b}) and was "
+                                      "restarted; retry the request")
+            now = time.monotonic()
+            while self.restarts and now - self.restarts[0] > 60:
+                self.restarts.popleft()
+            if len(self.restarts) >= self.max_restarts:
+                self._give_up(f"the engine thread died {len(self.restarts) + 1} times within a minute; the server "
+                              "stopped serving (see its log for the tracebacks) and must be restarted")
+                return
+            self.restarts.append(now)
+            self.metrics.restarted()
+            log.error("restarting the engine thread (%d restart(s) in the last minute)", len(self.restarts))
+            self._launch()
+
+    def _give_up(self, why: str) -> None:
+        with self._cv:
+            self.fatal = why
+            waiting, self._waiting = list(self._waiting), deque()
+        self._fail(waiting, 503, why)
+        log.error(why)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _take(self, block: bool) -> dict[str, list[Job]]:
+        """The waiting jobs that fit their budget's batch now, in arrival order (the rest keep their place)."""
+        with self._cv:
+            if block and not self._waiting:
+                self._cv.wait(timeout=0.05)
+            room = {b: self.max_batch - len(j) for b, j in self.jobs.items()}
+            new: dict[str, list[Job]] = {}
+            keep: deque[Job] = deque()
+            for job in self._waiting:
+                if job.cancelled:  # left (or timed out) while queued
+                    self.metrics.cancel(job.budget)
+                elif room[job.budget] > 0:
+                    room[job.budget] -= 1
+                    new.setdefault(job.budget, []).append(job)
+                else:
+                    keep.append(job)
+            self._waiting = keep
+        return new
 
     def _admit(self, block: bool) -> None:
-        new: dict[str, list[Job]] = {}
-        try:
-            job = self.incoming.get(timeout=0.05) if block else self.incoming.get_nowait()
-            while True:
-                if not job.cancelled:
-                    new.setdefault(job.budget, []).append(job)
-                job = self.incoming.get_nowait()
-        except queue.Empty:
-            pass
-        for b, jobs in new.items():
-            room = self.max_batch - len(self.jobs[b])
-            for late in jobs[max(room, 0):]:  # beyond the batch limit: back in the queue for a later step
-                self.incoming.put(late)
-            jobs = jobs[: max(room, 0)]
-            if not jobs:
-                continue
+        for b, jobs in self._take(block).items():
+            batch = self.batches[b]
+            had_rows = len(batch) > 0
             try:
-                self.batches[b].add([j.request for j in jobs])
-            except Exception as exc:  # a bad prompt reaching the model: fail these requests, keep serving
-                for j in jobs:
-                    j.sink(("error", str(exc)))
+                batch.add([j.request for j in jobs])
+            except Exception as exc:  # these prompts could not be prefilled: fail them, keep serving the others
+                status = 400 if isinstance(exc, (ElasticLMError, ValueError)) else 500
+                if status == 500:
+                    log.exception("admitting %d request(s) at budget %s failed", len(jobs), b)
+                self._fail(jobs, status, f"the prompt could not be prefilled at budget {b}: "
+                                         f"{type(exc).__name__}: {exc}")
+                if had_rows:  # the failure may have come mid-merge: the running rows get a fresh batch
+                    self._rebuild(b)
                 continue
             self.jobs[b].extend(jobs)
             for j in jobs:  # max_tokens 0: finished at admission
                 if j.request.finished:
-                    j.sink(("done", j.request.finished))
+                    self._send(j, ("done", j.request.finished))
             self.jobs[b] = [j for j in self.jobs[b] if not j.request.finished]
 
+    def _rebuild(self, b: str) -> None:
+        """Budget ``b``'s running requests in a fresh batch: each prompt and the tokens generated so far prefilled
+        again (the old batch's cache may be half-updated). Their outputs stay correct continuations, though no
+        longer bit-exact with decoding alone (a prefill is not bitwise a sequence of steps)."""
+        jobs = [j for j in self.jobs[b] if not j.cancelled and not j.request.finished]
+        self.jobs[b], self.batches[b] = [], DecodeBatch(self.model, self.budgets[b])
+        if not jobs:
+            return
+        requests = [j.request for j in jobs]
+        prompts = [r.prompt for r in requests]
+        try:
+            for r in requests:  # prefill prompt + tokens; step() counts max_new_tokens on r.tokens, as before
+                r.prompt = r.prompt + r.tokens
+            self.batches[b].add(requests)
+        except Exception as exc:
+            log.exception("rebuilding budget %s's batch failed", b)
+            self.batches[b] = DecodeBatch(self.model, self.budgets[b])
+            self._fail(jobs, 500, f"decoding failed at budget {b}: {type(exc).__name__}: {exc}; retry the request")
+            return
+        finally:
+            for r, p in zip(requests, prompts, strict=True):
+                r.prompt = p
+        self.jobs[b] = jobs
+
     def _step(self, b: str) -> None:
+        try:
+            self._step_unguarded(b)
+        except Exception as exc:  # the forward is shared, so every row of the batch is affected
+            log.exception("decoding budget %s failed", b)
+            jobs, self.jobs[b] = self.jobs[b], []
+            self.batches[b] = DecodeBatch(self.model, self.budgets[b])  # its cache may be half-advanced
+            self._fail(jobs, 500, f"decoding failed at budget {b}: {type(exc).__name__}: {exc}; the request was "
+                                  "dropped and the server goes on; retry it")
+
+    def _step_unguarded(self, b: str) -> None:
         batch, jobs = self.batches[b], self.jobs[b]
         gone = [j for j in jobs if j.cancelled]
         if gone:  # clients that left: free their rows
@@ -185,46 +329,86 @@ class Engine:
             job = by_request[id(req)]
             if job.first_token is None:
                 job.first_token = now
-            job.sink(("token", tok))
+            self._send(job, ("token", tok))
             if req.finished:
-                job.sink(("done", req.finished))
+                self._send(job, ("done", req.finished))
                 self.metrics.finished(b, len(req.tokens), now - job.submitted)
         self.jobs[b] = [j for j in jobs if not j.request.finished]
 
+    def _send(self, job: Job, item: tuple[str, Any]) -> None:
+        try:
+            job.sink(item)
+        except Exception:  # its event loop is gone (server stopping): nobody waits for this request any more
+            job.cancelled = True
+
+    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
+        for j in jobs:  # counted in the metrics where the web layer answers them
+            self._send(j, ("error", (status, message)))
+
     # -- called from the web layer ------------------------------------------------------------------------
+    def health(self) -> tuple[int, str]:
+        """(200, "ok") while requests are being served, else (503, why)."""
+        if self.fatal:
+            return 503, self.fatal
+        if not self.accepting:
+            return 503, "shutting down: new requests are refused"
+        if self._thread is None or not self._thread.is_alive():
+            return 503, "the engine thread is not running (being restarted)"
+        busy = time.monotonic() - self._beat
+        if busy > self.stall_seconds:
+            return 503, f"the engine has been in one round of decoding steps for {busy:.0f} s"
+        return 200, "ok"
+
     def resolve(self, model: str) -> str:
         """The budget label a request's ``model`` names: ``NAME@0.5``, ``0.5``, ``NAME@auto`` or ``NAME``
         (the full model)."""
         label = model.split("@", 1)[1] if "@" in model else (model if model in self.budgets or model == AUTO
                                                             else None)
         if "@" in model and model.split("@", 1)[0] != self.name:
-            raise RequestError(404, f"unknown model {model!r}; GET /v1/models lists them", "model")
+            raise RequestError(404, f"unknown model {_short(model)}; GET /v1/models lists them", "model")
         if label is None:
             if model != self.name:
-                raise RequestError(404, f"unknown model {model!r}; GET /v1/models lists them", "model")
+                raise RequestError(404, f"unknown model {_short(model)}; GET /v1/models lists them", "model")
             return self.order[-1]
         if label == AUTO:
             return self.auto()
         if label not in self.budgets:
-            raise RequestError(404, f"unknown budget {label!r}; this checkpoint serves {', '.join(self.order)} "
-                                    "and auto", "model")
+            raise RequestError(404, f"unknown budget {_short(label)}; this checkpoint serves "
+                                    f"{', '.join(self.order)} and auto", "model")
         return label
 
     def auto(self) -> str:
-        """The largest budget whose predicted time per token, joining its current batch, meets the target."""
+        """The largest budget whose predicted time per token, joining its current batch, meets the target.
+        Budgets take turns, one step each, so a token of budget b costs a step of every budget with rows."""
+        rows = self.active()
         for b in reversed(self.order):
-            if self.steps.predict(b, len(self.jobs[b]) + 1) <= self.target:
+            per_token = sum(self.steps.predict(c, rows[c] + (c == b)) for c in self.order if rows[c] or c == b)
+            if per_token <= self.target:
                 return b
         return self.order[0]
 
-    def submit(self, budget: str, request: Request, sink: Any) -> Job:
+    def submit(self, budget: str, request: Request, sink: Any, continuation: bool = False) -> Job:
+        """Queue a request; 503 when the engine is gone or draining, 429 when ``max_queue`` requests already wait.
+        ``continuation``: the second phase of a request already admitted (think → answer), never refused for
+        load."""
         job = Job(budget, request, sink)
+        with self._cv:
+            if self.fatal:
+                raise RequestError(503, self.fatal)
+            if not continuation and not self.accepting:
+                raise RequestError(503, "the server is shutting down; retry on another replica",
+                                   headers={"Retry-After": "5"})
+            if not continuation and len(self._waiting) >= self.max_queue:
+                raise RequestError(429, f"the server is busy: {len(self._waiting)} requests already wait for a "
+                                        "decoding slot (--max-queue); retry in a moment",
+                                   headers={"Retry-After": "1"})
+            self._waiting.append(job)
+            self._cv.notify()
         self.metrics.submitted(budget)
-        self.incoming.put(job)
         return job
 
     def queue_depth(self) -> int:
-        return self.incoming.qsize()
+        return len(self._waiting)
 
     def active(self) -> dict[str, int]:
         return {b: len(j) for b, j in self.jobs.items()}
@@ -244,10 +428,20 @@ class Metrics:
         self.latency_sum = dict.fromkeys(budgets, 0.0)
         self.cancelled = dict.fromkeys(budgets, 0)
         self.errors = 0
+        self.by_status: dict[int, int] = {}
+        self.restarts = 0
 
     def bad_request(self) -> None:
         with self.lock:
             self.errors += 1
+
+    def failed(self, status: int) -> None:
+        with self.lock:
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def restarted(self) -> None:
+        with self.lock:
+            self.restarts += 1
 
     def cancel(self, budget: str, n: int = 1) -> None:
         with self.lock:
@@ -265,7 +459,7 @@ class Metrics:
             i = next((k for k, edge in enumerate(self.BUCKETS) if seconds <= edge), len(self.BUCKETS))
             self.latency[budget][i] += 1
 
-    def text(self, queue_depth: int, active: dict[str, int]) -> str:
+    def text(self, queue_depth: int, active: dict[str, int], up: bool = True) -> str:
         out = ["# HELP elasticlm_requests_total Requests received, per budget",
                "# TYPE elasticlm_requests_total counter"]
         with self.lock:
@@ -283,12 +477,20 @@ class Metrics:
                     out.append(f'elasticlm_request_seconds_bucket{{budget="{b}",le="{le}"}} {acc}')
                 out.append(f'elasticlm_request_seconds_sum{{budget="{b}"}} {self.latency_sum[b]:.6f}')
                 out.append(f'elasticlm_request_seconds_count{{budget="{b}"}} {self.completed[b]}')
-            out += ["# HELP elasticlm_cancelled_total Requests abandoned mid-generation (client gone, stop string)",
-                    "# TYPE elasticlm_cancelled_total counter"]
+            out += ["# HELP elasticlm_cancelled_total Requests abandoned mid-generation (client gone, stop string, "
+                    "deadline)", "# TYPE elasticlm_cancelled_total counter"]
             out += [f'elasticlm_cancelled_total{{budget="{b}"}} {v}' for b, v in self.cancelled.items()]
             out += ["# HELP elasticlm_bad_requests_total Requests refused with a 4xx",
                     "# TYPE elasticlm_bad_requests_total counter", f"elasticlm_bad_requests_total {self.errors}"]
-        out += ["# HELP elasticlm_queue_depth Requests waiting to join a batch", "# TYPE elasticlm_queue_depth gauge",
+            out += ["# HELP elasticlm_errors_total Requests answered with an error, per HTTP status",
+                    "# TYPE elasticlm_errors_total counter"]
+            out += [f'elasticlm_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.by_status.items())]
+            out += ["# HELP elasticlm_engine_restarts_total Times the watchdog restarted a dead engine thread",
+                    "# TYPE elasticlm_engine_restarts_total counter",
+                    f"elasticlm_engine_restarts_total {self.restarts}"]
+        out += ["# HELP elasticlm_up 1 while requests are being served (as /health)", "# TYPE elasticlm_up gauge",
+                f"elasticlm_up {int(up)}",
+                "# HELP elasticlm_queue_depth Requests waiting to join a batch", "# TYPE elasticlm_queue_depth gauge",
                 f"elasticlm_queue_depth {queue_depth}",
                 "# HELP elasticlm_active_rows Sequences decoding, per budget", "# TYPE elasticlm_active_rows gauge"]
         out += [f'elasticlm_active_rows{{budget="{b}"}} {n}' for b, n in active.items()]
@@ -297,16 +499,32 @@ class Metrics:
 
 # -- request parsing (no web framework needed: testable alone) --------------------------------------------------
 
+MAX_STOP_CHARS = 256  # per stop string: the stream holds back up to this much text that might begin one
+
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float, integer: bool = False) -> Any:
     value = body.get(key, default)
     if value is None:
         value = default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
+    # ints of any size compare exactly with the bounds (float(10**400) would raise); floats must be finite
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or (math.isfinite(value) and (not integer or value.is_integer())))
     if not ok or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise RequestError(400, f"'{key}' must be {kind} in [{low:g}, {high:g}], got {value!r}", key)
+        raise RequestError(400, f"'{key}' must be {kind} in [{low:g}, {high:g}], got {_short(value)}", key)
     return int(value) if integer else float(value)
+
+
+def _encode(tokenizer: Any, text: str, max_chars: int | None, param: str) -> list[int]:
+    """Token ids of a prompt text, refused unread when it is too long to fit the context whatever its tokens."""
+    if max_chars is not None and len(text) > max_chars:
+        raise RequestError(400, f"the prompt ({len(text)} characters) cannot fit the context (--max-context); "
+                                "shorten it", param)
+    try:
+        return tokenizer.encode(text).ids
+    except Exception as exc:  # e.g. lone surrogates, which JSON allows and the tokenizer refuses
+        raise RequestError(400, f"the prompt could not be tokenised ({type(exc).__name__}: "
+                                f"{_short(str(exc))})", param) from None
 
 
 def chat_prompt(messages: Any, tokenizer_dir: Path | None) -> str:
@@ -324,11 +542,15 @@ def chat_prompt(messages: Any, tokenizer_dir: Path | None) -> str:
     if isinstance(template, str):
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            return ImmutableSandboxedEnvironment().from_string(template).render(messages=messages,
-                                                                                 add_generation_prompt=True)
         except ImportError:
             log.warning("the tokenizer has a chat template but jinja2 is not installed: using the plain format")
+        else:
+            try:
+                return ImmutableSandboxedEnvironment().from_string(template).render(messages=messages,
+                                                                                     add_generation_prompt=True)
+            except Exception as exc:  # templates raise on e.g. roles that do not alternate
+                raise RequestError(400, f"the chat template refused these messages: {_short(str(exc), 200)}",
+                                   "messages") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
@@ -348,8 +570,9 @@ class Completion:
     think_stop: str = "\nA:"  # ...up to and including this text; the request's budget writes the rest
 
 
-def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, tokenizer_dir: Path | None = None
-                     ) -> Completion:
+def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, tokenizer_dir: Path | None = None,
+                     max_prompt_chars: int | None = None) -> Completion:
+    """Validate a request body. ``max_prompt_chars``: longer prompt texts are refused before tokenising."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -358,12 +581,11 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, to
     if body.get("n", 1) != 1:
         raise RequestError(400, "only n = 1 is supported", "n")
     if chat:
-        text = chat_prompt(body.get("messages"), tokenizer_dir)
-        ids = tokenizer.encode(text).ids
+        ids = _encode(tokenizer, chat_prompt(body.get("messages"), tokenizer_dir), max_prompt_chars, "messages")
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt).ids
+            ids = _encode(tokenizer, prompt, max_prompt_chars, "prompt")
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
             ids = list(prompt)
@@ -372,6 +594,9 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, to
                                     "(one prompt per request)", "prompt")
     if not ids:
         raise RequestError(400, "the prompt is empty after tokenization", "prompt")
+    if len(ids) > max_context:  # before looking at every id of a long list
+        raise RequestError(400, f"the prompt ({len(ids)} tokens) exceeds the context limit of {max_context} "
+                                "tokens (--max-context)", "messages" if chat else "prompt")
     vocab = tokenizer.get_vocab_size()
     if any(not 0 <= t < vocab for t in ids):
         raise RequestError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -382,8 +607,10 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, to
                                 f"context limit of {max_context} tokens", key)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop) \
+            or len(stop) > 4:
+        raise RequestError(400, f"'stop' must be a string or a list of up to 4 non-empty strings of at most "
+                                f"{MAX_STOP_CHARS} characters", "stop")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestError(400, "'seed' must be an integer", "seed")
@@ -391,83 +618,163 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, chat: bool, to
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", "stream")
     think = body.get("think_budget")
-    if think is not None and not isinstance(think, (str, int, float)):
+    if think is not None and (not isinstance(think, (str, int, float)) or isinstance(think, bool)):
         raise RequestError(400, "'think_budget' must be a budget label such as \"0.5\"", "think_budget")
     think_stop = body.get("think_stop", "\nA:")
-    if not isinstance(think_stop, str) or not think_stop:
-        raise RequestError(400, "'think_stop' must be a non-empty string", "think_stop")
+    if not isinstance(think_stop, str) or not 0 < len(think_stop) <= MAX_STOP_CHARS:
+        raise RequestError(400, f"'think_stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters",
+                           "think_stop")
     return Completion(model, ids, max_tokens, _number(body, "temperature", 1.0, 0.0, 2.0),
                       _number(body, "top_p", 1.0, 1e-9, 1.0), stream, stop, seed,
                       None if think is None else str(think), think_stop)
 
 
-class TextStream:
-    """Token ids → text pieces, holding back an incomplete UTF-8 character and anything that could still turn
-    into a stop string."""
+class Detokenizer:
+    """Token ids → text, incrementally: each token decodes a short window of recent ids, not the whole text (the
+    way vLLM and TGI do), so a long completion costs constant work per token.
 
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer, self.stop, self.ids, self.sent = tokenizer, stop, [], 0
-        self.stopped = False
+    The window begins one emitted piece back (``prefix``), so a tokenizer that decodes the first token of a text
+    differently (SentencePiece drops its leading space) sees the new tokens mid-text, as in the full decode. A
+    trailing U+FFFD (the bytes of an incomplete UTF-8 character) is held back until the character completes; the
+    window then moves on. The pieces join to ``tokenizer.decode(all ids)`` for byte-level tokenizers; only a run
+    of more than ``WINDOW`` tokens that never ends on a complete character is emitted as it decodes so far."""
+
+    WINDOW = 32
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.decode = tokenizer.decode
+        self.ids: list[int] = []
+        self.prefix = 0  # the window: ids[prefix:]; ids[prefix:read] were emitted already (context only)
+        self.read = 0
+        self.sent = 0  # characters of the window's text emitted so far
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                self.stopped = True
-                piece, self.sent = text[self.sent:at], at
-                return piece
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe -= 1
-        for s in self.stop:  # a stop string's beginning at the end: wait for the next token
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        piece = text[self.sent:safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
+        text = self.decode(self.ids[self.prefix:])
+        held = text.endswith("\ufffd") and len(self.ids) - self.prefix <= self.WINDOW
+        end = len(text) - 1 if held else len(text)
+        piece = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        if not held:  # a clean boundary: the window can start at the previous one
+            self.prefix, self.read = self.read, len(self.ids)
+            self.sent = len(self.decode(self.ids[self.prefix:])) if self.prefix < self.read else 0
         return piece
+
+    def flush(self) -> str:
+        text = self.decode(self.ids[self.prefix:])
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+class TextStream:
+    """Token ids → text pieces (:class:`Detokenizer`), holding back anything that could still turn into a stop
+    string and cutting the text at the first one, also when it spans pieces."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.text, self.stop = Detokenizer(tokenizer), stop
+        self.held = ""  # decoded, not yet emitted: it might be the beginning of a stop string
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        return self._emit(self.text.push(token))
 
     def flush(self) -> str:
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
+        piece = self._emit(self.text.flush())
+        rest, self.held = self.held, ""
+        return piece if self.stopped else piece + rest
+
+    def _emit(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self.held + piece
+        hits = [at for at in (buf.find(s) for s in self.stop) if at >= 0]
+        if hits:  # the earliest stop string ends the text
+            self.stopped, self.held = True, ""
+            return buf[:min(hits)]
+        keep = 0  # the longest end of buf that begins some stop string
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep]
 
 
 # -- the web layer ------------------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
-    """The FastAPI application over ``engine``."""
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise RequestError(400, f"the number {_short(text)} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    # Python's json module accepts NaN and Infinity, which JSON does not: refuse them here, once for every field
+    raise RequestError(400, f"{text} is not a valid JSON value; send finite numbers")
+
+
+def build_app(engine: Engine, tokenizer_dir: Path | None = None, *, api_key: str | None = None,
+              max_body_bytes: int = 2 << 20, request_timeout: float = 600.0) -> Any:
+    """The FastAPI application over ``engine``. ``api_key``: required as ``Authorization: Bearer <key>`` on every
+    ``/v1`` route (``/health`` and ``/metrics`` stay open). ``max_body_bytes``: larger bodies get 413 unparsed.
+    ``request_timeout``: seconds from arrival to the last token (0: no deadline); later, the request is
+    cancelled and answered 504."""
     try:
-        from fastapi import FastAPI
+        from fastapi import APIRouter, Depends, FastAPI
         from fastapi import Request as HTTPRequest
         from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     except ImportError:
         raise ConfigError("`elasticlm serve` needs FastAPI and uvicorn: pip install 'elasticlm[serve]'") from None
 
     app = FastAPI(title="elasticlm", description="every budget of one elastic checkpoint")
+    key = None if api_key is None else api_key.encode()
 
-    def error(exc: RequestError) -> Any:
-        engine.metrics.bad_request()
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return JSONResponse({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": None}},
-                            status_code=exc.status)
+    @app.exception_handler(RequestError)
+    async def refused(request: HTTPRequest, exc: RequestError) -> Any:
+        if exc.status < 500:
+            engine.metrics.bad_request()
+        engine.metrics.failed(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: HTTPRequest, exc: Exception) -> Any:  # a bug: the message, not a bare 500
+        log.error("request failed", exc_info=exc)
+        engine.metrics.failed(500)
+        return JSONResponse(RequestError(500, f"internal error: {type(exc).__name__}: {_short(str(exc), 200)}")
+                            .body(), status_code=500)
+
+    def check_key(request: HTTPRequest) -> None:
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise RequestError(401, "missing or wrong API key: send the server's key (--api-key or "
+                                    "ELASTICLM_API_KEY) as 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "budgets": engine.order, "active": engine.active(), "queued": engine.queue_depth()}
+    def health() -> Any:
+        status, why = engine.health()
+        body = {"status": "ok" if status == 200 else "unavailable", "budgets": engine.order,
+                "active": engine.active(), "queued": engine.queue_depth()}
+        if status != 200:
+            body["reason"] = why
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     def metrics() -> Any:
-        return PlainTextResponse(engine.metrics.text(engine.queue_depth(), engine.active()),
+        return PlainTextResponse(engine.metrics.text(engine.queue_depth(), engine.active(), engine.health()[0] == 200),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     def models() -> dict[str, Any]:
         created = int(time.time())
         ids = [f"{engine.name}@{b}" for b in engine.order] + [f"{engine.name}@{AUTO}"]
@@ -475,25 +782,36 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                                            for i in ids]}
 
     async def body_of(request: HTTPRequest) -> Any:
-        raw = await request.body()
+        """The parsed JSON body; 413 past ``max_body_bytes`` without parsing (or keeping) any of it."""
+        too_big = RequestError(413, f"the request body exceeds {max_body_bytes} bytes (--max-body-bytes); send a "
+                                    "shorter prompt")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            return json.loads(b"".join(chunks), parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested too deep
             raise RequestError(400, "the request body is not valid JSON") from None
 
     async def complete(request: HTTPRequest, chat: bool) -> Any:
-        try:
-            body = await body_of(request)
-            c = parse_completion(body, engine.tokenizer, engine.max_context, chat, tokenizer_dir)
-            budget = engine.resolve(c.model)
-        except RequestError as exc:
-            return error(exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request_timeout if request_timeout > 0 else None
+        body = await body_of(request)
+        c = parse_completion(body, engine.tokenizer, engine.max_context, chat, tokenizer_dir,
+                             max_prompt_chars=engine.max_context * engine.max_token_chars)
+        budget = engine.resolve(c.model)
         try:
             think = None if c.think_budget is None else engine.resolve(f"{engine.name}@{c.think_budget}")
         except RequestError as exc:
-            return error(RequestError(exc.status, exc.message, "think_budget"))
-        gen = torch.Generator().manual_seed(c.seed if c.seed is not None else int(uuid.uuid4().int % 2**63))
-        loop = asyncio.get_running_loop()
+            raise RequestError(exc.status, exc.message, "think_budget") from None
+        seed = c.seed if c.seed is not None else uuid.uuid4().int
+        gen = torch.Generator(device=engine.device).manual_seed(seed % 2**64)  # sampling runs on the model's device
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         sink = lambda item: loop.call_soon_threadsafe(items.put_nowait, item)  # noqa: E731
         if think is not None:  # phase 1 at the thinking budget, up to the switch marker; its tokens are relayed
@@ -508,17 +826,37 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
         created = int(time.time())
         text = TextStream(engine.tokenizer, c.stop)
 
+        def cancel() -> None:  # the engine frees the rows at its next step (or drops the job from the queue)
+            job.cancelled = True
+            if answer:
+                answer["job"].cancelled = True
+
+        async def next_item() -> tuple[str, Any]:
+            """The engine's next message for this request, or a RequestError once the deadline passed or the
+            engine stopped for good; a non-streaming client that left ends it too (a stream notices by itself)."""
+            while True:
+                wait = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+                if wait <= 0:
+                    raise RequestError(504, f"the request did not finish within {request_timeout:g} s "
+                                            "(--request-timeout); ask for fewer tokens or retry later")
+                try:
+                    return await asyncio.wait_for(items.get(), wait)
+                except TimeoutError:
+                    if engine.fatal:
+                        raise RequestError(503, engine.fatal) from None
+                    if not c.stream and await request.is_disconnected():
+                        raise RequestError(499, "the client closed the connection") from None
+
         async def events() -> AsyncIterator[tuple[str, str | None]]:
             """(text piece, finish reason or None) until the request ends."""
             try:
                 while True:
-                    kind, value = await items.get()
+                    kind, value = await next_item()
                     if kind == "token":
                         if value == engine.eos:
                             continue
                         piece = text.push(value)
                         if text.stopped:
-                            job.cancelled = True
                             yield piece, "stop"
                             return
                         if piece:
@@ -526,19 +864,18 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                     elif kind == "done" and value == "switch" and not answer:  # answer at the request's budget
                         rest = Request(c.prompt_ids + req.tokens, c.max_tokens - len(req.tokens), c.temperature,
                                        c.top_p, engine.eos, gen)
-                        answer["request"], answer["job"] = rest, engine.submit(budget, rest, sink)
+                        answer["request"] = rest
+                        answer["job"] = engine.submit(budget, rest, sink, continuation=True)
                         if rest.max_new_tokens <= 0:
                             yield text.flush(), "length"
                             return
                     elif kind == "done":
                         yield text.flush(), "stop" if value == "stop" else "length"
                         return
-                    else:
-                        raise RuntimeError(value)
+                    else:  # ("error", (status, message)) from the engine
+                        raise RequestError(*value)
             finally:
-                job.cancelled = True  # a client that left (or a stop string): the engine frees the row
-                if answer:
-                    answer["job"].cancelled = True
+                cancel()  # a client that left, a stop string, a deadline: the engine frees the row
 
         def usage() -> dict[str, int]:
             n = len(req.tokens) + (len(answer["request"].tokens) if answer else 0)
@@ -569,10 +906,15 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                         if piece or finish:
                             yield chunk(piece, finish)
                     yield "data: [DONE]\n\n"
+                except RequestError as exc:  # the status line is sent: the error goes in the stream (as OpenAI's)
+                    engine.metrics.failed(exc.status)
+                    yield f"data: {json.dumps(exc.body())}\n\n"
+                except Exception as exc:
+                    log.exception("a stream failed")
+                    engine.metrics.failed(500)
+                    yield f"data: {json.dumps(RequestError(500, f'internal error: {type(exc).__name__}').body())}\n\n"
                 finally:  # also when the client disconnects mid-stream: its row is freed at the next step
-                    job.cancelled = True
-                    if answer:
-                        answer["job"].cancelled = True
+                    cancel()
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-elasticlm-budget": budget})
 
@@ -592,14 +934,15 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None) -> Any:
                    "usage": usage()}
         return JSONResponse(obj, headers={"x-elasticlm-budget": budget})
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: HTTPRequest) -> Any:
         return await complete(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Any:
         return await complete(request, chat=True)
 
+    app.include_router(v1)
     return app
 
 
@@ -614,13 +957,44 @@ def load_engine(checkpoint: str | Path, device: str = "cpu", **kw: Any) -> tuple
     return Engine(model, tok, path.resolve().parent.name if path.name == "final" else path.resolve().name, **kw), path
 
 
+def serve_until_signalled(engine: Engine, app: Any, host: str, port: int, shutdown_timeout: float = 30.0) -> int:
+    """Run the server in this (the main) thread until SIGTERM or SIGINT, or until the engine fails for good.
+
+    On a signal: ``/health`` and new requests get 503 at once, uvicorn stops listening, requests in flight get
+    ``shutdown_timeout`` seconds to finish and are then cancelled; returns 0. Returns 1 when the engine failed
+    for good (its watchdog gave up), so that a supervisor restarts the process. The engine must be started."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.drain()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=shutdown_timeout))
+    engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn re-raises the signal it caught once it has shut down, which would kill the process (SIGTERM: exit
+    # 143) after a clean shutdown; these no-op handlers take it instead
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        engine.stop()
+    return 1 if engine.fatal else 0
+
+
 @contextlib.contextmanager
-def running(engine: Engine, tokenizer_dir: Path | None, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve in a background thread (tests, benchmarks); yields the base URL."""
+def running(engine: Engine, tokenizer_dir: Path | None, host: str = "127.0.0.1", port: int = 0,
+            **app_options: Any) -> Iterator[str]:
+    """Serve in a background thread (tests, benchmarks); yields the base URL. ``app_options`` go to
+    :func:`build_app` (``api_key``, ``max_body_bytes``, ``request_timeout``)."""
     import uvicorn
 
     engine.start()
-    config = uvicorn.Config(build_app(engine, tokenizer_dir), host=host, port=port, log_level="warning")
+    config = uvicorn.Config(build_app(engine, tokenizer_dir, **app_options), host=host, port=port,
+                            log_level="warning", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -633,6 +1007,7 @@ def running(engine: Engine, tokenizer_dir: Path | None, host: str = "127.0.0.1",
     try:
         yield f"http://{host}:{bound}"
     finally:
+        engine.drain()
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=15)
         engine.stop()

@@ -175,8 +175,11 @@ def test_plain_model_is_refused():
     assert build_app  # the app factory is importable without starting anything
 
 
-def test_cli_serve_answers_the_openai_client(tmp_path):
-    """`elasticlm serve` as the README runs it: a subprocess, polled until healthy, one completion, stopped."""
+def test_cli_serve_answers_the_openai_client_and_drains_on_sigterm(tmp_path):
+    """`elasticlm serve` as the README runs it: a subprocess with its API key in the environment, polled until
+    healthy, one completion; then SIGTERM while a stream runs: /health turns 503 (or the port closes), in-flight
+    work is cut at --shutdown-timeout, and the process exits 0."""
+    import contextlib
     import os
     import signal
     import socket
@@ -190,26 +193,45 @@ def test_cli_serve_answers_the_openai_client(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "elasticlm", "serve", "--checkpoint", str(path), "--port",
-                             str(port)], stderr=subprocess.PIPE, text=True)
+                             str(port), "--shutdown-timeout", "0.5"], stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"ELASTICLM_API_KEY": "k3y"})
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
                     if json.loads(r.read())["status"] == "ok":
                         break
             except OSError:
                 assert proc.poll() is None, proc.stderr.read()
                 time.sleep(0.2)
-        c = client(f"http://127.0.0.1:{port}")
+        with pytest.raises(openai.AuthenticationError):
+            client(url).models.list()
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=60)
         name = c.models.list().data[0].id.split("@")[0]  # the run's directory name (final/'s parent)
         assert name == tmp_path.name
         r = c.completions.create(model=f"{name}@0.7", prompt="Q: 1+2", max_tokens=5, temperature=0)
         assert r.choices[0].text == reference(path, "Q: 1+2", "0.7", 5)
+        chunks = iter(c.completions.create(model=f"{name}@1.0", prompt="Q: 1+2", max_tokens=4000, temperature=0,
+                                           stream=True))
+        next(chunks)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        with contextlib.suppress(OSError):  # OSError: it has stopped listening already
+            with pytest.raises(urllib.error.HTTPError, match="503"):
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+        with contextlib.suppress(Exception):  # the stream ends: finished, or cut at the shutdown timeout
+            for _ in chunks:
+                pass
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 15
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert os.path.isdir(path)
 
 
