@@ -476,10 +476,10 @@ class PackedStream:
             texts = [doc] if isinstance(doc, str) else list(doc)
             found += sum(len(self.encode(t)) for t in texts) + (not isinstance(doc, Continued))
         if found < need:
-            raise ConfigError(f"{getattr(self.docs, 'name', 'the data')} holds {found:,} tokens ({n_docs} "
-                              f"documents, with EOS), fewer than one batch of {self.batch_size} × "
-                              f"{self.seq_len + 1} = {need:,}; lower the sequence length or batch size, or give "
-                              "more text (it would repeat inside a batch)")
+            docs = f"{n_docs} document{'s' if n_docs != 1 else ''}"
+            raise ConfigError(f"{getattr(self.docs, 'name', 'the data')} holds {found:,} tokens ({docs}, with EOS), "
+                              f"fewer than one batch of {self.batch_size} × {self.seq_len + 1} = {need:,}; lower the "
+                              "sequence length or batch size, or give more text (it would repeat inside a batch)")
 
     def _chunk_size(self, missing: int) -> int:
         """Documents to read for ``missing`` more tokens: the running tokens-per-document estimate with 10 %
