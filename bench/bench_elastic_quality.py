@@ -24,6 +24,7 @@ from elasticlm import load
 from elasticlm.config import Subnet
 from elasticlm.data.datasets import data_config_from_spec
 from elasticlm.data.synthetic import FAMILIES
+from elasticlm.demo import DEMO_ALIGN
 from elasticlm.elastic.importance import calibration_batches
 from elasticlm.elastic.prune import describe_subnet, search, subnet_loss
 from elasticlm.eval.tasks import task_accuracy
@@ -63,7 +64,7 @@ def main() -> None:
         rows.append({"model": "elastic", "budget": b["budget"], "parameters": b["parameters"], "loss": loss,
                      "acc": acc, "arch": b["architecture"]})
         if b["parameters"] < parent.num_parameters():
-            best, _ = search(parent, b["parameters"], search_set, progress=False)
+            best, _ = search(parent, b["parameters"], search_set, progress=False, align=DEMO_ALIGN)
             loss, acc = score(parent, best.subnet)
             rows.append({"model": "zero-shot pruned", "budget": b["budget"], "parameters": best.parameters,
                          "loss": loss, "acc": acc, "arch": describe_subnet(parent.config, best.subnet)})

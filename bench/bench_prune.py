@@ -23,6 +23,7 @@ from elasticlm import load
 from elasticlm.config import Subnet
 from elasticlm.data.datasets import data_config_from_spec
 from elasticlm.data.synthetic import FAMILIES
+from elasticlm.demo import DEMO_ALIGN
 from elasticlm.elastic.importance import Importance, calibration_batches, estimate
 from elasticlm.elastic.prune import describe_subnet, search, subnet_loss
 from elasticlm.elastic.reorder import reorder_
@@ -93,7 +94,7 @@ def main() -> None:
         reorder_(model, permuted_scores(imp, how))
         for b in (float(x) for x in args.budgets.split(",")):
             budget = round(b * parent.num_parameters())
-            best, _ = search(model, budget, search_set, progress=False)
+            best, _ = search(model, budget, search_set, progress=False, align=DEMO_ALIGN)
             acc = {f: task_accuracy(model, tok, f, n=args.n, subnet=best.subnet) for f in FAMILIES}
             rows.append({"order": how, "budget": b, "parameters": best.parameters,
                          "loss": subnet_loss(model, best.subnet, report_set), "acc": acc,

@@ -37,7 +37,7 @@ from elasticlm.checkpoint import atomic_write_text
 from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
-from elasticlm.demo import FULL, QUICK, ROUTER, Recipe, seeded, train_or_reuse
+from elasticlm.demo import DEMO_ALIGN, FULL, QUICK, ROUTER, Recipe, seeded, train_or_reuse
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -442,7 +442,7 @@ def router(args) -> None:
     search_set = list(calibration_batches(val, lambda s: tok.encode(s).ids, ordered.config.eos_token_id,
                                           recipe.eval["search_samples"], 256, 8, "train", True))
     for label, target in zip(space.budgets, space.targets, strict=True):
-        grid = search(ordered, int(target), search_set, progress=progress)[0].subnet
+        grid = search(ordered, int(target), search_set, progress=progress, align=DEMO_ALIGN)[0].subnet
         for seed in seeds:
             archs[("grid", label, seed)] = grid
             archs[("random", label, seed)] = random_subnet(space, target, random.Random(f"router:{label}:{seed}"))

@@ -596,12 +596,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
     budget = parse_budget(args.budget, parent)
     _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     batches = list(_calibration(args, model, args.model, args.val_samples, "val", loss_mask=True))
-    best, scored = search(model, budget, batches, args.max_candidates, progress=not args.no_progress)
+    # an explicit --format native may take any architecture; otherwise only what the family's HF config can hold
+    best, scored = search(model, budget, batches, args.max_candidates, progress=not args.no_progress,
+                          align=args.align, exportable=args.format != "native")
     print(f"searched {len(scored)} candidates within 1 % of {budget:,} parameters; best by validation loss:")
     for c in sorted(scored, key=lambda c: c.loss)[: args.show]:
         print(f"  loss {c.loss:.4f}  {c.parameters:,}  {describe_subnet(model.config, c.subnet)}")
     small = extract(model, best.subnet)
-    save(small, args.out, args.format, tokenizer_dir=args.model, overwrite=args.force, inputs=[args.model],
+    save(small, args.out, args.format or "native", tokenizer_dir=args.model, overwrite=args.force,
+         inputs=[args.model],
          extra_config={"pruned": {"parent": str(args.model), "budget": args.budget, "parameters": best.parameters,
                                   "val_loss": best.loss, "subnet": best.subnet.to_dict()}})
     print(f"wrote {args.out}: {best.parameters:,} parameters ({best.parameters / parent:.1%} of {parent:,}; "
@@ -929,7 +932,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=_count(1), default=24,
                    help="candidates evaluated (the most evenly pruned ones when there are more)")
     p.add_argument("--show", type=_count(1), default=5, help="how many of the best candidates to print")
-    p.add_argument("--format", choices=["native", "hf"], default="native", help="output format")
+    p.add_argument("--format", choices=["native", "hf"], default=None,
+                   help="output format (default: native, searching only architectures the parent family's Hugging "
+                        "Face config can hold; an explicit native allows any)")
+    p.add_argument("--align", type=_count(1), default=8,
+                   help="hidden, FFN and head-channel widths are multiples of this (64 or 128 on GPUs; 1: none)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--device", default="cpu", help="torch device")

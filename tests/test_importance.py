@@ -294,3 +294,47 @@ def test_depth_rounds_default_covers_the_depth_choices():
     model = randomize_(HybridLM(tiny_config("M-*"))).eval()
     with pytest.raises(ConfigError, match="depth rounds must be in"):
         estimate(model, iter(batches()), progress=False, depth_rounds=3)
+
+
+@pytest.mark.parametrize("align", [8, 64])
+def test_prune_candidates_are_aligned_on_budget_and_exportable(align):
+    """Every candidate's hidden, FFN widths are multiples of the alignment (FFN: or the parent's), its count is
+    within the tolerance of the budget, and its family's Hugging Face config can hold it — unless any architecture
+    is asked for (native output), which here does propose some that LlamaConfig refuses (hidden % heads)."""
+    from elasticlm.config import subnet_config
+    from elasticlm.elastic.prune import TOLERANCE
+    from elasticlm.model.hf import hf_incompatibility
+
+    cfg = elasticlm.ModelConfig(  # SmolLM2-135M's widths, 6 decoder layers (counts only: no weights are made)
+        pattern="*-" * 6, vocab_size=1000, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+        attention_head_dim=64, intermediate_size=1536, mlp_type="swiglu", family="llama", eos_token_id=EOS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, depth_order=list(range(12)))
+    budget = round(0.6 * count_parameters(cfg))
+    found = candidates(cfg, budget, align=align)
+    assert found
+    for c in found:
+        assert c.subnet.hidden_size % align == 0
+        ffn = {w.intermediate_size for w in c.subnet.layers if w is not None and hasattr(w, "intermediate_size")}
+        assert all(f % align == 0 or f == 1536 for f in ffn), ffn
+        assert abs(c.parameters - budget) <= TOLERANCE * budget
+        assert hf_incompatibility(subnet_config(cfg, c.subnet)) is None
+    anything = candidates(cfg, budget, align=align, exportable=False)
+    refused = [c for c in anything if hf_incompatibility(subnet_config(cfg, c.subnet)) is not None]
+    assert len(anything) == len(found) + len(refused)
+    assert bool(refused) == (align == 64)  # 576 · 7/8 = 504 is a multiple of 9 heads, 512 is not
+
+
+def test_mamba2_prune_candidates_keep_the_inner_width_a_multiple_of_hidden():
+    from elasticlm.config import subnet_config
+    from elasticlm.model.hf import hf_incompatibility
+
+    cfg = elasticlm.ModelConfig(pattern="MMMMMMMM", vocab_size=512, hidden_size=256, mamba_num_heads=16,
+                                mamba_head_dim=64, mamba_n_groups=1, ssm_state_size=16, family="mamba2",
+                                eos_token_id=EOS, depth_order=list(range(8)))
+    budget = round(0.5 * count_parameters(cfg))
+    anything = candidates(cfg, budget, exportable=False)
+    assert any(hf_incompatibility(subnet_config(cfg, c.subnet)) for c in anything)  # the grid does reach them
+    found = candidates(cfg, budget)
+    assert found
+    for c in found:
+        assert hf_incompatibility(subnet_config(cfg, c.subnet)) is None and c.subnet.hidden_size % 8 == 0

@@ -70,3 +70,36 @@ def test_memory_matches_the_decode_cache():
         assert mem["kv_cache"] == kv and mem["mamba_state"] == state
         assert mem["weights"] == 4 * count_parameters(cfg, subnet)
         assert mem["total"] == kv + state + mem["weights"]
+
+
+def test_width_choices_are_multiples_of_the_alignment():
+    """elastic.align: hidden, FFN and Mamba head-channel choices are aligned where the axis holds ALIGNED_STEPS
+    multiples (the parent's own width always stays a choice); head counts keep their per-group choices."""
+    from elasticlm import ConfigError, ModelConfig
+    from elasticlm.demo import FULL
+    from elasticlm.elastic.space import WIDTH_AXES, ElasticConfig, ElasticSpace, width_multiple
+
+    cfg = ModelConfig(pattern="M-*-", vocab_size=64, hidden_size=256, mamba_num_heads=8, mamba_head_dim=64,
+                      mamba_n_groups=2, ssm_state_size=16, num_attention_heads=8, num_key_value_heads=2,
+                      attention_head_dim=32, intermediate_size=1000,  # an FFN that is no multiple of 16
+                      depth_order=[0, 1, 2, 3])
+    for align in (8, 16, 64):
+        space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.6], align=align))
+        for axis in space.axes:
+            fulls = axis.values[0]
+            for values in axis.values:
+                for v, full in zip(values, fulls, strict=True):
+                    multiple = width_multiple(full, align) if axis.name in WIDTH_AXES else 1
+                    assert v % multiple == 0 or v == full, (align, axis.name, v)
+        ffn = space.axis("ffn").values
+        assert ffn[0] == (1000, 1000) and len(ffn) > 3 and all(x % align == 0 for v in ffn[1:] for x in v)
+        assert space.axis("attention_heads").values == ((4,), (3,), (2,))  # per KV group, unaligned
+        assert space.axis("hidden").values[-1] == (128,)
+    with pytest.raises(ConfigError, match="not a multiple of 8"):
+        ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0], ffn=[1000, 500]))
+    with pytest.raises(ConfigError, match="elastic.align"):
+        ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0], align=0))
+    # the demo keeps its unaligned, recorded choice sets (FFN 576 · k/32, e.g. 558)
+    demo = ModelConfig(**FULL.parent["model"], depth_order=list(range(9)))
+    demo_space = ElasticSpace.build(demo, ElasticConfig(**FULL.elastic["elastic"]))
+    assert (558,) * 3 in demo_space.axis("ffn").values and FULL.elastic["elastic"]["align"] == 1

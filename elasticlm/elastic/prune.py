@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import ModelConfig, Subnet, count_parameters
+from ..config import ModelConfig, Subnet, count_parameters, subnet_config
 from ..errors import ConfigError
 from ..kinds import KINDS
+from ..model.hf import hf_incompatibility
 from ..model.hybrid import HybridLM
+from .space import width_multiple
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # token ids, document ids, loss mask (all [b, t])
 
@@ -32,6 +34,7 @@ HEAD_FRACTIONS = (1.0, 0.75, 0.5)
 MAX_DEPTH_DROP = 0.25  # at most this fraction of the layers is dropped
 MIN_FILL_FRACTION = 0.2  # the solved axis keeps at least this fraction
 TOLERANCE = 0.01  # a candidate's parameter count is within 1 % of the budget
+DEFAULT_ALIGN = 8  # channel widths are multiples of this (elastic.align's default; 64 or 128 on GPUs)
 
 
 @dataclass(frozen=True)
@@ -65,25 +68,33 @@ def _choices(full: int, fractions: Iterable[float], multiple: int = 1) -> list[i
 
 
 def _solve(config: ModelConfig, make: Callable[[int], Subnet], lo: int, hi: int,
-           budget: int) -> tuple[Subnet, int, int] | None:
-    """The value ``v`` in [lo, hi] whose Subnet ``make(v)`` comes closest to ``budget`` (the count
-    is affine in ``v``, so two evaluations give the slope); None unless within 1 %."""
+           budget: int, multiple: int = 1) -> tuple[Subnet, int, int] | None:
+    """The value ``v`` in [lo, hi], a multiple of ``multiple`` (or ``hi``, the parent's width), whose Subnet
+    ``make(v)`` comes closest to ``budget`` (the count is affine in ``v``, so two evaluations give the slope);
+    None unless within 1 %."""
     a, b = count_parameters(config, make(lo)), count_parameters(config, make(hi))
     if hi == lo:
         v = lo
     else:
         slope = (b - a) / (hi - lo)
         v = min(hi, max(lo, round(lo + (budget - a) / slope))) if slope > 0 else lo
+    if multiple > 1 and v != hi:  # the aligned neighbours, the parent's own width among them
+        down, up = v // multiple * multiple, -(-v // multiple) * multiple
+        near = [w for w in (down, up if up <= hi else hi) if w >= max(lo, multiple) or w == hi]
+        if not near:
+            return None
+        v = min(near, key=lambda w: abs(count_parameters(config, make(w)) - budget))
     subnet = make(v)
     n = count_parameters(config, subnet)
     return (subnet, n, v) if abs(n - budget) <= TOLERANCE * budget else None
 
 
-def _grid(rule: str, full: int) -> list[int]:
-    """The values ``elasticlm prune`` tries for a width field of parent width ``full`` (see LayerKind.prune_grid)."""
+def _grid(rule: str, full: int, align: int = 1) -> list[int]:
+    """The values ``elasticlm prune`` tries for a width field of parent width ``full`` (see LayerKind.prune_grid):
+    head and expert counts by fractions; channel widths by fractions, aligned (:func:`width_multiple`)."""
     if rule == "heads":
         return _choices(full, HEAD_FRACTIONS)
-    return _choices(full, WIDTH_FRACTIONS[::2], 2 if full >= 8 else 1)
+    return _choices(full, WIDTH_FRACTIONS[::2], max(width_multiple(full, align), 2 if full >= 8 else 1))
 
 
 def _uniform(config: ModelConfig, hidden: int, values: dict[tuple[str, str], int], dropped: tuple[int, ...]) -> Subnet:
@@ -95,11 +106,17 @@ def _uniform(config: ModelConfig, hidden: int, values: dict[tuple[str, str], int
     return Subnet(hidden, tuple(layers))
 
 
-def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) -> list[Candidate]:
+def candidates(config: ModelConfig, budget: int, keep_attention: bool = True, align: int = DEFAULT_ALIGN,
+               exportable: bool = True) -> list[Candidate]:
     """Every homogeneous architecture on the grid whose parameter count is within 1 % of ``budget`` (layers
     dropped in :meth:`ModelConfig.drop_order`: the last attention layer stays unless ``keep_attention`` is off).
     Each kind present contributes its grid fields; the "fill" field (FFN width) is solved, or the hidden size
-    when no kind has one."""
+    when no kind has one. Channel widths (hidden, FFN, head channels) are multiples of ``align`` where the axis is
+    wide enough (:func:`~elasticlm.elastic.space.width_multiple`); ``exportable``: only architectures that the
+    parent family's Hugging Face config can hold (e.g. Mamba2's inner width = expand × hidden, Llama's hidden
+    size a multiple of the heads)."""
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ConfigError(f"the alignment must be an int >= 1 (8; 64 or 128 on GPUs; 1: none), got {align!r}")
     if not config.is_homogeneous:
         raise ConfigError("pruning searches homogeneous architectures; the parent has per-layer widths")
     present = [k for k in KINDS.values() if config.count(k.char)]
@@ -108,11 +125,11 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) ->
             if rule != "fill"]
     fill = next(((k, f, getattr(fulls[k.char], f)) for k in present for f, rule in k.prune_grid.items()
                  if rule == "fill"), None)
-    hidden_choices = _choices(config.hidden_size, WIDTH_FRACTIONS, 8 if config.hidden_size >= 64 else 1)
+    hidden_choices = _choices(config.hidden_size, WIDTH_FRACTIONS, width_multiple(config.hidden_size, align))
     order = config.drop_order(keep_attention)
     drops = [0] if order is None else list(range(0, int(MAX_DEPTH_DROP * config.num_layers) + 1, config.depth_unit))
     out: list[Candidate] = []
-    grids = [[v for v in _grid(rule, full) if v >= kind.minimum(config, f)] for kind, f, full, rule in grid]
+    grids = [[v for v in _grid(rule, full, align) if v >= kind.minimum(config, f)] for kind, f, full, rule in grid]
     for hidden, *picks, k in itertools.product(hidden_choices if fill else [None], *grids, drops):
         dropped = tuple(order[:k]) if order else ()
         values = {(kind.char, f): v for (kind, f, _, _), v in zip(grid, picks, strict=True)}
@@ -125,12 +142,14 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True) ->
         full_fill = fill[2] if fill else config.hidden_size
         lo = max(1, math.ceil(MIN_FILL_FRACTION * full_fill))
         try:
-            solved = _solve(config, make, lo, full_fill, budget)
+            solved = _solve(config, make, lo, full_fill, budget, width_multiple(full_fill, align))
         except ConfigError:  # e.g. every layer dropped
             continue
         if solved is None:
             continue
         subnet, n, v = solved
+        if exportable and hf_incompatibility(subnet_config(config, subnet)) is not None:
+            continue
         fractions = {"hidden": subnet.hidden_size / config.hidden_size, "depth": 1 - k / config.num_layers}
         fractions.update({kind.fields[f]: pick / full for (kind, f, full, _), pick in zip(grid, picks, strict=True)})
         if fill:
@@ -164,12 +183,16 @@ def subnet_loss(model: HybridLM, subnet: Subnet | None, batches: list[Batch]) ->
 
 
 def search(model: HybridLM, budget: int, batches: list[Batch], max_candidates: int = 24,
-           progress: bool = True) -> tuple[Candidate, list[Candidate]]:
-    """The lowest-validation-loss candidate for ``budget``, and every candidate evaluated."""
-    cands = candidates(model.config, budget)
+           progress: bool = True, align: int = DEFAULT_ALIGN,
+           exportable: bool = True) -> tuple[Candidate, list[Candidate]]:
+    """The lowest-validation-loss candidate for ``budget`` among :func:`candidates` (``align``, ``exportable``),
+    and every candidate evaluated."""
+    cands = candidates(model.config, budget, align=align, exportable=exportable)
     if not cands:
+        hint = " or the alignment (--align)" if align > 1 else ""
+        hint += "; --format native also allows architectures Hugging Face cannot hold" if exportable else ""
         raise ConfigError(f"no architecture on the search grid reaches {budget:,} parameters within 1 %: "
-                          f"the budget is too small for the per-axis limits (the parent has "
+                          f"the budget is too small for the per-axis limits{hint} (the parent has "
                           f"{model.num_parameters():,})")
     chosen = balanced(cands, max_candidates)
     was = model.training

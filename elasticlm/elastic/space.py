@@ -128,6 +128,11 @@ class ElasticConfig:
     moe_ffn: list[Any] | None = None  # FFN width of every routed expert
     depth: list[Any] | None = None  # layers kept
     heterogeneous: list[str] = field(default_factory=list)
+    # Width choices (hidden, FFN, expert FFN, Mamba head channels) are multiples of this, so that sub-models run
+    # on fast kernel tiles: 8 by default, 64 or 128 on GPUs (NVIDIA's pruned models use such multiples); an axis
+    # whose parent width holds fewer than ALIGNED_STEPS multiples keeps unit steps (tiny models), and the
+    # parent's own width is always a choice. Head and expert counts keep their group constraints instead. 1: off.
+    align: int = 8
     # Depth never drops the last attention layer while other layers remain (inference engines' hybrid caches
     # need one; see ModelConfig.drop_order). false: follow the importance order only.
     keep_attention: bool = True
@@ -177,6 +182,9 @@ class ElasticConfig:
                 raise ConfigError(f"elastic.{name} must be [start, end] with positive numbers, got {v!r}")
         if isinstance(self.budget_rows, bool) or not isinstance(self.budget_rows, int) or self.budget_rows < 0:
             raise ConfigError(f"elastic.budget_rows must be an int >= 0 (0 = auto), got {self.budget_rows!r}")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ConfigError(f"elastic.align must be an int >= 1 (8; 64 or 128 on GPUs; 1: no alignment), "
+                              f"got {self.align!r}")
         if self.router_hidden < 1 or self.router_warmup_steps < 0 or self.budget_loss_weight < 0:
             raise ConfigError("elastic.router_hidden must be >= 1, router_warmup_steps and budget_loss_weight >= 0")
         for axis in AXES:
@@ -217,16 +225,44 @@ class Axis:
         return sum(self.values[j][s] / self.values[0][s] for s, j in enumerate(picks)) / len(picks)
 
 
+ALIGNED_STEPS = 8  # an axis is aligned when its parent width holds at least this many multiples of the alignment
+WIDTH_AXES = ("hidden", "ffn", "moe_ffn", "mamba_head_dim")  # aligned axes; the others count heads or experts
+
+
+def width_multiple(full: int, align: int) -> int:
+    """The multiple the choices of a width axis of parent width ``full`` keep: ``align``, or 1 for an axis too
+    narrow to hold ``ALIGNED_STEPS`` multiples of it (a tiny model, whose choices would collapse).
+
+    >>> width_multiple(1536, 64), width_multiple(576, 128), width_multiple(48, 8)
+    (64, 1, 1)
+    """
+    return align if full >= ALIGNED_STEPS * align else 1
+
+
 def _resolve_choice(v: Any, full: int, where: str, multiple: int = 1) -> int:
+    """A choice as a width: a fraction of ``full`` rounds to the nearest ``multiple`` (1.0 is ``full`` itself,
+    aligned or not); an absolute width is taken as given."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{where}: choice {v!r} must be a fraction (0.5) or a width (96)")
     if isinstance(v, float):
         if not 0 < v <= 1:
             raise ConfigError(f"{where}: fraction {v} must be in (0, 1]")
-        return max(multiple, int(round(v * full / multiple)) * multiple)
+        if v == 1.0:
+            return full
+        top = max(multiple, full // multiple * multiple)
+        return min(max(multiple, int(round(v * full / multiple)) * multiple), top)
     if not 0 < v <= full:
         raise ConfigError(f"{where}: width {v} must be in [1, {full}] (the parent's)")
     return v
+
+
+def _aligned_choice(v: Any, full: int, where: str, multiple: int) -> int:
+    """:func:`_resolve_choice` for a width axis: an absolute width must be aligned too (or the parent's)."""
+    width = _resolve_choice(v, full, where, multiple)
+    if width % multiple and width != full:
+        raise ConfigError(f"{where}: width {width} is not a multiple of {multiple} (elastic.align); give aligned "
+                          "widths or set elastic.align = 1")
+    return width
 
 
 @dataclass(frozen=True)
@@ -246,7 +282,7 @@ class ElasticSpace:
         ec.validate()
         axes = []
         for name in AXES:
-            axis = _build_axis(config, name, getattr(ec, name), name in ec.heterogeneous)
+            axis = _build_axis(config, name, getattr(ec, name), name in ec.heterogeneous, ec.align)
             if axis is not None:
                 axes.append(axis)
         memory = (("context", ec.memory_context), ("batch", ec.memory_batch), ("dtype", ec.memory_dtype))
@@ -383,11 +419,13 @@ def parse_memory_budget(b: Any, parent_bytes: float) -> float:
     return value
 
 
-def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogeneous: bool) -> Axis | None:
+def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogeneous: bool,
+                align: int = 1) -> Axis | None:
     where = f"elastic.{name}"
     if name == "hidden":
         choices = raw if raw is not None else list(DEFAULT_WIDTH_FRACTIONS)
-        values = _dedup([(_resolve_choice(v, config.hidden_size, where),) for v in choices])
+        multiple = width_multiple(config.hidden_size, align)
+        values = _dedup([(_aligned_choice(v, config.hidden_size, where, multiple),) for v in choices])
         return Axis(name, (), values) if values != ((config.hidden_size,),) or raw is not None else None
     if name == "depth":
         L = config.num_layers
@@ -411,7 +449,9 @@ def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogen
     default = DEFAULT_FFN_FRACTIONS if name == "ffn" else DEFAULT_WIDTH_FRACTIONS
     choices = raw if raw is not None else list(default)
     low = kind_of(kind).minimum(config, fieldname)  # e.g. an MoE router needs top_k experts to choose from
-    values = _dedup([tuple(max(low, _resolve_choice(v, full, where)) for full in fulls) for v in choices])
+    aligned = name in WIDTH_AXES
+    values = _dedup([tuple(max(low, _aligned_choice(v, full, where, width_multiple(full, align) if aligned else 1))
+                           for full in fulls) for v in choices])
     if raw is None and len(values) == 1:
         return None
     return Axis(name, layers, values, heterogeneous)
@@ -422,5 +462,5 @@ def _dedup(values: list[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(set(values), key=lambda v: (-sum(v), v)))
 
 
-__all__ = ["AXES", "Axis", "DTYPE_BYTES", "ElasticConfig", "ElasticSpace", "expected_memory_bytes",
-           "expected_parameter_count", "memory_bytes"]
+__all__ = ["ALIGNED_STEPS", "AXES", "Axis", "DTYPE_BYTES", "ElasticConfig", "ElasticSpace", "expected_memory_bytes",
+           "expected_parameter_count", "memory_bytes", "width_multiple"]
