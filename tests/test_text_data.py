@@ -109,7 +109,8 @@ def test_val_data_flag_feeds_the_validation_batches(tmp_path, capsys):
     cfg.write_text(json.dumps({"model": {"preset": "tiny"}, "data": {"source": "text",
                                                                        "path": str(tmp_path / "train.txt")},
                                "train": {"out": str(tmp_path / "out"), "steps": 1, "batch_size": 2,
-                                         "seq_len": 32, "tensorboard": False}, "eval": {"tasks": False}}))
+                                         "seq_len": 32, "tensorboard": False, "dtype": "float32"},
+                               "eval": {"tasks": False}}))  # float32: `auto` would time a bf16 step first
     assert main(["pretrain", "--config", str(cfg), "--val-data", str(tmp_path / "tiny-val.txt"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -147,7 +148,7 @@ def naive_loss(model, ids: list[int], seq_len: int) -> tuple[float, int]:
 
 
 def test_eval_scores_every_token_of_the_file(tiny, tmp_path, capsys):
-    text = prose(12)  # ≈ 700 tokens: 11 windows of 64, the last one partial
+    text = prose(6)  # ≈ 400 tokens: 7 windows of 64, the last one partial
     (tmp_path / "held_out.txt").write_text(text + "\n")
     assert main(["eval", "--checkpoint", str(tiny), "--tasks", "ppl", "--data", str(tmp_path / "held_out.txt"),
                  "--seq-len", "64", "--batch-size", "4", "--out", str(tmp_path / "report")]) == 0
