@@ -887,13 +887,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_count(1), default=256, help="calibration sequences")
     p.add_argument("--seq-len", type=_count(1), default=512, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=_count(1), default=8, help="sequences per forward pass")
-    p.add_argument("--depth-samples", type=_count(1), default=16,
-                   help="sequences used for the depth metrics (each round runs every remaining layer's suffix)")
+    p.add_argument("--depth-samples", type=_count(1), default=8,
+                   help="sequences used for the depth metrics (each round runs every remaining layer's suffix: "
+                        "SmolLM2-135M at 256 tokens ≈ 30 s per sequence on 2 cores, docs/pruning.md)")
     p.add_argument("--depth-metrics", default="iterative_mse,oneshot_mse,cosine", help="depth metrics to compute")
     p.add_argument("--depth-rounds", default="auto",
                    help="layers the iterative MSE drops one by one (each round costs about half a whole-model "
                         "forward per remaining layer); the rest follow the last round's scores. auto: as many as "
-                        "`prune` and the default elastic.depth choices drop (a quarter of the layers, +1); all: "
+                        "`prune` and the default elastic.depth choices drop (about a quarter of the layers); all: "
                         "the complete order")
     p.add_argument("--depth-blocks", action="store_true",
                    help="a transformer: score its attention and MLP blocks one by one (as before) rather than the "
