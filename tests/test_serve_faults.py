@@ -387,3 +387,18 @@ def test_sampling_is_safe_at_any_temperature():
             assert p == 1.0 or out[0] == 0  # token 0 holds over half the mass up to T = 2
             assert t < 1e-5 or out[1] in (1, 2)  # NaN is never drawn (greedy rows keep argmax's semantics)
     assert sample_next(logits[:1], 1e-300, 1.0, gen).item() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_on_cuda_draws_from_generators_on_the_device(ckpt):
+    """Request generators used to be made on the CPU while the model sampled on the GPU: every sampled request
+    failed there."""
+    engine = Engine(elasticlm.load(ckpt, device="cuda", serving=True), load_tokenizer(ckpt), "tiny",
+                    max_context=CONTEXT)
+    assert engine.device.type == "cuda"
+    with running(engine, ckpt) as url:
+        args = {"model": "tiny@0.7", "prompt": "Q: 1+2", "max_tokens": 12, "temperature": 0.9, "top_p": 0.8,
+                "seed": 5}
+        first, again = (client(url).completions.create(**args).choices[0].text for _ in range(2))
+        streamed = "".join(ch.choices[0].text for ch in client(url).completions.create(stream=True, **args))
+    assert first == again == streamed and engine.metrics.completed["0.7"] == 3
