@@ -48,8 +48,11 @@ def test_every_step_of_the_pipeline_on_a_hugging_face_parent(tmp_path, family):
     ids = torch.randint(3, 260, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # the reordered parent is the same function
         assert (ordered(ids) - hf(ids, use_cache=False).logits).abs().max().item() <= 1e-4
+    # native output: at this size no Mamba2 architecture within 1 % of the budget has an inner width that is a whole
+    # multiple of its hidden size (what Mamba2Config can hold), and the pruned model is not exported below
     assert main(["prune", "--model", str(tmp_path / "ordered"), "--budget", "0.6", "--data", "synthetic",
-                 "--val-samples", "8", "--seq-len", "64", "--out", str(tmp_path / "pruned"), *run]) == 0
+                 "--val-samples", "8", "--seq-len", "64", "--out", str(tmp_path / "pruned"), "--format", "native",
+                 *run]) == 0
     config = {
         "parent": {"path": str(tmp_path / "ordered")},
         "elastic": {"budgets": [1.0, 0.6], "router_hidden": 32, "router_init_steps": 200,

@@ -89,6 +89,26 @@ def _solve(config: ModelConfig, make: Callable[[int], Subnet], lo: int, hi: int,
     return (subnet, n, v) if abs(n - budget) <= TOLERANCE * budget else None
 
 
+def _nearest_exportable(config: ModelConfig, make: Callable[[int], Subnet], lo: int, hi: int, budget: int,
+                        multiple: int = 1) -> tuple[Subnet, int, int] | None:
+    """Like :func:`_solve`, among the values whose architecture the family's Hugging Face config can hold (Mamba2:
+    the inner width a whole multiple of the hidden size), aligned ones first: the solved value often is not one.
+    Only the values within 1 % of ``budget`` are tried (the count is affine in the value)."""
+    a, b = count_parameters(config, make(lo)), count_parameters(config, make(hi))
+    if hi == lo or b <= a:
+        return None
+    slope = (b - a) / (hi - lo)
+    centre = lo + (budget - a) / slope
+    reach = TOLERANCE * budget / slope
+    values = range(max(lo, math.ceil(centre - reach)), min(hi, math.floor(centre + reach)) + 1)
+    for v in sorted(values, key=lambda v: (v % multiple != 0 and v != hi, abs(v - centre))):
+        subnet = make(v)
+        n = count_parameters(config, subnet)
+        if abs(n - budget) <= TOLERANCE * budget and hf_incompatibility(subnet_config(config, subnet)) is None:
+            return subnet, n, v
+    return None
+
+
 def _grid(rule: str, full: int, align: int = 1) -> list[int]:
     """The values ``elasticlm prune`` tries for a width field of parent width ``full`` (see LayerKind.prune_grid):
     head and expert counts by fractions; channel widths by fractions, aligned (:func:`width_multiple`)."""
@@ -149,7 +169,10 @@ def candidates(config: ModelConfig, budget: int, keep_attention: bool = True, al
             continue
         subnet, n, v = solved
         if exportable and hf_incompatibility(subnet_config(config, subnet)) is not None:
-            continue
+            solved = _nearest_exportable(config, make, lo, full_fill, budget, width_multiple(full_fill, align))
+            if solved is None:
+                continue
+            subnet, n, v = solved
         fractions = {"hidden": subnet.hidden_size / config.hidden_size, "depth": 1 - k / config.num_layers}
         fractions.update({kind.fields[f]: pick / full for (kind, f, full, _), pick in zip(grid, picks, strict=True)})
         if fill:
