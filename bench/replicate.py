@@ -227,9 +227,10 @@ def table3(args) -> None:
     cfg.depth_order = list(range(cfg.num_layers))
     space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.75, 0.5]))
     router = Router(space)
-    router.fit_budgets(300, lr=1e-2)
+    router.fit_budgets(args.fit_steps, lr=1e-2)
     big = [count_parameters(cfg, router.resolve(b)) for b in range(len(space.budgets))]
-    rows.append(f"| Nemotron Nano V2 12B shape (router fitted to 12B / 9B / 6B, no training) | "
+    rows.append(f"| Nemotron Nano V2 12B shape (router fitted to 12B / 9B / 6B in {args.fit_steps} steps, "
+                "no training) | "
                 f"{' / '.join(f'{n / 1e9:.2f} B' for n in big)} | {gib(big[0] * 2)} | {gib(sum(big) * 2)} | "
                 f"{gib((big[0] + big[1]) * 2)} | {sum(big) / big[0]:.2f} / {(big[0] + big[1]) / big[0]:.2f} |")
     measured = ""
@@ -635,6 +636,8 @@ def main() -> None:
                     help="router: seeds per architecture, a count (3: seeds 0, 1, 2) or a list (1,2); finished runs "
                          "are reused, so two processes can train disjoint seeds and a third run reports them all")
     ap.add_argument("--kd-steps", type=int, default=200, help="router: distillation steps per architecture")
+    ap.add_argument("--fit-steps", type=int, default=300,
+                    help="table3: budget-only steps fitting the router of the 12B-shaped space (no training)")
     args = ap.parse_args()
     if args.table != "seeds" and not (Path(args.demo) / "elastic" / "final").is_dir():
         sys.exit(f"error: {args.demo} holds no finished demo; run `elasticlm demo` first (or pass --demo)")

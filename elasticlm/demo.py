@@ -153,6 +153,13 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def _relocated(run: dict[str, Any]) -> str:
+    """A run config as JSON with its demo directory (the parent of ``train.out``) written as ``<demo>``: a demo
+    directory that was moved or copied is still the same recipe."""
+    root = str(Path(run["train"]["out"]).parent)
+    return json.dumps(run, sort_keys=True).replace(json.dumps(root)[1:-1], "<demo>")
+
+
 def _reusable(out: Path, expected: dict[str, Any]) -> str:
     """``final`` when ``out`` holds a finished run of exactly ``expected``, ``resume`` when it holds
     checkpoints of it, ``fresh`` otherwise (including a run of a different recipe)."""
@@ -160,8 +167,8 @@ def _reusable(out: Path, expected: dict[str, Any]) -> str:
     if not saved.is_file():
         return "fresh"
     try:
-        same = json.loads(saved.read_text()) == _plain(expected)
-    except ValueError:
+        same = _relocated(json.loads(saved.read_text())) == _relocated(_plain(expected))
+    except (ValueError, KeyError, TypeError):
         same = False
     if not same:
         return "fresh"

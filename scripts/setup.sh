@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
 lock=requirements/dev.lock
 if [ -n "${TORCH_VERSION:-}" ]; then  # a deliberate other torch: pin it, keep every other package locked
   grep -v '^torch==' requirements/dev.lock > "$VENV/dev.lock.no-torch"

@@ -12,6 +12,23 @@ from elasticlm.kinds import kind_of
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `elasticlm demo --quick` run shared by the tests that read its outputs (it trains a parent, importance,
+    an elastic run, extraction and evaluation: the slowest step of the suite, so it runs once). Returns the demo
+    directory and what it printed. Tests that write into a demo copy it first."""
+    import contextlib
+    import io
+
+    from elasticlm.cli import main
+
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out, printed.getvalue()
+
 # transformers' layer-type names (independent of elasticlm's exporter, which writes the pattern string)
 HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 
