@@ -24,6 +24,10 @@ fi
 # requirement would pull a multi-GB CUDA build.
 "${pip[@]}" --no-deps -r "$lock"
 "${pip[@]}" --no-deps -e .
+# Byte-compile on both cores instead of pip's one (--no-compile above): this shell and CI set
+# PYTHONDONTWRITEBYTECODE, so modules not compiled here would be compiled again by every process the tests start.
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true  # a few vendored py2 files never compile
 "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null || {
   echo "error: the installed set is inconsistent (pip check); refresh requirements/dev.lock with scripts/lock.sh" >&2
   "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
