@@ -2,6 +2,11 @@
 # Install everything, lint, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
 bash scripts/setup.sh
+echo "setup: $((SECONDS - start)) s"
 .venv/bin/ruff check elasticlm tests bench
-.venv/bin/python -m pytest --durations=10 "$@"
+# One worker per core (pytest-xdist; tests/conftest.py gives each worker one torch thread), idle workers steal
+# queued tests so the long end-to-end tests do not leave a core idle at the end.
+.venv/bin/python -m pytest -n auto --dist worksteal --durations=10 "$@"
+echo "setup + lint + tests: $((SECONDS - start)) s"

@@ -51,7 +51,7 @@ for d in distributions():
 print("\n".join(sorted(moved)) or "  none")
 PY
 echo "== interop tests against these versions"
-if "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"; then
+if "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n auto --dist worksteal "${tests[@]}"; then
   echo "test_latest: PASS"
 else
   echo "test_latest: FAIL (see the failures above; fix them or pin the package that moved)"

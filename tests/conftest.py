@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -10,7 +11,13 @@ import torch
 from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, MoeWidth, Subnet
 from elasticlm.kinds import kind_of
 
-torch.set_num_threads(2)
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker and every process it starts gets one
+# thread: two workers of two threads each on two cores slow every torch op down far more than 2x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,13 @@ def test_replicate_writes_every_table_on_a_quick_demo(quick_demo, tmp_path):
     assert results.read_text().count("<!-- table5 -->") == 1
     assert results.read_text().index("<!-- table1 -->") < results.read_text().index("<!-- table5 -->")
 
-    # router: each architecture distilled alone (one seed here, for time)
+
+def test_replicate_router_table_on_a_quick_demo(quick_demo, tmp_path):
+    """router: each architecture distilled alone (one seed here, for time); a test of its own so that it can run
+    beside the other tables."""
+    demo, _ = quick_demo
+    results = tmp_path / "results.md"
+    common = ["--demo", str(demo), "--work", str(tmp_path / "work"), "--results", str(results), "--n", "3"]
     replicate("router", "--seeds", "1", "--kd-steps", "2", *common)
     router = results.read_text()
     router = router[router.index("<!-- router -->"):router.index("<!-- /router -->")]
