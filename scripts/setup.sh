@@ -13,21 +13,28 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+# uv (pinned in requirements/tools.txt) installs the lock with parallel downloads; pip stays the fallback. Neither
+# byte-compiles here: scripts/test.sh caches byte-code for what the tests import (PYTHONPYCACHEPREFIX).
+"${pip[@]}" -r requirements/tools.txt || echo "setup: could not install uv; installing with pip" >&2
+install=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
+if [ -n "${PIP_FIND_LINKS:-}" ]; then  # where pip finds the CPU build of torch on this machine; uv needs telling
+  for links in $PIP_FIND_LINKS; do install+=(--find-links "$links"); done
+fi
+if [ ! -x "$VENV/bin/uv" ]; then install=("${pip[@]}"); fi
 lock=requirements/dev.lock
 if [ -n "${TORCH_VERSION:-}" ]; then  # a deliberate other torch: pin it, keep every other package locked
   grep -v '^torch==' requirements/dev.lock > "$VENV/dev.lock.no-torch"
   lock="$VENV/dev.lock.no-torch"
-  "${pip[@]}" "torch==${TORCH_VERSION}"
+  "${pip[@]}" "torch==${TORCH_VERSION}"  # pip: the local CPU builds and this machine's cap apply
 fi
 # The lock lists every package with its dependencies already resolved: installing it without a second resolution
 # is both exact and fast. The CPU build of torch lies on local disk here (pip's find-links); a bare `torch`
 # requirement would pull a multi-GB CUDA build.
-"${pip[@]}" --no-deps -r "$lock"
-"${pip[@]}" --no-deps -e .
-# Byte-compile on both cores instead of pip's one (--no-compile above): this shell and CI set
-# PYTHONDONTWRITEBYTECODE, so modules not compiled here would be compiled again by every process the tests start.
-site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-"$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true  # a few vendored py2 files never compile
+"${install[@]}" --no-deps -r "$lock" || {
+  echo "setup: uv could not install the lock; trying pip" >&2
+  "${pip[@]}" --no-deps -r "$lock"
+}
+"${install[@]}" --no-deps -e . || "${pip[@]}" --no-deps -e .
 "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null || {
   echo "error: the installed set is inconsistent (pip check); refresh requirements/dev.lock with scripts/lock.sh" >&2
   "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
