@@ -38,6 +38,7 @@ from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, Mode
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
 from elasticlm.demo import DEMO_ALIGN, FULL, QUICK, ROUTER, Recipe, seeded, train_or_reuse
+from elasticlm.elastic.space import LAYER_AXES
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
 from elasticlm.train.config import elastic_run_config_from_tables, run_config_from_tables
@@ -115,10 +116,14 @@ def demo(args) -> None:
 # -- Table 1/2 -------------------------------------------------------------------------------------
 
 
-def one_size(elastic_table: dict) -> dict:
-    """The demo's ``[elastic]`` table for distilling one fixed architecture: a single budget, no depth axis and
-    none of the demo's router settings (nothing to route; st would only add full-width mask compute)."""
-    return {**{k: v for k, v in elastic_table.items() if k not in ROUTER}, "budgets": [1.0], "depth": [1.0]}
+def one_size(elastic_table: dict, pattern: str) -> dict:
+    """The demo's ``[elastic]`` table for distilling one fixed architecture (a student of layer pattern
+    ``pattern``): a single budget and one choice per axis, the student's own widths, so every step trains exactly
+    that model; none of the demo's router settings (nothing to route; st would only add full-width mask compute)."""
+    fixed = {"hidden": [1.0], "depth": [1.0]}
+    fixed |= {axis: [1.0] for axis, (kind, _) in LAYER_AXES.items() if kind in pattern}
+    kept = {k: v for k, v in elastic_table.items() if k not in ROUTER and k not in fixed}
+    return {**kept, **fixed, "budgets": [1.0]}
 
 
 def table1(args) -> None:
@@ -134,7 +139,7 @@ def table1(args) -> None:
         tabs = copy.deepcopy(recipe.elastic)
         tabs["parent"] = {"path": str(pruned)}
         tabs["distill"] = {"teacher": str(ordered)}
-        tabs["elastic"] = one_size(tabs["elastic"])
+        tabs["elastic"] = one_size(tabs["elastic"], load(pruned).config.pattern)
         tabs["train"]["out"] = str(work / f"kd-{label}")
         for s in tabs["stages"]:
             s.pop("budget_weights", None)
@@ -414,10 +419,10 @@ def router(args) -> None:
     seeds = args.seeds
     progress = not args.no_progress
 
-    def elastic_tables(out: Path, seed: int, extra: dict | None, stages: list[dict]) -> dict:
-        """``extra`` None: one fixed architecture (``one_size``)."""
+    def elastic_tables(out: Path, seed: int, extra: dict | None, stages: list[dict], pattern: str = "") -> dict:
+        """``extra`` None: one fixed architecture of layer pattern ``pattern`` (``one_size``)."""
         tabs = copy.deepcopy(recipe.elastic)
-        tabs["elastic"] = one_size(tabs["elastic"]) if extra is None else {**tabs["elastic"], **extra}
+        tabs["elastic"] = one_size(tabs["elastic"], pattern) if extra is None else {**tabs["elastic"], **extra}
         tabs["stages"] = stages
         tabs["train"] = {**tabs["train"], "out": str(out), "seed": seed}
         tabs["data"] = {**tabs["data"], "seed": 1 + seed}
@@ -456,7 +461,7 @@ def router(args) -> None:
         if not (student / "config.json").is_file():
             with atomic_directory(student, overwrite=True) as tmp:
                 write_model_files(extract(ordered, subnet), tmp, "native", tokenizer_dir=ordered_dir)
-        tabs = elastic_tables(out, seed, None, [kd_stage])
+        tabs = elastic_tables(out, seed, None, [kd_stage], load(student).config.pattern)
         tabs["parent"] = {"path": str(student)}
         tabs["distill"] = {"teacher": str(ordered_dir)}
         train_or_reuse(f"KD student {slug}", out, elastic_run_config_from_tables(tabs), train_elastic, progress, print)

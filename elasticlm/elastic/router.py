@@ -275,6 +275,8 @@ class Router(nn.Module):
                     seed: int = 0) -> float:
         """Train the router on the budget loss alone (a warm start before elastic training, so every
         budget begins on an architecture of its size instead of a uniform mix). Returns the loss."""
+        if all(len(axis.values) == 1 for axis in self.space.axes):  # one architecture: nothing to fit
+            return float(self.budget_loss(scale, temperature, seed, -1)[0].detach())
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         loss = torch.zeros(())
         for step in range(steps):
