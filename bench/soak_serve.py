@@ -16,7 +16,8 @@ Every client thread loops until the time is up, drawing one kind of request at a
   ``--max-body-bytes``), ``wrong-key``, ``disconnect`` (a stream abandoned after its first bytes).
 
 Reported: requests per kind and outcome (HTTP status, or ``mismatch`` / ``connection`` errors), p50 / p99 latency
-of the well-formed ones, the server's RSS after warm-up and at the end, /health at the end, SIGTERM → exit status.
+of the well-formed ones, the server's RSS over the run (every ``--rss-every`` seconds; after warm-up and at the
+end), /health at the end, SIGTERM → exit status.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--rss-every", type=float, default=15.0, help="seconds between samples of the server's RSS")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args()
 
@@ -193,10 +195,21 @@ def main() -> None:
                     latencies.append(dt)
             warm.set()
 
+    rss_over_time: list[tuple[float, float]] = []  # (seconds since the clients started, MiB)
+
+    def sample_rss() -> None:
+        while True:
+            rss_over_time.append((round(time.monotonic() - t_start, 1), round(rss_kib(proc.pid) / 1024, 1)))
+            if time.monotonic() + args.rss_every > stop:
+                return
+            time.sleep(args.rss_every)
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
     t_start = time.monotonic()
     for t in threads:
         t.start()
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
     warm.wait(60)
     time.sleep(min(5.0, args.seconds / 4))
     rss_start = rss_kib(proc.pid)
@@ -204,6 +217,8 @@ def main() -> None:
         t.join()
     wall = time.monotonic() - t_start
     rss_end = rss_kib(proc.pid)
+    sampler.join(timeout=args.rss_every + 1)
+    rss_over_time.append((round(wall, 1), round(rss_end / 1024, 1)))
     with urllib.request.urlopen(url + "/health", timeout=5) as r:
         health = json.loads(r.read())
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
@@ -223,6 +238,7 @@ def main() -> None:
         "p50_s": round(statistics.median(lat), 3) if lat else None,
         "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
         "rss_mib_after_warmup": round(rss_start / 1024, 1), "rss_mib_end": round(rss_end / 1024, 1),
+        "rss_mib_over_time": rss_over_time,
         "health_at_end": health["status"], "restarts": restarts, "sigterm_exit": rc,
         "sigterm_seconds": round(exit_s, 1)}
     print(json.dumps(result, indent=2))
@@ -230,6 +246,7 @@ def main() -> None:
           f"{len(lat)}, wrong answers {result['mismatches']}; p50 {result['p50_s']} s, p99 {result['p99_s']} s; "
           f"RSS {result['rss_mib_after_warmup']} → {result['rss_mib_end']} MiB; /health {health['status']}; "
           f"SIGTERM → exit {rc} in {exit_s:.1f} s")
+    print("RSS over the run (s: MiB): " + ", ".join(f"{t:g}: {m:g}" for t, m in rss_over_time))
     print("\n| kind | outcomes |\n|---|---|")
     for k in kinds:
         print(f"| {k} | " + ", ".join(f"{o}: {n}" for o, n in result["outcomes"][k].items()) + " |")
