@@ -240,15 +240,16 @@ class Engine:
                 continue
             if self._stop.is_set():
                 return
-            for b in self.order:  # the thread is gone: its batches are ours now
-                jobs, self.jobs[b] = self.jobs[b], []
-                self.batches[b] = DecodeBatch(self.model, self.budgets[b])
-                self._fail(jobs, 500, f"the engine failed while decoding this request (budget {b}) and was "
-                                      "restarted; retry the request")
             now = time.monotonic()
             while self.restarts and now - self.restarts[0] > 60:
                 self.restarts.popleft()
-            if len(self.restarts) >= self.max_restarts:
+            restart = len(self.restarts) < self.max_restarts
+            what = "was restarted; retry the request" if restart else "stopped serving (see /health)"
+            for b in self.order:  # the thread is gone: its batches are ours now
+                jobs, self.jobs[b] = self.jobs[b], []
+                self.batches[b] = DecodeBatch(self.model, self.budgets[b])
+                self._fail(jobs, 500, f"the engine failed while decoding this request (budget {b}) and {what}")
+            if not restart:
                 self._give_up(f"the engine thread died {len(self.restarts) + 1} times within a minute; the server "
                               "stopped serving (see its log for the tracebacks) and must be restarted")
                 return
