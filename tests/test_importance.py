@@ -283,6 +283,23 @@ def test_fast_iterative_depth_order_equals_the_whole_model_reference(config, uni
         assert imp.depth["oneshot_mse"] == sorted(oneshot, key=lambda j: (oneshot[j], j))
 
 
+def test_depth_mse_under_bf16_autocast_is_near_the_fp32_scores():
+    """``importance --dtype bfloat16`` (and ``auto`` where bf16 pays): the depth MSE forwards run under autocast;
+    every one-shot score stays within a few percent of the fp32 whole-model reference (an independent loop of
+    fp32 forwards), and the metadata says which precision scored the layers."""
+    model = randomize_(HybridLM(llama_config(4)), seed=3).eval()
+    data = batches(2, b=2, t=16, seed=4)
+    reference = layer_mse(model, data)  # fp32, one whole-model forward per removed block
+    imp = estimate(model, iter(data), depth_batches=2, progress=False, depth_rounds=1, depth_dtype=torch.bfloat16)
+    assert imp.meta["depth_dtype"] == "bfloat16"
+    got = imp.depth_scores["oneshot_mse"]
+    spread = max(reference.values()) - min(reference.values())
+    for j, want in reference.items():
+        assert abs(got[j] - want) <= 0.05 * want + 0.01 * spread, (j, got[j], want)
+    assert estimate(model, iter(data), depth_batches=2, progress=False, depth_rounds=1).meta["depth_dtype"] == \
+        "float32"
+
+
 def test_depth_rounds_default_covers_the_depth_choices():
     from elasticlm.elastic.importance import auto_depth_rounds
 

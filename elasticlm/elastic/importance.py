@@ -405,11 +405,21 @@ def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
 @torch.no_grad()
 def depth_mse_rounds(model: HybridLM, batches: list[Batch], rounds: int, *, unit: int = 1,
                      stack_rows: int = STACK_ROWS, state_bytes: int = STATE_BYTES,
-                     bar: tqdm | None = None) -> tuple[list[int], list[dict[int, float]]]:
+                     bar: tqdm | None = None,
+                     amp: torch.dtype | None = None) -> tuple[list[int], list[dict[int, float]]]:
     """``rounds`` rounds of the iterative normalized MSE over units of ``unit`` consecutive blocks: the units
     dropped, in order, and every round's scores ``{unit: Σ(M_full − M_−(dropped ∪ {unit}))² / Σ M_full²}`` —
     the first round's are the one-shot scores. Equal to whole-model forwards (:func:`layer_mse`, to float
-    rounding) at the cost of :func:`depth_evaluations`."""
+    rounding) at the cost of :func:`depth_evaluations`. ``amp``: run the blocks under autocast to that dtype
+    (bf16: about 2.5x faster on CPUs with AMX), the reference output included, so that both sides of every
+    difference carry the same rounding; the differences and sums stay in float64."""
+    device = model.embeddings.weight.device
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        return _depth_mse_rounds(model, batches, rounds, unit, stack_rows, state_bytes, bar)
+
+
+def _depth_mse_rounds(model: HybridLM, batches: list[Batch], rounds: int, unit: int, stack_rows: int,
+                      state_bytes: int, bar: tqdm | None) -> tuple[list[int], list[dict[int, float]]]:
     cfg = model.config
     units = _units(cfg.num_layers, unit)
     if not 1 <= rounds <= max(1, len(units) - 1):
@@ -501,14 +511,15 @@ def iterative_depth_order(model: HybridLM, batches: list[Batch], rounds: int | N
 def estimate(model: HybridLM, calibration: Iterator[Batch], *, total_batches: int | None = None,
              depth_batches: int = 4, metrics: tuple[str, ...] = DEPTH_METRICS, progress: bool = True,
              meta: dict[str, Any] | None = None, depth_rounds: int | None = None,
-             depth_unit: int = 1) -> Importance:
+             depth_unit: int = 1, depth_dtype: torch.dtype | None = None) -> Importance:
     """Every score: one streaming width pass over ``calibration`` (its first ``depth_batches``
     batches are kept for the depth metrics, which need many forward passes).
 
     The MSE depth metrics remove ``depth_unit`` consecutive blocks at a time (1: every block alone;
     :attr:`ModelConfig.depth_unit`: what the depth choices drop, a transformer's whole decoder layers).
     ``depth_rounds``: rounds of the iterative MSE (None: all, the complete order; :func:`auto_depth_rounds`:
-    what the default depth choices use); the one-shot MSE is its first round."""
+    what the default depth choices use); the one-shot MSE is its first round. ``depth_dtype``: the MSE metrics'
+    autocast dtype (None: float32; see :func:`depth_mse_rounds`)."""
     unknown = sorted(set(metrics) - set(DEPTH_METRICS))
     if unknown:
         raise ConfigError(f"unknown depth metric(s) {unknown}; choose from {list(DEPTH_METRICS)}")
@@ -544,12 +555,13 @@ def estimate(model: HybridLM, calibration: Iterator[Batch], *, total_batches: in
         per = width_s / (width_sequences * max(n, 1))
         tqdm.write(f"depth MSE: {rounds} of {max(1, count - 1)} rounds over {count} {what} on {sequences} "
                    f"sequences = {evaluations * sequences:,} block evaluations (≈ {evaluations / max(n, 1):.0f} "
-                   f"whole-model forwards per sequence), estimated {_duration(per * evaluations * sequences)}",
+                   f"whole-model forwards per sequence), estimated {_duration(per * evaluations * sequences)}"
+                   + (" at the fp32 pace of the width pass (bf16 autocast: less)" if depth_dtype is not None else ""),
                    file=sys.stderr)
     was = model.training
     model.eval()
     try:
-        order, scores, history = iterative_depth_order(model, kept, rounds, progress, depth_unit)
+        order, scores, history = iterative_depth_order(model, kept, rounds, progress, depth_unit, amp=depth_dtype)
     finally:
         model.train(was)
     if "oneshot_mse" in metrics:
@@ -566,6 +578,7 @@ def estimate(model: HybridLM, calibration: Iterator[Batch], *, total_batches: in
                 f"only the first {rounds} {what} of the iterative order were dropped one by one (--depth-rounds); "
                 f"the other {count - rounds} follow in the order of round {rounds}'s scores")
     imp.meta["depth_unit"] = depth_unit
+    imp.meta["depth_dtype"] = "bfloat16" if depth_dtype == torch.bfloat16 else "float32"
     imp.meta["depth_block_evaluations"] = evaluations * sequences
     return imp
 
