@@ -54,7 +54,12 @@ def server(ckpt):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    """What greedy `elasticlm generate` returns, as text (EOS and after cut off)."""
+    return greedy_reference(ckpt)
+
+
+def greedy_reference(ckpt):
+    """What greedy `elasticlm generate` returns, as text (EOS and after cut off): computed in the test process,
+    not by a server."""
     model, tok = elasticlm.load(ckpt, serving=True), load_tokenizer(ckpt)
 
     def text(prompt: str, budget: str, n: int) -> str:

@@ -31,7 +31,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from test_serve_faults import BODY, CONTEXT, HOSTILE, KEY, exact_next_request, post  # noqa: E402
+from test_serve_faults import BODY, CONTEXT, HOSTILE, KEY, exact_next_request, greedy_reference, post  # noqa: E402
 
 import elasticlm  # noqa: E402
 from elasticlm.tokenizer import load_tokenizer  # noqa: E402
@@ -133,16 +133,7 @@ def small(servers):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    """What greedy `generate` returns, as text (EOS and after cut off): computed here, not by a server."""
-    model, tok = elasticlm.load(ckpt, serving=True), load_tokenizer(ckpt)
-
-    def text(prompt: str, budget: str, n: int) -> str:
-        ids = tok.encode(prompt).ids
-        out = model.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
-        eos = model.config.eos_token_id
-        return tok.decode(out[: out.index(eos)] if eos in out else out)
-
-    return text
+    return greedy_reference(ckpt)
 
 
 def client(url, key=KEY):
