@@ -554,7 +554,8 @@ def cmd_importance(args: argparse.Namespace) -> None:
     if {"iterative_mse", "oneshot_mse"} & set(metrics):
         from .train.trainer import autocast_dtype
 
-        amp = autocast_dtype(args.dtype, model.embeddings.weight.device, model, (args.batch_size, args.seq_len))
+        amp = autocast_dtype(args.dtype, model.embeddings.weight.device, model, (args.batch_size, args.seq_len),
+                             setting="importance --dtype")
     imp = estimate(model, batches, total_batches=-(-args.samples // args.batch_size),
                    depth_batches=-(-args.depth_samples // args.batch_size), metrics=metrics,
                    progress=not args.no_progress, depth_rounds=rounds, depth_unit=unit, depth_dtype=amp,

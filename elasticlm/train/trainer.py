@@ -63,14 +63,14 @@ def lr_at(step: int, cfg: Any) -> float:
 
 
 def autocast_dtype(name: str, device: torch.device, model: HybridLM | None = None,
-                   shape: tuple[int, int] = (1, 256)) -> torch.dtype | None:
+                   shape: tuple[int, int] = (1, 256), setting: str = "train.dtype") -> torch.dtype | None:
     """The autocast dtype of ``train.dtype``: ``bfloat16`` / ``float32`` as given; ``auto`` = bf16 on CUDA,
     and on a CPU bf16 only where it measurably pays (:func:`bf16_pays_on_cpu`: some CPUs run bf16 matmuls
     4x faster than fp32, others 100x slower)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        if device.type == "cpu" and model is not None and bf16_pays_on_cpu(model, shape):
+        if device.type == "cpu" and model is not None and bf16_pays_on_cpu(model, shape, setting=setting):
             return torch.bfloat16
         return None
     return torch.bfloat16 if name == "bfloat16" else None
@@ -96,7 +96,8 @@ def amp_from_record(text: str) -> torch.dtype | None:
     return torch.bfloat16 if text == "bfloat16" else None
 
 
-def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float = 1.25) -> bool:
+def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float = 1.25,
+                     setting: str = "train.dtype") -> bool:
     """Time one forward + backward of ``model`` on a random ``[rows, seq]`` batch in fp32 and under bf16
     autocast (5 alternating pairs after a warm-up, a few seconds at most) and say whether bf16 is at least
     ``threshold``x faster. The decision and both timings are logged."""
@@ -108,7 +109,7 @@ def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float =
     ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
     cpu_flags = _cpu_flags()
     if "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
-        log.info("train.dtype auto: fp32 (this CPU has no AVX512-BF16 / AMX: bf16 matmuls are emulated)")
+        log.info("%s auto: fp32 (this CPU has no AVX512-BF16 / AMX: bf16 matmuls are emulated)", setting)
         return False
 
     def step(amp: bool) -> float:
@@ -125,9 +126,10 @@ def bf16_pays_on_cpu(model: HybridLM, shape: tuple[int, int], threshold: float =
     model.zero_grad(set_to_none=True)
     ratio = paired_speedup(pairs)
     choice = ratio >= threshold
-    log.info("train.dtype auto: %s (a step took %.0f ms in fp32, %.0f ms under bf16 autocast: %.2fx, median of 5 "
-             "alternating pairs; set train.dtype to override)", "bf16 autocast" if choice else "fp32",
-             1e3 * statistics.median(a for a, _ in pairs), 1e3 * statistics.median(b for _, b in pairs), ratio)
+    log.info("%s auto: %s (a step took %.0f ms in fp32, %.0f ms under bf16 autocast: %.2fx, median of 5 "
+             "alternating pairs; set %s to override)", setting, "bf16 autocast" if choice else "fp32",
+             1e3 * statistics.median(a for a, _ in pairs), 1e3 * statistics.median(b for _, b in pairs), ratio,
+             setting)
     return choice
 
 
