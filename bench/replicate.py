@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from elasticlm import load
-from elasticlm.checkpoint import atomic_write_text
+from elasticlm.checkpoint import atomic_write_text, read_config
 from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
@@ -134,12 +134,13 @@ def table1(args) -> None:
     runs: dict[str, dict[str, Path]] = {"kd": {}, "scratch": {}}
     for label in SIZES:
         pruned = demo / f"zero-shot-{label}"
+        pruned_config = read_config(pruned)[0]
         # Minitron-style: the zero-shot pruned model of this size, distilled from the parent on the
         # same stages (tokens) as the elastic run — once per size
         tabs = copy.deepcopy(recipe.elastic)
         tabs["parent"] = {"path": str(pruned)}
         tabs["distill"] = {"teacher": str(ordered)}
-        tabs["elastic"] = one_size(tabs["elastic"], load(pruned).config.pattern)
+        tabs["elastic"] = one_size(tabs["elastic"], pruned_config.pattern)
         tabs["train"]["out"] = str(work / f"kd-{label}")
         for s in tabs["stages"]:
             s.pop("budget_weights", None)
@@ -148,7 +149,7 @@ def table1(args) -> None:
         runs["kd"][label] = work / f"kd-{label}" / "final"
         # from scratch: the same architecture, randomly initialised, trained like the parent
         tabs = copy.deepcopy(recipe.parent)
-        model = load(pruned).config.to_dict()
+        model = pruned_config.to_dict()
         model.pop("depth_order", None)
         tabs["model"] = model
         tabs["train"]["out"] = str(work / f"scratch-{label}")
@@ -461,7 +462,7 @@ def router(args) -> None:
         if not (student / "config.json").is_file():
             with atomic_directory(student, overwrite=True) as tmp:
                 write_model_files(extract(ordered, subnet), tmp, "native", tokenizer_dir=ordered_dir)
-        tabs = elastic_tables(out, seed, None, [kd_stage], load(student).config.pattern)
+        tabs = elastic_tables(out, seed, None, [kd_stage], read_config(student)[0].pattern)
         tabs["parent"] = {"path": str(student)}
         tabs["distill"] = {"teacher": str(ordered_dir)}
         train_or_reuse(f"KD student {slug}", out, elastic_run_config_from_tables(tabs), train_elastic, progress, print)

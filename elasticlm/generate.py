@@ -161,6 +161,7 @@ class DecodeBatch:
             self.cache, self.logits = cache, logits
         else:
             self.cache.merge(cache)
+            self.cache.drop_shared_padding()  # the merge may have padded every older row
             self.logits = torch.cat([self.logits, logits])
         self.rows.extend(requests)
         self.drop([r for r in requests if r.max_new_tokens == 0], "length")
@@ -208,6 +209,7 @@ class DecodeBatch:
             return
         index = torch.tensor(keep, device=self.logits.device)
         self.cache.reorder(index)
+        self.cache.drop_shared_padding()  # a row left: the others may share more padding now
         self.logits = self.logits[index]
 
 

@@ -9,9 +9,9 @@ The :class:`Engine` runs generation on one background thread. Requests of one bu
 :class:`~elasticlm.generate.DecodeBatch`: a request that arrives while others decode is prefilled and joins the
 running batch at the next step (continuous batching); a finished or abandoned one (client gone) leaves it. Each
 row decodes exactly as it would alone (ragged batches are exact). A batch that never empties (steady load) drops
-the cache positions that all its rows have as padding (:func:`compact`), so its memory and step time follow its
-rows, not its age. Budgets run as separate batches, one step each in turn: a Subnet's widths are fixed per forward,
-so rows of different budgets cannot share one.
+the cache positions that all its rows have as padding (:meth:`HybridCache.drop_shared_padding`), so its memory and
+step time follow its rows, not its age. Budgets run as separate batches, one step each in
+turn: a Subnet's widths are fixed per forward, so rows of different budgets cannot share one.
 
 ``NAME@auto`` serves the largest budget whose predicted time per token, with the rows it would join, meets
 ``--target-latency-ms``; the prediction is a per-budget line (fixed cost + cost per row) fitted to step times
@@ -50,7 +50,6 @@ import torch
 
 from .errors import ConfigError, ElasticLMError
 from .generate import DecodeBatch, Request
-from .model.cache import KVState
 from .model.hybrid import HybridLM
 
 log = logging.getLogger("elasticlm.serve")
@@ -117,33 +116,6 @@ class StepModel:
         var = sum((r - mx) ** 2 for r, _ in s)
         slope = sum((r - mx) * (t - my) for r, t in s) / var if var > 0 else 0.0
         return max(0.0, my + max(0.0, slope) * (rows - mx))
-
-
-def compact(batch: DecodeBatch, slack: int = 16) -> int:
-    """Drop the oldest cache positions of ``batch`` that are padding in every row; returns how many went.
-
-    A batch's cache has one timeline: each step adds a position to every row, and a row that joins is left-padded
-    to the current length. A batch that never empties (a server under steady load) would keep every position it
-    ever had, its KV buffers and each step's attention growing with its age, not with its rows. Padding is never
-    read and positions count from each row's first real token, so cutting what every row has as padding changes
-    no output. Done once the cut is at least half the timeline (and ``slack`` positions): the copy is amortised,
-    and the timeline stays within twice the oldest row's length."""
-    cache = batch.cache
-    if cache is None or cache.pad is None:
-        return 0
-    cut = int(cache.pad.min())
-    if cut < slack or 2 * cut < cache.seq_len:
-        return 0
-    for state in cache.layers:
-        if isinstance(state, KVState) and state.k is not None:  # a copy: a view would keep the old buffer alive
-            state.k = state.k[:, :, cut:state.length].clone()
-            state.v = state.v[:, :, cut:state.length].clone()
-            state.length -= cut
-    cache.seq_len -= cut
-    cache.pad = cache.pad - cut
-    if not bool(cache.pad.any()):
-        cache.pad = None
-    return cut
 
 
 class Engine:
@@ -365,7 +337,6 @@ class Engine:
                 self._send(job, ("done", req.finished))
                 self.metrics.finished(b, len(req.tokens), now - job.submitted)
         self.jobs[b] = [j for j in jobs if not j.request.finished]
-        compact(batch)
 
     def _send(self, job: Job, item: tuple[str, Any]) -> None:
         try:

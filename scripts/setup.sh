@@ -34,7 +34,8 @@ fi
   echo "setup: uv could not install the lock; trying pip" >&2
   "${pip[@]}" --no-deps -r "$lock"
 }
-"${install[@]}" --no-deps -e . || "${pip[@]}" --no-deps -e .
+# the build backend from the lock as well (setuptools is pinned there), not whatever PyPI has today
+"${install[@]}" --no-deps --no-build-isolation -e . || "${pip[@]}" --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null || {
   echo "error: the installed set is inconsistent (pip check); refresh requirements/dev.lock with scripts/lock.sh" >&2
   "$VENV/bin/python" -m pip check --disable-pip-version-check >&2

@@ -369,22 +369,22 @@ def test_an_engine_killed_for_good_turns_health_503_and_exits_1(small):
 
 def test_a_batch_that_never_empties_keeps_a_bounded_cache_and_exact_rows(ckpt):
     """In process (what the servers above run for minutes under load): a request joins every 5 steps and lives 6-18,
-    so the batch never drains; its cache timeline stays within twice its oldest row (`compact`) and every row
+    so the batch never drains; its cache timeline stays within twice its oldest row
+    (`HybridCache.drop_shared_padding`, run by DecodeBatch when a row leaves) and every row
     equals greedy `generate` alone. Without compaction the timeline would be the batch's age (200 steps here)."""
     from elasticlm.generate import DecodeBatch, Request
-    from elasticlm.serve import compact
 
     model, tok = elasticlm.load(ckpt, serving=True), load_tokenizer(ckpt)
     prompts = [tok.encode(p).ids for p in ("Q: 1+2", "a longer prompt with several words", "x", "Q: sort 3 1 2")]
     batch = DecodeBatch(model, model.budgets["1.0"])
-    requests, longest, cut = [], 0, 0
+    requests, longest = [], 0
     for step in range(200):
         if step % 5 == 0:
             requests.append(Request(prompts[step // 5 % 4], max_new_tokens=6 + step % 13))
             batch.add(requests[-1:])
         batch.step()
-        cut += compact(batch)
         longest = max(longest, batch.cache.seq_len)
+    cut = batch.cache.dropped
     assert len(batch) > 0 and cut > 150 and longest < 2 * (34 + 18) + 16
     finished = [r for r in requests if r.finished]
     assert len(finished) >= 35

@@ -51,7 +51,8 @@ class HybridCache:
     def __init__(self, num_layers: int, subnet: Subnet, keep_weights: bool = True) -> None:
         self.subnet = subnet
         self.layers: list[MambaState | KVState | None] = [None] * num_layers
-        self.seq_len = 0  # tokens already consumed
+        self.seq_len = 0  # tokens already consumed (positions of the timeline kept)
+        self.dropped = 0  # positions dropped as padding of every row (drop_shared_padding)
         # The sub-model's weight slices per layer, made on the first call and reused by every later
         # token: slicing is a handful of view ops per layer, several percent of a decode step.
         # Views follow in-place weight updates; a cache is meant for one generation, not across them.
@@ -113,6 +114,30 @@ class HybridCache:
                 mine.k, mine.v = k, v
         self.pad = torch.cat(pads)
         self.seq_len = length
+
+    def drop_shared_padding(self, slack: int = 16) -> int:
+        """Drop the oldest positions that are padding in every row; returns how many went (also added to
+        ``dropped``). A batch that rows keep joining (a server under steady load) never empties: without this its
+        one timeline, and each step's attention over it, would grow with its age, not with its rows. Padding is
+        never read and positions count from each row's first real token, so no output changes. Done once the cut
+        is at least half the timeline (and ``slack`` positions): the copy is amortised, and the timeline stays
+        within twice the oldest row's length."""
+        if self.pad is None:
+            return 0
+        cut = int(self.pad.min())
+        if cut < slack or 2 * cut < self.seq_len:
+            return 0
+        for state in self.layers:
+            if isinstance(state, KVState) and state.k is not None:  # a copy: a view would keep the old buffer alive
+                state.k = state.k[:, :, cut:state.length].clone()
+                state.v = state.v[:, :, cut:state.length].clone()
+                state.length -= cut
+        self.seq_len -= cut
+        self.dropped += cut
+        self.pad = self.pad - cut
+        if not bool(self.pad.any()):
+            self.pad = None
+        return cut
 
 
 def _rows(cache: HybridCache) -> int:
