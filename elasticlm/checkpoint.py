@@ -13,6 +13,7 @@ only when complete, so a crash never leaves a directory that loads as a valid ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, Subnet
 from .errors import CheckpointError, ConfigError
+from .model import padding
 from .model.gguf_import import hf_directory
 from .model.hf import (
     CACHE_ANCHOR,
@@ -136,7 +138,10 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     path = hf_directory(path)
     config, kind = read_config(path)
     raw = read_weights(path, private=serving)
-    anchored = kind == "hf" and bool(read_json(path / "config.json").get(CACHE_ANCHOR))
+    raw_config = read_json(path / "config.json") if kind == "hf" else {}
+    anchored = bool(raw_config.get(CACHE_ANCHOR))
+    # an export padded to uniform widths stores the padded tensors; the model is sliced to the real ones below
+    stored = padding.padded_config(config) if raw_config.get(padding.PADDING_KEY) else config
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         name = name_from_hf(key, config.family, anchored) if kind == "hf" else key
@@ -147,10 +152,12 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
             weights = fuse_experts(weights)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
-        config = resolve_tied_head(config, weights)
+        tied = resolve_tied_head(stored, weights).tie_word_embeddings
+        config = dataclasses.replace(config, tie_word_embeddings=tied)
+        stored = dataclasses.replace(stored, tie_word_embeddings=tied)
     elif config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    model = HybridLM(config, device="meta")
+    model = HybridLM(stored, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -173,6 +180,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     del raw, weights  # the model holds them now; dropping these lets use_decode_layout free what it replaces
+    model = padding.unpad(model, config)
     model.source_dir = path  # so that save() can carry the tokenizer along
     routing = read_routing(path)
     if routing is not None:
@@ -254,11 +262,11 @@ def check_format(config: ModelConfig, format: str, tokenizer_dir: str | os.PathL
     if format == "hf":
         config_to_hf(config)
     if format == "gguf":
-        from .model.gguf import gguf_incompatibility, tokenizer_metadata
+        from .model.gguf import gguf_arch, gguf_incompatibility, tokenizer_metadata
 
         reason = gguf_incompatibility(config)
         if reason:
-            raise ConfigError(f"cannot export to GGUF (llama.cpp nemotron_h): {reason}")
+            raise ConfigError(f"cannot export to GGUF (llama.cpp {gguf_arch(config.family)}): {reason}")
         if tokenizer_dir is None:
             raise ConfigError("a GGUF file carries its tokenizer, and this model has none (no tokenizer directory)")
         tokenizer_metadata(tokenizer_dir, config)

@@ -131,8 +131,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from .checkpoint import check_output_path, load
-    from .config import count_parameters
+    from .config import count_parameters, subnet_config
     from .elastic.deploy import extract_budgets, select_budgets
+    from .model.padding import padding_note
 
     check_output_path(args.out, args.force, "extract", [args.checkpoint])
     model = load(args.checkpoint)
@@ -140,7 +141,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint],
                                             gguf_type=args.gguf_type):
         n = count_parameters(model.config, model.budgets[label])
-        print(f"budget {label}: {path} ({format_label(fmt, model.config.family)}, {n:,} parameters)")
+        note = padding_note(subnet_config(model.config, model.budgets[label])) if fmt == "hf" else ""
+        print(f"budget {label}: {path} ({format_label(fmt, model.config.family)}, {n:,} parameters{note})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -208,6 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import check_output_path, load, save
     from .model.hf import hf_incompatibility, hf_label
+    from .model.padding import padding_note
 
     check_output_path(args.dst, args.force, "model", [args.src])
     model = load(args.src, dtype=_torch_dtype(args.dtype))
@@ -216,7 +219,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         if reason:
             raise ConfigError(f"cannot convert {args.src} to {hf_label(model.config.family)}: {reason}")
     save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src], gguf_type=args.gguf_type)
-    print(f"wrote {args.dst} ({format_label(args.to, model.config.family)}, {model.num_parameters():,} parameters)")
+    note = padding_note(model.config) if args.to == "hf" else ""
+    print(f"wrote {args.dst} ({format_label(args.to, model.config.family)}, {model.num_parameters():,} "
+          f"parameters{note})")
 
 
 def format_label(fmt: str, family: str) -> str:

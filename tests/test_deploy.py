@@ -122,19 +122,44 @@ def test_hf_extraction_reloads_in_transformers_with_the_same_logits_and_generati
         assert mine.tolist() == gen.tolist(), label
 
 
-def test_heterogeneous_budgets_are_native_and_hf_explains_why_not(tmp_path, capsys):
+def test_heterogeneous_budgets_export_to_transformers_padded_and_generate_token_identically(tmp_path, capsys):
+    """`extract --budget all` (format auto) of budgets with per-layer FFN widths: stock NemotronH directories,
+    zero-padded, that transformers loads and generates with exactly as the nested budget does; the real widths
+    come back on import. Per-layer Mamba widths have no exact padded form: `--format hf` says so."""
+    transformers = pytest.importorskip("transformers")
     path = elastic_checkpoint(tmp_path, heterogeneous=["ffn"])
     model = elasticlm.load(path)
     hetero = [b for b, s in model.budgets.items()
               if len({w.intermediate_size for w in s.layers if hasattr(w, "intermediate_size")}) > 1]
     assert hetero, "the test needs a budget whose FFN widths differ per layer"
-    label = hetero[0]
-    assert main(["extract", "--checkpoint", str(path), "--budget", label, "--out", str(tmp_path / "h"),
-                 "--format", "hf"]) == 2
-    assert "cannot be written as Hugging Face" in capsys.readouterr().err and not (tmp_path / "h").exists()
-    assert main(["extract", "--checkpoint", str(path), "--budget", label, "--out", str(tmp_path / "h")]) == 0
-    assert "elasticlm native" in capsys.readouterr().out
-    assert json.loads((tmp_path / "h" / "config.json").read_text())["elasticlm_format"] == 1
+    assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "zero padding to uniform widths" in out and "elasticlm native" not in out
+    ids = torch.randint(3, 260, (2, 15))
+    for label in model.budgets:
+        directory = tmp_path / "h" / f"budget-{label}"
+        config = json.loads((directory / "config.json").read_text())
+        assert config["model_type"] == "nemotron_h"
+        assert ("elasticlm_padding" in config) == (label in hetero)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        with torch.no_grad():
+            assert (hf(ids).logits - model(ids, model.budgets[label])).abs().max().item() <= 1e-4, label
+        mine = model.generate(ids[:1, :7], budget=label, max_new_tokens=10)
+        theirs = hf.generate(ids[:1, :7], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert mine.tolist() == theirs.tolist(), label
+        back = elasticlm.load(directory)
+        assert back.num_parameters() == count_parameters(model.config, model.budgets[label])
+    card = (tmp_path / "h" / f"budget-{hetero[0]}" / "README.md").read_text()
+    assert "zero padding to uniform widths" in card
+
+    # a budget with per-layer Mamba widths: refused as hf in one line, written natively by auto
+    layers = list(model.budgets[hetero[0]].layers)
+    mamba = [i for i, k in enumerate(model.config.pattern) if k == "M" and layers[i] is not None]
+    layers[mamba[0]] = dataclasses.replace(layers[mamba[0]], heads_per_group=1)
+    odd = elasticlm.extract(model, Subnet(model.budgets[hetero[0]].hidden_size, tuple(layers)))
+    with pytest.raises(ConfigError, match="Mamba head counts"):
+        elasticlm.save(odd, tmp_path / "odd", "hf")
+    assert not (tmp_path / "odd").exists()
 
 
 def test_info_reports_every_budget(tmp_path, capsys):

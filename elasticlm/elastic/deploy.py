@@ -1,8 +1,9 @@
 """Shipping an elastic checkpoint: every trained budget as a standalone model, and what each costs.
 
 ``extract_budgets`` slices budgets out of an elastic checkpoint (no training): weights, config,
-tokenizer and a model card per budget; homogeneous sub-models are written as stock NemotronH
-directories (transformers loads them without remote code), heterogeneous ones natively.
+tokenizer and a model card per budget; sub-models are written as stock Hugging Face directories
+(transformers loads them without remote code; per-layer FFN widths and head counts zero-padded to one width,
+exactly), those that no such directory can hold (per-layer Mamba widths) natively.
 ``budget_report`` is what ``elasticlm info`` prints for an elastic checkpoint.
 """
 
@@ -16,9 +17,10 @@ from .. import __version__
 from ..checkpoint import atomic_directory, check_format, check_output_path, read_routing, write_model_files
 from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
 from ..errors import ConfigError
-from ..model.gguf import DT_CLAMP_NOTE, gguf_incompatibility
+from ..model.gguf import DT_CLAMP_NOTE, gguf_arch, gguf_incompatibility
 from ..model.hf import hf_incompatibility, hf_label
 from ..model.hybrid import HybridLM
+from ..model.padding import padding_note
 from .extract import extract
 from .prune import describe_subnet
 from .space import memory_bytes
@@ -48,7 +50,8 @@ def output_format(config: ModelConfig, requested: str, label: str) -> str:
     if requested == "gguf":
         reason = gguf_incompatibility(config)
         if reason:
-            raise ConfigError(f"budget {label} cannot be written as GGUF (llama.cpp nemotron_h): {reason}")
+            raise ConfigError(f"budget {label} cannot be written as GGUF (llama.cpp {gguf_arch(config.family)}): "
+                              f"{reason}")
         return requested
     reason = hf_incompatibility(config)
     if requested == "hf" and reason:
@@ -68,7 +71,7 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
         f"- parameters: {n:,} ({n / count_parameters(parent.config):.1%} of the parent's "
         f"{count_parameters(parent.config):,})",
         f"- budget: {label} (target {entry.get('target', n):,.0f} {entry.get('target_kind', 'params')})",
-        f"- format: {format_name(fmt, config.family)}",
+        f"- format: {format_name(fmt, config.family)}{padding_note(config) if fmt == 'hf' else ''}",
         f"- made by: `elasticlm extract` (elasticlm {__version__}, {datetime.date.today()}) from the elastic "
         f"checkpoint `{source}`, by slicing the nested sub-model its router chose for this budget; no training "
         "after the elastic run. The weights are the prefixes of the importance-ordered parent's axes.",
@@ -79,14 +82,14 @@ def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: H
     ]
     for i in range(config.num_layers):
         lines.append(f"| {i} | {LAYER_NAMES[config.pattern[i]]} | {config.layer_widths(i)} |")
-    if fmt == "gguf":
+    if fmt == "gguf" and "M" in config.pattern:
         lines += ["", f"Note for llama.cpp: {DT_CLAMP_NOTE}."]
     return "\n".join(lines) + "\n"
 
 
 def format_name(fmt: str, family: str) -> str:
     return {"hf": f"{hf_label(family)} (transformers, no remote code)", "native": "elasticlm native",
-            "gguf": "GGUF for llama.cpp (nemotron_h), model.gguf"}[fmt]
+            "gguf": f"GGUF for llama.cpp ({gguf_arch(family)}), model.gguf"}[fmt]
 
 
 def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",

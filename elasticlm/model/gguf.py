@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp (architecture ``nemotron_h``), written with the ``gguf`` library.
+"""GGUF export for llama.cpp, written with the ``gguf`` library: architecture ``nemotron_h`` for the hybrid
+models, ``llama`` / ``qwen2`` / ``qwen3`` for those families (see "Transformer families" below).
 
 llama.cpp's NemotronH reads the kind of each layer from two per-layer arrays: a Mamba layer has
 ``head_count_kv == 0`` and ``feed_forward_length == 0``, an attention layer a non-zero KV head
@@ -11,6 +12,14 @@ Tensors are stored the way llama.cpp's own converter stores them: ``A = -exp(A_l
 ``(groups, channels / groups)``; projections keep PyTorch's ``(out, in)`` layout (GGUF lists the
 dimensions the other way round). Norms, biases and the SSM parameters stay float32 whatever the
 chosen type (llama.cpp's SSM kernels read them as f32).
+
+Transformer families: a GGUF block is one decoder layer, our attention block ``2k`` and MLP block ``2k + 1``.
+llama.cpp's ``llama`` architecture rotates interleaved pairs of a head's channels where transformers rotates
+its two halves, so the ``q``/``k`` rows of every head are reordered (:func:`interleave_rotary_rows`), as
+llama.cpp's own converter does; ``qwen2`` / ``qwen3`` rotate halves, as transformers, and keep them. These
+architectures size every layer by one FFN width and one head count (a ``feed_forward_length`` array is refused
+at load: "tensor 'blk.1.ffn_gate.weight' has wrong shape"), so per-layer widths are zero-padded to the widest
+layer, which is exact (:mod:`elasticlm.model.padding`).
 
 ``gguf`` (and numpy) are imported only when a GGUF file is written.
 """
@@ -27,6 +36,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from . import padding
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,6 +44,7 @@ if TYPE_CHECKING:
     from .hybrid import HybridLM
 
 ARCH = "nemotron_h"
+TRANSFORMER_ARCHES = ("llama", "qwen2", "qwen3")  # families written as the llama.cpp architecture of that name
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 GGUF_FILE = "model.gguf"
 # GGUF cannot hold an empty array, and llama.cpp requires the merges key: a tokenizer with no
@@ -47,11 +58,18 @@ DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_m
                  "(llama-cpp-python: type_k=0, type_v=0) for float32 logits")
 
 
+def gguf_arch(family: str) -> str:
+    """The llama.cpp architecture a model of ``family`` is written as."""
+    return family if family in TRANSFORMER_ARCHES else ARCH
+
+
 def gguf_incompatibility(config: ModelConfig) -> str | None:
-    """Why ``config`` cannot run as llama.cpp's nemotron_h, or None if it can."""
+    """Why ``config`` cannot run as its llama.cpp architecture, or None if it can."""
+    if config.family in TRANSFORMER_ARCHES:
+        return _transformer_incompatibility(config)
     if config.family != "nemotron_h":
-        return (f"GGUF export writes llama.cpp's nemotron_h; a {config.family} model is exported with --format hf "
-                "and converted with llama.cpp's own convert_hf_to_gguf.py")
+        return (f"GGUF export writes llama.cpp's nemotron_h, llama, qwen2 and qwen3; a {config.family} model is "
+                "exported with --format hf and converted with llama.cpp's own convert_hf_to_gguf.py")
     mamba = [(h, d) for h, d in zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True)]
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
@@ -69,6 +87,35 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
     if set(config.pattern) - set("M*-"):
         return f"its pattern {config.pattern!r} has layer kinds llama.cpp's dense nemotron_h does not know"
     return None
+
+
+def _transformer_incompatibility(config: ModelConfig) -> str | None:
+    family = config.family
+    if config.depth_unit != 2 or "E" in config.pattern:
+        return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a llama.cpp {family} block is "
+                "one of each")
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"its rotary scaling {rope.get('rope_type')!r} is not written to GGUF yet (only default rotary)"
+    if config.mlp_type != "swiglu" or config.mlp_bias:
+        return f"its MLP is not {family}'s gated SiLU MLP without biases"
+    if config.attention_out_bias or config.attention_bias != (family == "qwen2"):
+        return f"its attention biases differ from llama.cpp's {family} (q/k/v biases only in qwen2)"
+    if config.qk_norm != (family == "qwen3"):
+        return f"its q/k norms differ from llama.cpp's {family} (qwen3 only)"
+    return None
+
+
+def interleave_rotary_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rows of a q/k projection (or bias) reordered from transformers' rotate-half layout to llama.cpp's
+    interleaved-pair layout: within each head, channel ``j`` and ``j + head_dim/2`` (a rotated pair in
+    transformers) become rows ``2j`` and ``2j + 1`` (a rotated pair in llama.cpp's ``llama``).
+
+    >>> interleave_rotary_rows(torch.arange(8.).unsqueeze(1), heads=2).squeeze(1).tolist()
+    [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+    """
+    head_dim = w.shape[0] // heads
+    return w.reshape(heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
@@ -95,6 +142,9 @@ def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
 
 def gguf_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor in the layout llama.cpp reads) for every weight of ``model``."""
+    if model.config.family in TRANSFORMER_ARCHES:
+        yield from _transformer_tensors(padding.pad(model))
+        return
     config = model.config
     state = model.state_dict()
 
@@ -128,6 +178,37 @@ def gguf_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
                     yield f"{b}{theirs}.bias", get(f"{p}{ours}.bias")
     yield "output_norm.weight", get("norm_f.weight")
     if "lm_head.weight" in state:  # tied: llama.cpp reuses token_embd
+        yield "output.weight", get("lm_head.weight")
+
+
+def _transformer_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+    config = model.config
+    state = model.state_dict()
+    interleave = config.family == "llama"
+
+    def get(name: str) -> torch.Tensor:
+        return state[name].detach().float().cpu().contiguous()
+
+    yield "token_embd.weight", get("embeddings.weight")
+    for k in range(config.num_layers // 2):
+        a, m, b = f"layers.{2 * k}.", f"layers.{2 * k + 1}.", f"blk.{k}."
+        heads = {"q_proj": config.attention_heads_list()[k], "k_proj": config.num_key_value_heads}
+        yield b + "attn_norm.weight", get(a + "norm.weight")
+        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                             ("o_proj", "attn_output")):
+            for part in ("weight", "bias"):
+                if f"{a}mixer.{ours}.{part}" in state:
+                    w = get(f"{a}mixer.{ours}.{part}")
+                    yield f"{b}{theirs}.{part}", interleave_rotary_rows(w, heads[ours]) if (
+                        interleave and ours in heads) else w
+        if config.qk_norm:
+            yield b + "attn_q_norm.weight", get(a + "mixer.q_norm.weight")
+            yield b + "attn_k_norm.weight", get(a + "mixer.k_norm.weight")
+        yield b + "ffn_norm.weight", get(m + "norm.weight")
+        for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            yield f"{b}{theirs}.weight", get(f"{m}mixer.{ours}.weight")
+    yield "output_norm.weight", get("norm_f.weight")
+    if "lm_head.weight" in state:
         yield "output.weight", get("lm_head.weight")
 
 
@@ -175,13 +256,11 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, config: ModelConfig) ->
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{file} could not be read as a tokenizers JSON file ({exc})") from None
     pre = spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
-        raise ConfigError(f"{file} is not a byte-level BPE tokenizer (model {model.get('type')}, pre-tokenizer "
-                          f"{pre.get('type')}); GGUF export writes only byte-level BPE vocabularies")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    if merges and not pre.get("use_regex", True):
-        raise ConfigError(f"{file} merges without splitting on GPT-2's pattern, which llama.cpp's byte-level "
-                          "pre-tokenizers always do; its tokens would differ there")
+    if model.get("type") != "BPE":
+        raise ConfigError(f"{file} is not a byte-level BPE tokenizer (model {model.get('type')}); GGUF export "
+                          "writes only byte-level BPE vocabularies")
+    pre_name = pre_tokenizer_name(pre, bool(merges), file)
     vocab: dict[str, int] = dict(model["vocab"])
     special = set()
     for added in spec.get("added_tokens", []):
@@ -200,12 +279,40 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, config: ModelConfig) ->
         else:
             tokens.append(f"[PAD{i}]")
             types.append("unused")
-    fields: dict[str, Any] = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types,
+    fields: dict[str, Any] = {"model": "gpt2", "pre": pre_name, "tokens": tokens, "types": types,
                               "merges": merges or [UNREACHABLE_MERGE]}
     template = _chat_template(Path(tokenizer_dir))
     if template:
         fields["chat_template"] = template
     return fields
+
+
+def pre_tokenizer_name(pre: dict[str, Any], merges: bool, file: Path) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for the way a tokenizers JSON splits text before BPE: ``gpt-2``
+    for byte-level splitting on GPT-2's pattern (GPT-2, SmolLM, elasticlm's own), ``qwen2`` for Qwen2/Qwen3's
+    pattern (as transformers' Qwen2 tokenizer writes it). Raises ConfigError for others, whose tokens llama.cpp
+    would not reproduce."""
+    if pre.get("type") == "ByteLevel":
+        if merges and not pre.get("use_regex", True):
+            raise ConfigError(f"{file} merges without splitting on GPT-2's pattern, which llama.cpp's byte-level "
+                              "pre-tokenizers always do; its tokens would differ there")
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)
+            and (parts[0].get("pattern") or {}).get("Regex") == _qwen2_pattern()):
+        return "qwen2"
+    kinds = [p.get("type") for p in parts] if parts else pre.get("type")
+    raise ConfigError(f"{file} splits text with a pre-tokenizer ({kinds}) that GGUF export does not map to "
+                      "llama.cpp (byte-level GPT-2 or Qwen2 patterns only); its tokens would differ there")
+
+
+def _qwen2_pattern() -> str | None:
+    try:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    except ImportError:
+        return None
+    return PRETOKENIZE_REGEX
 
 
 def _chat_template(directory: Path) -> str | None:
@@ -218,6 +325,35 @@ def _chat_template(directory: Path) -> str | None:
 # -- writing -------------------------------------------------------------------------------
 
 
+def _nemotron_h_keys(writer: Any, config: ModelConfig) -> None:
+    writer.add_context_length(1 << 20)  # no position embeddings: the converter's convention
+    writer.add_block_count(config.num_layers)
+    arrays = layer_arrays(config)
+    writer.add_feed_forward_length(arrays["feed_forward_length"])
+    writer.add_head_count(arrays["head_count"])
+    writer.add_head_count_kv(arrays["head_count_kv"])
+    writer.add_layer_norm_eps(config.norm_eps)
+    heads = (config.mamba_heads_list() or [config.mamba_num_heads])[0]
+    head_dim = (config.mamba_head_dims_list() or [config.mamba_head_dim])[0]
+    writer.add_ssm_conv_kernel(config.conv_kernel)
+    writer.add_ssm_inner_size(heads * head_dim)
+    writer.add_ssm_state_size(config.ssm_state_size)
+    writer.add_ssm_time_step_rank(heads)
+    writer.add_ssm_group_count(config.mamba_n_groups)
+
+
+def _transformer_keys(writer: Any, config: ModelConfig) -> None:
+    """llama / qwen2 / qwen3 (``config`` padded to uniform widths): one block per decoder layer."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_layers // 2)
+    writer.add_feed_forward_length(config.intermediate_sizes_list()[0])
+    writer.add_head_count(config.attention_heads_list()[0])
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.attention_head_dim)
+    writer.add_rope_freq_base(float((config.rope_parameters or {}).get("rope_theta", 10000.0)))
+    writer.add_vocab_size(config.vocab_size)
+
+
 def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                qtype: str = "auto", name: str = "elasticlm") -> dict[str, int]:
     """Write ``model`` as one GGUF file at ``path`` (not atomic: callers write into a temporary
@@ -227,36 +363,29 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
         import numpy as np
     except ImportError:
         raise ConfigError("GGUF export needs the gguf package: pip install 'elasticlm[gguf]'") from None
-    config = model.config
-    reason = gguf_incompatibility(config)
+    arch = gguf_arch(model.config.family)
+    reason = gguf_incompatibility(model.config)
     if reason:
-        raise ConfigError(f"cannot export to GGUF (llama.cpp nemotron_h): {reason}")
+        raise ConfigError(f"cannot export to GGUF (llama.cpp {arch}): {reason}")
+    if arch != ARCH:
+        model = padding.pad(model)
+    config = model.config
     qtype = resolve_type(qtype, model.embeddings.weight.dtype)
     vocab = tokenizer_metadata(tokenizer_dir, config)
 
-    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer = gguf.GGUFWriter(str(path), arch)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
     writer.add_name(name)
     writer.add_file_type(file_type)
-    writer.add_context_length(1 << 20)  # no position embeddings: the converter's convention
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_layers)
-    arrays = layer_arrays(config)
-    writer.add_feed_forward_length(arrays["feed_forward_length"])
-    writer.add_head_count(arrays["head_count"])
-    writer.add_head_count_kv(arrays["head_count_kv"])
+    writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_key_length(config.attention_head_dim)
     writer.add_value_length(config.attention_head_dim)
-    writer.add_layer_norm_eps(config.norm_eps)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
-    heads = (config.mamba_heads_list() or [config.mamba_num_heads])[0]
-    head_dim = (config.mamba_head_dims_list() or [config.mamba_head_dim])[0]
-    writer.add_ssm_conv_kernel(config.conv_kernel)
-    writer.add_ssm_inner_size(heads * head_dim)
-    writer.add_ssm_state_size(config.ssm_state_size)
-    writer.add_ssm_time_step_rank(heads)
-    writer.add_ssm_group_count(config.mamba_n_groups)
+    if arch == ARCH:
+        _nemotron_h_keys(writer, config)
+    else:
+        _transformer_keys(writer, config)
 
     token_type = {"normal": gguf.TokenType.NORMAL, "control": gguf.TokenType.CONTROL,
                   "unused": gguf.TokenType.UNUSED}

@@ -22,7 +22,7 @@ import torch
 
 from ..config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from ..errors import ConfigError
-from . import hf_llama, hf_mamba2
+from . import hf_llama, hf_mamba2, padding
 from .hf_fields import Fields
 
 if TYPE_CHECKING:
@@ -92,7 +92,13 @@ def _per_kind(value: Any, pattern: str, kind: str, name: str) -> Any:
 
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    """Translate a transformers config.json (NemotronH, Llama, Qwen2, Qwen3) into a ModelConfig."""
+    """Translate a transformers config.json (NemotronH, Llama, Qwen2, Qwen3) into a ModelConfig: the real
+    per-layer widths of an elasticlm export padded to uniform widths (:mod:`elasticlm.model.padding`)."""
+    return padding.apply_record(stored_config_from_hf(cfg), cfg.get(padding.PADDING_KEY), "config.json")
+
+
+def stored_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """The architecture of the tensors a transformers config.json describes (for a padded export: padded)."""
     if cfg.get("model_type") in hf_llama.ARCHITECTURES:
         return hf_llama.config_from_hf(cfg)
     if cfg.get("model_type") == "mamba2":
@@ -153,7 +159,12 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 
 def hf_incompatibility(config: ModelConfig) -> str | None:
-    """Why ``config`` cannot be written as its family's Hugging Face config, or None if it can."""
+    """Why ``config`` cannot be written as its family's Hugging Face config, or None if it can (per-layer widths
+    that zero padding expresses exactly count as writable)."""
+    reason = padding.incompatibility(config)
+    if reason:
+        return reason
+    config = padding.padded_config(config)
     if config.family == "mamba2":
         return hf_mamba2.incompatibility(config)
     if config.family != "nemotron_h":
@@ -166,30 +177,30 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
     if MOE in config.pattern and (config.moe_router, config.moe_expert_type) != ("sigmoid", "relu2") \
             or MOE in config.pattern and not config.moe_shared_intermediate_size:
         return "NemotronH's experts are squared-ReLU MLPs behind a sigmoid router, with a shared expert"
-    checks = (
-        ("Mamba head counts", config.mamba_heads_list()),
-        ("Mamba head dims", config.mamba_head_dims_list()),
-        ("attention head counts", config.attention_heads_list()),
-        ("FFN widths", config.intermediate_sizes_list()),
-        ("expert counts", config.moe_experts_list()),
-        ("expert FFN widths", config.moe_intermediate_sizes_list()),
-    )
-    for what, values in checks:
-        if len(set(values)) > 1:
-            return (f"its layers have different {what} {values}, and NemotronHConfig holds one value per "
-                    "layer type; save it in the native format instead (--to native)")
     return None
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The family's config.json dict (raises ConfigError for what it cannot express, e.g. per-layer widths)."""
+    """The family's config.json dict (raises ConfigError for what it cannot express). Per-layer widths are padded
+    to the widest layer of their kind, and the real ones recorded under ``elasticlm_padding``."""
+    reason = hf_incompatibility(config)
+    if reason:
+        raise ConfigError(f"cannot export to {hf_label(config.family)}: {reason}")
+    real = padding.record(config)
+    stored = padding.padded_config(config)
+    out = _uniform_config_to_hf(stored, dtype)
+    if MOE in stored.pattern and (stored.hidden_size % 8 or stored.moe_intermediate_sizes_list()[0] % 8):
+        # transformers' default experts path (grouped_mm) needs 16-byte row strides in every dtype it may be
+        # loaded in ("strides should be multiple of 16 bytes"); its eager loop computes the same experts
+        out["experts_implementation"] = "eager"
+    return {**out, padding.PADDING_KEY: real} if real else out
+
+
+def _uniform_config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     if config.family == "mamba2":
         return hf_mamba2.config_to_hf(config, dtype)
     if config.family != "nemotron_h":
         return hf_llama.config_to_hf(config, dtype)
-    reason = hf_incompatibility(config)
-    if reason:
-        raise ConfigError(f"cannot export to Hugging Face NemotronH: {reason}")
 
     def first(values: list[int], fallback: int) -> int:
         return values[0] if values else fallback
@@ -391,7 +402,7 @@ def hf_state_dict(model: HybridLM, hub_format: bool = True) -> dict[str, torch.T
     """Checkpoint tensors under the family's on-disk names (NemotronH: an explicit head even when tied, since
     transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them). ``hub_format``:
     routed experts one tensor each, as on the Hub (False: stacked, as transformers holds them in memory)."""
-    state = _hf_names(model)
+    state = _hf_names(padding.pad(model))
     return split_experts(state) if hub_format else state
 
 
@@ -423,15 +434,16 @@ def from_transformers(hf_model: Any) -> HybridLM:
         name = name_from_hf(k, config.family, anchored=bool(raw.get(CACHE_ANCHOR)))
         if name is not None:
             weights[name] = v.detach().clone()
-    config = resolve_tied_head(config, weights)
-    model = HybridLM(config, device="meta")
+    stored = resolve_tied_head(stored_config_from_hf(raw), weights)
+    config = dataclasses.replace(config, tie_word_embeddings=stored.tie_word_embeddings)
+    model = HybridLM(stored, device="meta")
     model.load_state_dict(weights, strict=True, assign=True)
-    return model
+    return padding.unpad(model, config)
 
 
 def to_transformers(model: HybridLM) -> Any:
     """The family's transformers model (``NemotronHForCausalLM``, ``LlamaForCausalLM`` …) with this model's
-    weights (homogeneous widths only)."""
+    weights (per-layer widths zero-padded, see :mod:`elasticlm.model.padding`)."""
     if model.config.family != "nemotron_h":
         from transformers import AutoConfig, AutoModelForCausalLM
 
