@@ -38,12 +38,15 @@ from .model.hf import (
     is_hf_config,
     name_from_hf,
     resolve_tied_head,
+    stored_config_from_hf,
 )
 from .model.hybrid import HybridLM
 from .outputs import atomic_file, atomic_output, resolve_output
 from .tokenizer import copy_tokenizer_config
 
 NATIVE_FORMAT = 1
+# native: elasticlm's own; hf: the family's transformers class (per-layer widths zero-padded); gguf: one llama.cpp file
+FORMATS = ("native", "hf", "gguf")
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -141,7 +144,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     raw_config = read_json(path / "config.json") if kind == "hf" else {}
     anchored = bool(raw_config.get(CACHE_ANCHOR))
     # an export padded to uniform widths stores the padded tensors; the model is sliced to the real ones below
-    stored = padding.padded_config(config) if raw_config.get(padding.PADDING_KEY) else config
+    stored = stored_config_from_hf(raw_config) if kind == "hf" else config
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         name = name_from_hf(key, config.family, anchored) if kind == "hf" else key
@@ -257,8 +260,8 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
 
 def check_format(config: ModelConfig, format: str, tokenizer_dir: str | os.PathLike | None) -> None:
     """Raise ConfigError if ``config`` cannot be written as ``format``."""
-    if format not in ("native", "hf", "gguf"):
-        raise ConfigError(f"unknown checkpoint format {format!r}; use 'native', 'hf' or 'gguf'")
+    if format not in FORMATS:
+        raise ConfigError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
     if format == "hf":
         config_to_hf(config)
     if format == "gguf":

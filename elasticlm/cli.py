@@ -699,18 +699,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", formatter_class=fmt, help="slice trained budgets out as standalone models",
                        description="Write one trained budget (or all) of an elastic checkpoint as standalone "
                                    "model directories: weights, config, tokenizer and a model card, no training. "
-                                   "Sub-models the parent's Hugging Face class can express are written in it "
-                                   "(NemotronH, Llama, Qwen2, Qwen3; transformers loads them without remote code) "
-                                   "unless --format native.")
+                                   "Sub-models are written in the parent's Hugging Face class (NemotronH, Llama, "
+                                   "Qwen2, Qwen3; transformers and vLLM load them without remote code), per-layer "
+                                   "FFN widths, head counts and expert sizes zero-padded to the widest layer, which "
+                                   "computes exactly the same function (the cost is printed); per-layer Mamba widths "
+                                   "have no exact padded form and are written natively.")
     p.add_argument("--checkpoint", required=True, help="elastic checkpoint (final/ of `elasticlm train`)")
     p.add_argument("--budget", required=True,
                    help="a budget (0.5, 50%%, 780K; one never trained, e.g. 0.6, is placed by the router and marked "
                         "as untrained) or 'all' (the trained ones)")
     p.add_argument("--out", required=True, help="output directory (with 'all': one budget-<label>/ per budget)")
     p.add_argument("--format", choices=["auto", "hf", "native", "gguf"], default="auto",
-                   help="auto: the parent's Hugging Face class when it can express the sub-model (layers of a "
-                        "type share widths; Llama family: whole decoder layers), else "
-                        "native; gguf: one llama.cpp file per budget (per-layer FFN widths allowed)")
+                   help="auto: hf when the sub-model can be written so (no per-layer Mamba widths; Llama family: "
+                        "whole decoder layers), else native; gguf: one llama.cpp file per budget (nemotron_h with "
+                        "per-layer FFN widths; llama / qwen2 / qwen3 padded)")
     p.add_argument("--gguf-type", choices=["auto", "f32", "f16", "bf16", "q8_0"], default="auto",
                    help=GGUF_TYPE_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -722,10 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loader dequantizes it; any verb's --model also takes one). --to native (the "
                                    "default) writes elasticlm's format; --to hf writes a directory of the model's "
                                    "Hugging Face class (NemotronH, Llama, Qwen2, Qwen3) that transformers loads "
-                                   "without trust_remote_code (layers of a type must share "
-                                   "their widths); native allows per-layer widths; "
-                                   "--to gguf writes model.gguf for llama.cpp (per-layer FFN widths and head counts "
-                                   "allowed, Mamba widths shared by every layer).")
+                                   "without trust_remote_code (per-layer widths zero-padded, exactly; Mamba widths "
+                                   "shared by every layer); native allows any per-layer widths; --to gguf writes "
+                                   "model.gguf for llama.cpp (nemotron_h, llama, qwen2, qwen3).")
     p.add_argument("src", help="source model directory (native or Hugging Face), or a .gguf file (llama, qwen2, "
                                "qwen3, qwen3moe; dequantized by transformers' GGUF loader, tokenizer included)")
     p.add_argument("dst", help="destination directory (must not exist or be empty, unless --force)")
