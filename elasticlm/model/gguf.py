@@ -284,6 +284,8 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, config: ModelConfig) ->
     template = _chat_template(Path(tokenizer_dir))
     if template:
         fields["chat_template"] = template
+    if model.get("unk_token") in vocab:
+        fields["unknown_token_id"] = vocab[model["unk_token"]]
     return fields
 
 
@@ -316,10 +318,15 @@ def _qwen2_pattern() -> str | None:
 
 
 def _chat_template(directory: Path) -> str | None:
+    """The chat template in ``tokenizer_config.json``, or in ``chat_template.jinja`` (where transformers 5 saves it)."""
     try:
-        return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        template = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     except (OSError, ValueError, AttributeError):
-        return None
+        template = None
+    jinja = directory / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template or None
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -401,6 +408,10 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     writer.add_add_eos_token(False)
     if "chat_template" in vocab:
         writer.add_chat_template(vocab["chat_template"])
+    if "unknown_token_id" in vocab:
+        writer.add_unk_token_id(vocab["unknown_token_id"])
+    if qtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
