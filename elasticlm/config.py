@@ -342,9 +342,6 @@ class ModelConfig:
             raise ConfigError(f"model config is missing required field(s) {missing}")
         return cls(**data)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 # -- Subnet ---------------------------------------------------------------------------------
 

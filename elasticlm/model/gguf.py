@@ -435,9 +435,5 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     return counts
 
 
-def gguf_size_note(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-
-
 __all__ = ["ARCH", "DT_CLAMP_NOTE", "GGUF_FILE", "GGUF_TYPES", "gguf_incompatibility", "gguf_tensors",
            "layer_arrays", "resolve_type", "storage_type", "tokenizer_metadata", "write_gguf"]

@@ -43,10 +43,6 @@ CACHE_ANCHOR = "elasticlm_cache_anchor"
 _CACHELESS = (MLP, MOE)
 
 
-def is_nemotron_h(config: dict[str, Any]) -> bool:
-    return config.get("model_type") == "nemotron_h"
-
-
 def is_hf_config(config: dict[str, Any]) -> bool:
     """True for a config.json of a family this library imports."""
     return config.get("model_type") in HF_CLASSES

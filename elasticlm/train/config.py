@@ -286,19 +286,6 @@ class ElasticRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-    def stage_at(self, step: int) -> tuple[int, StageConfig]:
-        """The stage that trains step ``step`` (0-based)."""
-        end = 0
-        for i, s in enumerate(self.stages):
-            end += s.steps
-            if step < end:
-                return i, s
-        return len(self.stages) - 1, self.stages[-1]
-
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parent", "elastic", "distill", "data",
                                                                              "train", "eval")}
