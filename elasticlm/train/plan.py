@@ -32,10 +32,9 @@ from ..config import ATTENTION, ModelConfig, Subnet, count_active_parameters, co
 from ..errors import ConfigError
 from ..kinds import kind_of
 from ..model.documents import DENSE_MASK_MAX_LEN
+from .losses import kd_chunk_tokens
 
 GiB = 1024**3
-# One KD / CE chunk of logits (elements); must match elasticlm.train.losses.KD_CHUNK_ELEMENTS.
-CHUNK_ELEMENTS = 1 << 26
 # fp32 values of [chunk, vocab] alive at the peak of a chunk's backward: student and teacher logits,
 # both log-softmaxes, the teacher's probabilities, their product, and two gradients.
 KD_CHUNK_COPIES = 8
@@ -239,7 +238,7 @@ def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: 
     dense = seq_len if dense_mask and seq_len <= DENSE_MASK_MAX_LEN else 0
     act = activation_bytes(config, subnet, tokens, prec, checkpointing, scan_chunk, documents, dense)
     d = (subnet or Subnet.full(config)).hidden_size
-    chunk_tokens = min(tokens, max(16, CHUNK_ELEMENTS // config.vocab_size))
+    chunk_tokens = min(tokens, kd_chunk_tokens(config.vocab_size))  # the loss's own chunking
     items = {
         "student_weights": 4.0 * p / shard,
         "student_grads": 4.0 * p / shard,
