@@ -116,6 +116,12 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated so far
     finished: str | None = None  # "stop" (EOS), "length" or "switch" (stop_ids)
 
+    def answer_phase(self) -> Request:
+        """Think-then-answer's second request, once this one finished with "switch": the prompt and the trace
+        prefilled again (at the answering budget), the rest of the token allowance, the same sampling."""
+        return Request(self.prompt + self.tokens, self.max_new_tokens - len(self.tokens), self.temperature,
+                       self.top_p, self.eos_token_id, self.generator)
+
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``[rows, longest]`` ids, each prompt right-aligned, and the padding length of each row.
@@ -260,8 +266,7 @@ def generate_think_answer(model: HybridLM, prompts: list[list[int]], *, switch_i
         batch.add(first)
         while len(batch):
             batch.step()
-        second = [Request(r.prompt + r.tokens, max_new_tokens - len(r.tokens), eos_token_id=eos_token_id)
-                  for r in first if r.finished == "switch" and len(r.tokens) < max_new_tokens]
+        second = [r.answer_phase() for r in first if r.finished == "switch" and len(r.tokens) < max_new_tokens]
         if second:
             batch = DecodeBatch(model, answer)
             batch.add(second)

@@ -865,8 +865,7 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None, *, api_key: str
                         if piece:
                             yield piece, None
                     elif kind == "done" and value == "switch" and not answer:  # answer at the request's budget
-                        rest = Request(c.prompt_ids + req.tokens, c.max_tokens - len(req.tokens), c.temperature,
-                                       c.top_p, engine.eos, gen)
+                        rest = req.answer_phase()
                         answer["request"] = rest
                         answer["job"] = engine.submit(budget, rest, sink, continuation=True)
                         if rest.max_new_tokens <= 0:
