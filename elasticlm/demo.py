@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import read_config_file
 from .errors import ConfigError
 
 BUDGETS = [1.0, 0.75, 0.5]
-ROUTER = {"router_mode": "st", "router_init_steps": 20, "heterogeneous": ["ffn"]}
 # The demo's widths stay unaligned (elastic.align = 1, and the same for its prune baselines): its FFN choice sets
 # (576 × k/32, e.g. 558; QUICK's 128 × k/32, e.g. 124) are not multiples of 8, and the recorded results
 # (docs/results.md) were measured with them. Real parents take the default alignment of 8.
@@ -41,40 +41,25 @@ class Recipe:
     eval: dict[str, Any]  # n, levels, val_samples, search_samples
 
 
+RECIPES = Path(__file__).parent / "recipes"  # in a checkout, configs/demo-*.toml link to these files
+
+
+def recipe_tables(name: str) -> dict[str, Any]:
+    """The run-config tables of a recipe shipped in ``elasticlm/recipes`` (the files ``elasticlm pretrain`` and
+    ``elasticlm train`` read as ``configs/<name>``), without what the demo fills in: the parent path and the
+    output directory."""
+    tables = read_config_file(RECIPES / name)
+    tables.pop("parent", None)
+    tables["train"].pop("out", None)
+    return tables
+
+
+# The full demo: the parent and elastic runs are configs/demo-parent.toml and configs/demo-elastic.toml
+# (one source: what the documented commands train is what `elasticlm demo` trains).
 FULL = Recipe(
-    parent={
-        "model": dict(pattern="M*-M*-M*-", vocab_size=288, hidden_size=192, mamba_num_heads=4, mamba_head_dim=64,
-                      mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
-                      num_key_value_heads=2, attention_head_dim=32, intermediate_size=576),
-        "tokenizer": {"kind": "bytes"},
-        # recall twice as often: associative recall forms last and by a narrow margin at uniform weights (recall
-        # 6-51 % across machines and seeds at 900 steps; 88/88/45 % over seeds 0-2 with it, docs/results.md).
-        # 1,400 steps (configs/demo-parent.toml's count), not 900: a parent stopped early leaves capacity unused
-        # (one seed learned addition to 30 %), so pruning it costs little and the elastic-vs-zero-shot margin
-        # at 0.75 depended on the seed (-2.5 to +24 points); docs/demo-parent.md
-        "data": {"source": "synthetic", "mask_prompt": True, "seed": 0, "task_weights": {"recall": 2}},
-        "train": dict(steps=1400, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=100, min_lr_ratio=0.05,
-                      weight_decay=0.1, eval_every=1400, checkpoint_every=100, log_every=10),
-        "eval": {"n": 24},
-    },
+    parent=recipe_tables("demo-parent.toml"),
     importance={"samples": 64, "seq_len": 256, "depth_samples": 16},
-    elastic={
-        # the router that searches (docs/results.md "Router"): straight-through masks after a 20-step budget-only
-        # warm start, FFN width per layer; at 0.5 its architecture distils level with the prune grid's best, the
-        # default hard gates' does not (0.095 vs 0.109 loss over 3 seeds). Costs full-width compute per row.
-        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2, **ROUTER, "align": DEMO_ALIGN},
-        "data": {"source": "synthetic", "mask_prompt": True, "seed": 1, "task_weights": {"recall": 2}},
-        # the full budget keeps learning from the data (CE) and teaches the others in place: with the parent as a
-        # frozen teacher no budget could pass the parent, and where pruning a quarter of it cost little the
-        # elastic 0.75 was not above its zero-shot counterpart (AVX2 seed 0: 84.2 vs 86.5 %; trainable: 90.8 %)
-        "distill": {"trainable_teacher": True},
-        "train": dict(lr=5e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.0, eval_every=10_000,
-                      checkpoint_every=100, log_every=10),
-        "eval": {"n": 24},
-        "stages": [dict(name="short", seq_len=256, batch_size=8, tokens=450 * 8 * 256),
-                   dict(name="long", seq_len=1024, batch_size=2, tokens=120 * 2 * 1024,
-                        budget_weights=[0.5, 0.3, 0.2])],
-    },
+    elastic=recipe_tables("demo-elastic.toml"),
     eval={"n": 100, "levels": ["default", "hard"], "val_samples": 48, "search_samples": 16},
 )
 
@@ -93,8 +78,7 @@ QUICK = Recipe(
     elastic={
         # a frozen parent as teacher, the library's default (FULL's trainable teacher is tested in test_elastic.py)
         # a longer budget-only warm start: 40 steps are too few for the budget pressure to pull a budget back
-        "elastic": {"budgets": BUDGETS, "router_lr": 1e-2, **ROUTER, "router_init_steps": 100,
-                    "align": DEMO_ALIGN},
+        "elastic": {**FULL.elastic["elastic"], "router_init_steps": 100},
         "data": {"source": "synthetic", "mask_prompt": True, "seed": 1},
         "train": dict(lr=5e-4, warmup_steps=5, eval_every=10_000, checkpoint_every=20, log_every=10,
                       val_batches=1),

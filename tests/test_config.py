@@ -85,3 +85,23 @@ def test_presets_build():
         assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("huge")
+
+
+def test_the_documented_demo_configs_are_what_elasticlm_demo_trains():
+    """configs/demo-*.toml (the files the README's by-hand commands take) are the demo's recipe, not copies that
+    can drift from it, and load as valid run configs."""
+    from pathlib import Path
+
+    from elasticlm.config import read_config_file
+    from elasticlm.demo import FULL
+    from elasticlm.train.config import load_elastic_run_config, load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    for name, tables in (("demo-parent.toml", FULL.parent), ("demo-elastic.toml", FULL.elastic)):
+        file = read_config_file(root / "configs" / name)
+        file.pop("parent", None)
+        file["train"].pop("out")
+        assert file == tables, name
+    run = load_elastic_run_config(root / "configs" / "demo-elastic.toml")
+    assert (run.elastic.router_mode, run.distill.trainable_teacher, run.elastic.heterogeneous) == ("st", True, ["ffn"])
+    assert load_run_config(root / "configs" / "demo-parent.toml").train.steps == 1400
