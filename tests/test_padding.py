@@ -149,3 +149,19 @@ def test_a_padding_record_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "elasticlm_padding.intermediate_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_shard_by_shard_reader_refuses_a_padded_export_in_one_line(tmp_path):
+    from elasticlm.checkpoint import CheckpointError
+    from elasticlm.train.sharded import fill_shards
+
+    small = hetero_model()
+    elasticlm.save(small, tmp_path / "hf", "hf")
+    target = HybridLM(small.config)
+    with pytest.raises(CheckpointError, match="convert --to native") as err:
+        fill_shards(target, tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    elasticlm.save(elasticlm.load(tmp_path / "hf"), tmp_path / "native", "native")  # what the message says to do
+    fill_shards(target, tmp_path / "native")
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), target.state_dict().values(),
+                                                 strict=True))

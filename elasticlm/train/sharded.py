@@ -26,6 +26,7 @@ from ..checkpoint import WEIGHTS, WEIGHTS_INDEX, read_config, read_json
 from ..errors import CheckpointError
 from ..model.hf import CACHE_ANCHOR, name_from_hf
 from ..model.hybrid import HybridLM
+from ..model.padding import PADDING_KEY
 
 
 def shard_model(model: HybridLM, mp_policy: Any = None) -> HybridLM:
@@ -127,7 +128,11 @@ def fill_shards(model: HybridLM, path: str | Path) -> None:
     config, kind = read_config(path)
     if config != model.config and kind == "native":
         raise CheckpointError(f"{path}: its config.json differs from the model being filled")
-    anchored = kind == "hf" and bool(read_json(path / "config.json").get(CACHE_ANCHOR))
+    raw = read_json(path / "config.json") if kind == "hf" else {}
+    anchored = bool(raw.get(CACHE_ANCHOR))
+    if raw.get(PADDING_KEY):
+        raise CheckpointError(f"{path}: a Hugging Face export padded to uniform widths ({PADDING_KEY}) cannot be read "
+                              "shard by shard yet; convert it once with `elasticlm convert --to native` first")
     files = [TensorFile(f) for f in _weight_files(path)]
     try:
         where: dict[str, tuple[TensorFile, str]] = {}
