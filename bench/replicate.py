@@ -37,7 +37,7 @@ from elasticlm.checkpoint import atomic_write_text, read_config
 from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
 from elasticlm.data.datasets import data_config_from_spec
-from elasticlm.demo import DEMO_ALIGN, FULL, QUICK, ROUTER, Recipe, seeded, train_or_reuse
+from elasticlm.demo import DEMO_ALIGN, FULL, QUICK, Recipe, seeded, train_or_reuse
 from elasticlm.elastic.space import LAYER_AXES
 from elasticlm.eval.report import Entry, Point, evaluate_entries
 from elasticlm.tokenizer import load_tokenizer
@@ -122,7 +122,8 @@ def one_size(elastic_table: dict, pattern: str) -> dict:
     that model; none of the demo's router settings (nothing to route; st would only add full-width mask compute)."""
     fixed = {"hidden": [1.0], "depth": [1.0]}
     fixed |= {axis: [1.0] for axis, (kind, _) in LAYER_AXES.items() if kind in pattern}
-    kept = {k: v for k, v in elastic_table.items() if k not in ROUTER and k not in fixed}
+    router = ("router_mode", "router_init_steps", "heterogeneous")  # the demo's router settings
+    kept = {k: v for k, v in elastic_table.items() if k not in router and k not in fixed}
     return {**kept, **fixed, "budgets": [1.0]}
 
 

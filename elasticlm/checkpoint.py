@@ -1,5 +1,5 @@
-"""Model directories on disk: native elasticlm or Hugging Face (NemotronH, Llama, Qwen2, Qwen3), safetensors +
-JSON only.
+"""Model directories on disk: native elasticlm or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3,
+Qwen3-MoE), safetensors + JSON only.
 
 A native directory holds ``config.json`` (``{"elasticlm_format": 1, "model": {...}}``, per-layer
 widths allowed), ``model.safetensors`` and any tokenizer files. A NemotronH directory is what
@@ -31,6 +31,7 @@ from .model import padding
 from .model.gguf_import import hf_directory
 from .model.hf import (
     CACHE_ANCHOR,
+    HF_CLASSES,
     config_from_hf,
     config_to_hf,
     fuse_experts,
@@ -83,7 +84,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
         raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
     raise CheckpointError(
         f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is not supported "
-        "(expected an elasticlm directory or a Hugging Face nemotron_h, llama, qwen2 or qwen3 one)"
+        f"(expected an elasticlm directory or a Hugging Face one of {', '.join(sorted(HF_CLASSES))})"
     )
 
 
@@ -128,7 +129,8 @@ def read_weights(path: Path, private: bool = False) -> dict[str, torch.Tensor]:
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
          serving: bool = False) -> HybridLM:
-    """Load a native elasticlm or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory as a HybridLM (eval mode).
+    """Load a native elasticlm or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory as a
+    HybridLM (eval mode).
 
     ``serving=True`` stores the projections in the layout that decodes fastest, for the parent and
     every nested budget alike (:meth:`HybridLM.use_decode_layout`; one copy of the weights).

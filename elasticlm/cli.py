@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", formatter_class=fmt, help="describe a model directory",
                        description="Print a model directory's architecture and exact parameter count "
                                    "(of the model, and of a Subnet if given). Reads config.json only.")
-    p.add_argument("model", help="native or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory")
+    p.add_argument("model", help="native or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory")
     p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
     p.add_argument("--layers", action="store_true", help="list every layer's widths")
     p.add_argument("--context", type=_count(1), default=4096, help="context length for the memory of each budget")
@@ -676,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of a prompt (greedy by default; temperature and "
                                    "top-p sampling), optionally with a nested sub-model (--subnet).")
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="native or Hugging Face (NemotronH, Llama, Qwen2, Qwen3) directory, or an elastic checkpoint")
+                   help="native or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory, or an "
+                        "elastic checkpoint")
     p.add_argument("--budget", help="run this budget of an elastic checkpoint (nested: no copy), e.g. 0.5; an "
                                     "untrained one (0.6) is placed by the router and said so")
     p.add_argument("--think-budget", help="think small, answer big: this budget writes the reasoning trace, and "
@@ -723,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a model directory, or import a .gguf file (transformers' GGUF "
                                    "loader dequantizes it; any verb's --model also takes one). --to native (the "
                                    "default) writes elasticlm's format; --to hf writes a directory of the model's "
-                                   "Hugging Face class (NemotronH, Llama, Qwen2, Qwen3) that transformers loads "
+                                   "Hugging Face class (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) that "
+                                   "transformers loads "
                                    "without trust_remote_code (per-layer widths zero-padded, exactly; Mamba widths "
                                    "shared by every layer); native allows any per-layer widths; --to gguf writes "
                                    "model.gguf for llama.cpp (nemotron_h, llama, qwen2, qwen3).")

@@ -1,54 +1,46 @@
-"""Hugging Face ⇄ elasticlm: config translation and weight names, per family.
+"""Hugging Face ⇄ elasticlm: the registry of family adapters and what every family shares.
 
-NemotronH lives here; Llama, Qwen2 and Qwen3 in :mod:`elasticlm.model.hf_llama`. The public functions below
-dispatch on ``model_type`` (import) or ``ModelConfig.family`` (export).
-
-NemotronH: our parameter names are transformers' in-memory names without the ``model.`` prefix, so the
-weight map is a prefix rule. NemotronH checkpoints on disk use ``backbone.*`` (transformers
-maps it to ``model.*`` in memory); both are accepted on import and ``backbone.*`` is written.
-transformers itself is only needed for the in-memory converters at the bottom.
+One adapter per family (:class:`~elasticlm.model.hf_adapter.HFAdapter`): NemotronH in
+:mod:`~elasticlm.model.hf_nemotron_h`, Mamba2 in :mod:`~elasticlm.model.hf_mamba2`, Llama / Qwen2 / Qwen3 /
+Qwen3-MoE in :mod:`~elasticlm.model.hf_llama`, looked up by ``model_type`` (import) or ``ModelConfig.family``
+(export). Shared here: per-layer widths zero-padded to one width per kind (:mod:`~elasticlm.model.padding`),
+routed experts one tensor each on disk, tied heads, and the in-memory converters (which need transformers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from ..config import MOE, ModelConfig
 from ..errors import ConfigError
-from . import hf_llama, hf_mamba2, padding
-from .hf_fields import Fields
+from . import hf_llama, hf_mamba2, hf_nemotron_h, padding
+from .hf_adapter import HFAdapter
+from .hf_nemotron_h import CACHE_ANCHOR  # noqa: F401 (re-exported: the loaders read it)
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
 
-log = logging.getLogger(__name__)
+# model_type → its family's adapter; a new family is one module and one entry here
+ADAPTERS: dict[str, HFAdapter] = {t: a for a in (hf_nemotron_h.ADAPTER, hf_mamba2.ADAPTER, hf_llama.ADAPTER)
+                                  for t in a.architectures}
+HF_CLASSES = {t: a.architectures[t] for t, a in ADAPTERS.items()}
 
-_HF_KIND = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
-            "mlp": MLP, "moe": MOE}
-_HF_PREFIXES = ("backbone.", "model.")
 
-# transformers >= 5.25 asks a hybrid cache's layer 0 for the sequence length, and an MLP or MoE layer holds no
-# cache there ('DummyLayer' object has no attribute 'get_seq_length'; docs/engines.md has the upstream report).
-# A NemotronH export whose first layer is one of those therefore starts with one extra attention layer whose
-# weights are all zero: its output is exactly 0, so the block is exactly the identity, and its KV cache gives
-# transformers the length it asks for. The config names it, and our importer drops it again.
-CACHE_ANCHOR = "elasticlm_cache_anchor"
-_CACHELESS = (MLP, MOE)
+def adapter(model_type: str) -> HFAdapter:
+    """The adapter of a ``model_type`` (= ``ModelConfig.family``)."""
+    if model_type not in ADAPTERS:
+        raise ConfigError(f"model_type {model_type!r} is not supported; expected one of {sorted(ADAPTERS)}")
+    return ADAPTERS[model_type]
 
 
 def is_hf_config(config: dict[str, Any]) -> bool:
     """True for a config.json of a family this library imports."""
-    return config.get("model_type") in HF_CLASSES
-
-
-HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", **hf_llama.ARCHITECTURES}
+    return config.get("model_type") in ADAPTERS
 
 
 def hf_label(family: str) -> str:
@@ -56,102 +48,15 @@ def hf_label(family: str) -> str:
     return f"Hugging Face {HF_CLASSES[family].removesuffix('ForCausalLM')}"
 
 
-def _pattern(cfg: dict[str, Any]) -> str:
-    types = cfg.get("layers_block_type") or cfg.get("layer_types")
-    if types:
-        bad = sorted({t for t in types if t not in _HF_KIND})
-        if bad:
-            raise ConfigError(f"NemotronH layers_block_type has unsupported layer type(s) {bad}")
-        return "".join(_HF_KIND[t] for t in types)
-    pattern = cfg.get("hybrid_override_pattern")
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigError("NemotronH config has neither layers_block_type nor hybrid_override_pattern")
-    return pattern
-
-
-def _per_kind(value: Any, pattern: str, kind: str, name: str) -> Any:
-    """A width that may be one int, a list per layer of ``kind``, or a list over all layers (engines' per-layer
-    configs): as ModelConfig takes it (an int, or a list per layer of that kind).
-
-    >>> _per_kind([0, 4, 0, 2], "M*M*", "*", "num_attention_heads"), _per_kind(8, "M*", "*", "x")
-    ([4, 2], 8)
-    """
-    if not isinstance(value, list):
-        return value
-    layers = [i for i, k in enumerate(pattern) if k == kind]
-    if len(value) == len(pattern) and len(layers) != len(pattern):
-        value = [value[i] for i in layers]
-    if len(value) != len(layers):
-        raise ConfigError(f"NemotronH {name} lists {len(value)} values; expected one per layer "
-                          f"({len(pattern)}) or one per {kind!r} layer ({len(layers)})")
-    return value[0] if value and all(v == value[0] for v in value) else value
-
-
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    """Translate a transformers config.json (NemotronH, Llama, Qwen2, Qwen3) into a ModelConfig: the real
+    """Translate a transformers config.json (NemotronH, Mamba2, Llama, Qwen2, Qwen3) into a ModelConfig: the real
     per-layer widths of an elasticlm export padded to uniform widths (:mod:`elasticlm.model.padding`)."""
     return padding.apply_record(stored_config_from_hf(cfg), cfg.get(padding.PADDING_KEY), "config.json")
 
 
 def stored_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """The architecture of the tensors a transformers config.json describes (for a padded export: padded)."""
-    if cfg.get("model_type") in hf_llama.ARCHITECTURES:
-        return hf_llama.config_from_hf(cfg)
-    if cfg.get("model_type") == "mamba2":
-        return hf_mamba2.config_from_hf(cfg)
-    for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
-        if cfg.get(key, want) != want:
-            raise ConfigError(f"NemotronH {key}={cfg[key]!r} is not supported (only {want!r})")
-    if cfg.get("attention_bias"):
-        log.warning("attention_bias=True is ignored, as transformers' NemotronH ignores it")
-    if cfg.get("num_nextn_predict_layers"):
-        log.warning("multi-token-prediction layers are dropped on import")
-    if cfg.get("moe_latent_size") is not None:
-        raise ConfigError("NemotronH moe_latent_size (latent expert projections) is not supported")
-
-    get = Fields(cfg, "NemotronH")
-    hidden = get("hidden_size")
-    pattern = _pattern(cfg)
-    if cfg.get(CACHE_ANCHOR) and pattern[:1] == ATTENTION:
-        pattern = pattern[1:]
-    n_heads = _per_kind(get("num_attention_heads"), pattern, "*", "num_attention_heads")
-    return ModelConfig(
-        pattern=pattern,
-        vocab_size=get("vocab_size"),
-        hidden_size=hidden,
-        mamba_num_heads=get("mamba_num_heads"),
-        mamba_head_dim=get("mamba_head_dim"),
-        mamba_n_groups=get("n_groups", "mamba_n_groups"),
-        ssm_state_size=get("ssm_state_size"),
-        conv_kernel=get("conv_kernel", "mamba_d_conv", default=4),
-        chunk_size=get("chunk_size", "mamba_chunk_size", default=128),
-        time_step_min=float(get("time_step_min", "mamba_dt_min", default=1e-3)),
-        time_step_max=float(get("time_step_max", "mamba_dt_max", default=0.1)),
-        num_attention_heads=n_heads,
-        num_key_value_heads=get("num_key_value_heads", default=n_heads if isinstance(n_heads, int) else None),
-        attention_head_dim=get("head_dim", "attention_head_dim",
-                               default=hidden // n_heads if isinstance(n_heads, int) else None),
-        intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
-        moe_num_experts=_per_kind(get("n_routed_experts", "num_local_experts", default=8), pattern, MOE,
-                                  "n_routed_experts"),
-        moe_intermediate_size=_per_kind(get("moe_intermediate_size", default=64), pattern, MOE,
-                                        "moe_intermediate_size"),
-        moe_shared_intermediate_size=get("moe_shared_expert_intermediate_size", default=64),
-        moe_top_k=get("num_experts_per_tok", default=2),
-        moe_n_group=get("n_group", default=1),
-        moe_topk_group=get("topk_group", default=1),
-        moe_norm_topk_prob=bool(get("norm_topk_prob", default=True)),
-        moe_routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)),
-        norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        use_bias=bool(cfg.get("use_bias", False)),
-        use_conv_bias=bool(get("use_conv_bias", "mamba_conv_bias", default=True)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        initializer_range=float(cfg.get("initializer_range", 0.02)),
-        pad_token_id=cfg.get("pad_token_id"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=get.eos(),
-    )
+    return adapter(str(cfg.get("model_type"))).config_from_hf(cfg)
 
 
 def hf_incompatibility(config: ModelConfig) -> str | None:
@@ -160,20 +65,7 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
     reason = padding.incompatibility(config)
     if reason:
         return reason
-    config = padding.padded_config(config)
-    if config.family == "mamba2":
-        return hf_mamba2.incompatibility(config)
-    if config.family != "nemotron_h":
-        return hf_llama.incompatibility(config)
-    if config.time_step_limit not in (None, [config.time_step_min, math.inf]):
-        return f"NemotronH clamps the time step at time_step_min; this model clamps it to {config.time_step_limit}"
-    if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
-            or config.attention_out_bias):
-        return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
-    if MOE in config.pattern and (config.moe_router, config.moe_expert_type) != ("sigmoid", "relu2") \
-            or MOE in config.pattern and not config.moe_shared_intermediate_size:
-        return "NemotronH's experts are squared-ReLU MLPs behind a sigmoid router, with a shared expert"
-    return None
+    return adapter(config.family).incompatibility(padding.padded_config(config))
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -184,7 +76,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         raise ConfigError(f"cannot export to {hf_label(config.family)}: {reason}")
     real = padding.record(config)
     stored = padding.padded_config(config)
-    out = _uniform_config_to_hf(stored, dtype)
+    out = adapter(stored.family).config_to_hf(stored, dtype)
     if MOE in stored.pattern and (stored.hidden_size % 8 or stored.moe_intermediate_sizes_list()[0] % 8):
         # transformers' default experts path (grouped_mm) needs 16-byte row strides in every dtype it may be
         # loaded in ("strides should be multiple of 16 bytes"); its eager loop computes the same experts
@@ -192,137 +84,15 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     return {**out, padding.PADDING_KEY: real} if real else out
 
 
-def _uniform_config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    if config.family == "mamba2":
-        return hf_mamba2.config_to_hf(config, dtype)
-    if config.family != "nemotron_h":
-        return hf_llama.config_to_hf(config, dtype)
-
-    def first(values: list[int], fallback: int) -> int:
-        return values[0] if values else fallback
-
-    heads = first(config.mamba_heads_list(), config.mamba_n_groups)
-    head_dim = first(config.mamba_head_dims_list(), 1)
-    anchored = needs_cache_anchor(config)
-    pattern = ATTENTION + config.pattern if anchored else config.pattern
-    return {
-        "architectures": ["NemotronHForCausalLM"],
-        "model_type": "nemotron_h",
-        "dtype": str(dtype).removeprefix("torch."),
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        # Only the pattern string, as NVIDIA's configs carry it: transformers converts it to
-        # layers_block_type itself, and parsers that derive layers_block_type from it (SGLang's)
-        # refuse a config that also sets it.
-        "hybrid_override_pattern": pattern,
-        "num_hidden_layers": len(pattern),
-        "mamba_num_heads": heads,
-        "mamba_head_dim": head_dim,
-        "n_groups": config.mamba_n_groups,
-        "mamba_n_groups": config.mamba_n_groups,  # the name NVIDIA's configs and SGLang's parser use
-        "mamba_d_head": head_dim,  # the name llama.cpp's converter reads
-        "ssm_state_size": config.ssm_state_size,
-        "conv_kernel": config.conv_kernel,
-        "chunk_size": config.chunk_size,
-        "expand": max(1, heads * head_dim // config.hidden_size),
-        "time_step_min": config.time_step_min,
-        "time_step_max": config.time_step_max,
-        "mamba_hidden_act": "silu",
-        "use_bias": config.use_bias,
-        "use_conv_bias": config.use_conv_bias,
-        "num_attention_heads": first(config.attention_heads_list(), config.num_key_value_heads),
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.attention_head_dim,
-        "attention_bias": False,
-        "intermediate_size": first(config.intermediate_sizes_list(), 1),
-        "mlp_hidden_act": "relu2",
-        "mlp_bias": config.mlp_bias,
-        "layer_norm_epsilon": config.norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "initializer_range": config.initializer_range,
-        "residual_in_fp32": False,
-        "num_logits_to_keep": 1,
-        "use_cache": True,
-        "pad_token_id": config.pad_token_id,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        **moe_config(config),
-        **({CACHE_ANCHOR: True} if anchored else {}),
-    }
-
-
-def needs_cache_anchor(config: ModelConfig) -> bool:
-    """Whether a NemotronH export of ``config`` starts with the no-op attention layer (see ``CACHE_ANCHOR``)."""
-    return config.family == "nemotron_h" and config.pattern[:1] in _CACHELESS
-
-
-def cache_anchor_weights(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The anchor layer's tensors under our names at layer index 0: all zero but the norm (ones), so the block is
-    ``x + 0``."""
-    heads = (config.attention_heads_list() or [config.num_key_value_heads])[0]
-    d, hd, kv = config.hidden_size, config.attention_head_dim, config.num_key_value_heads
-    shapes = {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, heads * hd)}
-    out = {f"layers.0.mixer.{n}.weight": torch.zeros(s, dtype=dtype) for n, s in shapes.items()}
-    out["layers.0.norm.weight"] = torch.ones(d, dtype=dtype)
-    return out
-
-
-_LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
-def shift_layers(name: str, by: int) -> str | None:
-    """``name`` with its layer index moved by ``by`` (None when it falls below 0: the anchor on import).
-
-    >>> shift_layers("layers.3.mixer.in_proj.weight", 1), shift_layers("layers.0.norm.weight", -1)
-    ('layers.4.mixer.in_proj.weight', None)
-    >>> shift_layers("embeddings.weight", -1)
-    'embeddings.weight'
-    """
-    m = _LAYER.match(name)
-    if m is None:
-        return name
-    i = int(m.group(1)) + by
-    return None if i < 0 else f"layers.{i}." + name[m.end():]
-
-
-def moe_config(config: ModelConfig) -> dict[str, Any]:
-    """NemotronH's mixture-of-experts keys; none for a model without MoE layers (its config stays as before)."""
-    if MOE not in config.pattern:
-        return {}
-    return {
-        "n_routed_experts": config.moe_experts_list()[0],
-        "moe_intermediate_size": config.moe_intermediate_sizes_list()[0],
-        "moe_shared_expert_intermediate_size": config.moe_shared_intermediate_size,
-        "num_experts_per_tok": config.moe_top_k,
-        "n_group": config.moe_n_group,
-        "topk_group": config.moe_topk_group,
-        "norm_topk_prob": config.moe_norm_topk_prob,
-        "routed_scaling_factor": config.moe_routed_scaling_factor,
-        "moe_latent_size": None,
-    }
-
-
 def name_from_hf(name: str, family: str = "nemotron_h", anchored: bool = False) -> str | None:
-    """Our parameter name for a checkpoint key of ``family`` (None: a key we drop, e.g. MTP layers, or the cache
-    anchor layer of an ``anchored`` export).
+    """Our parameter name for a checkpoint key of ``family`` (None: a key we drop).
 
     >>> name_from_hf("backbone.layers.3.mixer.in_proj.weight")
     'layers.3.mixer.in_proj.weight'
-    >>> name_from_hf("lm_head.weight")
-    'lm_head.weight'
+    >>> name_from_hf("model.layers.1.mlp.up_proj.weight", "llama")
+    'layers.3.mixer.up_proj.weight'
     """
-    if family in hf_llama.ARCHITECTURES:
-        return hf_llama.name_from_hf(name)
-    for p in _HF_PREFIXES:
-        if name.startswith(p):
-            return shift_layers(name[len(p):], -1) if anchored else name[len(p):]
-    if name.startswith("mtp."):
-        return None
-    return name
-
-
-def name_to_hf(name: str) -> str:
-    return name if name.startswith("lm_head.") else "backbone." + name
+    return adapter(family).name_from_hf(name, anchored)
 
 
 def resolve_tied_head(config: ModelConfig, weights: dict[str, torch.Tensor]) -> ModelConfig:
@@ -398,21 +168,8 @@ def hf_state_dict(model: HybridLM, hub_format: bool = True) -> dict[str, torch.T
     """Checkpoint tensors under the family's on-disk names (NemotronH: an explicit head even when tied, since
     transformers' NemotronH reads one; Llama family: none when tied, as transformers writes them). ``hub_format``:
     routed experts one tensor each, as on the Hub (False: stacked, as transformers holds them in memory)."""
-    state = _hf_names(padding.pad(model))
+    state = adapter(model.config.family).state_to_hf(padding.pad(model))
     return split_experts(state) if hub_format else state
-
-
-def _hf_names(model: HybridLM) -> dict[str, torch.Tensor]:
-    if model.config.family in hf_llama.ARCHITECTURES:
-        return {hf_llama.name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if needs_cache_anchor(model.config):
-        ours = {shift_layers(k, 1): v for k, v in ours.items()}
-        ours.update(cache_anchor_weights(model.config, model.embeddings.weight.dtype))
-    state = {name_to_hf(k): v for k, v in ours.items()}
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"].clone()
-    return state
 
 
 # -- in-memory converters (need transformers) ------------------------------------------------
@@ -440,27 +197,16 @@ def from_transformers(hf_model: Any) -> HybridLM:
 def to_transformers(model: HybridLM) -> Any:
     """The family's transformers model (``NemotronHForCausalLM``, ``LlamaForCausalLM`` …) with this model's
     weights (per-layer widths zero-padded, see :mod:`elasticlm.model.padding`)."""
-    if model.config.family != "nemotron_h":
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        dtype = model.embeddings.weight.dtype
-        cfg = config_to_hf(model.config, dtype)
-        family = cfg.pop("model_type")
-        for k in ("architectures", "dtype", "rope_theta", "rope_scaling"):
-            cfg.pop(k, None)
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg)).to(dtype)
-        state = hf_state_dict(model, hub_format=False)
-        if "lm_head.weight" not in state:  # a tied Llama-family model: transformers' state dict lists the head
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        hf.load_state_dict(state, strict=True)
-        return hf.eval()
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = model.embeddings.weight.dtype
     cfg = config_to_hf(model.config, dtype)
-    for k in ("architectures", "model_type", "num_hidden_layers", "dtype"):
-        cfg.pop(k)
-    hf = NemotronHForCausalLM(NemotronHConfig(**cfg)).to(dtype)
-    state = {k.replace("backbone.", "model.", 1): v for k, v in hf_state_dict(model, hub_format=False).items()}
+    family = adapter(cfg.pop("model_type"))
+    for k in ("architectures", "dtype", *family.derived_keys):
+        cfg.pop(k, None)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model.config.family, **cfg)).to(dtype)
+    state = {family.in_memory_name(k): v for k, v in hf_state_dict(model, hub_format=False).items()}
+    if "lm_head.weight" not in state:  # tied, and not on disk: transformers' state dict still lists the head
+        state["lm_head.weight"] = model.embeddings.weight.detach()
     hf.load_state_dict(state, strict=True)
     return hf.eval()

@@ -18,13 +18,17 @@ qwen3    attention_bias        attention_bias  yes
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import ATTENTION, MLP, MOE, ModelConfig
 from ..errors import ConfigError
+from .hf_adapter import HFAdapter
 from .hf_fields import Fields
+
+if TYPE_CHECKING:
+    from .hybrid import HybridLM
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -212,3 +216,31 @@ def name_to_hf(name: str) -> str:
     if rest == "norm.weight":
         return f"model.layers.{layer}.{'post_attention_layernorm' if is_mlp else 'input_layernorm'}.weight"
     return f"model.layers.{layer}.{'mlp' if is_mlp else 'self_attn'}.{rest.removeprefix('mixer.')}"
+
+
+def state_to_hf(model: HybridLM) -> dict[str, torch.Tensor]:
+    """Our tensors under the family's on-disk names (no head when tied, as transformers writes them)."""
+    return {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+class LlamaAdapter(HFAdapter):
+    architectures = ARCHITECTURES
+    derived_keys = ("rope_theta", "rope_scaling")  # transformers 5 reads rope_parameters
+
+    def config_from_hf(self, cfg: dict[str, Any]) -> ModelConfig:
+        return config_from_hf(cfg)
+
+    def incompatibility(self, config: ModelConfig) -> str | None:
+        return incompatibility(config)
+
+    def config_to_hf(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+        return config_to_hf(config, dtype)
+
+    def name_from_hf(self, name: str, anchored: bool = False) -> str | None:
+        return name_from_hf(name)
+
+    def state_to_hf(self, model: HybridLM) -> dict[str, torch.Tensor]:
+        return state_to_hf(model)
+
+
+ADAPTER = LlamaAdapter()

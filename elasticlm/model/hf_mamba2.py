@@ -1,7 +1,7 @@
 """Hugging Face Mamba2 (``Mamba2ForCausalLM``) ⇄ elasticlm: config translation.
 
 A Mamba-2 language model is our pattern ``"M" * layers``: its mixer, gated group norm and weight names
-(``backbone.layers.i.mixer.*``) are NemotronH's, so the weight map is :mod:`elasticlm.model.hf`'s prefix rule.
+(``backbone.layers.i.mixer.*``) are NemotronH's, so its adapter is NemotronH's with Mamba2's config.
 Two differences are configuration: transformers' Mamba2 clamps the time step to ``time_step_limit`` (default
 ``(0, inf)``; NemotronH clamps at ``time_step_min``) and derives the inner width as ``expand × hidden_size``, so a
 sub-model exports to Mamba2 only while ``heads × head_dim`` is an integer multiple of its hidden size.
@@ -17,6 +17,7 @@ import torch
 from ..config import MAMBA, ModelConfig
 from ..errors import ConfigError
 from .hf_fields import Fields
+from .hf_nemotron_h import NemotronHAdapter
 
 
 def _number(value: Any) -> float:
@@ -115,3 +116,25 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
     }
+
+
+class Mamba2Adapter(NemotronHAdapter):
+    """Mamba2's config; NemotronH's weight names (``backbone.*``, an explicit head)."""
+
+    architectures = {"mamba2": "Mamba2ForCausalLM"}
+    derived_keys = ()
+
+    def config_from_hf(self, cfg: dict[str, Any]) -> ModelConfig:
+        return config_from_hf(cfg)
+
+    def incompatibility(self, config: ModelConfig) -> str | None:
+        return incompatibility(config)
+
+    def config_to_hf(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+        return config_to_hf(config, dtype)
+
+    def in_memory_name(self, name: str) -> str:
+        return name  # transformers' Mamba2 keeps ``backbone.*`` in memory too
+
+
+ADAPTER = Mamba2Adapter()
