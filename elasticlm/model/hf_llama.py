@@ -223,24 +223,6 @@ def state_to_hf(model: HybridLM) -> dict[str, torch.Tensor]:
     return {name_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-class LlamaAdapter(HFAdapter):
-    architectures = ARCHITECTURES
-    derived_keys = ("rope_theta", "rope_scaling")  # transformers 5 reads rope_parameters
-
-    def config_from_hf(self, cfg: dict[str, Any]) -> ModelConfig:
-        return config_from_hf(cfg)
-
-    def incompatibility(self, config: ModelConfig) -> str | None:
-        return incompatibility(config)
-
-    def config_to_hf(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-        return config_to_hf(config, dtype)
-
-    def name_from_hf(self, name: str, anchored: bool = False) -> str | None:
-        return name_from_hf(name)
-
-    def state_to_hf(self, model: HybridLM) -> dict[str, torch.Tensor]:
-        return state_to_hf(model)
-
-
-ADAPTER = LlamaAdapter()
+ADAPTER = HFAdapter(ARCHITECTURES, config_from_hf, incompatibility, config_to_hf,
+                    lambda name, anchored=False: name_from_hf(name), state_to_hf,
+                    derived_keys=("rope_theta", "rope_scaling"))  # transformers 5 reads rope_parameters

@@ -9,6 +9,7 @@ sub-model exports to Mamba2 only while ``heads × head_dim`` is an integer multi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 
 from ..config import MAMBA, ModelConfig
 from ..errors import ConfigError
+from . import hf_nemotron_h
+from .hf_adapter import same_name
 from .hf_fields import Fields
-from .hf_nemotron_h import NemotronHAdapter
 
 
 def _number(value: Any) -> float:
@@ -118,23 +120,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     }
 
 
-class Mamba2Adapter(NemotronHAdapter):
-    """Mamba2's config; NemotronH's weight names (``backbone.*``, an explicit head)."""
-
-    architectures = {"mamba2": "Mamba2ForCausalLM"}
-    derived_keys = ()
-
-    def config_from_hf(self, cfg: dict[str, Any]) -> ModelConfig:
-        return config_from_hf(cfg)
-
-    def incompatibility(self, config: ModelConfig) -> str | None:
-        return incompatibility(config)
-
-    def config_to_hf(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-        return config_to_hf(config, dtype)
-
-    def in_memory_name(self, name: str) -> str:
-        return name  # transformers' Mamba2 keeps ``backbone.*`` in memory too
-
-
-ADAPTER = Mamba2Adapter()
+# NemotronH's weight names (``backbone.*``, an explicit head), kept ``backbone.*`` in memory too; Mamba2's config
+ADAPTER = dataclasses.replace(hf_nemotron_h.ADAPTER, architectures={"mamba2": "Mamba2ForCausalLM"},
+                              config_from_hf=config_from_hf, incompatibility=incompatibility,
+                              config_to_hf=config_to_hf, in_memory_name=same_name, derived_keys=())

@@ -279,31 +279,13 @@ def state_to_hf(model: HybridLM) -> dict[str, torch.Tensor]:
     return state
 
 
-class NemotronHAdapter(HFAdapter):
-    architectures = {"nemotron_h": "NemotronHForCausalLM"}
-    derived_keys = ("num_hidden_layers",)  # from the pattern
-
-    def config_from_hf(self, cfg: dict[str, Any]) -> ModelConfig:
-        return config_from_hf(cfg)
-
-    def incompatibility(self, config: ModelConfig) -> str | None:
-        return incompatibility(config)
-
-    def config_to_hf(self, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-        return config_to_hf(config, dtype)
-
-    def name_from_hf(self, name: str, anchored: bool = False) -> str | None:
-        return name_from_hf(name, anchored)
-
-    def state_to_hf(self, model: HybridLM) -> dict[str, torch.Tensor]:
-        return state_to_hf(model)
-
-    def in_memory_name(self, name: str) -> str:
-        return name.replace("backbone.", "model.", 1)
+def _in_memory_name(name: str) -> str:
+    return name.replace("backbone.", "model.", 1)
 
 
-ADAPTER = NemotronHAdapter()
+ADAPTER = HFAdapter({"nemotron_h": "NemotronHForCausalLM"}, config_from_hf, incompatibility, config_to_hf,
+                    name_from_hf, state_to_hf, _in_memory_name, derived_keys=("num_hidden_layers",))
 
-__all__ = ["ADAPTER", "CACHE_ANCHOR", "NemotronHAdapter", "cache_anchor_weights", "config_from_hf", "config_to_hf",
+__all__ = ["ADAPTER", "CACHE_ANCHOR", "cache_anchor_weights", "config_from_hf", "config_to_hf",
            "incompatibility", "moe_config", "name_from_hf", "name_to_hf", "needs_cache_anchor", "shift_layers",
            "state_to_hf"]
