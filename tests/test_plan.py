@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import random_subnet, tiny_config
+from conftest import random_subnet, randomize_, tiny_config
 
 from elasticlm import HybridLM
 from elasticlm.cli import main
@@ -114,3 +114,46 @@ def test_plan_refuses_multi_gpu_pretraining(capsys):
 
 def test_parse_bytes():
     assert parse_bytes("141GB") == 141e9 and parse_bytes("80GiB") == 80 * GiB and parse_bytes("2e9") == 2e9
+
+
+def test_trainable_teacher_adds_what_autograd_keeps_for_the_full_budget():
+    """distill.trainable_teacher: the full budget runs on every row with gradients before the sampled budgets. What
+    that adds to a step (autograd's saved tensors, trainable minus frozen teacher, same rows and budgets) is the
+    planner's extra activations plus the full budget's CE log-probabilities, within 10 %."""
+    from elasticlm.elastic.router import Router
+    from elasticlm.elastic.space import ElasticConfig, ElasticSpace
+    from elasticlm.train.elastic import ElasticStudent, teacher_hidden
+
+    cfg = tiny_config("M*-M-*", hidden=48, vocab_size=2048, chunk=16)
+    model = randomize_(HybridLM(cfg), seed=1)
+    student = ElasticStudent(model, Router(ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.5], depth=[1.0])),
+                                           hidden=16))
+    teacher = randomize_(HybridLM(cfg)).requires_grad_(False)
+    rows, seq = 2, 256
+    ids = torch.randint(3, 2048, (rows, seq + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets, keep = ids[:, :-1], ids[:, 1:], torch.ones(rows, seq)
+    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
+
+    def saved(t) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(x: torch.Tensor) -> torch.Tensor:
+            if x.untyped_storage().data_ptr() not in params:
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            student(inputs, None, keep, t, targets, [0, 1], step=0, seed=0, scale=1.0, temperature=1.0,
+                    kd_temperature=1.0, ce_weight=1.0, budget_weight=0.0, amp=None)
+        return sum(seen.values())
+
+    with torch.no_grad():
+        hidden = teacher_hidden(teacher, inputs, None)
+    measured = saved(None) - saved(hidden)
+    kw = dict(seq_len=seq, micro_batch=rows, world=1, sharded=False, amp=False, checkpointing=False, grad_accum=1,
+              scan_chunk=16, documents=False)
+    plan_frozen = stage_memory(cfg, teacher=True, **kw)
+    plan_trainable = stage_memory(cfg, teacher=False, trainable_teacher=True, **kw)
+    planned = (plan_trainable["activations"] + plan_trainable["teacher_logits"]) - plan_frozen["activations"]
+    assert abs(planned / measured - 1) < 0.1, (planned, measured)
+    assert plan_trainable["teacher_weights"] == 0 and plan_frozen["teacher_weights"] > 0

@@ -229,8 +229,12 @@ class Plan:
 def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: int, sharded: bool, amp: bool,
                  checkpointing: bool, teacher: bool, grad_accum: int, router_parameters: int = 0,
                  subnet: Subnet | None = None, scan_chunk: int | None = None, documents: bool = True,
-                 dense_mask: bool = False) -> dict[str, float]:
-    """Per-rank bytes of one training step, broken down (see the module docstring)."""
+                 dense_mask: bool = False, trainable_teacher: bool = False) -> dict[str, float]:
+    """Per-rank bytes of one training step, broken down (see the module docstring). ``trainable_teacher``
+    (``distill.trainable_teacher``): no separate teacher; the full budget runs on every row with gradients before
+    the sampled budgets, so its saved activations and its cross-entropy's fp32 log-probabilities (``[tokens,
+    vocab]``) are held alongside theirs, and the sampled budgets' KD runs on whole logits (not chunks) against
+    the full budget's."""
     p = count_parameters(config)
     shard = world if sharded else 1
     prec = Precision.of(amp, sharded)
@@ -249,8 +253,16 @@ def stage_memory(config: ModelConfig, *, seq_len: int, micro_batch: int, world: 
         "block_workspace": act["block_workspace"],
         "teacher_hidden": (prec.teacher * tokens * d) if teacher else 0.0,
         "loss_chunk": 4.0 * chunk_tokens * config.vocab_size * (KD_CHUNK_COPIES if teacher else CE_CHUNK_COPIES),
+        "teacher_logits": 0.0,
         "communication": 0.0,
     }
+    if trainable_teacher:
+        logits = 1.0 * tokens * config.vocab_size
+        items["activations"] += activation_bytes(config, None, tokens, prec, checkpointing, scan_chunk, documents,
+                                                 dense)["saved"]
+        # fp32 log-probabilities of the full budget's CE, plus its low-precision logits under autocast (the KD target)
+        items["teacher_logits"] = 4 * logits + (2 * logits if prec.mode != "fp32" else 0.0)
+        items["loss_chunk"] = 4.0 * logits * KD_CHUNK_COPIES
     if sharded:  # two blocks in flight: bf16 (or fp32) all-gather of parameters, fp32 reduce-scatter of grads
         largest_block = max(_block_parameters(config, i) for i in range(config.num_layers))
         outer = config.vocab_size * config.hidden_size
@@ -272,7 +284,7 @@ def peak_of(items: dict[str, float], grad_accum: int, checkpointing: bool) -> fl
     of backward (both as measured, bench/bench_plan.py)."""
     static = items["student_weights"] + items["optimizer_adamw"] + items["router"] + items["teacher_weights"]
     work, loss = items["block_workspace"], items["loss_chunk"]
-    transient = (items["activations"] + items["teacher_hidden"] + items["communication"]
+    transient = (items["activations"] + items["teacher_hidden"] + items["teacher_logits"] + items["communication"]
                  + (max(work, loss) if checkpointing else work + loss))
     grads = items["student_grads"]
     return static + max(transient + (grads if grad_accum > 1 else 0.0), grads + items["communication"])
@@ -280,13 +292,13 @@ def peak_of(items: dict[str, float], grad_accum: int, checkpointing: bool) -> fl
 
 def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int, grad_accum: int, cluster: Cluster,
                sharded: bool, amp: bool, checkpointing: bool | None, teacher: bool, router_parameters: int = 0,
-               tokens: int = 0, documents: bool = True) -> StagePlan:
+               tokens: int = 0, documents: bool = True, trainable_teacher: bool = False) -> StagePlan:
     world = cluster.world
     micro = max(1, batch_size // (grad_accum * world))
     scan_chunk = min(config.chunk_size, 32) if cluster.device == "cpu" else config.chunk_size  # see scan_chunk_size
     common = dict(seq_len=seq_len, micro_batch=micro, world=world, sharded=sharded, amp=amp, teacher=teacher,
                   grad_accum=grad_accum, router_parameters=router_parameters, scan_chunk=scan_chunk,
-                  documents=documents, dense_mask=cluster.device == "cpu")
+                  documents=documents, dense_mask=cluster.device == "cpu", trainable_teacher=trainable_teacher)
     without = stage_memory(config, checkpointing=False, **common)
     peak_without = peak_of(without, grad_accum, False)
     usable = cluster.usable()
@@ -299,11 +311,13 @@ def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int,
 
 
 def _flops_per_token(config: ModelConfig, seq_len: int, teacher: bool, checkpointing: bool,
-                     budget_fraction: float) -> float:
+                     budget_fraction: float, trainable_teacher: bool = False) -> float:
     p = count_active_parameters(config)  # a mixture of experts computes with top_k experts per token
     matmul = 2 * p + layer_flops_per_token(config, seq_len)
-    student = matmul * budget_fraction * (4 if checkpointing else 3)  # forward + backward (+ recompute)
-    return student + (matmul if teacher else 0.0)
+    passes = 4 if checkpointing else 3  # forward + backward (+ recompute)
+    student = matmul * budget_fraction * passes
+    # a frozen teacher: one forward; a trainable one: the full budget trained on every row besides the sampled one
+    return student + (matmul if teacher else 0.0) + (matmul * passes if trainable_teacher else 0.0)
 
 
 def plan_elastic(run: Any, config: ModelConfig, cluster: Cluster, checkpointing: bool | None = None) -> Plan:
@@ -329,9 +343,11 @@ def plan_elastic(run: Any, config: ModelConfig, cluster: Cluster, checkpointing:
         stage = plan_stage(config, name=s.name or f"stage {i + 1}", seq_len=s.seq_len, batch_size=s.batch_size,
                            grad_accum=cfg.grad_accum, cluster=cluster, sharded=sharded, amp=amp,
                            checkpointing=ckpt, teacher=not run.distill.trainable_teacher,
-                           router_parameters=router_params, tokens=s.tokens)
+                           router_parameters=router_params, tokens=s.tokens,
+                           trainable_teacher=run.distill.trainable_teacher)
         _estimate(stage, cluster, _flops_per_token(config, s.seq_len, not run.distill.trainable_teacher,
-                                                   stage.checkpointing, mean_fraction))
+                                                   stage.checkpointing, mean_fraction,
+                                                   trainable_teacher=run.distill.trainable_teacher))
         stages.append(stage)
     return _finish(Plan("elastic", count_parameters(config), cluster.world, "fsdp" if sharded else
                         ("ddp" if cluster.world > 1 else "single"), amp, stages, cluster.memory, cluster.usable()),
