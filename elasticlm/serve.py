@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from .config import count_parameters, find_budget
 from .errors import ConfigError, ElasticLMError
 from .generate import DecodeBatch, Request
 from .model.hybrid import HybridLM
@@ -375,10 +376,11 @@ class Engine:
             return self.order[-1]
         if label == AUTO:
             return self.auto()
-        if label not in self.budgets:
+        try:  # the lookup every verb uses: a label, or the same target written another way ("50%", "780K")
+            return find_budget(self.model.budget_targets, label, count_parameters(self.model.config))
+        except ConfigError:
             raise RequestError(404, f"unknown budget {_short(label)}; this checkpoint serves "
-                                    f"{', '.join(self.order)} and auto", "model")
-        return label
+                                    f"{', '.join(self.order)} and auto", "model") from None
 
     def auto(self) -> str:
         """The largest budget whose predicted time per token, joining its current batch, meets the target.

@@ -121,6 +121,13 @@ def test_auto_names_the_budget_that_served(server):
     assert engine.order[0] != engine.order[-1]
 
 
+def test_a_budget_written_another_way_is_the_same_budget(server):
+    """The server looks budgets up as every verb does (`find_budget`): "70%" is the 0.7 budget."""
+    url, engine, path = server
+    r = client(url).completions.create(model="tiny@70%", prompt="Q: 2+3", max_tokens=6, temperature=0)
+    assert r.model == "tiny@0.7" and r.choices[0].text == reference(path, "Q: 2+3", "0.7", 6)
+
+
 @pytest.mark.parametrize("kwargs,error,needle", [
     ({"model": "tiny@0.33"}, "NotFoundError", "unknown budget"),
     ({"model": "other@1.0"}, "NotFoundError", "unknown model"),
