@@ -74,7 +74,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     reason = hf_incompatibility(config)
     if reason:
         raise ConfigError(f"cannot export to {hf_label(config.family)}: {reason}")
-    real = padding.record(config)
+    real = padding.real_widths(config)
     stored = padding.padded_config(config)
     out = adapter(stored.family).config_to_hf(stored, dtype)
     if MOE in stored.pattern and (stored.hidden_size % 8 or stored.moe_intermediate_sizes_list()[0] % 8):

@@ -29,7 +29,6 @@ columns; the export's config.json records ``"elasticlm_padding": {"intermediate_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,9 +67,9 @@ def incompatibility(config: ModelConfig) -> str | None:
     return None
 
 
-def real_widths(config: ModelConfig, fields: Iterable[str] | None = None) -> dict[str, list[int]]:
-    """The per-layer widths padding hides: each paddable field (of ``fields``; default all) whose layers differ,
-    per layer of its kind.
+def real_widths(config: ModelConfig) -> dict[str, list[int]]:
+    """The per-layer widths padding hides, per layer of its kind, for each paddable field whose layers differ: what
+    an export's config.json records under :data:`PADDING_KEY` ({} when nothing is padded).
 
     >>> from elasticlm.config import ModelConfig
     >>> real_widths(ModelConfig(pattern="-*-", vocab_size=8, hidden_size=4, intermediate_size=[3, 5],
@@ -79,21 +78,19 @@ def real_widths(config: ModelConfig, fields: Iterable[str] | None = None) -> dic
     """
     out = {}
     for field, accessor in _WIDTH_LISTS.items():
-        if fields is not None and field not in fields:
-            continue
         values = getattr(config, accessor)()
         if len(set(values)) > 1:
             out[field] = values
     return out
 
 
-def padded_config(config: ModelConfig, fields: Iterable[str] | None = None) -> ModelConfig:
-    """``config`` with every paddable per-layer width (of ``fields``; default all) raised to its kind's widest
-    (itself when uniform). Raises ConfigError for what :func:`incompatibility` names."""
+def padded_config(config: ModelConfig) -> ModelConfig:
+    """``config`` with every paddable per-layer width raised to its kind's widest (itself when uniform).
+    Raises ConfigError for what :func:`incompatibility` names."""
     reason = incompatibility(config)
     if reason:
         raise ConfigError(f"cannot pad to uniform widths: {reason}")
-    widths = real_widths(config, fields)
+    widths = real_widths(config)
     return dataclasses.replace(config, **{f: max(v) for f, v in widths.items()}) if widths else config
 
 
@@ -114,13 +111,13 @@ def padding_note(config: ModelConfig) -> str:
 
 
 @torch.no_grad()
-def pad(model: HybridLM, fields: Iterable[str] | None = None) -> HybridLM:
-    """A model of uniform widths (in ``fields``; default every paddable one) that computes exactly what ``model``
-    computes (``model`` itself when there is nothing to pad). The weights are copies."""
+def pad(model: HybridLM) -> HybridLM:
+    """A model of uniform widths that computes exactly what ``model`` computes (``model`` itself when there is
+    nothing to pad). The weights are copies."""
     from .hybrid import HybridLM
 
     config = model.config
-    padded = padded_config(config, fields)
+    padded = padded_config(config)
     if padded == config:
         return model
     source = model.state_dict()
@@ -161,11 +158,6 @@ def unpad(model: HybridLM, config: ModelConfig) -> HybridLM:
     return small.eval()
 
 
-def record(config: ModelConfig) -> dict[str, Any]:
-    """What an export's config.json carries under :data:`PADDING_KEY` ({} when nothing was padded)."""
-    return real_widths(config)
-
-
 def apply_record(config: ModelConfig, widths: Any, where: str) -> ModelConfig:
     """The real config of a padded export: ``config`` (as its uniform fields say) with the recorded widths.
     Raises ConfigError for a record that does not fit the config."""
@@ -187,4 +179,4 @@ def apply_record(config: ModelConfig, widths: Any, where: str) -> ModelConfig:
 
 
 __all__ = ["NEVER_ROUTED", "PADDING_KEY", "apply_record", "incompatibility", "pad", "padded_config",
-           "padding_note", "real_subnet", "real_widths", "record", "unpad"]
+           "padding_note", "real_subnet", "real_widths", "unpad"]
