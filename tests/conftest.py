@@ -129,3 +129,18 @@ def rng() -> random.Random:
 def _seed_torch():
     """Every test sees the same random stream, whatever ran before it."""
     torch.manual_seed(0)
+
+
+def llama_cpp_logits(gguf_file, ids: list[int], texts: tuple[str, ...] = ()) -> tuple[torch.Tensor, list[list[int]]]:
+    """llama.cpp's logits for ``ids`` (one row) from a GGUF file, and its own tokenization of ``texts``; skips the
+    test where llama-cpp-python is not installed. f32 KV cache: its default f16 cache alone moves logits by ~1e-3."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        logits = torch.tensor(np.array(llm.scores[: len(ids)]))
+        return logits, [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+    finally:
+        llm.close()

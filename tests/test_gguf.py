@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import llama_cpp_logits, randomize_, tiny_config
 from test_deploy import elastic_checkpoint
 
 import elasticlm
@@ -211,18 +211,11 @@ def test_extract_gguf_heterogeneous_ffn_per_layer_and_refusals(tmp_path, capsys)
 
 def test_llama_cpp_runs_the_file_with_our_logits(model_and_tokenizer, tmp_path):
     """Only where llama-cpp-python is installed (bench/engines.py records the real runs)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     model, tok = model_and_tokenizer
     elasticlm.save(model, tmp_path / "g", "gguf", tokenizer_dir=tok, gguf_type="f32")
-    # f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3 relative
-    llm = llama_cpp.Llama(str(tmp_path / "g" / "model.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
     ids = torch.randint(3, 259, (1, 12))
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(np.array(llm.scores[:12]))
-    assert llm.tokenize(b"Q: 12+7\nT:</s>", add_bos=False, special=True) == \
-        byte_level_tokenizer().encode("Q: 12+7\nT:</s>").ids
-    llm.close()
+    theirs, [tokens] = llama_cpp_logits(tmp_path / "g" / "model.gguf", ids[0].tolist(), ("Q: 12+7\nT:</s>",))
+    assert tokens == byte_level_tokenizer().encode("Q: 12+7\nT:</s>").ids
     with torch.no_grad():
         ours = model(ids)[0]
     assert (theirs - ours).abs().max() / ours.abs().max() < 1e-4

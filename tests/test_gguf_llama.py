@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import llama_cpp_logits, randomize_, tiny_config
 
 import elasticlm
 from elasticlm.cli import main
@@ -165,16 +165,11 @@ def test_what_llama_cpp_cannot_run_is_refused_in_one_line(tmp_path, tokenizer):
 
 def test_llama_cpp_runs_a_llama_budget_with_our_logits(tmp_path, tokenizer):
     """Only where llama-cpp-python is installed (bench/engines.py records the real runs)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     layers = (AttentionWidth(1), MlpWidth(20), AttentionWidth(3), MlpWidth(48), AttentionWidth(2), MlpWidth(7))
     small = elasticlm.extract(transformer("llama"), Subnet(48, layers))
     elasticlm.save(small, tmp_path / "g", "gguf", tokenizer_dir=tokenizer, gguf_type="f32")
-    llm = llama_cpp.Llama(str(tmp_path / "g" / "model.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
     ids = torch.randint(3, 299, (1, 12))
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(np.array(llm.scores[:12]))
-    llm.close()
+    theirs, _ = llama_cpp_logits(tmp_path / "g" / "model.gguf", ids[0].tolist())
     with torch.no_grad():
         ours = small(ids)[0]
     assert (theirs - ours).abs().max() / ours.abs().max() < 1e-4
