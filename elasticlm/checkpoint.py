@@ -13,6 +13,7 @@ only when complete, so a crash never leaves a directory that loads as a valid ch
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -42,6 +43,7 @@ from .model.hf import (
     stored_config_from_hf,
 )
 from .model.hybrid import HybridLM
+from .model.quantize import QUANTIZATION, dequantize_, is_quantized, quantize_
 from .outputs import atomic_file, atomic_output, resolve_output
 from .tokenizer import copy_tokenizer_config
 
@@ -143,7 +145,12 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     path = hf_directory(path)
     config, kind = read_config(path)
     raw = read_weights(path, private=serving)
-    raw_config = read_json(path / "config.json") if kind == "hf" else {}
+    raw_config = read_json(path / "config.json")
+    quantization = raw_config.get("quantization") if kind == "native" else None
+    if quantization is not None and (not isinstance(quantization, dict)
+                                     or quantization.get("method") != QUANTIZATION["method"]):
+        raise CheckpointError(f"{path / 'config.json'}: unsupported quantization {quantization!r} "
+                              f"(this version reads {QUANTIZATION['method']!r}, from `elasticlm quantize`)")
     anchored = bool(raw_config.get(CACHE_ANCHOR))
     # an export padded to uniform widths stores the padded tensors; the model is sliced to the real ones below
     stored = stored_config_from_hf(raw_config) if kind == "hf" else config
@@ -163,6 +170,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     elif config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model = HybridLM(stored, device="meta")
+    if quantization is not None:
+        quantize_(model)  # its structure: int8 values and scales where the float weights were
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -181,7 +190,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
             raise CheckpointError(f"{path}: {name} is stored as {str(weights[name].dtype).removeprefix('torch.')}, "
                                   f"expected a {'floating-point' if kinds[name].is_floating_point else 'integer'} "
                                   "tensor; the file was not written from this architecture")
-    target = dtype or next(iter(weights.values())).dtype
+    target = dtype or next(v.dtype for v in weights.values() if v.is_floating_point())
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     del raw, weights  # the model holds them now; dropping these lets use_decode_layout free what it replaces
@@ -283,7 +292,9 @@ def write_model_files(model: HybridLM, directory: Path, format: str = "native", 
     """Write weights, config.json and tokenizer files into an existing directory (not atomic:
     callers wrap it in :func:`atomic_directory`). ``"gguf"`` writes ``model.gguf`` instead of the
     weights and config."""
-    dtype = model.embeddings.weight.dtype
+    dtype = model.dtype
+    if format != "native" and is_quantized(model):  # other formats get the exact float values of the int8 weights
+        model = dequantize_(copy.deepcopy(model), dtype)
     if format == "gguf":
         from .model.gguf import GGUF_FILE, write_gguf
 
@@ -296,6 +307,8 @@ def write_model_files(model: HybridLM, directory: Path, format: str = "native", 
             state = hf_state_dict(model)
         else:
             config = {"elasticlm_format": NATIVE_FORMAT, "model": model.config.to_dict()}
+            if is_quantized(model):
+                config["quantization"] = QUANTIZATION
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         config.update(extra_config or {})
         save_file({k: v.cpu() for k, v in state.items()}, directory / WEIGHTS, metadata={"format": "pt"})

@@ -145,6 +145,20 @@ def cmd_extract(args: argparse.Namespace) -> None:
         print(f"budget {label}: {path} ({format_label(fmt, model.config.family)}, {n:,} parameters{note})")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .config import count_parameters
+    from .elastic.deploy import quantize_checkpoint
+
+    out, model, before, after = quantize_checkpoint(args.checkpoint, args.out, args.to, args.force)
+    mib = 1024 ** 2
+    print(f"wrote {out} ({args.to}: {after / mib:,.1f} MiB, {after / before:.2f}x the {before / mib:,.1f} MiB of "
+          f"{str(model.dtype).removeprefix('torch.')} weights)")
+    parent = count_parameters(model.config)
+    for label, subnet in model.budgets.items():
+        n = count_parameters(model.config, subnet)
+        print(f"  budget {label}: {n:,} parameters ({n / parent:.1%}), nested in the one int8 copy")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -559,7 +573,7 @@ def cmd_importance(args: argparse.Namespace) -> None:
     if {"iterative_mse", "oneshot_mse"} & set(metrics):
         from .train.trainer import autocast_dtype
 
-        amp = autocast_dtype(args.dtype, model.embeddings.weight.device, model, (args.batch_size, args.seq_len),
+        amp = autocast_dtype(args.dtype, model.device, model, (args.batch_size, args.seq_len),
                              setting="importance --dtype")
     imp = estimate(model, batches, total_batches=-(-args.samples // args.batch_size),
                    depth_batches=-(-args.depth_samples // args.batch_size), metrics=metrics,
@@ -718,6 +732,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=GGUF_TYPE_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("quantize", formatter_class=fmt, help="one int8 copy that holds every budget",
+                       description="Store the weight matrices of a model (an elastic checkpoint: every budget) in "
+                                   "int8 with one scale per output row. Every budget's slice of the int8 copy is "
+                                   "exactly the slice of its dequantized weights, so all budgets stay nested in one "
+                                   "copy of about a quarter of the fp32 size; generate, eval, serve and extract read "
+                                   "the result like any checkpoint (matrix products in torch's int8 weight-only "
+                                   "kernel on CPU). Norms, biases, the Mamba convolution and SSM parameters and MoE "
+                                   "routers stay in float.")
+    p.add_argument("--checkpoint", required=True, help="model directory (elastic final/ or any native / HF one)")
+    p.add_argument("--to", choices=["int8"], default="int8", help="weight format")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", formatter_class=fmt,
                        help="convert between native, Hugging Face and GGUF formats",
@@ -985,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_memory(model: Any, rows: int, seq_len: int, knobs: str) -> None:
     from .train.plan import check_forward_memory
 
-    check_forward_memory(model.config, rows, seq_len, model.embeddings.weight.device, knobs)
+    check_forward_memory(model.config, rows, seq_len, model.device, knobs)
 
 
 def _utf8(text: str, option: str) -> str:

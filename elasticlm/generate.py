@@ -158,7 +158,7 @@ class DecodeBatch:
                 raise ConfigError("generate needs a non-empty prompt")
             if req.max_new_tokens < 0:
                 raise ConfigError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
-        device = self.model.embeddings.weight.device
+        device = self.model.device
         ids, pad = left_pad([r.prompt for r in requests])
         cache = self.model.new_cache(self.subnet)
         cache.pad = pad.to(device) if bool(pad.any()) else None

@@ -88,7 +88,7 @@ class ElasticLMHarness(LM):
             ids = torch.zeros(len(rows), longest, dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, : len(r) - 1] = torch.tensor(r[:-1])
-            ids = ids.to(self.model.embeddings.weight.device)
+            ids = ids.to(self.model.device)
             # An EOS ends a document, and training starts the next one from a fresh state: with document
             # ids the EOS prefix of an empty context predicts the first token and nothing after sees it.
             docs = document_ids_from_eos(ids, self.eos) if bool((ids == self.eos).any()) else None

@@ -129,7 +129,7 @@ class Engine:
             raise ConfigError("serve needs an elastic checkpoint (the final/ directory of `elasticlm train`, with "
                               "elastic.json); a plain model has no budgets to serve")
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.device = model.embeddings.weight.device  # where sampling happens: request generators live here
+        self.device = model.device  # where sampling happens: request generators live here
         self.budgets = dict(model.budgets)
         self.order = sorted(self.budgets, key=lambda b: model.budget_targets.get(b, 0.0))  # smallest first
         self.max_batch, self.target = max_batch, target_latency_ms / 1000

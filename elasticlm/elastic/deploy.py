@@ -10,17 +10,28 @@ exactly), those that no such directory can hold (per-layer Mamba widths) nativel
 from __future__ import annotations
 
 import datetime
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import atomic_directory, check_format, check_output_path, read_routing, write_model_files
+from ..checkpoint import (
+    ROUTER_WEIGHTS,
+    ROUTING,
+    atomic_directory,
+    check_format,
+    check_output_path,
+    load,
+    read_routing,
+    write_model_files,
+)
 from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
 from ..errors import ConfigError
 from ..model.gguf import DT_CLAMP_NOTE, gguf_arch, gguf_incompatibility
 from ..model.hf import hf_incompatibility, hf_label
 from ..model.hybrid import HybridLM
 from ..model.padding import padding_note
+from ..model.quantize import METHOD, is_quantized, quantize_, state_bytes
 from .extract import extract
 from .prune import describe_subnet
 from .space import memory_bytes
@@ -101,6 +112,8 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
         raise ConfigError(f"--format must be auto, hf, native or gguf, got {fmt!r}")
     if fmt == "gguf":
         check_format(model.config, "gguf", model.source_dir)  # the tokenizer, before any slicing
+    if fmt == "auto" and is_quantized(model):
+        fmt = "native"  # the one format that keeps the int8 weights (hf and gguf get their float values)
     out = Path(out)
     routing = read_routing(model.source_dir) or {"budgets": []}
     entries = {b["budget"]: b for b in routing["budgets"]}
@@ -130,6 +143,30 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
     return written
 
 
+def quantize_checkpoint(source: str | Path, out: str | Path, method: str = "int8",
+                        force: bool = False) -> tuple[Path, HybridLM, int, int]:
+    """Write ``source`` (a model directory, elastic or plain) with its matrices in int8 (:mod:`elasticlm.int8`):
+    one copy that holds every budget, each budget's slice exactly the slice of the dequantized parent. The
+    budgets, the router and the tokenizer come along. Returns the directory, the quantized model and the float
+    and int8 sizes in bytes."""
+    if method != METHOD:
+        raise ConfigError(f"--to must be {METHOD}, got {method!r}")
+    source = Path(source)
+    check_output_path(out, force, "model", [source])
+    model = load(source)
+    if is_quantized(model):
+        raise ConfigError(f"{source} is already quantized ({METHOD})")
+    before = state_bytes(model)
+    quantize_(model)
+    with atomic_directory(out, force, "model", [source]) as tmp:
+        write_model_files(model, tmp, "native", tokenizer_dir=source)
+        for name in (ROUTING, ROUTER_WEIGHTS):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+    model.source_dir = Path(out)
+    return Path(out), model, before, state_bytes(model)
+
+
 def budget_report(cfg: ModelConfig, budgets: dict[str, Subnet], context: int = 4096, dtype: str = "bfloat16") -> str:
     """Per-budget parameters and deployment memory, and one checkpoint vs separate models."""
     parent = count_parameters(cfg)
@@ -157,6 +194,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["budget_report", "extract_budgets", "model_card", "select_budgets"]
+__all__ = ["budget_report", "extract_budgets", "model_card", "quantize_checkpoint", "select_budgets"]
 
 

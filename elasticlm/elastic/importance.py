@@ -229,7 +229,7 @@ def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], to
     detach = _attach(model, recorder)
     was = model.training
     model.eval()
-    device = model.embeddings.weight.device
+    device = model.device
     try:
         for ids, doc in tqdm(batches, total=total, desc="importance", unit="batch", disable=not progress):
             model(ids.to(device), document_ids=doc.to(device))
@@ -273,7 +273,7 @@ def layer_mse(model: HybridLM, batches: list[Batch], dropped: set[int] = frozens
     per candidate (the reference that :func:`depth_mse_rounds` computes from cached hidden states)."""
     cfg = model.config
     candidates = [j for j in range(cfg.num_layers) if j not in dropped] if candidates is None else candidates
-    device = model.embeddings.weight.device
+    device = model.device
     num = dict.fromkeys(candidates, 0.0)
     den = 0.0
     for ids, doc in batches:
@@ -300,7 +300,7 @@ def _iterative_reference(model: HybridLM, batches: list[Batch],
     reference of the tests. ``unit`` blocks are removed together."""
     cfg = model.config
     units = _units(cfg.num_layers, unit)
-    device = model.embeddings.weight.device
+    device = model.device
     dropped: list[int] = []
     scores: list[float | None] = [None] * len(units)
     while len(dropped) < len(units) - 1:
@@ -413,7 +413,7 @@ def depth_mse_rounds(model: HybridLM, batches: list[Batch], rounds: int, *, unit
     rounding) at the cost of :func:`depth_evaluations`. ``amp``: run the blocks under autocast to that dtype
     (bf16: about 2.5x faster on CPUs with AMX), the reference output included, so that both sides of every
     difference carry the same rounding; the differences and sums stay in float64."""
-    device = model.embeddings.weight.device
+    device = model.device
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         return _depth_mse_rounds(model, batches, rounds, unit, stack_rows, state_bytes, bar)
 
@@ -425,7 +425,7 @@ def _depth_mse_rounds(model: HybridLM, batches: list[Batch], rounds: int, unit: 
     if not 1 <= rounds <= max(1, len(units) - 1):
         raise ConfigError(f"depth rounds must be in [1, {max(1, len(units) - 1)}] for {len(units)} layers, "
                           f"got {rounds}")
-    device = model.embeddings.weight.device
+    device = model.device
     gram = _head_gram(model)
     data = [_DepthData(model, ids.to(device), doc.to(device)) for ids, doc in batches]
     den = sum(_quadratic(d.full, gram) for d in data)

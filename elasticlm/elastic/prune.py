@@ -193,7 +193,7 @@ def balanced(cands: list[Candidate], limit: int) -> list[Candidate]:
 def subnet_loss(model: HybridLM, subnet: Subnet | None, batches: list[Batch]) -> float:
     """Mean next-token cross-entropy of ``subnet`` on packed ``batches`` (documents kept apart),
     over the targets whose loss mask is set."""
-    device = model.embeddings.weight.device
+    device = model.device
     total, count = 0.0, 0
     for ids, doc, mask in batches:
         ids, doc = ids.to(device), doc.to(device)

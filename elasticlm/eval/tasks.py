@@ -27,7 +27,7 @@ def task_accuracy(model: HybridLM, tokenizer: Any, family: str, difficulty: int 
     Subnet and the answer (from the ``A:`` marker on) by ``subnet`` (think small, answer big)."""
     difficulty = difficulty or synthetic.DIFFICULTY[family][0]
     examples = synthetic.eval_set(family, difficulty, n, seed)
-    device = model.embeddings.weight.device
+    device = model.device
     eos = model.config.eos_token_id
     groups: dict[int, list[tuple[list[int], synthetic.Example]]] = defaultdict(list)
     for ex in examples:

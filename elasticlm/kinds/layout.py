@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..int8 import Int8Weight
+
 
 @dataclass(frozen=True)
 class Run:
@@ -204,6 +206,13 @@ def slice_params(params: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
     out = {}
     for name, dims in layout.items():
         w = params[name]
+        if isinstance(w, Int8Weight):  # rows of the scales go with the rows of the weight; columns share a scale
+            q, scale = w.q, w.scale
+            for axis, d in enumerate(dims):
+                q = d.slice(q, axis)
+                scale = d.slice(scale, axis) if axis < len(dims) - 1 else scale
+            out[name] = Int8Weight(q, scale)
+            continue
         for axis, d in enumerate(dims):
             w = d.slice(w, axis)
         out[name] = w

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..int8 import linear, tensors
 from ..kinds import ATTENTION_KIND, AttentionWidth, slice_params
 from .cache import HybridCache, KVState
 from .documents import DocumentMask, document_attention
@@ -48,10 +49,10 @@ class Attention(nn.Module):
         the kept query heads inside each KV group: copies, memoised while decoding)."""
         if width == self.full:
             return self._slice(hidden, width)
-        return self.packed.get((hidden, width), list(self.parameters()), lambda: self._slice(hidden, width))
+        return self.packed.get((hidden, width), self, lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        return slice_params(dict(self.named_parameters()), ATTENTION_KIND.layout(self.config, self.full, width,
+        return slice_params(tensors(self), ATTENTION_KIND.layout(self.config, self.full, width,
                                                                                  hidden))
 
     def run(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None, layer: int,
@@ -73,9 +74,9 @@ class Attention(nn.Module):
         ``rotary``: the cos / sin of the new tokens' positions (rotary models; the model computes them)."""
         b, t, _ = x.shape
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
-        q = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, self.head_dim)
-        k = F.linear(x, p["k_proj.weight"], p.get("k_proj.bias")).view(b, t, -1, self.head_dim)
-        v = F.linear(x, p["v_proj.weight"], p.get("v_proj.bias")).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, self.head_dim)
+        k = linear(x, p["k_proj.weight"], p.get("k_proj.bias")).view(b, t, -1, self.head_dim)
+        v = linear(x, p["v_proj.weight"], p.get("v_proj.bias")).view(b, t, -1, self.head_dim).transpose(1, 2)
         if "q_norm.weight" in p:
             q = rms_norm(q, p["q_norm.weight"], self.config.norm_eps)
             k = rms_norm(k, p["k_norm.weight"], self.config.norm_eps)
@@ -112,4 +113,4 @@ class Attention(nn.Module):
             o = o * inner
         if self.observer is not None:
             self.observer("o_in", o)
-        return F.linear(o, p["o_proj.weight"], p.get("o_proj.bias"))
+        return linear(o, p["o_proj.weight"], p.get("o_proj.bias"))

@@ -377,7 +377,7 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     if arch != ARCH:
         model = padding.pad(model)
     config = model.config
-    qtype = resolve_type(qtype, model.embeddings.weight.dtype)
+    qtype = resolve_type(qtype, model.dtype)
     vocab = tokenizer_metadata(tokenizer_dir, config)
 
     writer = gguf.GGUFWriter(str(path), arch)

@@ -199,7 +199,7 @@ def to_transformers(model: HybridLM) -> Any:
     weights (per-layer widths zero-padded, see :mod:`elasticlm.model.padding`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = model.embeddings.weight.dtype
+    dtype = model.dtype
     cfg = config_to_hf(model.config, dtype)
     family = adapter(cfg.pop("model_type"))
     for k in ("architectures", "dtype", *family.derived_keys):

@@ -272,7 +272,7 @@ def state_to_hf(model: HybridLM) -> dict[str, torch.Tensor]:
     ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if needs_cache_anchor(model.config):
         ours = {shift_layers(k, 1): v for k, v in ours.items()}
-        ours.update(cache_anchor_weights(model.config, model.embeddings.weight.dtype))
+        ours.update(cache_anchor_weights(model.config, model.dtype))
     state = {name_to_hf(k): v for k, v in ours.items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["backbone.embeddings.weight"].clone()

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import int8
 from ..config import (
     AttentionWidth,
     LayerWidth,
@@ -186,8 +186,17 @@ class HybridLM(nn.Module):
                                                          self.config.attention_head_dim).to(device)
         return rotary_tables(self._inv_freq[device], positions, dtype)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+    @property
+    def device(self) -> torch.device:
+        return self.norm_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its float weights'; an int8 model's scales')."""
+        return self.norm_f.weight.dtype
+
+    def head_weight(self) -> torch.Tensor | int8.Int8Weight:
+        return int8.weight(self.embeddings if self.lm_head is None else self.lm_head)
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                 cache: HybridCache | None = None, document_ids: torch.Tensor | None = None,
@@ -219,7 +228,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.begin(input_ids.shape[1], input_ids.device)
         d = subnet.hidden_size
-        x = F.embedding(input_ids, prefix(self.embeddings.weight, 1, d))
+        x = int8.embedding(input_ids, prefix(int8.weight(self.embeddings), 1, d))
         mod = modulation or Modulation()
         if mod.embedding is not None:
             x = x * mod.embedding
@@ -248,7 +257,7 @@ class HybridLM(nn.Module):
         if self.observer is not None:
             self.observer("norm_f", x)
         weight = prefix(self.head_weight(), 1, d)
-        return head(x, weight) if head is not None else F.linear(x, weight)
+        return head(x, weight) if head is not None else int8.linear(x, weight)
 
     @torch.no_grad()
     def use_decode_layout(self) -> HybridLM:
@@ -257,8 +266,10 @@ class HybridLM(nn.Module):
         training are unaffected. Nested budgets then decode within a few percent of their extracted
         models. ``elasticlm.load(..., serving=True)`` and ``elasticlm generate`` call it."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        weights = [m.weight for m in linears] + ([self.embeddings.weight] if self.lm_head is None else [])
+        weights = [int8.weight(m) for m in linears] + ([int8.weight(self.embeddings)] if self.lm_head is None else [])
         for w in weights:
+            if not isinstance(w, nn.Parameter):  # int8 weights stay row-major: the kernel reads whole rows
+                continue
             w.data = decode_layout(w.data)
         self.clear_packed()
         return self
@@ -310,10 +321,10 @@ class HybridLM(nn.Module):
         """The sub-model's parameters under the extracted model's names (views where possible)."""
         subnet = self.check_subnet(subnet)
         d = subnet.hidden_size
-        out = {"embeddings.weight": prefix(self.embeddings.weight, 1, d),
+        out = {"embeddings.weight": prefix(int8.weight(self.embeddings), 1, d),
                "norm_f.weight": prefix(self.norm_f.weight, 0, d)}
         if self.lm_head is not None:
-            out["lm_head.weight"] = prefix(self.lm_head.weight, 1, d)
+            out["lm_head.weight"] = prefix(int8.weight(self.lm_head), 1, d)
         for new_index, old_index in enumerate(subnet.kept_layers):
             width = subnet.layers[old_index]
             assert width is not None

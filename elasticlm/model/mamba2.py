@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..int8 import linear, tensors
 from ..kinds import MAMBA_KIND, MambaWidth, slice_params
 from .cache import HybridCache, MambaState
 from .documents import RESET_LOG_DECAY, DocumentMask
@@ -67,21 +68,13 @@ class Mamba2Mixer(nn.Module):
             return self._full_params()
         if width == self.full:  # only the hidden size is cut: views
             return self._slice(hidden, width)
-        return self.packed.get((hidden, width), list(self._full_params().values()),
-                               lambda: self._slice(hidden, width))
+        return self.packed.get((hidden, width), self, lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
         return slice_params(self._full_params(), MAMBA_KIND.layout(self.config, self.full, width, hidden))
 
     def _full_params(self) -> dict[str, torch.Tensor]:
-        out = {"in_proj.weight": self.in_proj.weight, "conv1d.weight": self.conv1d.weight,
-               "dt_bias": self.dt_bias, "A_log": self.A_log, "D": self.D, "norm.weight": self.norm.weight,
-               "out_proj.weight": self.out_proj.weight}
-        if self.in_proj.bias is not None:
-            out["in_proj.bias"], out["out_proj.bias"] = self.in_proj.bias, self.out_proj.bias
-        if self.conv1d.bias is not None:
-            out["conv1d.bias"] = self.conv1d.bias
-        return out
+        return tensors(self)
 
     # -- forward ----------------------------------------------------------------------------
     def run(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None, layer: int,
@@ -112,7 +105,7 @@ class Mamba2Mixer(nn.Module):
         heads, hd = g * width.heads_per_group, width.head_dim
         d_inner = heads * hd
 
-        zxbcdt = F.linear(u, prm["in_proj.weight"], prm.get("in_proj.bias"))
+        zxbcdt = linear(u, prm["in_proj.weight"], prm.get("in_proj.bias"))
         z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, heads], dim=-1)
         if self.observer is not None:
             self.observer("x", xbc[..., :d_inner])  # the x part, before the conv
@@ -147,7 +140,7 @@ class Mamba2Mixer(nn.Module):
         y = y + x.float() * prm["D"].float()[:, None]
         # soft masks go inside the norm, so that its statistics count the kept channels only
         y = gated_group_rms_norm(y.reshape(b, t, d_inner), z, prm["norm.weight"], g, self.norm_eps, mask=inner)
-        out = F.linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
+        out = linear(y.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out, (MambaState(conv_state, ssm) if track else None)
 
     def _step(self, u: torch.Tensor, prm: dict[str, torch.Tensor], width: MambaWidth,
@@ -157,7 +150,7 @@ class Mamba2Mixer(nn.Module):
         g, n = self.n_groups, self.state_size
         hg, hd = width.heads_per_group, width.head_dim
         d_inner = g * hg * hd
-        zxbcdt = F.linear(u.view(b, -1), prm["in_proj.weight"], prm.get("in_proj.bias"))
+        zxbcdt = linear(u.view(b, -1), prm["in_proj.weight"], prm.get("in_proj.bias"))
         z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, g * hg], dim=-1)
         window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [b, channels, kernel]
         xbc = torch.linalg.vecdot(window, prm["conv1d.weight"][:, 0])
@@ -173,7 +166,7 @@ class Mamba2Mixer(nn.Module):
                           prm["D"].float().view(g, hg, 1))
         h = (y * F.silu(z.float()).view(b, g, hg, hd)).view(b, g, hg * hd)
         h = prm["norm.weight"] * F.rms_norm(h, (hg * hd,), None, self.norm_eps).view(b, d_inner)
-        out = F.linear(h.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
+        out = linear(h.to(u.dtype), prm["out_proj.weight"], prm.get("out_proj.bias"))
         return out.view(b, 1, -1), MambaState(window[..., 1:], ssm.view(b, g * hg, hd, n))
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..int8 import linear, tensors
 from ..kinds import MLP_KIND, MlpWidth, slice_params
 
 
@@ -28,7 +29,7 @@ class MLP(nn.Module):
 
     def sliced(self, hidden: int, width: MlpWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
-        return slice_params(dict(self.named_parameters()), MLP_KIND.layout(self.config, self.full, width, hidden))
+        return slice_params(tensors(self), MLP_KIND.layout(self.config, self.full, width, hidden))
 
     def run(self, x: torch.Tensor, width: MlpWidth, cache: object, layer: int, documents: object,
             inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
@@ -40,12 +41,12 @@ class MLP(nn.Module):
         """``inner`` ([ffn] or broadcastable) multiplies the activations before ``down_proj`` (soft masks)."""
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
         if self.gated:
-            h = F.silu(F.linear(x, p["gate_proj.weight"], p.get("gate_proj.bias"))) * F.linear(
+            h = F.silu(linear(x, p["gate_proj.weight"], p.get("gate_proj.bias"))) * linear(
                 x, p["up_proj.weight"], p.get("up_proj.bias"))
         else:
-            h = F.relu(F.linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
+            h = F.relu(linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
         if inner is not None:
             h = h * inner
         if self.observer is not None:
             self.observer("down_in", h)
-        return F.linear(h, p["down_proj.weight"], p.get("down_proj.bias"))
+        return linear(h, p["down_proj.weight"], p.get("down_proj.bias"))

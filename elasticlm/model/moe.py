@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..int8 import linear, tensors
 from ..kinds import MOE_KIND, MoeWidth, slice_params
 
 
@@ -74,8 +75,7 @@ class MoE(nn.Module):
 
     def sliced(self, hidden: int, width: MoeWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters (and the router's bias buffer) for the sub-model, keyed like its state_dict."""
-        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        return slice_params(tensors, MOE_KIND.layout(self.config, self.full, width, hidden))
+        return slice_params(tensors(self), MOE_KIND.layout(self.config, self.full, width, hidden))
 
     def run(self, x: torch.Tensor, width: MoeWidth, cache: object, layer: int, documents: object,
             inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
@@ -128,21 +128,21 @@ class MoE(nn.Module):
         for e in index.unique().tolist():
             token, slot = torch.where(index == e)
             if self.gated:
-                gate, value = F.linear(h[token], up[e]).chunk(2, dim=-1)
+                gate, value = linear(h[token], up[e]).chunk(2, dim=-1)
                 act = F.silu(gate) * value
             else:
-                act = F.relu(F.linear(h[token], up[e])).square()
+                act = F.relu(linear(h[token], up[e])).square()
             if mask is not None:
                 act = act * mask[e]
             w = weights[token, slot, None]
             if record is not None:
                 record[token, e] = act.float() * w
-            out.index_add_(0, token, (F.linear(act, down[e]) * w).to(out.dtype))
+            out.index_add_(0, token, (linear(act, down[e]) * w).to(out.dtype))
         if record is not None:
             self.observer("experts_in", record.view(*shape[:-1], experts * ffn))
         out = out.to(x.dtype).view(shape)
         if "shared_experts.up_proj.weight" not in p:
             return out
-        shared = F.linear(F.relu(F.linear(x, p["shared_experts.up_proj.weight"], p.get("shared_experts.up_proj.bias")))
+        shared = linear(F.relu(linear(x, p["shared_experts.up_proj.weight"], p.get("shared_experts.up_proj.bias")))
                           .square(), p["shared_experts.down_proj.weight"], p.get("shared_experts.down_proj.bias"))
         return out + shared

@@ -8,7 +8,9 @@ helpers here serve the parts every kind shares (the hidden prefix of norms, embe
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from ..int8 import Int8Weight
 from .serving import decode_layout
 
 
@@ -26,7 +28,9 @@ def compact_copies(sliced: dict[str, torch.Tensor], params: list[torch.Tensor]) 
     """
     owned = {p.untyped_storage().data_ptr() for p in params}
 
-    def compact(v: torch.Tensor) -> torch.Tensor:
+    def compact(v: torch.Tensor | Int8Weight) -> torch.Tensor | Int8Weight:
+        if isinstance(v, Int8Weight):  # the int8 kernel reads row-contiguous weights (see elasticlm.int8)
+            return v if v.q.untyped_storage().data_ptr() in owned else v.contiguous()
         if v.untyped_storage().data_ptr() in owned:
             return v
         c = decode_layout(v)
@@ -53,9 +57,11 @@ class PackedWeights:
         self.enabled = True  # False for sharded models (HybridLM.mark_sharded)
         self.entries: dict[object, dict[str, torch.Tensor]] = {}
 
-    def get(self, key: object, params: list[torch.Tensor], make) -> dict[str, torch.Tensor]:
+    def get(self, key: object, module: nn.Module, make) -> dict[str, torch.Tensor]:
+        """``make()`` (the slices of ``module``'s tensors for ``key``), memoised while they are unchanged."""
         if not (self.enabled and torch.is_inference_mode_enabled()):
             return make()
+        params = [*module.parameters(), *module.buffers()]
         full_key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         hit = self.entries.get(full_key)
         if hit is None:

@@ -184,7 +184,7 @@ def load_training_checkpoint(path: Path, parts: Parts, sharded: bool = False) ->
 
 def _load_plain(path: Path, parts: Parts, state: dict[str, Any]) -> None:
     model = _model(parts)
-    device, dtype = model.embeddings.weight.device, model.embeddings.weight.dtype
+    device, dtype = model.device, model.dtype
     saved = load(path, device=device, dtype=dtype)
     if saved.config != model.config:
         raise CheckpointError(f"{path}: the checkpoint's model differs from this run's; resume with the same "

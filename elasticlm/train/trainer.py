@@ -394,7 +394,7 @@ def fit(objective: Objective, cfg: TrainConfig, stream: PackedStream, *, out: Pa
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_file(out / "run_config.json", json.dumps(run_config, indent=2) + "\n")
-    device = device or objective.model.embeddings.weight.device
+    device = device or objective.model.device
     obj, total = objective, objective.total_steps
     schedule = dataclasses.replace(cfg, steps=total)  # warm-up and cosine decay over all phases
     start = 0
