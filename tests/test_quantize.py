@@ -238,3 +238,31 @@ def test_serve_every_budget_from_the_int8_copy(tmp_path):
             want = tok.decode(out[: out.index(eos)] if eos in out else out)
             got = client.completions.create(model=f"tiny@{label}", prompt="Q: 1+2", max_tokens=8, temperature=0)
             assert got.choices[0].text == want
+
+
+def test_gguf_q8_0_from_the_int8_checkpoint(tmp_path):
+    """`extract --format gguf --gguf-type q8_0` from an int8 checkpoint: llama.cpp's q8_0 of its dequantized values."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from test_gguf import expected_tensors, naive_q8_0
+
+    from elasticlm.tokenizer import byte_level_tokenizer, save_tokenizer
+
+    cfg = tiny_config("M*-M-*", hidden=64, head_dim=16, heads=4, vocab_size=262)
+    save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
+    model = quantize_(randomize_(HybridLM(cfg), seed=3).eval())
+    elasticlm.save(model, tmp_path / "q8", tokenizer_dir=tmp_path / "tok")
+    loaded = elasticlm.load(tmp_path / "q8")
+    elasticlm.save(loaded, tmp_path / "g", "gguf", gguf_type="q8_0")
+    assert is_quantized(loaded)  # the caller's model is left as it is
+    expected = expected_tensors(dequantize_(copy.deepcopy(model)))
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            want = expected[t.name]
+            got, scales = naive_q8_0(np.asarray(t.data), want.shape)
+            step = np.repeat(scales, 32).reshape(want.shape)
+            assert (np.abs(got - want) <= step / 2 + 1e-6 + np.abs(want) * 1e-3).all(), t.name
+            checked += 1
+    assert checked >= 6

@@ -1,0 +1,276 @@
+"""One int8 copy for every budget: quality against the float checkpoint, resident memory, and decode speed against
+fp32 elasticlm, transformers and llama.cpp's q8_0 — per budget, in one run.
+
+    python bench/bench_quantized.py --checkpoint /work/real/elastic/final --text /work/real/data/heldout.txt \\
+        --llama-bench portable=PATH/build-portable/bin/llama-batched-bench \\
+        --llama-bench native=PATH/build-native/bin/llama-batched-bench --json docs/bench/quantized-smollm2.json
+    python bench/bench_quantized.py --checkpoint runs/demo/elastic/final --synthetic \\
+        --json docs/bench/quantized-demo.json
+
+``elasticlm quantize`` writes the int8 checkpoint; every budget is extracted from the float checkpoint as a
+Hugging Face directory (for transformers) and, for llama.cpp, as a q8_0 GGUF (``elasticlm extract --format gguf
+--gguf-type q8_0``; tensor for tensor what llama.cpp's own converter writes, docs/engines.md). Then:
+
+* **quality**, int8 nested vs float nested, same windows: perplexity on held-out text (``--text``; ``--synthetic``:
+  the demo's held-out task examples), top-1 agreement of the next-token prediction at every position
+  (teacher-forced), and greedy agreement — how many of ``--prompts`` greedy continuations of ``--new-tokens`` are
+  identical, and the mean length of their common prefix;
+* **resident memory** of a fresh process that loads the checkpoint for serving and decodes a few tokens at every
+  budget (VmHWM, minus that of a process that only imports torch and elasticlm): fp32, bf16 and int8;
+* **decode tokens/s** per budget at batch 1 and batch 8 (``--prompt-tokens`` prompt, ``--new-tokens`` greedy
+  tokens, no EOS stop; the time of the new tokens = the whole call minus a prefill-only call, median of
+  ``--repeats``): elasticlm fp32 nested, elasticlm int8 nested, transformers fp32 on the extracted budget, and
+  llama.cpp's ``llama-batched-bench`` on the q8_0 file (its S_TG: generated tokens / generation time, prompt
+  not shared). All with ``--threads`` threads, one engine at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROBE = """
+import sys, torch, elasticlm
+torch.set_num_threads(int(sys.argv[3]))
+path, dtype = sys.argv[1], sys.argv[2]
+if dtype != "none":
+    m = elasticlm.load(path, serving=True, dtype=None if dtype == "stored" else getattr(torch, dtype))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        for b in m.budgets:
+            m.generate(ids, budget=b, max_new_tokens=4)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def peak_rss(path: str, dtype: str, threads: int) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, path, dtype, str(threads)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def texts_and_prompts(args, tok) -> tuple[list[list[int]], list[list[int]]]:
+    """Scoring windows and greedy prompts (token ids)."""
+    if args.synthetic:
+        from elasticlm.data.synthetic import MAKERS, eval_set
+
+        examples = [ex for fam in MAKERS for ex in eval_set(fam, 3, args.windows // len(MAKERS) + 1, seed=7)]
+        windows = [tok.encode(ex.text).ids for ex in examples][: args.windows]
+        prompts = [tok.encode(ex.query).ids for ex in examples][: args.prompts]
+        return windows, prompts
+    ids = tok.encode(Path(args.text).read_text()).ids
+    w = args.window
+    windows = [ids[i: i + w] for i in range(0, len(ids) - w, w)][: args.windows]
+    rng = random.Random(0)
+    starts = sorted(rng.sample(range(len(ids) - args.prompt_tokens), args.prompts))
+    return windows, [ids[s: s + 32] for s in starts]
+
+
+@torch.inference_mode()
+def quality(float_model, int8_model, label, windows, prompts, new_tokens) -> dict:
+    nll = {"float": 0.0, "int8": 0.0}
+    count = same = 0
+    for w in windows:
+        ids = torch.tensor([w])
+        a = float_model(ids, subnet=float_model.budget_subnet(label))[0, :-1].float()
+        b = int8_model(ids, subnet=int8_model.budget_subnet(label))[0, :-1].float()
+        target = ids[0, 1:]
+        nll["float"] += torch.nn.functional.cross_entropy(a, target, reduction="sum").item()
+        nll["int8"] += torch.nn.functional.cross_entropy(b, target, reduction="sum").item()
+        same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        count += target.numel()
+    identical, prefix = 0, []
+    for p in prompts:
+        ids = torch.tensor([p])
+        x = float_model.generate(ids, budget=label, max_new_tokens=new_tokens)[0, len(p):].tolist()
+        y = int8_model.generate(ids, budget=label, max_new_tokens=new_tokens)[0, len(p):].tolist()
+        identical += x == y
+        prefix.append(next((i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v), len(x)))
+    return {"ppl_float": float(torch.tensor(nll["float"] / count).exp()),
+            "ppl_int8": float(torch.tensor(nll["int8"] / count).exp()), "tokens": count,
+            "top1_agreement": same / count, "greedy_identical": identical, "greedy_prompts": len(prompts),
+            "greedy_common_prefix": statistics.mean(prefix)}
+
+
+def decode_seconds(run, repeats: int) -> float:
+    """Median time of the new tokens: ``run(n)`` generates n tokens; a 1-token call is the prefill."""
+    run(2)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(None)
+        t2 = time.perf_counter()
+        times.append((t2 - t1) - (t1 - t0))
+    return statistics.median(times)
+
+
+def llama_batched(binary: str, gguf: Path, args, batches: list[int]) -> dict[int, float]:
+    cmd = [binary, "-m", str(gguf), "-c", str((args.prompt_tokens + args.new_tokens) * max(batches) + 64),
+           "-b", "2048", "-ub", "512", "-npp", str(args.prompt_tokens), "-ntg", str(args.new_tokens),
+           "-npl", ",".join(map(str, batches)), "-t", str(args.threads), "--output-format", "jsonl"]
+    best: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(args.repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                best[row["pl"]].append(row["speed_tg"])
+    return {b: statistics.median(v) for b, v in best.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="float elastic checkpoint (final/ of elasticlm train)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="held-out text file (quality windows and greedy prompts)")
+    src.add_argument("--synthetic", action="store_true", help="the demo's held-out task examples instead")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--llama-bench", action="append", default=[], metavar="LABEL=BINARY",
+                    help="llama.cpp's llama-batched-bench (several builds: one flag each)")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--work", help="keep the int8 checkpoint and the extracted budgets here (default: a temp dir)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import elasticlm
+    from elasticlm.elastic.deploy import extract_budgets, quantize_checkpoint
+    from elasticlm.model.quantize import state_bytes
+    from elasticlm.tokenizer import load_tokenizer
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-quantized-"))
+    t0 = time.perf_counter()
+    if not (work / "int8" / "config.json").exists():
+        quantize_checkpoint(args.checkpoint, work / "int8")
+    float_model = elasticlm.load(args.checkpoint, serving=True)
+    int8_model = elasticlm.load(work / "int8", serving=True)
+    labels = list(float_model.budgets)
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_dirs, ggufs = {}, {}
+    for label in labels:
+        hf_dirs[label], ggufs[label] = work / f"hf-{label}", work / f"gguf-{label}"
+        if not (hf_dirs[label] / "config.json").exists() and not args.no_transformers:
+            extract_budgets(float_model, [label], hf_dirs[label], "hf")
+        if args.llama_bench and not (ggufs[label] / "model.gguf").exists():
+            extract_budgets(float_model, [label], ggufs[label], "gguf", gguf_type="q8_0")
+    print(f"prepared in {time.perf_counter() - t0:.0f}s: {work}", file=sys.stderr)
+
+    tok = load_tokenizer(args.checkpoint)
+    windows, prompts = texts_and_prompts(args, tok)
+    result = {"checkpoint": str(args.checkpoint), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": args.threads, "cpu_flags": cpu_flags(), "budgets": {}}
+    for label in labels:
+        q = quality(float_model, int8_model, label, windows, prompts, args.new_tokens)
+        result["budgets"][label] = {"parameters": float_model.num_parameters(float_model.budgets[label]),
+                                    "quality": q}
+        print(f"quality {label}: {q}", file=sys.stderr)
+
+    base = peak_rss(str(args.checkpoint), "none", args.threads)
+    memory = {"fp32": peak_rss(str(args.checkpoint), "float32", args.threads) - base,
+              "bf16": peak_rss(str(args.checkpoint), "bfloat16", args.threads) - base,
+              "int8": peak_rss(str(work / "int8"), "stored", args.threads) - base}
+    result["memory"] = {"rss": memory, "state_bytes": {"fp32": state_bytes(float_model),
+                                                       "int8": state_bytes(int8_model)}}
+    print(f"memory: {result['memory']}", file=sys.stderr)
+
+    speeds: dict[str, dict[str, dict[int, float]]] = {}
+    gen = torch.Generator().manual_seed(0)
+    for label in labels:
+        speeds[label] = {}
+        for b in batches:
+            ids = torch.randint(3, float_model.config.vocab_size, (b, args.prompt_tokens), generator=gen)
+            n = args.new_tokens
+
+            def ours(model, ids=ids, label=label, n=n):
+                def run(k):
+                    with torch.inference_mode():
+                        model.generate(ids, budget=label, max_new_tokens=k or n)
+                return run
+
+            for name, model in (("elasticlm fp32", float_model), ("elasticlm int8", int8_model)):
+                speeds[label].setdefault(name, {})[b] = b * (n - 1) / decode_seconds(ours(model), args.repeats)
+        if not args.no_transformers:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(hf_dirs[label], dtype=torch.float32).eval()
+            for b in batches:
+                ids = torch.randint(3, float_model.config.vocab_size, (b, args.prompt_tokens), generator=gen)
+
+                def run(k, ids=ids, hf=hf):
+                    with torch.inference_mode():
+                        k = k or args.new_tokens
+                        hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)
+
+                speeds[label].setdefault("transformers fp32", {})[b] = (
+                    b * (args.new_tokens - 1) / decode_seconds(run, args.repeats))
+            del hf
+        for spec in args.llama_bench:
+            name, binary = spec.split("=", 1)
+            speeds[label][f"llama.cpp q8_0 ({name})"] = llama_batched(binary, ggufs[label] / "model.gguf", args,
+                                                                      batches)
+        print(f"speed {label}: {speeds[label]}", file=sys.stderr)
+        result["budgets"][label]["decode_tok_s"] = speeds[label]
+    print_tables(result, batches)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"))
+
+
+def print_tables(result: dict, batches: list[int]) -> None:
+    mib = 1024 ** 2
+    print("| budget | parameters | ppl float | ppl int8 | top-1 agreement | greedy identical | common prefix |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in result["budgets"].items():
+        q = r["quality"]
+        print(f"| {label} | {r['parameters']:,} | {q['ppl_float']:.3f} | {q['ppl_int8']:.3f} | "
+              f"{q['top1_agreement']:.1%} | {q['greedy_identical']}/{q['greedy_prompts']} | "
+              f"{q['greedy_common_prefix']:.1f} |")
+    m = result["memory"]
+    print("\n| weights | resident memory, every budget decoded | ÷ fp32 | tensors held |")
+    print("|---|---|---|---|")
+    for k in ("fp32", "bf16", "int8"):
+        held = m["state_bytes"].get(k)
+        print(f"| {k} | {m['rss'][k] / mib:,.1f} MiB | {m['rss'][k] / m['rss']['fp32']:.2f} | "
+              f"{'' if held is None else f'{held / mib:,.1f} MiB'} |")
+    engines = list(next(iter(result["budgets"].values()))["decode_tok_s"])
+    print("\n| budget | batch | " + " | ".join(engines) + " | int8 ÷ llama.cpp |")
+    print("|---|---|" + "---|" * (len(engines) + 1))
+    for label, r in result["budgets"].items():
+        for b in batches:
+            s = r["decode_tok_s"]
+            cells = [f"{s[e][b]:.1f}" for e in engines]
+            llama = [s[e][b] for e in engines if e.startswith("llama.cpp")]
+            ratio = " / ".join(f"{s['elasticlm int8'][b] / v:.2f}" for v in llama) or "–"
+            print(f"| {label} | {b} | " + " | ".join(cells) + f" | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
