@@ -110,6 +110,13 @@ def cmd_info(args: argparse.Namespace) -> None:
               f"routing group(s)), expert FFN {config.moe_intermediate_size}, shared expert FFN "
               f"{config.moe_shared_intermediate_size}; active parameters {count_active_parameters(config):,}")
     print(f"parameters   {count_parameters(config):,}")
+    if kind == "native":
+        from .checkpoint import read_json
+
+        quantization = read_json(Path(args.model) / "config.json").get("quantization")
+        if quantization:
+            print(f"weights      {quantization.get('method')}, one scale per output row (`elasticlm quantize`): "
+                  "every budget below is a slice of the one int8 copy")
     if subnet is not None:
         n = count_parameters(config, subnet)
         print(f"subnet       {n:,} parameters ({n / count_parameters(config):.1%} of the model)")
@@ -1090,6 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`elasticlm info … | head`): nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 141
     except MemoryError:
         print("error: out of memory; lower the batch size or sequence length (or use a larger machine)",
               file=sys.stderr)
