@@ -43,7 +43,7 @@ from .model.hf import (
     stored_config_from_hf,
 )
 from .model.hybrid import HybridLM
-from .model.quantize import QUANTIZATION, dequantize_, is_quantized, quantize_
+from .model.quantize import QUANTIZATION, align_, dequantize_, is_quantized, quantize_
 from .outputs import atomic_file, atomic_output, resolve_output
 from .tokenizer import copy_tokenizer_config
 
@@ -194,6 +194,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     weights = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     del raw, weights  # the model holds them now; dropping these lets use_decode_layout free what it replaces
+    if quantization is not None:
+        align_(model)
     model = padding.unpad(model, config)
     model.source_dir = path  # so that save() can carry the tokenizer along
     routing = read_routing(path)

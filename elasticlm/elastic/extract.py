@@ -7,7 +7,7 @@ import torch
 from ..config import Subnet, subnet_config
 from ..int8 import unfold
 from ..model.hybrid import HybridLM
-from ..model.quantize import is_quantized, quantize_
+from ..model.quantize import align_, is_quantized, quantize_
 
 
 @torch.no_grad()
@@ -23,4 +23,4 @@ def extract(model: HybridLM, subnet: Subnet) -> HybridLM:
     small.to_empty(device=model.device)
     small.to(model.dtype)
     small.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=True)
-    return small
+    return align_(small)

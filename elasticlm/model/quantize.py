@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..int8 import INT8_SUFFIX, SCALE_SUFFIX, Int8Weight, quantize_tensor
+from ..int8 import INT8_SUFFIX, SCALE_SUFFIX, Int8Weight, kernel_layout, quantize_tensor
 from .moe import Experts
 
 QUANTIZABLE = (nn.Linear, nn.Embedding, Experts)
@@ -50,7 +50,7 @@ def quantize_(model: nn.Module) -> nn.Module:
         else:
             q, s = quantize_tensor(w)
             s = s.to(w.dtype)
-        module.register_buffer(name + INT8_SUFFIX, q)
+        module.register_buffer(name + INT8_SUFFIX, q if q.device.type == "meta" else kernel_layout(q))
         module.register_buffer(name + SCALE_SUFFIX, s)
     if hasattr(model, "clear_packed"):
         model.clear_packed()
@@ -70,9 +70,21 @@ def dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     return model
 
 
+@torch.no_grad()
+def align_(model: nn.Module) -> nn.Module:
+    """Lay every int8 tensor out for the kernel (:func:`~elasticlm.int8.kernel_layout`: rows zero-padded to a
+    multiple of 16, 64-byte aligned; a tensor mapped from a safetensors file starts wherever the file puts it).
+    Values, shapes and what is saved do not change."""
+    for module in model.modules():
+        for name, t in module._buffers.items():
+            if t is not None and name.endswith(INT8_SUFFIX) and t.device.type != "meta":
+                module._buffers[name] = kernel_layout(t)
+    return model
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds (parameters and buffers, int8 counted as one byte)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-__all__ = ["QUANTIZATION", "dequantize_", "is_quantized", "quantizable", "quantize_", "state_bytes"]
+__all__ = ["QUANTIZATION", "align_", "dequantize_", "is_quantized", "quantizable", "quantize_", "state_bytes"]

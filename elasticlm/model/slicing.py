@@ -30,7 +30,9 @@ def compact_copies(sliced: dict[str, torch.Tensor], params: list[torch.Tensor]) 
 
     def compact(v: torch.Tensor | Int8Weight) -> torch.Tensor | Int8Weight:
         if isinstance(v, Int8Weight):  # the int8 kernel reads row-contiguous weights (see elasticlm.int8)
-            return v if v.q.untyped_storage().data_ptr() in owned else v.contiguous()
+            rows = v.q if v.q.dim() == 2 else None
+            ready = rows is None or rows.untyped_storage().data_ptr() == v.kernel_rows.untyped_storage().data_ptr()
+            return v if ready and v.q.untyped_storage().data_ptr() in owned else v.compact()
         if v.untyped_storage().data_ptr() in owned:
             return v
         c = decode_layout(v)
