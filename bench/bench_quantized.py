@@ -16,7 +16,8 @@ Hugging Face directory (for transformers) and, for llama.cpp, as a q8_0 GGUF (``
   (teacher-forced), and greedy agreement — how many of ``--prompts`` greedy continuations of ``--new-tokens`` are
   identical, and the mean length of their common prefix;
 * **resident memory** of a fresh process that loads the checkpoint for serving and decodes a few tokens at every
-  budget (VmHWM, minus that of a process that only imports torch and elasticlm): fp32, bf16 and int8;
+  budget (its anonymous resident memory, RssAnon, minus that of a process that built a tiny model on the meta device
+  and ran one — torch's one-time set-up; and the peak, VmHWM, which includes loading): fp32, bf16 and int8;
 * **decode tokens/s** per budget at batch 1 and batch 8 (``--prompt-tokens`` prompt, ``--new-tokens`` greedy
   tokens, no EOS stop; the time of the new tokens = the whole call minus a prefill-only call, median of
   ``--repeats``): elasticlm fp32 nested, elasticlm int8 nested, transformers fp32 on the extracted budget, and
@@ -43,20 +44,32 @@ PROBE = """
 import sys, torch, elasticlm
 torch.set_num_threads(int(sys.argv[3]))
 path, dtype = sys.argv[1], sys.argv[2]
-if dtype != "none":
+ids = torch.tensor([[5, 6, 7, 8]])
+if dtype == "none":  # the baseline: torch's one-time set-up, no weights (loading builds the model on the meta
+    # device first, and torch's first meta-device module costs ~70 MB of its own, once per process)
+    cfg = elasticlm.ModelConfig(pattern="*-", vocab_size=16, hidden_size=16, num_attention_heads=2,
+                                num_key_value_heads=1, attention_head_dim=8, intermediate_size=16)
+    elasticlm.HybridLM(cfg, device="meta")
+    with torch.inference_mode():
+        elasticlm.HybridLM(cfg).generate(ids, max_new_tokens=4)
+else:
     m = elasticlm.load(path, serving=True, dtype=None if dtype == "stored" else getattr(torch, dtype))
-    ids = torch.tensor([[5, 6, 7, 8]])
     with torch.inference_mode():
         for b in m.budgets:
             m.generate(ids, budget=b, max_new_tokens=4)
-print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+# RssAnon: the process's own memory (file-backed pages of torch's libraries are shared and evictable); VmHWM: peak
+status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+          if line.startswith(("RssAnon", "VmHWM"))}
+print(status["RssAnon"], status["VmHWM"])
 """
 
 
-def peak_rss(path: str, dtype: str, threads: int) -> int:
+def resident(path: str, dtype: str, threads: int) -> tuple[int, int]:
+    """(resident, peak) bytes of a process that loaded ``path`` for serving and decoded at every budget."""
     out = subprocess.run([sys.executable, "-c", PROBE, path, dtype, str(threads)], capture_output=True, text=True,
                          check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    rss, peak = out.stdout.strip().splitlines()[-1].split()
+    return int(rss), int(peak)
 
 
 def texts_and_prompts(args, tok) -> tuple[list[list[int]], list[list[int]]]:
@@ -102,32 +115,43 @@ def quality(float_model, int8_model, label, windows, prompts, new_tokens) -> dic
             "greedy_common_prefix": statistics.mean(prefix)}
 
 
-def decode_seconds(run, repeats: int) -> float:
-    """Median time of the new tokens: ``run(n)`` generates n tokens; a 1-token call is the prefill."""
-    run(2)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(None)
-        t2 = time.perf_counter()
-        times.append((t2 - t1) - (t1 - t0))
-    return statistics.median(times)
+def tokens_per_second(run, batch: int, new_tokens: int) -> float:
+    """Decode speed of one measurement: ``run(n)`` generates ``n`` tokens per row (a callable that times itself
+    returns its own rate instead); the 1-token call is the prefill, subtracted."""
+    if getattr(run, "rate", False):
+        return run(new_tokens)
+    t0 = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter()
+    run(new_tokens)
+    t2 = time.perf_counter()
+    return batch * (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def llama_batched(binary: str, gguf: Path, args, batches: list[int]) -> dict[int, float]:
-    cmd = [binary, "-m", str(gguf), "-c", str((args.prompt_tokens + args.new_tokens) * max(batches) + 64),
-           "-b", "2048", "-ub", "512", "-npp", str(args.prompt_tokens), "-ntg", str(args.new_tokens),
-           "-npl", ",".join(map(str, batches)), "-t", str(args.threads), "--output-format", "jsonl"]
-    best: dict[int, list[float]] = {b: [] for b in batches}
-    for _ in range(args.repeats):
+def ours(model, ids: torch.Tensor, label: str):
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(ids, budget=label, max_new_tokens=n)
+    return run
+
+
+def theirs(hf, ids: torch.Tensor):
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return run
+
+
+def llama_batched(binary: str, gguf: Path, args, batch: int):
+    """llama.cpp's llama-batched-bench at one batch size; returns its S_TG (generated tokens / generation time)."""
+    def run(n: int) -> float:
+        cmd = [binary, "-m", str(gguf), "-c", str((args.prompt_tokens + n) * batch + 64), "-b", "2048", "-ub", "512",
+               "-npp", str(args.prompt_tokens), "-ntg", str(n), "-npl", str(batch), "-t", str(args.threads),
+               "--output-format", "jsonl"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        for line in out.stdout.splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                best[row["pl"]].append(row["speed_tg"])
-    return {b: statistics.median(v) for b, v in best.items()}
+        return next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))["speed_tg"]
+    run.rate = True
+    return run
 
 
 def main() -> None:
@@ -184,52 +208,42 @@ def main() -> None:
                                     "quality": q}
         print(f"quality {label}: {q}", file=sys.stderr)
 
-    base = peak_rss(str(args.checkpoint), "none", args.threads)
-    memory = {"fp32": peak_rss(str(args.checkpoint), "float32", args.threads) - base,
-              "bf16": peak_rss(str(args.checkpoint), "bfloat16", args.threads) - base,
-              "int8": peak_rss(str(work / "int8"), "stored", args.threads) - base}
-    result["memory"] = {"rss": memory, "state_bytes": {"fp32": state_bytes(float_model),
-                                                       "int8": state_bytes(int8_model)}}
+    base = resident(str(args.checkpoint), "none", args.threads)
+    runs = {"fp32": resident(str(args.checkpoint), "float32", args.threads),
+            "bf16": resident(str(args.checkpoint), "bfloat16", args.threads),
+            "int8": resident(str(work / "int8"), "stored", args.threads)}
+    result["memory"] = {"rss": {k: v[0] - base[0] for k, v in runs.items()},
+                        "peak": {k: v[1] - base[1] for k, v in runs.items()},
+                        "state_bytes": {"fp32": state_bytes(float_model), "int8": state_bytes(int8_model)}}
     print(f"memory: {result['memory']}", file=sys.stderr)
 
-    speeds: dict[str, dict[str, dict[int, float]]] = {}
     gen = torch.Generator().manual_seed(0)
     for label in labels:
-        speeds[label] = {}
-        for b in batches:
-            ids = torch.randint(3, float_model.config.vocab_size, (b, args.prompt_tokens), generator=gen)
-            n = args.new_tokens
-
-            def ours(model, ids=ids, label=label, n=n):
-                def run(k):
-                    with torch.inference_mode():
-                        model.generate(ids, budget=label, max_new_tokens=k or n)
-                return run
-
-            for name, model in (("elasticlm fp32", float_model), ("elasticlm int8", int8_model)):
-                speeds[label].setdefault(name, {})[b] = b * (n - 1) / decode_seconds(ours(model), args.repeats)
+        hf = None
         if not args.no_transformers:
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(hf_dirs[label], dtype=torch.float32).eval()
-            for b in batches:
-                ids = torch.randint(3, float_model.config.vocab_size, (b, args.prompt_tokens), generator=gen)
-
-                def run(k, ids=ids, hf=hf):
-                    with torch.inference_mode():
-                        k = k or args.new_tokens
-                        hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)
-
-                speeds[label].setdefault("transformers fp32", {})[b] = (
-                    b * (args.new_tokens - 1) / decode_seconds(run, args.repeats))
-            del hf
-        for spec in args.llama_bench:
-            name, binary = spec.split("=", 1)
-            speeds[label][f"llama.cpp q8_0 ({name})"] = llama_batched(binary, ggufs[label] / "model.gguf", args,
-                                                                      batches)
-        print(f"speed {label}: {speeds[label]}", file=sys.stderr)
-        result["budgets"][label]["decode_tok_s"] = speeds[label]
+        speeds: dict[str, dict[int, float]] = {}
+        for b in batches:
+            ids = torch.randint(3, float_model.config.vocab_size, (b, args.prompt_tokens), generator=gen)
+            engines = {"elasticlm fp32": ours(float_model, ids, label), "elasticlm int8": ours(int8_model, ids, label)}
+            if hf is not None:
+                engines["transformers fp32"] = theirs(hf, ids)
+            for spec in args.llama_bench:
+                name, binary = spec.split("=", 1)
+                engines[f"llama.cpp q8_0 ({name})"] = llama_batched(binary, ggufs[label] / "model.gguf", args, b)
+            runs: dict[str, list[float]] = {name: [] for name in engines}
+            for run in engines.values():  # warm-up
+                run(2)
+            for _ in range(args.repeats):  # engines interleaved: the machine's drift hits each alike
+                for name, run in engines.items():
+                    runs[name].append(tokens_per_second(run, b, args.new_tokens))
+            for name, values in runs.items():
+                speeds.setdefault(name, {})[b] = statistics.median(values)
+        del hf
+        print(f"speed {label}: {speeds}", file=sys.stderr)
+        result["budgets"][label]["decode_tok_s"] = speeds
     print_tables(result, batches)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -254,12 +268,12 @@ def print_tables(result: dict, batches: list[int]) -> None:
               f"{q['top1_agreement']:.1%} | {q['greedy_identical']}/{q['greedy_prompts']} | "
               f"{q['greedy_common_prefix']:.1f} |")
     m = result["memory"]
-    print("\n| weights | resident memory, every budget decoded | ÷ fp32 | tensors held |")
-    print("|---|---|---|---|")
+    print("\n| weights | resident after decoding every budget | ÷ fp32 | peak (load included) | tensors held |")
+    print("|---|---|---|---|---|")
     for k in ("fp32", "bf16", "int8"):
         held = m["state_bytes"].get(k)
         print(f"| {k} | {m['rss'][k] / mib:,.1f} MiB | {m['rss'][k] / m['rss']['fp32']:.2f} | "
-              f"{'' if held is None else f'{held / mib:,.1f} MiB'} |")
+              f"{m['peak'][k] / mib:,.1f} MiB | {'' if held is None else f'{held / mib:,.1f} MiB'} |")
     engines = list(next(iter(result["budgets"].values()))["decode_tok_s"])
     print("\n| budget | batch | " + " | ".join(engines) + " | int8 ÷ llama.cpp |")
     print("|---|---|" + "---|" * (len(engines) + 1))

@@ -115,7 +115,7 @@ def kernel_layout(q: torch.Tensor) -> torch.Tensor:
     """
     k = q.shape[-1]
     stored = -(-k // KERNEL_BLOCK) * KERNEL_BLOCK
-    if q.is_contiguous() and k == stored and q.data_ptr() % 64 == 0:
+    if q.is_contiguous() and k == stored and q.data_ptr() % 16 == 0:
         return q
     buffer = torch.zeros(*q.shape[:-1], stored, dtype=q.dtype, device=q.device)  # CPU allocations: 64-byte aligned
     buffer[..., :k] = q

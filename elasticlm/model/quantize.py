@@ -73,7 +73,7 @@ def dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
 @torch.no_grad()
 def align_(model: nn.Module) -> nn.Module:
     """Lay every int8 tensor out for the kernel (:func:`~elasticlm.int8.kernel_layout`: rows zero-padded to a
-    multiple of 16, 64-byte aligned; a tensor mapped from a safetensors file starts wherever the file puts it).
+    multiple of 16, starting 16-byte aligned; a tensor read from a safetensors file starts wherever it was put).
     Values, shapes and what is saved do not change."""
     for module in model.modules():
         for name, t in module._buffers.items():

@@ -79,4 +79,5 @@ class PackedWeights:
         self.entries.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.entries.values() for t in e.values())
+        return sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+                   for e in self.entries.values() for t in e.values())
