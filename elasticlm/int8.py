@@ -202,5 +202,5 @@ def weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | Int8
     return Int8Weight(module._buffers[name + INT8_SUFFIX], module._buffers[name + SCALE_SUFFIX])
 
 
-__all__ = ["Int8Weight", "embedding", "fold", "full_rows", "kernel_layout", "linear", "quantize_tensor", "tensors", "unfold",
-           "weight"]
+__all__ = ["Int8Weight", "embedding", "fold", "full_rows", "kernel_layout", "linear", "quantize_tensor", "tensors",
+           "unfold", "weight"]
