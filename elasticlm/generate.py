@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import Subnet
 from .errors import ConfigError
 from .model.cache import HybridCache
-from .model.hybrid import HybridLM
+
+if TYPE_CHECKING:  # the model calls generate (HybridLM.generate); generate only names the model's type
+    from .model.hybrid import HybridLM
 
 MIN_TEMPERATURE = 1e-5  # below this, sampling is decoded greedily (see sample_next)
 

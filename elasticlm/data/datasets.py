@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from . import synthetic
+from .synthetic import DIFFICULTY, FAMILIES, Example, blend, check_weights, eval_set
 
 log = logging.getLogger("elasticlm.data")
 
@@ -93,7 +93,7 @@ class DataConfig:
             if not isinstance(self.task_weights, dict):
                 raise ConfigError(f"data.task_weights must be a table of family = weight, got {self.task_weights!r}")
             try:
-                synthetic.check_weights(self.task_weights)
+                check_weights(self.task_weights)
             except ValueError as exc:
                 raise ConfigError(f"data.task_weights: {exc}") from None
 
@@ -311,18 +311,18 @@ def documents(cfg: DataConfig, split: str) -> Callable[[int], Iterator[Doc]]:
     "train", "val", or (not for synthetic data) "all": every document, no split."""
     cfg.validate()
     if cfg.source == "synthetic":
-        def render(ex: synthetic.Example) -> Doc:
+        def render(ex: Example) -> Doc:
             return (ex.query, ex.text[len(ex.query):]) if cfg.mask_prompt else ex.text
 
         if split == "train":
-            return lambda start: (render(ex) for ex in synthetic.blend(cfg.seed, start, cfg.task_weights))
+            return lambda start: (render(ex) for ex in blend(cfg.seed, start, cfg.task_weights))
         # validation: held-out prompts at the training difficulties, cycling through the families
         def val(start: int) -> Iterator[str]:
             i = start
             while True:
-                fam = synthetic.FAMILIES[i % len(synthetic.FAMILIES)]
-                d = 1 + (i // len(synthetic.FAMILIES)) % synthetic.DIFFICULTY[fam][0]
-                yield render(synthetic.eval_set(fam, d, 1, seed=10_000 + i)[0])
+                fam = FAMILIES[i % len(FAMILIES)]
+                d = 1 + (i // len(FAMILIES)) % DIFFICULTY[fam][0]
+                yield render(eval_set(fam, d, 1, seed=10_000 + i)[0])
                 i += 1
         return val
     return SeekableDocuments(cfg, split)

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import int8
 from ..config import (
     AttentionWidth,
     LayerWidth,
@@ -24,6 +23,8 @@ from ..config import (
     Subnet,
     count_parameters,
 )
+from ..int8 import Int8Weight, embedding, linear
+from ..int8 import weight as stored_weight  # float or int8
 from ..kinds import ATTENTION_KIND, MAMBA_KIND, MLP_KIND, MOE_KIND
 from .attention import Attention
 from .cache import HybridCache
@@ -195,8 +196,8 @@ class HybridLM(nn.Module):
         """The dtype the model computes in (its float weights'; an int8 model's scales')."""
         return self.norm_f.weight.dtype
 
-    def head_weight(self) -> torch.Tensor | int8.Int8Weight:
-        return int8.weight(self.embeddings if self.lm_head is None else self.lm_head)
+    def head_weight(self) -> torch.Tensor | Int8Weight:
+        return stored_weight(self.embeddings if self.lm_head is None else self.lm_head)
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                 cache: HybridCache | None = None, document_ids: torch.Tensor | None = None,
@@ -228,7 +229,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.begin(input_ids.shape[1], input_ids.device)
         d = subnet.hidden_size
-        x = int8.embedding(input_ids, prefix(int8.weight(self.embeddings), 1, d))
+        x = embedding(input_ids, prefix(stored_weight(self.embeddings), 1, d))
         mod = modulation or Modulation()
         if mod.embedding is not None:
             x = x * mod.embedding
@@ -257,7 +258,7 @@ class HybridLM(nn.Module):
         if self.observer is not None:
             self.observer("norm_f", x)
         weight = prefix(self.head_weight(), 1, d)
-        return head(x, weight) if head is not None else int8.linear(x, weight)
+        return head(x, weight) if head is not None else linear(x, weight)
 
     @torch.no_grad()
     def use_decode_layout(self) -> HybridLM:
@@ -266,7 +267,8 @@ class HybridLM(nn.Module):
         training are unaffected. Nested budgets then decode within a few percent of their extracted
         models. ``elasticlm.load(..., serving=True)`` and ``elasticlm generate`` call it."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        weights = [int8.weight(m) for m in linears] + ([int8.weight(self.embeddings)] if self.lm_head is None else [])
+        tied = [stored_weight(self.embeddings)] if self.lm_head is None else []
+        weights = [stored_weight(m) for m in linears] + tied
         for w in weights:
             if not isinstance(w, nn.Parameter):  # int8 weights stay row-major: the kernel reads whole rows
                 continue
@@ -321,10 +323,10 @@ class HybridLM(nn.Module):
         """The sub-model's parameters under the extracted model's names (views where possible)."""
         subnet = self.check_subnet(subnet)
         d = subnet.hidden_size
-        out = {"embeddings.weight": prefix(int8.weight(self.embeddings), 1, d),
+        out = {"embeddings.weight": prefix(stored_weight(self.embeddings), 1, d),
                "norm_f.weight": prefix(self.norm_f.weight, 0, d)}
         if self.lm_head is not None:
-            out["lm_head.weight"] = prefix(int8.weight(self.lm_head), 1, d)
+            out["lm_head.weight"] = prefix(stored_weight(self.lm_head), 1, d)
         for new_index, old_index in enumerate(subnet.kept_layers):
             width = subnet.layers[old_index]
             assert width is not None
