@@ -49,7 +49,7 @@ from ..tokenizer import batch_encoder, load_tokenizer
 from .checkpoint import gathered
 from .config import ElasticRunConfig
 from .distributed import Distributed, average_gradients, from_rank0, init_distributed, rows_of, shared_encoder
-from .losses import kd_loss, kd_loss_from_hidden, teacher_hidden
+from .losses import ce_loss_from_hidden, kd_loss, kd_loss_from_hidden, teacher_hidden
 from .trainer import (
     Objective,
     Phase,
@@ -474,7 +474,9 @@ def _postfix(row: dict[str, Any], labels: tuple[str, ...]) -> str:
 @torch.no_grad()
 def _evaluate(model: HybridLM, router: Router, space: ElasticSpace, teacher: HybridLM, batches: list[Any],
               eos: int, masking: bool, amp: torch.dtype | None, tok: Any, n: int) -> dict[str, float]:
-    """Per budget (its resolved Subnet): validation CE and KD loss; task accuracy on synthetic data."""
+    """Per budget (its resolved Subnet): validation CE and KD loss; task accuracy on synthetic data. Both losses run
+    over token chunks from the final hidden states, as in training: no ``[tokens, vocab]`` logits bigger than one
+    chunk exist, so evaluation needs no more memory than the training step the planner sizes."""
     model.eval()
     out: dict[str, float] = {}
     subnets = [router.resolve(b) for b in range(len(space.budgets))]
@@ -484,12 +486,11 @@ def _evaluate(model: HybridLM, router: Router, space: ElasticSpace, teacher: Hyb
         doc = document_ids_from_eos(inputs, eos) if masking else None
         count += keep.sum().item()
         with torch.autocast(inputs.device.type, dtype=amp) if amp else contextlib.nullcontext():
-            t = teacher(inputs, document_ids=doc)
+            h_t, w_t = teacher_hidden(teacher, inputs, doc)
             for b, subnet in enumerate(subnets):
-                s = model(inputs, subnet, document_ids=doc)
-                ce[b] += (F.cross_entropy(s.float().flatten(0, 1), targets.flatten(), reduction="none")
-                          * keep.flatten()).sum().item()
-                kd[b] += kd_loss(s, t, keep).item()
+                h_s, w_s = model(inputs, subnet, document_ids=doc, head=lambda h, w: (h, w))
+                ce[b] += ce_loss_from_hidden(h_s, w_s, targets, keep).item()
+                kd[b] += kd_loss_from_hidden(h_s, w_s, h_t, w_t, keep).item()
     for b, (label, subnet) in enumerate(zip(space.budgets, subnets, strict=True)):
         out[f"val_loss_{label}"] = ce[b] / max(count, 1.0)
         out[f"val_kd_{label}"] = kd[b] / max(count, 1.0)

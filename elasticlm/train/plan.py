@@ -13,6 +13,10 @@ The plan adds up what one rank holds at its peak (``elasticlm plan``):
   (``[chunk, vocab]`` logits, log-softmaxes and their gradients), FSDP2's all-gather and
   reduce-scatter buffers (two blocks in flight).
 
+Evaluation during an elastic run (4 rows of the first stage's length) computes its CE and KD over the same token
+chunks and without gradients: its logits exist one chunk at a time, as in training, and it keeps no activations
+for a backward (``tests/test_elastic_eval.py`` holds it to one chunk of logits), so it has no stage of its own.
+
 Bytes saved per token and layer come from each layer kind's ``SAVED_BYTES`` (:mod:`elasticlm.kinds`;
 counted on this code with ``torch.autograd.graph.saved_tensors_hooks``, per precision mode: fp32, bf16
 autocast on fp32 weights, bf16 weights as FSDP2's mixed precision runs them). Note that bf16 saves little
