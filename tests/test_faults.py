@@ -409,12 +409,12 @@ def test_elastic_json_with_a_non_integer_width(w, capsys):
 
 
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(w, capsys, monkeypatch):
-    import elasticlm.cli as cli_module
+    import elasticlm.cli.models as verbs
 
     def boom(args):
         raise RuntimeError("a bug somewhere deep")
 
-    monkeypatch.setattr(cli_module, "cmd_info", boom)
+    monkeypatch.setattr(verbs, "cmd_info", boom)
     msg = refused(w, ["info", str(w / "model")], capsys, "unexpected RuntimeError: a bug somewhere deep")
     report = Path(msg.split("full traceback in ")[1].split(";")[0])
     assert "Traceback" in report.read_text() and "boom" in report.read_text()
