@@ -204,14 +204,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/tokenizer.json ({tok.get_vocab_size()} tokens)")
 
 
-def add_parsers(sub: Any, fmt: type) -> None:
-    """The verbs of this module on the ``elasticlm`` parser's subcommands."""
-    p = sub.add_parser("pretrain", formatter_class=fmt, help="train a parent model from scratch",
-                       description="Train a HybridLM parent from a TOML run config ([model], [tokenizer], [data], "
-                                   "[train], [eval]); checkpoints, metrics.jsonl and final/ go under train.out.")
-    p.add_argument("--config", help="TOML (or JSON) run config, e.g. configs/demo-parent.toml")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override a field, e.g. --set train.steps=200 --set train.lr=1e-3")
+def run_arguments(p: argparse.ArgumentParser, example: str, overrides: str, parent: bool = False) -> None:
+    """The arguments of a verb that runs a TOML run config (pretrain, train), in --help's order."""
+    p.add_argument("--config", help=f"TOML (or JSON) run config, e.g. {example}")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=f"override a field, e.g. {overrides}")
+    if parent:
+        p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
     p.add_argument("--out", help="shortcut for --set train.out=DIR")
     p.add_argument("--val-data", metavar="PATH", help="validation text / JSONL file or folder (shortcut for --set "
                                                       "data.val_path=PATH); training then reads all of data.path")
@@ -219,6 +217,14 @@ def add_parsers(sub: Any, fmt: type) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the checkpoint's in fields a resume must keep "
                         "(architecture, budgets, stages, data, …); without it such a resume is refused")
+
+
+def add_parsers(sub: Any, fmt: type) -> None:
+    """The verbs of this module on the ``elasticlm`` parser's subcommands."""
+    p = sub.add_parser("pretrain", formatter_class=fmt, help="train a parent model from scratch",
+                       description="Train a HybridLM parent from a TOML run config ([model], [tokenizer], [data], "
+                                   "[train], [eval]); checkpoints, metrics.jsonl and final/ go under train.out.")
+    run_arguments(p, "configs/demo-parent.toml", "--set train.steps=200 --set train.lr=1e-3")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -228,17 +234,8 @@ def add_parsers(sub: Any, fmt: type) -> None:
                                    "parent (`elasticlm reorder`), [elastic] budgets and choice sets, [distill], "
                                    "[data], [train], [eval] and [[stages]]. Multi-process: torchrun "
                                    "--nproc_per_node N -m elasticlm train ... (DDP, or train.parallel=fsdp).")
-    p.add_argument("--config", help="TOML (or JSON) run config, e.g. configs/demo-elastic.toml")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override a field, e.g. --set elastic.budgets='[1.0,0.5]' --set stages[0].tokens=100000")
-    p.add_argument("--parent", help="shortcut for --set parent.path=DIR")
-    p.add_argument("--out", help="shortcut for --set train.out=DIR")
-    p.add_argument("--val-data", metavar="PATH", help="validation text / JSONL file or folder (shortcut for --set "
-                                                      "data.val_path=PATH); training then reads all of data.path")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in train.out")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume although the config differs from the checkpoint's in fields a resume must keep "
-                        "(architecture, budgets, stages, data, …); without it such a resume is refused")
+    run_arguments(p, "configs/demo-elastic.toml", "--set elastic.budgets='[1.0,0.5]' --set stages[0].tokens=100000",
+                  parent=True)
     p.add_argument("--resume-from", metavar="CHECKPOINT",
                    help="continue from this training checkpoint into a new train.out, e.g. stages/1-short of "
                         "another run to branch a stage-2 ablation (later stages may differ)")
