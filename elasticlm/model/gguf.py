@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
     from .hybrid import HybridLM
 
 ARCH = "nemotron_h"
-TRANSFORMER_ARCHES = ("llama", "qwen2", "qwen3")  # families written as the llama.cpp architecture of that name
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 GGUF_FILE = "model.gguf"
 # GGUF cannot hold an empty array, and llama.cpp requires the merges key: a tokenizer with no
@@ -60,16 +61,19 @@ DT_CLAMP_NOTE = ("llama.cpp does not clamp the Mamba step size dt at time_step_m
 
 def gguf_arch(family: str) -> str:
     """The llama.cpp architecture a model of ``family`` is written as."""
-    return family if family in TRANSFORMER_ARCHES else ARCH
+    return GGUF_WRITERS[family].arch if family in GGUF_WRITERS else ARCH
 
 
 def gguf_incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` cannot run as its llama.cpp architecture, or None if it can."""
-    if config.family in TRANSFORMER_ARCHES:
-        return _transformer_incompatibility(config)
-    if config.family != "nemotron_h":
-        return (f"GGUF export writes llama.cpp's nemotron_h, llama, qwen2 and qwen3; a {config.family} model is "
-                "exported with --format hf and converted with llama.cpp's own convert_hf_to_gguf.py")
+    if config.family not in GGUF_WRITERS:
+        return (f"GGUF export writes llama.cpp's {', '.join(sorted({w.arch for w in GGUF_WRITERS.values()}))}; a "
+                f"{config.family} model is exported with --format hf and converted with llama.cpp's own "
+                "convert_hf_to_gguf.py")
+    return GGUF_WRITERS[config.family].incompatibility(config)
+
+
+def _nemotron_h_incompatibility(config: ModelConfig) -> str | None:
     mamba = [(h, d) for h, d in zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True)]
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
@@ -89,7 +93,9 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
     return None
 
 
-def _transformer_incompatibility(config: ModelConfig) -> str | None:
+def _transformer_incompatibility(config: ModelConfig, *, biases: bool, qk_norm: bool) -> str | None:
+    """Why ``config`` is not llama.cpp's transformer of its family: ``biases`` (q/k/v biases, qwen2) and ``qk_norm``
+    (per-head q/k norms, qwen3) are what that architecture has."""
     family = config.family
     if config.depth_unit != 2 or "E" in config.pattern:
         return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a llama.cpp {family} block is "
@@ -99,9 +105,9 @@ def _transformer_incompatibility(config: ModelConfig) -> str | None:
         return f"its rotary scaling {rope.get('rope_type')!r} is not written to GGUF yet (only default rotary)"
     if config.mlp_type != "swiglu" or config.mlp_bias:
         return f"its MLP is not {family}'s gated SiLU MLP without biases"
-    if config.attention_out_bias or config.attention_bias != (family == "qwen2"):
+    if config.attention_out_bias or config.attention_bias != biases:
         return f"its attention biases differ from llama.cpp's {family} (q/k/v biases only in qwen2)"
-    if config.qk_norm != (family == "qwen3"):
+    if config.qk_norm != qk_norm:
         return f"its q/k norms differ from llama.cpp's {family} (qwen3 only)"
     return None
 
@@ -142,9 +148,12 @@ def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
 
 def gguf_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor in the layout llama.cpp reads) for every weight of ``model``."""
-    if model.config.family in TRANSFORMER_ARCHES:
-        yield from _transformer_tensors(padding.pad(model))
-        return
+    writer = GGUF_WRITERS[model.config.family]
+    yield from writer.tensors(writer.prepare(model))
+
+
+def _nemotron_h_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Per-layer FFN widths and head counts as they are (llama.cpp's nemotron_h reads per-layer arrays)."""
     config = model.config
     state = model.state_dict()
 
@@ -181,10 +190,11 @@ def gguf_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
         yield "output.weight", get("lm_head.weight")
 
 
-def _transformer_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
+def _transformer_tensors(model: HybridLM, *, interleave: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """llama / qwen2 / qwen3, ``model`` padded to uniform widths (llama.cpp refuses per-layer arrays for them); llama's
+    q/k rows interleaved for its rotary convention."""
     config = model.config
     state = model.state_dict()
-    interleave = config.family == "llama"
 
     def get(name: str) -> torch.Tensor:
         return state[name].detach().float().cpu().contiguous()
@@ -374,8 +384,8 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     reason = gguf_incompatibility(model.config)
     if reason:
         raise ConfigError(f"cannot export to GGUF (llama.cpp {arch}): {reason}")
-    if arch != ARCH:
-        model = padding.pad(model)
+    adapter = GGUF_WRITERS[model.config.family]
+    model = adapter.prepare(model)
     config = model.config
     qtype = resolve_type(qtype, model.dtype)
     vocab = tokenizer_metadata(tokenizer_dir, config)
@@ -389,10 +399,7 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_key_length(config.attention_head_dim)
     writer.add_value_length(config.attention_head_dim)
-    if arch == ARCH:
-        _nemotron_h_keys(writer, config)
-    else:
-        _transformer_keys(writer, config)
+    adapter.keys(writer, config)
 
     token_type = {"normal": gguf.TokenType.NORMAL, "control": gguf.TokenType.CONTROL,
                   "unused": gguf.TokenType.UNUSED}
@@ -416,7 +423,7 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
     counts: dict[str, int] = {}
-    for tensor_name, tensor in gguf_tensors(model):
+    for tensor_name, tensor in adapter.tensors(model):
         kind = storage_type(tensor_name, tensor, qtype)
         counts[kind] = counts.get(kind, 0) + 1
         data: np.ndarray = tensor.numpy()
@@ -435,5 +442,40 @@ def write_gguf(model: HybridLM, path: str | os.PathLike, tokenizer_dir: str | os
     return counts
 
 
-__all__ = ["ARCH", "DT_CLAMP_NOTE", "GGUF_FILE", "GGUF_TYPES", "gguf_incompatibility", "gguf_tensors",
-           "layer_arrays", "resolve_type", "storage_type", "tokenizer_metadata", "write_gguf"]
+# -- one writer per llama.cpp architecture -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFWriter:
+    """What is particular to one llama.cpp architecture: the GGUF export asks it and branches on nothing else."""
+
+    arch: str  # general.architecture
+    incompatibility: Callable[[ModelConfig], str | None]  # why a config cannot be written (None: it can)
+    prepare: Callable[[HybridLM], HybridLM]  # the model as written (e.g. padded to one width per kind)
+    tensors: Callable[[HybridLM], Iterator[tuple[str, torch.Tensor]]]  # (GGUF name, float32 tensor)
+    keys: Callable[[Any, ModelConfig], None]  # the architecture's hyper-parameter keys
+
+
+def _as_is(model: HybridLM) -> HybridLM:
+    return model
+
+
+def _transformer_writer(arch: str, *, biases: bool = False, qk_norm: bool = False,
+                        interleave: bool = False) -> GGUFWriter:
+    """llama.cpp's ``arch`` transformer: ``biases`` q/k/v biases (qwen2), ``qk_norm`` q/k norms (qwen3),
+    ``interleave`` q/k rows in llama.cpp's rotary order (llama; the qwen converters keep transformers' order)."""
+    return GGUFWriter(arch, partial(_transformer_incompatibility, biases=biases, qk_norm=qk_norm), padding.pad,
+                      partial(_transformer_tensors, interleave=interleave), _transformer_keys)
+
+
+# family (ModelConfig.family) → its writer; a family missing here is refused with a one-line reason
+GGUF_WRITERS: dict[str, GGUFWriter] = {
+    "nemotron_h": GGUFWriter(ARCH, _nemotron_h_incompatibility, _as_is, _nemotron_h_tensors, _nemotron_h_keys),
+    "llama": _transformer_writer("llama", interleave=True),
+    "qwen2": _transformer_writer("qwen2", biases=True),
+    "qwen3": _transformer_writer("qwen3", qk_norm=True),
+}
+
+
+__all__ = ["ARCH", "DT_CLAMP_NOTE", "GGUF_FILE", "GGUF_TYPES", "GGUF_WRITERS", "GGUFWriter", "gguf_incompatibility",
+           "gguf_tensors", "layer_arrays", "resolve_type", "storage_type", "tokenizer_metadata", "write_gguf"]
