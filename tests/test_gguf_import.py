@@ -99,6 +99,10 @@ def test_a_gguf_llama_imports_with_the_source_logits_and_tokens(tmp_path, capsys
     with torch.no_grad():
         assert (back(x).logits - want).abs().max() < 1e-4 * want.abs().max()
 
+    # straight to int8: the tokenizer the GGUF carries comes along
+    assert main(["quantize", "--checkpoint", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "int8")]) == 0
+    assert load_tokenizer(tmp_path / "int8").encode(TEXT).ids == ids
+
 
 def test_an_unsupported_gguf_architecture_is_refused_in_one_line(tmp_path, capsys):
     writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma2")

@@ -159,10 +159,11 @@ def quantize_checkpoint(source: str | Path, out: str | Path, method: str = "int8
     before = state_bytes(model)
     quantize_(model)
     with atomic_directory(out, force, "model", [source]) as tmp:
-        write_model_files(model, tmp, "native", tokenizer_dir=source)
+        read_from = Path(model.source_dir)  # where load read it (a .gguf source: the directory it was imported to)
+        write_model_files(model, tmp, "native", tokenizer_dir=read_from)
         for name in (ROUTING, ROUTER_WEIGHTS):
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
+            if (read_from / name).is_file():
+                shutil.copy2(read_from / name, tmp / name)
     model.source_dir = Path(out)
     return Path(out), model, before, state_bytes(model)
 
