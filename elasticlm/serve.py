@@ -218,13 +218,17 @@ class Engine:
                 self.restarts.popleft()
             restart = len(self.restarts) < self.max_restarts
             what = "was restarted; retry the request" if restart else "stopped serving (see /health)"
+            why = (f"the engine thread died {len(self.restarts) + 1} times within a minute; the server stopped "
+                   "serving (see its log for the tracebacks) and must be restarted")
+            if not restart:  # recorded before anyone hears of the failure, so /health already says why
+                with self._cv:
+                    self.fatal = why
             for b in self.order:  # the thread is gone: its batches are ours now
                 jobs, self.jobs[b] = self.jobs[b], []
                 self.batches[b] = DecodeBatch(self.model, self.budgets[b])
                 self._fail(jobs, 500, f"the engine failed while decoding this request (budget {b}) and {what}")
             if not restart:
-                self._give_up(f"the engine thread died {len(self.restarts) + 1} times within a minute; the server "
-                              "stopped serving (see its log for the tracebacks) and must be restarted")
+                self._give_up(why)
                 return
             self.restarts.append(now)
             self.metrics.restarted()
