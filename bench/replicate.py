@@ -121,7 +121,7 @@ def one_size(elastic_table: dict, pattern: str) -> dict:
     ``pattern``): a single budget and one choice per axis, the student's own widths, so every step trains exactly
     that model; none of the demo's router settings (nothing to route; st would only add full-width mask compute)."""
     fixed = {"hidden": [1.0], "depth": [1.0]}
-    fixed |= {axis: [1.0] for axis, (kind, _) in LAYER_AXES.items() if kind in pattern}
+    fixed |= {axis: [1.0] for axis, (chars, _) in LAYER_AXES.items() if any(c in pattern for c in chars)}
     router = ("router_mode", "router_init_steps", "heterogeneous")  # the demo's router settings
     kept = {k: v for k, v in elastic_table.items() if k not in router and k not in fixed}
     return {**kept, **fixed, "budgets": [1.0]}

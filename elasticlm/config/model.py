@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..kinds import KINDS, AttentionWidth, MambaWidth, MlpWidth, MoeWidth, kind_of
+from ..kinds import KINDS, LayerKind, Width, kind_of
+from ..kinds.base import per_layer as _per_layer
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 LAYER_NAMES = {k.char: k.name for k in KINDS.values()}
+SECTION_KINDS = {k.name: k for k in KINDS.values() if k.section is not None}  # kinds with a config section
 
 IntOrList = int | list[int]
-# one layer's kept widths, as a Subnet holds them (None in a Subnet: the layer is skipped)
-LayerWidth = MambaWidth | AttentionWidth | MlpWidth | MoeWidth
+# one layer's kept widths, as a Subnet holds them: the kind's width dataclass (None in a Subnet: layer skipped)
+LayerWidth = Width
 MLP_TYPES = ("relu2", "swiglu")
 FAMILIES = ("nemotron_h", "mamba2", "llama", "qwen2", "qwen3", "qwen3_moe")
 TRANSFORMER_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
@@ -61,25 +63,6 @@ def check_fields(cls: type, data: Any, where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown} in {where}; known fields: {sorted(known)}")
-
-
-def _per_layer(value: IntOrList, count: int, name: str) -> list[int]:
-    """Expand a per-kind width to one value per layer of that kind.
-
-    >>> _per_layer(8, 3, "x")
-    [8, 8, 8]
-    >>> _per_layer([8, 4], 2, "x")
-    [8, 4]
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        raise ConfigError(f"{name} must be an int or a list of ints, got {value!r}")
-    values = [value] * count if isinstance(value, int) else list(value)
-    if len(values) != count:
-        raise ConfigError(f"{name} has {len(values)} entries but the pattern has {count} such layers")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"{name} must hold positive ints, got {v!r}")
-    return values
 
 
 def _collapse(values: list[int], default: int) -> IntOrList:
@@ -149,21 +132,28 @@ class ModelConfig:
     family: str = "nemotron_h"
     # Filled in by importance reordering (later issues): layer indices, least important first.
     depth_order: list[int] | None = field(default=None)
+    # The settings of kinds that keep their own (LayerKind.section), by kind name; written as top-level keys
+    # (``"<kind>": {...}`` in JSON, ``[model.<kind>]`` in TOML). A missing section takes the section's defaults.
+    sections: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
 
+    def section(self, kind: LayerKind) -> Any:
+        """The typed section of ``kind`` (its defaults when the config gives none)."""
+        assert kind.section is not None, f"the {kind.name} kind has no config section"
+        found = self.sections.get(kind.name)
+        return found if found is not None else kind.section()
+
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
+        kinds = ", ".join(f"{c!r} ({name})" for c, name in LAYER_NAMES.items())
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise ConfigError("pattern must be a non-empty string of 'M' (Mamba-2), '*' (attention), '-' (MLP), "
-                              "'E' (mixture of experts)")
+            raise ConfigError(f"pattern must be a non-empty string of {kinds}")
         unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
         if unknown:
-            raise ConfigError(
-                f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; "
-                "use 'M' (Mamba-2), '*' (attention), '-' (MLP), 'E' (mixture of experts)"
-            )
+            raise ConfigError(f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; use {kinds}")
+        self._check_sections()
         for name in ("vocab_size", "hidden_size", "mamba_n_groups", "ssm_state_size", "conv_kernel",
                      "chunk_size", "num_key_value_heads", "attention_head_dim"):
             v = getattr(self, name)
@@ -233,6 +223,24 @@ class ModelConfig:
         if self.depth_order is not None and sorted(self.depth_order) != list(range(self.num_layers)):
             raise ConfigError(f"depth_order must be a permutation of range({self.num_layers})")
 
+    def _check_sections(self) -> None:
+        if not isinstance(self.sections, dict):
+            raise ConfigError(f"sections must be a mapping of kind name to settings, got {self.sections!r}")
+        self.sections = dict(self.sections)  # converted below; the caller's mapping stays as given
+        for name, value in list(self.sections.items()):
+            kind = SECTION_KINDS.get(name)
+            if kind is None:
+                raise ConfigError(f"model config has a section {name!r}, but no layer kind of that name has "
+                                  f"settings; known: {sorted(SECTION_KINDS)}")
+            if isinstance(value, dict):
+                check_fields(kind.section, value, f"[model.{name}]")
+                self.sections[name] = kind.section(**value)
+            elif not isinstance(value, kind.section):
+                raise ConfigError(f"[model.{name}] must be a mapping, got {value!r}")
+        for kind in SECTION_KINDS.values():
+            if kind.char in self.pattern:
+                kind.check_section(self, self.section(kind))
+
     def drop_order(self, keep_attention: bool = True) -> list[int] | None:
         """The order in which layers are dropped: ``depth_order`` (least important first), with the most
         important attention layer moved last when ``keep_attention`` — so a sub-model keeps an attention layer
@@ -269,8 +277,9 @@ class ModelConfig:
         """Blocks that are dropped together: 2 for a transformer family (a decoder layer is an attention and an MLP
         block, and its Hugging Face class cannot hold half of one), else 1."""
         pairs = self.num_layers // 2
-        layered = self.num_layers == 2 * pairs and all(self.pattern[2 * j] == ATTENTION and
-                                                       self.pattern[2 * j + 1] in (MLP, MOE) for j in range(pairs))
+        layered = self.num_layers == 2 * pairs and all(kind_of(self.pattern[2 * j]).attends and
+                                                       not kind_of(self.pattern[2 * j + 1]).mixes_tokens
+                                                       for j in range(pairs))
         return 2 if self.family in TRANSFORMER_FAMILIES and layered and pairs else 1
 
     def count(self, kind: str) -> int:
@@ -305,18 +314,26 @@ class ModelConfig:
     @property
     def is_homogeneous(self) -> bool:
         """True when every layer of a kind has the same widths (expressible as a NemotronH config)."""
-        return all(len(set(f())) <= 1 for f in (self.mamba_heads_list, self.mamba_head_dims_list,
-                                                   self.attention_heads_list, self.intermediate_sizes_list,
-                                                   self.moe_experts_list, self.moe_intermediate_sizes_list))
+        return all(len({self.layer_widths(i) for i, c in enumerate(self.pattern) if c == char}) <= 1
+                   for char in set(self.pattern))
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.update(out.pop("sections"))  # a kind's section under its name, beside the other fields
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        sections = {name: data.pop(name) for name in SECTION_KINDS if name in data}
         check_fields(cls, data, "model config")
+        if "sections" in data:
+            raise ConfigError("model config: give a kind's settings under its name (e.g. [model.<kind>]), "
+                              "not under 'sections'")
         missing = [n for n in ("pattern", "vocab_size", "hidden_size") if n not in data]
         if missing:
             raise ConfigError(f"model config is missing required field(s) {missing}")
-        return cls(**data)
+        return cls(**data, sections=sections)

@@ -122,16 +122,20 @@ def subnet_config(config: ModelConfig, subnet: Subnet) -> ModelConfig:
         # A model with no blocks is embeddings → norm → head; keep it expressible.
         raise ConfigError("subnet keeps no layers; keep at least one")
     fields: dict[str, Any] = {}
+    sections = dict(config.sections)
     for char, kind in KINDS.items():
         widths = [subnet.layers[i] for i in kept if config.pattern[i] == char]
         # A kind with no kept layer keeps the parent's values: never used, but valid.
         fields.update({name: _collapse(v, v[0]) for name, v in kind.config_fields(config, widths).items()})
+        if kind.section is not None and widths:
+            sections[kind.name] = kind.sub_section(config, widths)
     return dataclasses.replace(
         config,
         pattern="".join(config.pattern[i] for i in kept),
         hidden_size=subnet.hidden_size,
         **fields,
         depth_order=None,
+        sections=sections,
     )
 
 

@@ -92,8 +92,19 @@ def expected_memory_bytes(config: ModelConfig, hidden: Any, layers: list[dict[st
 
 # -- the elastic space ----------------------------------------------------------------------------
 
-# Width axes that act on one kind of layer, and the Subnet field each one sets.
-LAYER_AXES = {axis: (kind.char, fieldname) for kind in KINDS.values() for fieldname, axis in kind.fields.items()}
+def _layer_axes() -> dict[str, tuple[str, str]]:
+    """Width axis → (the pattern characters of the kinds it acts on, the Subnet field it sets). Kinds whose widths
+    mean the same thing share an axis (query heads per KV group: full and sliding-window attention)."""
+    axes: dict[str, tuple[str, str]] = {}
+    for kind in KINDS.values():
+        for fieldname, axis in kind.fields.items():
+            chars, known = axes.get(axis, ("", fieldname))
+            assert known == fieldname, f"axis {axis!r} sets {known!r} in one kind and {fieldname!r} in another"
+            axes[axis] = (chars + kind.char, fieldname)
+    return axes
+
+
+LAYER_AXES = _layer_axes()
 AXES = ("hidden", *LAYER_AXES, "depth")
 DEFAULT_WIDTH_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
 DEFAULT_FFN_FRACTIONS = tuple(i / 32 for i in range(32, 7, -1))  # 1, 31/32, …, 1/4: fine enough to hit budgets
@@ -439,16 +450,17 @@ def _build_axis(config: ModelConfig, name: str, raw: list[Any] | None, heterogen
             raise ConfigError("elastic.depth drops layers, but the parent has no depth order; run `elasticlm "
                               "importance` and `elasticlm reorder` first (or set elastic.depth = [1.0])")
         return Axis(name, (), values) if len(values) > 1 or raw is not None else None
-    kind, fieldname = LAYER_AXES[name]
-    layers = tuple(i for i, k in enumerate(config.pattern) if k == kind)
+    chars, fieldname = LAYER_AXES[name]
+    layers = tuple(i for i, k in enumerate(config.pattern) if k in chars)
     if not layers:
         if raw is not None:
-            raise ConfigError(f"{where} is set but the parent has no {kind!r} layers")
+            raise ConfigError(f"{where} is set but the parent has no {' or '.join(map(repr, chars))} layers")
         return None
     fulls = [getattr(config.layer_widths(i), fieldname) for i in layers]
     default = DEFAULT_FFN_FRACTIONS if name == "ffn" else DEFAULT_WIDTH_FRACTIONS
     choices = raw if raw is not None else list(default)
-    low = kind_of(kind).minimum(config, fieldname)  # e.g. an MoE router needs top_k experts to choose from
+    # e.g. an MoE router needs top_k experts to choose from
+    low = max(kind_of(c).minimum(config, fieldname) for c in chars if c in config.pattern)
     aligned = name in WIDTH_AXES
     values = _dedup([tuple(max(low, _aligned_choice(v, full, where, width_multiple(full, align) if aligned else 1))
                            for full in fulls) for v in choices])

@@ -37,6 +37,8 @@ class AttentionWidth:
 
 class AttentionKind(LayerKind):
     char, name, width = "*", "attention", AttentionWidth
+    module = "attention:Attention"
+    attends, hf_layer_type = True, "full_attention"
     fields = {"heads_per_kv_group": "attention_heads"}
     scores = {"heads_per_kv_group": "head"}
     uniform_keywords = {"attention_heads_per_kv_group": "heads_per_kv_group"}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
+from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..errors import ConfigError
 from .layout import Layout, Run, layout_size
 
 if TYPE_CHECKING:
@@ -17,6 +20,25 @@ Width = Any  # a frozen dataclass of ints, one per elastic field of the kind (Ma
 def width_fields(width: Width | Mapping[str, Any]) -> dict[str, Any]:
     """A width as ``{field: value}`` (a Mapping of expected widths passes through)."""
     return dict(width) if isinstance(width, Mapping) else dataclasses.asdict(width)
+
+
+def per_layer(value: int | list[int], count: int, name: str) -> list[int]:
+    """Expand a per-kind width to one value per layer of that kind.
+
+    >>> per_layer(8, 3, "x")
+    [8, 8, 8]
+    >>> per_layer([8, 4], 2, "x")
+    [8, 4]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise ConfigError(f"{name} must be an int or a list of ints, got {value!r}")
+    values = [value] * count if isinstance(value, int) else list(value)
+    if len(values) != count:
+        raise ConfigError(f"{name} has {len(values)} entries but the pattern has {count} such layers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name} must hold positive ints, got {v!r}")
+    return values
 
 
 class LayerKind:
@@ -37,6 +59,22 @@ class LayerKind:
     # width field → how `elasticlm prune` searches it: "heads" / "channels" (a grid of fractions, see
     # elastic/prune.py) or "fill" (solved so that the count meets the budget; one field in all kinds at most)
     prune_grid: ClassVar[dict[str, str]]
+    # The kind's nn.Module, "module:Class" under elasticlm.model (resolved on first use: the model layer imports
+    # this one, not the other way round). Built as ``Mixer(config, full_width, device=, dtype=)``.
+    module: ClassVar[str]
+    # Token mixers (attention, Mamba) carry information between positions; channel mixers (MLP, MoE) do not.
+    mixes_tokens: ClassVar[bool] = True
+    # True for kinds that attend over earlier tokens: the first block of a transformer decoder layer.
+    attends: ClassVar[bool] = False
+    # The Hugging Face ``layer_types`` entry of this kind in transformer families (None: not a transformer layer).
+    hf_layer_type: ClassVar[str | None] = None
+    # A kind with settings of its own keeps them in a typed section: a dataclass whose defaults make a valid
+    # section, stored in ``ModelConfig.sections[name]`` and written as ``[model.<name>]`` / ``"<name>": {…}``.
+    section: ClassVar[type | None] = None
+
+    def mixer_class(self) -> type:
+        """The ``nn.Module`` class that runs a layer of this kind."""
+        return _resolve(self.module)
 
     # -- config ------------------------------------------------------------------------------
     def full_width(self, config: ModelConfig, k: int) -> Width:
@@ -47,6 +85,22 @@ class LayerKind:
         """The per-kind ModelConfig fields of a model whose layers of this kind have ``widths`` (in order);
         ``{}`` when there are none (the parent's values stay)."""
         raise NotImplementedError
+
+    def check_section(self, config: ModelConfig, section: Any) -> None:
+        """Raise ConfigError when the kind's section does not fit ``config`` (kinds with a section)."""
+
+    def sub_section(self, config: ModelConfig, widths: list[Width]) -> Any:
+        """The section of a model whose layers of this kind have ``widths`` (kinds with a section)."""
+        return config.section(self)
+
+    # -- Hugging Face transformer families (kinds with an ``hf_layer_type``) -----------------
+    def hf_fields(self, config: ModelConfig) -> dict[str, Any]:
+        """config.json keys this kind sets in a transformer family's config (e.g. a window size)."""
+        return {}
+
+    def section_from_hf(self, cfg: dict[str, Any]) -> Any:
+        """The kind's section read from a transformer family's config.json (kinds with a section)."""
+        return None
 
     # -- parameters --------------------------------------------------------------------------
     def layout(self, config: ModelConfig, full: Width, width: Width | Mapping[str, Any], hidden: Any) -> Layout:
@@ -94,4 +148,10 @@ class LayerKind:
         return None
 
 
-__all__ = ["LayerKind", "Width", "width_fields"]
+@cache
+def _resolve(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"elasticlm.model.{module}"), name)
+
+
+__all__ = ["LayerKind", "Width", "per_layer", "width_fields"]

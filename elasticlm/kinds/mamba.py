@@ -39,6 +39,7 @@ class MambaWidth:
 
 class MambaKind(LayerKind):
     char, name, width = "M", "mamba", MambaWidth
+    module = "mamba2:Mamba2Mixer"
     fields = {"heads_per_group": "mamba_heads", "head_dim": "mamba_head_dim"}
     scores = {"heads_per_group": "head", "head_dim": "channel"}
     uniform_keywords = {"mamba_heads_per_group": "heads_per_group", "mamba_head_dim": "head_dim"}

@@ -34,6 +34,8 @@ class MlpWidth:
 
 class MlpKind(LayerKind):
     char, name, width = "-", "mlp", MlpWidth
+    mixes_tokens = False
+    module = "mlp:MLP"
     fields = {"intermediate_size": "ffn"}
     scores = {"intermediate_size": "neuron"}
     uniform_keywords = {"intermediate_size": "intermediate_size"}

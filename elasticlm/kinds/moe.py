@@ -44,6 +44,8 @@ class MoeWidth:
 
 class MoeKind(LayerKind):
     char, name, width = "E", "moe", MoeWidth
+    mixes_tokens = False
+    module = "moe:MoE"
     fields = {"experts_per_group": "moe_experts", "expert_intermediate_size": "moe_ffn"}
     scores = {"experts_per_group": "expert", "expert_intermediate_size": "expert_neuron"}
     uniform_keywords = {"moe_experts_per_group": "experts_per_group",

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..int8 import linear, tensors
-from ..kinds import ATTENTION_KIND, AttentionWidth, slice_params
+from ..kinds import ATTENTION_KIND, AttentionWidth, LayerKind, slice_params
 from .cache import HybridCache, KVState
 from .documents import DocumentMask, document_attention
 from .norm import RMSNorm, rms_norm
@@ -27,6 +27,7 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin [batch, 1, seq, head_dim]
 
 class Attention(nn.Module):
     observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
+    kind: LayerKind = ATTENTION_KIND  # whose layouts the parameters follow (a variant of attention sets its own)
 
     def __init__(self, config: ModelConfig, full: AttentionWidth, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -35,7 +36,7 @@ class Attention(nn.Module):
         self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.attention_head_dim
         self.num_heads = full.heads_per_kv_group * self.num_kv_heads
-        layout = ATTENTION_KIND.layout(config, full, full, config.hidden_size)
+        layout = self.kind.layout(config, full, full, config.hidden_size)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out_features, in_features = (d.full_size for d in layout[f"{name}.weight"])
             setattr(self, name, nn.Linear(in_features, out_features, bias=f"{name}.bias" in layout,
@@ -52,8 +53,11 @@ class Attention(nn.Module):
         return self.packed.get((hidden, width), self, lambda: self._slice(hidden, width))
 
     def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        return slice_params(tensors(self), ATTENTION_KIND.layout(self.config, self.full, width,
-                                                                                 hidden))
+        return slice_params(tensors(self), self.kind.layout(self.config, self.full, width, hidden))
+
+    def new_state(self) -> KVState:
+        """This layer's decoding state: every key and value so far."""
+        return KVState()
 
     def run(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None, layer: int,
             documents: DocumentMask | None, inner: torch.Tensor | None,
@@ -61,7 +65,7 @@ class Attention(nn.Module):
         """The block's call: :meth:`forward` appending to this layer's KV state in ``cache``."""
         if cache is None:
             return self.forward(x, width, None, documents, inner, params, rotary=rotary)
-        state = cache.layers[layer] or KVState()
+        state = cache.layers[layer] or self.new_state()
         cache.layers[layer] = state
         return self.forward(x, width, state, documents, inner, params, cache.key_valid, rotary)
 
@@ -85,26 +89,31 @@ class Attention(nn.Module):
             q, k = rotate(q, *rotary), rotate(k, *rotary)
         past = 0
         if state is not None:
-            past = state.length
+            past = state.start + state.length  # the timeline position of this call's first token
             k, v = state.append(k, v)
+        return self._out(self.attend(q, k, v, past, documents, key_valid), b, t, inner, p)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+               documents: DocumentMask | None, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """Causal attention of the call's ``t`` queries (timeline positions ``past …``) over every key so far
+        (``[batch, heads, t, head_dim]``)."""
+        t, device, scale = q.shape[2], q.device, self.head_dim**-0.5
         if documents is not None and documents.dense is None:  # packed rows: each document attends on its own
-            o = document_attention(q, k, v, documents.buckets, self.head_dim**-0.5)
-            return self._out(o, b, t, inner, p)
+            return document_attention(q, k, v, documents.buckets, scale)
         if documents is not None:  # short packed rows on CPU: causal within each document by a dense mask
             mask, causal = documents.dense, False
         elif key_valid is not None:  # ragged rows: causal over the real keys (a pad query sees itself, not NaN)
-            pos_q = torch.arange(past, past + t, device=x.device)[:, None]
-            pos_k = torch.arange(past + t, device=x.device)[None, :]
+            pos_q = torch.arange(past, past + t, device=device)[:, None]
+            pos_k = torch.arange(past + t, device=device)[None, :]
             mask = ((pos_q >= pos_k) & key_valid[:, None, :]) | (pos_q == pos_k)
             mask, causal = mask[:, None], False
         elif past == 0 or t == 1:
             mask, causal = None, past == 0 and t > 1
         else:  # a chunk of several tokens after a prefix: query i sees keys up to past + i
-            pos_q = torch.arange(past, past + t, device=x.device)[:, None]
-            mask, causal = pos_q >= torch.arange(past + t, device=x.device)[None, :], False
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
-        return self._out(o, b, t, inner, p)
+            pos_q = torch.arange(past, past + t, device=device)[:, None]
+            mask, causal = pos_q >= torch.arange(past + t, device=device)[None, :], False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def _out(self, o: torch.Tensor, b: int, t: int, inner: torch.Tensor | None,
              p: dict[str, torch.Tensor]) -> torch.Tensor:

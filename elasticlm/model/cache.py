@@ -13,19 +13,60 @@ import torch
 from ..config import Subnet
 
 
+class LayerState:
+    """One layer's decoding state over the cache's timeline of positions. The cache treats every kind's state
+    alike through these methods; a kind whose state is more than its rows (KV: one entry per position) says how
+    the timeline moves through it."""
+
+    def rows(self) -> int | None:
+        """Batch rows held (None: nothing stored yet)."""
+        raise NotImplementedError
+
+    def device(self) -> torch.device | None:
+        raise NotImplementedError
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only batch rows ``index``."""
+        raise NotImplementedError
+
+    def concat(self, other: LayerState) -> None:
+        """Append the rows of ``other`` (same timeline length, both already aligned by :meth:`pad_front`)."""
+        raise NotImplementedError
+
+    def pad_front(self, extra: int) -> None:
+        """``extra`` positions no row reads were put in front of the timeline (to merge with a longer cache)."""
+
+    def drop_front(self, cut: int) -> None:
+        """The timeline's first ``cut`` positions (padding in every row) are gone."""
+
+
 @dataclass
-class MambaState:
+class MambaState(LayerState):
     conv: torch.Tensor  # [batch, conv channels, kernel - 1]: the last inputs of the causal conv
     ssm: torch.Tensor  # [batch, heads, head_dim, state], fp32
 
+    def rows(self) -> int:
+        return self.conv.shape[0]
 
-class KVState:
+    def device(self) -> torch.device:
+        return self.conv.device
+
+    def select(self, index: torch.Tensor) -> None:
+        self.conv, self.ssm = self.conv[index], self.ssm[index]
+
+    def concat(self, other: LayerState) -> None:
+        assert isinstance(other, MambaState)
+        self.conv, self.ssm = torch.cat([self.conv, other.conv]), torch.cat([self.ssm, other.ssm])
+
+
+class KVState(LayerState):
     """Keys and values in a buffer that grows by doubling, so that a decode step appends in place."""
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.length = 0
+        self.length = 0  # positions held
+        self.start = 0  # the timeline position of the first one held (a sliding window forgets the oldest)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[batch, kv_heads, new, head_dim]`` and return all keys and values so far."""
@@ -44,13 +85,41 @@ class KVState:
         self.length = need
         return self.k[:, :, :need], self.v[:, :, :need]
 
+    def rows(self) -> int | None:
+        return None if self.k is None else self.k.shape[0]
+
+    def device(self) -> torch.device | None:
+        return None if self.k is None else self.k.device
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+    def concat(self, other: LayerState) -> None:
+        assert isinstance(other, KVState)
+        if self.k is not None:
+            self.k = torch.cat([self.k[:, :, : self.length], other.k[:, :, : other.length]])
+            self.v = torch.cat([self.v[:, :, : self.length], other.v[:, :, : other.length]])
+
+    def pad_front(self, extra: int) -> None:
+        if self.k is not None and extra:
+            self.k = torch.nn.functional.pad(self.k[:, :, : self.length], (0, 0, extra, 0))
+            self.v = torch.nn.functional.pad(self.v[:, :, : self.length], (0, 0, extra, 0))
+            self.length += extra
+
+    def drop_front(self, cut: int) -> None:
+        if self.k is not None:  # a copy: a view would keep the old buffer alive
+            self.k = self.k[:, :, cut : self.length].clone()
+            self.v = self.v[:, :, cut : self.length].clone()
+            self.length -= cut
+
 
 class HybridCache:
     """Per-layer decoding state for one Subnet of one model."""
 
     def __init__(self, num_layers: int, subnet: Subnet, keep_weights: bool = True) -> None:
         self.subnet = subnet
-        self.layers: list[MambaState | KVState | None] = [None] * num_layers
+        self.layers: list[LayerState | None] = [None] * num_layers  # each kind's own state (see LayerState)
         self.seq_len = 0  # tokens already consumed (positions of the timeline kept)
         self.dropped = 0  # positions dropped as padding of every row (drop_shared_padding)
         # The sub-model's weight slices per layer, made on the first call and reused by every later
@@ -80,10 +149,8 @@ class HybridCache:
         if self.pad is not None:
             self.pad = self.pad[index]
         for state in self.layers:
-            if isinstance(state, MambaState):
-                state.conv, state.ssm = state.conv[index], state.ssm[index]
-            elif isinstance(state, KVState) and state.k is not None:
-                state.k, state.v = state.k[index], state.v[index]
+            if state is not None:
+                state.select(index)
 
     def merge(self, other: HybridCache) -> None:
         """Append the rows of ``other`` (same Subnet, e.g. requests that joined a running batch) to this cache.
@@ -98,20 +165,12 @@ class HybridCache:
             rows = _rows(cache)
             base = cache.pad if cache.pad is not None else torch.zeros(rows, dtype=torch.long, device=_device(cache))
             pads.append(base + extra)
-            if extra:
-                for state in cache.layers:
-                    if isinstance(state, KVState) and state.k is not None:
-                        k, v = state.k[:, :, : state.length], state.v[:, :, : state.length]
-                        state.k = torch.nn.functional.pad(k, (0, 0, extra, 0))
-                        state.v = torch.nn.functional.pad(v, (0, 0, extra, 0))
-                        state.length += extra
+            for state in cache.layers:
+                if state is not None:
+                    state.pad_front(extra)
         for mine, theirs in zip(self.layers, other.layers, strict=True):
-            if isinstance(mine, MambaState) and isinstance(theirs, MambaState):
-                mine.conv, mine.ssm = torch.cat([mine.conv, theirs.conv]), torch.cat([mine.ssm, theirs.ssm])
-            elif isinstance(mine, KVState) and isinstance(theirs, KVState) and mine.k is not None:
-                k = torch.cat([mine.k[:, :, : mine.length], theirs.k[:, :, : theirs.length]])
-                v = torch.cat([mine.v[:, :, : mine.length], theirs.v[:, :, : theirs.length]])
-                mine.k, mine.v = k, v
+            if mine is not None and theirs is not None:
+                mine.concat(theirs)
         self.pad = torch.cat(pads)
         self.seq_len = length
 
@@ -128,10 +187,8 @@ class HybridCache:
         if cut < slack or 2 * cut < self.seq_len:
             return 0
         for state in self.layers:
-            if isinstance(state, KVState) and state.k is not None:  # a copy: a view would keep the old buffer alive
-                state.k = state.k[:, :, cut:state.length].clone()
-                state.v = state.v[:, :, cut:state.length].clone()
-                state.length -= cut
+            if state is not None:
+                state.drop_front(cut)
         self.seq_len -= cut
         self.dropped += cut
         self.pad = self.pad - cut
@@ -142,17 +199,13 @@ class HybridCache:
 
 def _rows(cache: HybridCache) -> int:
     for state in cache.layers:
-        if isinstance(state, MambaState):
-            return state.conv.shape[0]
-        if isinstance(state, KVState) and state.k is not None:
-            return state.k.shape[0]
+        if state is not None and state.rows() is not None:
+            return state.rows()
     raise ValueError("an empty cache has no rows to merge")
 
 
 def _device(cache: HybridCache) -> torch.device:
     for state in cache.layers:
-        if isinstance(state, MambaState):
-            return state.conv.device
-        if isinstance(state, KVState) and state.k is not None:
-            return state.k.device
+        if state is not None and state.device() is not None:
+            return state.device()
     return torch.device("cpu")

@@ -80,9 +80,10 @@ def document_buckets(starts: list[int], lengths: list[int], device: torch.device
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: list[DocumentBucket],
-                       scale: float) -> torch.Tensor:
+                       scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of every document on its own. ``q`` [b, heads, t, d], ``k``/``v``
-    [b, kv_heads, t, d] → [b, heads, t, d]; equal to SDPA with the dense same-document causal mask."""
+    [b, kv_heads, t, d] → [b, heads, t, d]; equal to SDPA with the dense same-document causal mask.
+    ``window``: a query sees at most that many positions back, itself included (sliding-window attention)."""
     b, h, t, d = q.shape
     rep = h // k.shape[1]
     qf, kf, vf = (z.transpose(1, 2).reshape(b * t, z.shape[1], d) for z in (q, k, v))
@@ -91,7 +92,12 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket
         qb, kb, vb = (z[bucket.gather].transpose(1, 2) for z in (qf, kf, vf))  # [n, heads, L, d]
         if rep > 1:  # expanded here: the CPU flash kernel takes no GQA
             kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
-        ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        if window is None:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:  # documents start at 0 in their bucket, so one band mask serves them all
+            pos = torch.arange(qb.shape[2], device=qb.device)
+            band = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale)
         out = out.index_put((bucket.scatter,), ob.transpose(1, 2)[bucket.valid])
     return out.view(b, t, h, d).transpose(1, 2)
 

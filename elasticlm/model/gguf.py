@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import LAYER_NAMES, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from . import padding
 
@@ -100,6 +100,10 @@ def _transformer_incompatibility(config: ModelConfig, *, biases: bool, qk_norm: 
     if config.depth_unit != 2 or "E" in config.pattern:
         return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a llama.cpp {family} block is "
                 "one of each")
+    other = sorted(LAYER_NAMES[c] for c in set(config.pattern) - set("*-"))
+    if other:
+        return (f"its {' and '.join(other)} layers are not written to GGUF: llama.cpp's {family} has full "
+                "attention and MLP blocks only; use --format hf or native")
     rope = config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         return f"its rotary scaling {rope.get('rope_type')!r} is not written to GGUF yet (only default rotary)"

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import ATTENTION, MLP, MOE, ModelConfig
+from ..config import MLP, MOE, ModelConfig
 from ..errors import ConfigError
+from ..kinds import KINDS, LayerKind, kind_of
 from .hf_adapter import HFAdapter
 from .hf_fields import Fields
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(.+)$")
+LAYER_TYPED = ("qwen2", "qwen3")  # the families whose config gives each layer its attention type (layer_types)
 _OUTER = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight": "norm_f.weight",
           "lm_head.weight": "lm_head.weight"}
 
@@ -57,11 +59,6 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"model_type {family!r} is not a Llama-family model ({sorted(ARCHITECTURES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{family} hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
-    if cfg.get("use_sliding_window"):
-        raise ConfigError(f"{family} use_sliding_window=true is not supported (every layer must attend fully)")
-    types = cfg.get("layer_types") or []
-    if any(t != "full_attention" for t in types):
-        raise ConfigError(f"{family} layer_types {sorted(set(types))} are not supported (only full_attention)")
     if cfg.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"{family} pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
 
@@ -69,12 +66,13 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     layers = get("num_hidden_layers")
     bias = bool(cfg.get("attention_bias", False))
-    pattern, moe = (ATTENTION + MLP) * layers, {}
+    attention = _attention_kinds(cfg, family, layers)
+    pattern, moe = "".join(a.char + MLP for a in attention), {}
     if family == "qwen3_moe":
         experts, step = get("num_experts", "num_local_experts"), get("decoder_sparse_step", default=1)
         dense = set(cfg.get("mlp_only_layers") or [])
         sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
-        pattern = "".join(ATTENTION + (MOE if s else MLP) for s in sparse)
+        pattern = "".join(a.char + (MOE if s else MLP) for a, s in zip(attention, sparse, strict=True))
         moe = dict(moe_num_experts=experts, moe_intermediate_size=get("moe_intermediate_size"),
                    moe_top_k=get("num_experts_per_tok"), moe_norm_topk_prob=bool(get("norm_topk_prob", default=False)),
                    moe_router="softmax", moe_expert_type="swiglu", moe_shared_intermediate_size=0)
@@ -100,8 +98,33 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=get.eos(),
         family=family,
+        sections={k.name: k.section_from_hf(cfg) for k in set(attention) if k.section is not None},
         **moe,
     )
+
+
+def _attention_kinds(cfg: dict[str, Any], family: Any, layers: Any) -> list[LayerKind]:
+    """The attention kind of every decoder layer, from ``layer_types`` (or, as transformers derives them for
+    Qwen2 / Qwen3, from ``use_sliding_window`` and ``max_window_layers``). Without ``use_sliding_window`` a
+    Qwen layer typed sliding attends fully (transformers drops the window), and so do ours."""
+    if not isinstance(layers, int):
+        return []  # Fields already named the missing or malformed key
+    by_type = {k.hf_layer_type: k for k in KINDS.values() if k.hf_layer_type}
+    windowed = family in LAYER_TYPED and bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window")
+    types = list(cfg.get("layer_types") or [])
+    if not types:
+        first = cfg.get("max_window_layers", layers) if windowed else layers
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    elif not windowed and family in LAYER_TYPED:
+        types = ["full_attention"] * len(types)
+    if family not in LAYER_TYPED and set(types) != {"full_attention"}:
+        raise ConfigError(f"{family} use_sliding_window / layer_types {sorted(set(types))} are not supported "
+                          f"(per-layer attention types: {', '.join(LAYER_TYPED)})")
+    unknown = sorted(set(types) - set(by_type))
+    if unknown or len(types) != layers:
+        raise ConfigError(f"{family} layer_types {unknown or types} are not supported: give one of "
+                          f"{sorted(by_type)} per layer ({layers} layers)")
+    return [by_type[t] for t in types]
 
 
 def incompatibility(config: ModelConfig) -> str | None:
@@ -110,14 +133,18 @@ def incompatibility(config: ModelConfig) -> str | None:
     if config.depth_unit != 2 or (MOE in config.pattern and family != "qwen3_moe"):
         return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a {family} decoder layer has "
                 "both (a sub-model that drops one half of a layer); save it in the native format instead")
-    for what, values in (("attention head counts", config.attention_heads_list()),
+    for what, values in (("attention head counts", _query_heads(config)),
                          ("FFN widths", config.intermediate_sizes_list()),
                          ("expert counts", config.moe_experts_list()),
                          ("expert FFN widths", config.moe_intermediate_sizes_list())):
         if len(set(values)) > 1:
             return (f"its layers have different {what} {values}, and a {family} config holds one value; "
                     "save it in the native format instead")
-    heads = config.attention_heads_list()[0]
+    types = _layer_types(config)
+    if family not in LAYER_TYPED and set(types) != {"full_attention"}:
+        return (f"{family} has only full-attention layers, and this model has {sorted(set(types))}; export it "
+                f"as {' or '.join(LAYER_TYPED)} (per-layer attention types) or in the native format")
+    heads = _query_heads(config)[0]
     if family == "llama" and config.hidden_size % heads:
         return (f"transformers' LlamaConfig requires hidden_size ({config.hidden_size}) to be a multiple of "
                 f"num_attention_heads ({heads}); save it in the native format instead")
@@ -151,7 +178,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "hidden_size": config.hidden_size,
         "intermediate_size": (config.intermediate_sizes_list() or [1])[0],
         "num_hidden_layers": layers,
-        "num_attention_heads": config.attention_heads_list()[0],
+        "num_attention_heads": _query_heads(config)[0],
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.attention_head_dim,
         "hidden_act": "silu",
@@ -175,6 +202,10 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         out["mlp_bias"] = config.mlp_bias
     else:
         out.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers})
+    if family in LAYER_TYPED and set(_layer_types(config)) != {"full_attention"}:  # else as before: no key
+        out["layer_types"] = _layer_types(config)
+        for kind in {kind_of(c) for c in config.pattern[::2]}:
+            out.update(kind.hf_fields(config))
     if family == "qwen3_moe":
         dense = [j for j in range(layers) if config.pattern[2 * j + 1] == MLP]
         out.update({"num_experts": config.moe_experts_list()[0] if MOE in config.pattern else 0,
@@ -184,6 +215,17 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
                     "decoder_sparse_step": 1, "mlp_only_layers": dense,
                     "intermediate_size": (config.intermediate_sizes_list() or [out["intermediate_size"]])[0]})
     return out
+
+
+def _query_heads(config: ModelConfig) -> list[int]:
+    """Query heads of every attention block, whatever its kind (full or sliding-window)."""
+    return [config.layer_widths(i).heads_per_kv_group * config.num_key_value_heads
+            for i, c in enumerate(config.pattern) if kind_of(c).attends]
+
+
+def _layer_types(config: ModelConfig) -> list[str]:
+    """Each decoder layer's transformers ``layer_types`` entry (its attention block's kind)."""
+    return [kind_of(c).hf_layer_type or c for c in config.pattern[::2]]
 
 
 def name_from_hf(name: str) -> str | None:

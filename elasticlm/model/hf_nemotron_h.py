@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from ..config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, ModelConfig
 from ..errors import ConfigError
 from .hf_adapter import HFAdapter
 from .hf_fields import Fields
@@ -127,6 +127,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 def incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` (uniform widths per layer kind) cannot be a NemotronH config, or None if it can."""
+    other = sorted(LAYER_NAMES[c] for c in set(config.pattern) - {MAMBA, ATTENTION, MLP, MOE})
+    if other:
+        return f"NemotronH has no {' or '.join(other)} layers"
     if config.time_step_limit not in (None, [config.time_step_min, math.inf]):
         return f"NemotronH clamps the time step at time_step_min; this model clamps it to {config.time_step_limit}"
     if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias

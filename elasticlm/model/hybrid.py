@@ -14,24 +14,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import (
-    AttentionWidth,
-    LayerWidth,
-    MambaWidth,
-    MlpWidth,
-    ModelConfig,
-    Subnet,
-    count_parameters,
-)
+from ..config import LayerWidth, ModelConfig, Subnet, count_parameters
 from ..int8 import Int8Weight, embedding, linear
 from ..int8 import weight as stored_weight  # float or int8
-from ..kinds import ATTENTION_KIND, MAMBA_KIND, MLP_KIND, MOE_KIND
-from .attention import Attention
+from ..kinds import kind_of
 from .cache import HybridCache
 from .documents import DocumentMask
-from .mamba2 import Mamba2Mixer, NormWeight
-from .mlp import MLP
-from .moe import MoE
 from .norm import RMSNorm, rms_norm
 from .rope import inverse_frequencies, rotary_tables
 from .serving import decode_layout
@@ -63,11 +51,6 @@ class Modulation:
     norm_width: torch.Tensor | None = None
 
 
-# The nn.Module of every layer kind (elasticlm.kinds); built from the model config and the layer's full width.
-MIXERS: dict[str, type[nn.Module]] = {MAMBA_KIND.char: Mamba2Mixer, ATTENTION_KIND.char: Attention, MLP_KIND.char: MLP,
-                                      MOE_KIND.char: MoE}
-
-
 class Block(nn.Module):
     # Set by elasticlm.elastic.importance while it records activations; None otherwise.
     observer: Observer | None = None
@@ -76,7 +59,8 @@ class Block(nn.Module):
         super().__init__()
         self.kind = config.pattern[layer]
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
-        self.mixer: nn.Module = MIXERS[self.kind](config, config.layer_widths(layer), device=device, dtype=dtype)
+        mixer = kind_of(self.kind).mixer_class()  # the kind's module, built from the layer's full width
+        self.mixer: nn.Module = mixer(config, config.layer_widths(layer), device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
@@ -150,9 +134,9 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Conv1d):
                 module.reset_parameters()
-            elif isinstance(module, (RMSNorm, NormWeight)):
+            elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        for block in self.layers:  # a kind's own init on top (Mamba-2: its SSM parameters)
+        for block in self.layers:  # a kind's own init on top (Mamba-2: its SSM parameters, its gated norm)
             if hasattr(block.mixer, "init_kind_parameters"):
                 block.mixer.init_kind_parameters()
 
@@ -335,4 +319,4 @@ class HybridLM(nn.Module):
         return out
 
 
-__all__ = ["HybridLM", "Block", "Modulation", "MambaWidth", "AttentionWidth", "MlpWidth"]
+__all__ = ["HybridLM", "Block", "Modulation"]

@@ -175,6 +175,7 @@ class Mamba2Mixer(nn.Module):
         1/sqrt(layers) as transformers does for the residual outputs of Mamba layers."""
         self.init_ssm_parameters(self.config.time_step_max)
         self.out_proj.weight.mul_(1 / math.sqrt(self.config.num_layers))
+        self.norm.weight.fill_(1.0)
 
     @torch.no_grad()
     def init_ssm_parameters(self, time_step_max: float) -> None:

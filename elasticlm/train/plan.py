@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ATTENTION, ModelConfig, Subnet, count_active_parameters, count_parameters
+from ..config import ModelConfig, Subnet, count_active_parameters, count_parameters
 from ..errors import ConfigError
 from ..kinds import kind_of
 from ..model.documents import DENSE_MASK_MAX_LEN
@@ -131,8 +131,9 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
         saved = sum(per_block) * tokens + outer + sum(copies)
         workspace = 1.2 * largest
     doc_index = (1 + 4 * config.conv_kernel + 3 * 8 * 2) * tokens if documents else 0  # reset, taps, buckets
-    if documents and dense_mask_len and config.count(ATTENTION):  # short CPU rows: one [t, t] bool mask, and
-        doc_index += 3.6 * tokens * dense_mask_len  # what SDPA makes of it (measured with saved_tensors_hooks)
+    if documents and dense_mask_len and any(kind_of(c).attends for c in config.pattern):
+        # short CPU rows: one [t, t] bool mask, and what SDPA makes of it (measured with saved_tensors_hooks)
+        doc_index += 3.6 * tokens * dense_mask_len
     return {"saved": saved + doc_index, "block_workspace": workspace}
 
 
