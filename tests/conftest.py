@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
 import pytest
 import torch
 
-from elasticlm import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, MoeWidth, Subnet
+from elasticlm import ModelConfig, Subnet
 from elasticlm.kinds import kind_of
 
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker and every process it starts gets one
@@ -95,22 +96,16 @@ def hf_twin(config: ModelConfig, seed: int = 0):
 
 
 def random_subnet(config: ModelConfig, rng: random.Random, allow_drop: bool = True) -> Subnet:
-    """A random valid Subnet with per-layer (heterogeneous) widths and possibly dropped layers."""
+    """A random valid Subnet with per-layer (heterogeneous) widths and possibly dropped layers: every width field
+    of every layer drawn between its kind's minimum and the parent's width."""
     layers = []
     for i in range(config.num_layers):
-        full = config.layer_widths(i)
+        full, kind = config.layer_widths(i), kind_of(config.pattern[i])
         if allow_drop and rng.random() < 0.2:
             layers.append(None)
-        elif isinstance(full, MambaWidth):
-            layers.append(MambaWidth(rng.randint(1, full.heads_per_group), rng.randint(1, full.head_dim)))
-        elif isinstance(full, AttentionWidth):
-            layers.append(AttentionWidth(rng.randint(1, full.heads_per_kv_group)))
-        elif isinstance(full, MoeWidth):
-            low = kind_of("E").minimum(config, "experts_per_group")
-            layers.append(MoeWidth(rng.randint(low, full.experts_per_group),
-                                   rng.randint(1, full.expert_intermediate_size)))
-        else:
-            layers.append(MlpWidth(rng.randint(1, full.intermediate_size)))
+            continue
+        layers.append(dataclasses.replace(full, **{f: rng.randint(kind.minimum(config, f), v)
+                                                   for f, v in dataclasses.asdict(full).items()}))
     if all(w is None for w in layers):
         layers[0] = config.layer_widths(0)
     return Subnet(rng.randint(max(1, config.hidden_size // 4), config.hidden_size), tuple(layers))

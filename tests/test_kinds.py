@@ -8,13 +8,14 @@ at a one-hot choice is the kept set, and reordering moves exactly the entries th
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 from conftest import randomize_, tiny_config
 
-from elasticlm import AttentionWidth, HybridLM, MambaWidth, MlpWidth, MoeWidth
+from elasticlm import HybridLM
 from elasticlm.kinds import KINDS, kept_indices, kind_of, layout_size
 
 SHAPES = [  # (pattern, groups, mamba heads, head dim, q heads, kv heads, extra config)
@@ -30,6 +31,9 @@ SHAPES = [  # (pattern, groups, mamba heads, head dim, q heads, kv heads, extra 
                              "moe_shared_intermediate_size": 7}),
     ("E-", 1, 4, 4, 4, 2, {"moe_num_experts": 5, "moe_top_k": 1, "moe_intermediate_size": 6,
                            "moe_shared_intermediate_size": 3, "mlp_bias": True}),
+    # sliding-window attention beside full attention, its own head count per layer, biases and q/k norm
+    ("W*-W", 1, 4, 4, 6, 2, {"sections": {"sliding_attention": {"window": 3, "num_heads": [6, 4]}},
+                             "attention_bias": True, "attention_out_bias": True, "qk_norm": True}),
 ]
 
 
@@ -52,7 +56,7 @@ def naive(cfg, kind: str, full, w, hidden: int) -> dict[str, list[list[int]]]:
         if cfg.use_conv_bias:
             out["conv1d.bias"] = [conv_rows]
         return out
-    if kind == "*":
+    if kind in "*W":  # full and sliding-window attention: the same parameters
         kv, dh, per = cfg.num_key_value_heads, cfg.attention_head_dim, full.heads_per_kv_group
         # query head j of KV group k sits at row block k·per + j (transformers' repeat_kv order)
         q = [(k * per + j) * dh + c for k in range(kv) for j in range(w.heads_per_kv_group) for c in range(dh)]
@@ -88,13 +92,7 @@ def naive(cfg, kind: str, full, w, hidden: int) -> dict[str, list[list[int]]]:
 
 
 def random_width(full, rng: random.Random):
-    if isinstance(full, MambaWidth):
-        return MambaWidth(rng.randint(1, full.heads_per_group), rng.randint(1, full.head_dim))
-    if isinstance(full, AttentionWidth):
-        return AttentionWidth(rng.randint(1, full.heads_per_kv_group))
-    if isinstance(full, MoeWidth):
-        return MoeWidth(rng.randint(1, full.experts_per_group), rng.randint(1, full.expert_intermediate_size))
-    return MlpWidth(rng.randint(1, full.intermediate_size))
+    return dataclasses.replace(full, **{f: rng.randint(1, v) for f, v in dataclasses.asdict(full).items()})
 
 
 def config_of(shape):
@@ -130,7 +128,8 @@ def test_kept_indices_and_slices_match_a_naive_reference(shape):
             assert kind_of(cfg.pattern[i]).parameters(cfg, full, width, hidden) == counted
 
 
-@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[5]], ids=["hybrid", "transformer", "moe"])
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[5], SHAPES[7]],
+                         ids=["hybrid", "transformer", "moe", "sliding"])
 @torch.no_grad()
 def test_one_hot_staircase_is_the_kept_set(shape):
     """The router's soft mask for a one-hot choice marks exactly the naive kept entries of the inner activation."""
@@ -150,7 +149,8 @@ def test_one_hot_staircase_is_the_kept_set(shape):
                 experts, _, ffn = naive(cfg, "E", full, width, cfg.hidden_size)["experts.down_proj"]
                 kept = [e * full.expert_intermediate_size + c for e in experts for c in ffn]
             else:
-                out_name = {"M": "out_proj.weight", "*": "o_proj.weight", "-": "down_proj.weight"}[cfg.pattern[i]]
+                out_name = {"M": "out_proj.weight", "*": "o_proj.weight", "W": "o_proj.weight",
+                            "-": "down_proj.weight"}[cfg.pattern[i]]
                 kept = naive(cfg, cfg.pattern[i], full, width, cfg.hidden_size)[out_name][1]
             assert torch.nonzero(mask).flatten().tolist() == kept
 
@@ -177,7 +177,12 @@ def test_permutation_moves_units_with_their_entries():
 
 
 def test_every_kind_is_registered_once():
-    assert sorted(KINDS) == ["*", "-", "E", "M"]
+    assert sorted(KINDS) == ["*", "-", "E", "M", "W"]
     assert len({k.width for k in KINDS.values()}) == len(KINDS)
-    axes = [a for k in KINDS.values() for a in k.fields.values()]
-    assert len(axes) == len(set(axes))
+    assert len({k.name for k in KINDS.values()}) == len(KINDS)
+    # an axis shared by several kinds sets the same width field in each (query heads per KV group)
+    setters = {}
+    for k in KINDS.values():
+        for fieldname, axis in k.fields.items():
+            setters.setdefault(axis, set()).add(fieldname)
+    assert all(len(f) == 1 for f in setters.values())

@@ -14,8 +14,10 @@ from .layout import Dim, Layout, Run, kept_indices, layout_size, slice_params
 from .mamba import MAMBA_KIND, MambaWidth
 from .mlp import MLP_KIND, MlpWidth
 from .moe import MOE_KIND, MoeWidth
+from .sliding_attention import SLIDING_ATTENTION_KIND, SlidingAttentionWidth
 
-KINDS: dict[str, LayerKind] = {k.char: k for k in (MAMBA_KIND, ATTENTION_KIND, MLP_KIND, MOE_KIND)}
+KINDS: dict[str, LayerKind] = {k.char: k for k in (MAMBA_KIND, ATTENTION_KIND, MLP_KIND, MOE_KIND,
+                                                   SLIDING_ATTENTION_KIND)}
 
 
 def kind_of(char: str) -> LayerKind:
@@ -33,6 +35,6 @@ def kind_of_width(width: object) -> LayerKind:
     raise TypeError(f"{width!r} is not a layer width")
 
 
-__all__ = ["ATTENTION_KIND", "KINDS", "MAMBA_KIND", "MLP_KIND", "MOE_KIND", "AttentionWidth", "Dim", "LayerKind",
-           "Layout", "MambaWidth", "MlpWidth", "MoeWidth", "Run", "Width", "kept_indices", "kind_of", "kind_of_width",
-           "layout_size", "slice_params", "width_fields"]
+__all__ = ["ATTENTION_KIND", "KINDS", "MAMBA_KIND", "MLP_KIND", "MOE_KIND", "SLIDING_ATTENTION_KIND", "AttentionWidth",
+           "Dim", "LayerKind", "Layout", "MambaWidth", "MlpWidth", "MoeWidth", "Run", "SlidingAttentionWidth", "Width",
+           "kept_indices", "kind_of", "kind_of_width", "layout_size", "slice_params", "width_fields"]
