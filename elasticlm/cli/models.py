@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from ..checkpoint import read_config
     from ..config import LAYER_NAMES, count_parameters
+    from ..kinds import kind_of
     from ..model.hf import hf_label
 
     config, kind = read_config(args.model)
@@ -68,9 +70,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{args.model}  ({hf_label(config.family) if kind == 'hf' else 'elasticlm native'}, "
           f"family {config.family})")
     print(f"pattern      {config.pattern}  ({config.num_layers} layers: "
-          + ", ".join(f"{config.count(k)} {n}" for k, n in LAYER_NAMES.items()) + ")")
+          + ", ".join(f"{config.count(k)} {n}" for k, n in LAYER_NAMES.items() if config.count(k)) + ")")
     print(f"hidden       {config.hidden_size}   vocab {config.vocab_size}   tied head {config.tie_word_embeddings}")
-    if config.count("*"):
+    if any(kind_of(c).attends for c in config.pattern):
         rope = config.rope_parameters
         position = ("none" if rope is None
                     else f"rotary ({rope.get('rope_type', 'default')}, theta {rope['rope_theta']:g})")
@@ -85,6 +87,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"moe          routed experts {config.moe_num_experts} (top {config.moe_top_k}, {config.moe_n_group} "
               f"routing group(s)), expert FFN {config.moe_intermediate_size}, shared expert FFN "
               f"{config.moe_shared_intermediate_size}; active parameters {count_active_parameters(config):,}")
+    for name, section in config.sections.items():  # the settings of kinds that keep their own
+        if name in {kind_of(c).name for c in config.pattern}:
+            print(f"{name:<12} " + "; ".join(f"{k} {v}" for k, v in dataclasses.asdict(section).items()
+                                             if v is not None))
     print(f"parameters   {count_parameters(config):,}")
     if kind == "native":
         from ..checkpoint import read_json

@@ -101,7 +101,12 @@ class SlidingAttentionKind(AttentionKind):
         return 2 * batch * keys * config.num_key_value_heads * config.attention_head_dim * dtype_bytes
 
     def hf_fields(self, config: ModelConfig) -> dict[str, Any]:
-        return {"use_sliding_window": True, "sliding_window": config.section(self).window}
+        """transformers reads ``layer_types``; ``max_window_layers`` (the first sliding decoder layer) is for
+        readers that only know the older rule "sliding from layer max_window_layers on" — vLLM 0.32 among them,
+        which then refuses a model whose layers are not all alike instead of attending fully in every layer."""
+        first = next(j for j, c in enumerate(config.pattern[::2]) if c == self.char)
+        return {"use_sliding_window": True, "sliding_window": config.section(self).window,
+                "max_window_layers": first}
 
     def section_from_hf(self, cfg: dict[str, Any]) -> SlidingAttentionSection:
         return SlidingAttentionSection(window=cfg.get("sliding_window"))
