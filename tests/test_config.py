@@ -105,3 +105,17 @@ def test_the_documented_demo_configs_are_what_elasticlm_demo_trains():
     run = load_elastic_run_config(root / "configs" / "demo-elastic.toml")
     assert (run.elastic.router_mode, run.distill.trainable_teacher, run.elastic.heterogeneous) == ("st", True, ["ffn"])
     assert load_run_config(root / "configs" / "demo-parent.toml").train.steps == 1400
+
+
+def test_every_shipped_config_loads():
+    """Every run config under configs/ (pretrain, or elastic when it names a [parent]) is valid as shipped."""
+    from pathlib import Path
+
+    from elasticlm.config.files import read_config_file
+    from elasticlm.train.config import load_elastic_run_config, load_run_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(files) >= 6
+    for file in files:
+        run = (load_elastic_run_config if "parent" in read_config_file(file) else load_run_config)(file)
+        assert run.train.out, file.name
