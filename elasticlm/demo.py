@@ -91,9 +91,10 @@ QUICK = Recipe(
 )
 
 
-# The parent's family (`elasticlm demo --family`): Nemotron-H (the recipes above) or a transformer of about the same
-# size — Llama (rotary attention, gated SiLU MLP, untied) or Qwen3 (plus per-head q/k norm, tied embeddings) —
-# trained by the same recipe. A transformer decoder layer is two blocks, attention then MLP.
+# The demo's parents (`elasticlm demo --parent`): the Nemotron-H hybrid (the recipes above), the hybrid with
+# mixture-of-experts layers, or a transformer of about the same size — Llama (rotary attention, gated SiLU MLP,
+# untied) or Qwen3 (plus per-head q/k norm, tied embeddings) — trained by the same recipe.
+# A transformer decoder layer is two blocks, attention then MLP.
 TRANSFORMER_PARENTS: dict[str, dict[bool, dict[str, Any]]] = {
     family: {
         False: dict(pattern="*-" * 4, vocab_size=288, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
@@ -119,18 +120,19 @@ MOE_PARENTS: dict[bool, dict[str, Any]] = {
                attention_head_dim=16, intermediate_size=128, moe_num_experts=4, moe_intermediate_size=48,
                moe_shared_intermediate_size=32, moe_top_k=2),
 }
-DEMO_FAMILIES = ("nemotron_h", "nemotron_h_moe", *TRANSFORMER_PARENTS)
+DEMO_PARENTS = ("nemotron_h", "nemotron_h_moe", *TRANSFORMER_PARENTS)
 
 
-def for_family(recipe: Recipe, family: str, quick: bool) -> Recipe:
-    """``recipe`` with a parent of ``family`` (its model table replaced; training and elastic recipe unchanged)."""
-    if family == "nemotron_h":
+def for_parent(recipe: Recipe, parent: str, quick: bool) -> Recipe:
+    """``recipe`` with the demo parent ``parent`` (one of :data:`DEMO_PARENTS`; its model table replaced, training
+    and elastic recipe unchanged)."""
+    if parent == "nemotron_h":
         return recipe
-    if family not in DEMO_FAMILIES:
-        raise ConfigError(f"unknown demo family {family!r}; choose one of {list(DEMO_FAMILIES)}")
-    parent = _plain(recipe.parent)
-    parent["model"] = _plain(MOE_PARENTS[quick] if family == "nemotron_h_moe" else TRANSFORMER_PARENTS[family][quick])
-    return dataclasses.replace(recipe, parent=parent)
+    if parent not in DEMO_PARENTS:
+        raise ConfigError(f"unknown demo parent {parent!r}; choose one of {list(DEMO_PARENTS)}")
+    tables = _plain(recipe.parent)
+    tables["model"] = _plain(MOE_PARENTS[quick] if parent == "nemotron_h_moe" else TRANSFORMER_PARENTS[parent][quick])
+    return dataclasses.replace(recipe, parent=tables)
 
 
 def _plain(obj: Any) -> Any:
@@ -189,9 +191,9 @@ def seeded(recipe: Recipe, seed: int) -> Recipe:
 
 
 def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print, seed: int = 0, family: str = "nemotron_h") -> dict[str, Any]:
-    """The whole pipeline under ``out``; returns the evaluation points and the paths written. ``family``: the
-    parent's architecture (see :data:`TRANSFORMER_PARENTS`)."""
+             log: Callable[[str], None] = print, seed: int = 0, parent: str = "nemotron_h") -> dict[str, Any]:
+    """The whole pipeline under ``out``; returns the evaluation points and the paths written. ``parent``: the
+    parent's architecture, one of :data:`DEMO_PARENTS`."""
     from .checkpoint import atomic_directory, atomic_write_text, load, save, write_model_files
     from .data.datasets import data_config_from_spec
     from .data.synthetic import FAMILIES
@@ -208,7 +210,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .train.elastic import train_elastic
     from .train.pretrain import pretrain
 
-    recipe = for_family(seeded(QUICK if quick else FULL, seed), family, quick)
+    recipe = for_parent(seeded(QUICK if quick else FULL, seed), parent, quick)
     out = Path(out)
     # the demo works in its own directory: an empty or new one, or one of its earlier runs (reused / resumed)
     resolve_output(out, force=True, kind="demo")
@@ -217,7 +219,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo.json", json.dumps({"elasticlm_demo": "quick" if quick else "full", "seed": seed,
-                                                     "family": family}) + "\n")
+                                                     "parent": parent}) + "\n")
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -273,7 +275,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     t0 = time.perf_counter()
     log("== 4/6 extract every budget")
     elastic = load(out / "elastic" / "final")
-    written = extract_budgets(elastic, list(elastic.budgets), out / "family", "auto", force=True)
+    written = extract_budgets(elastic, list(elastic.budgets), out / "extracted", "auto", force=True)
     for label, path, fmt in written:
         log(f"budget {label}: {path} ({hf_label(elastic.config.family) if fmt == 'hf' else 'native'}, "
             f"{elastic.num_parameters(elastic.budgets[label]):,} parameters)")
@@ -312,14 +314,14 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
                 for label, subnet in zero_shot.items()]
     points = evaluate_entries(entries, families=FAMILIES, levels=tuple(ev["levels"]), n=ev["n"], val_data=val,
                               val_samples=ev["val_samples"], log=log)
-    meta = {"demo": "quick" if quick else "full", "seed": seed, "family": family, "out": str(out), "n": ev["n"],
+    meta = {"demo": "quick" if quick else "full", "seed": seed, "parent": parent, "out": str(out), "n": ev["n"],
             "difficulty": ev["levels"], "val_samples": ev["val_samples"], "timings_s": timings}
     paths = save_report(points, out / "eval", meta, title="elasticlm demo" + (" --quick" if quick else ""),
                         force=True)
     step("evaluation", t0)
     timings["total"] = time.perf_counter() - start
     atomic_write_text(out / "eval" / "timings.json", json.dumps(timings, indent=2) + "\n")
-    return {"points": points, "paths": paths, "family": [str(p) for _, p, _ in written],
+    return {"points": points, "paths": paths, "extracted": [str(p) for _, p, _ in written],
             "elastic": str(out / "elastic" / "final"), "table": markdown_table(points), "timings": timings}
 
 

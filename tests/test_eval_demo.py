@@ -121,7 +121,7 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_its_parent(quick_demo, tm
         assert abs(p["parameters"] / target - 1) < 0.03, p
     elastic = elasticlm.load(out / "elastic" / "final")
     for label, subnet in elastic.budgets.items():
-        assert elasticlm.load(out / "family" / f"budget-{label}").num_parameters() == elastic.num_parameters(subnet)
+        assert elasticlm.load(out / "extracted" / f"budget-{label}").num_parameters() == elastic.num_parameters(subnet)
     assert (out / "eval" / "pareto.png").read_bytes()[:8] == PNG
     assert "budget 0.5: elastic vs zero-shot pruned" in printed and "pareto.png" in printed
     # a second run reuses the parent and the elastic model (same recipe) instead of training again
@@ -165,17 +165,17 @@ def test_demo_quick_with_a_llama_parent_exports_to_transformers(tmp_path, capsys
     budgets that are whole decoder layers of one width load in transformers' LlamaForCausalLM."""
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--family", "llama", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--parent", "llama", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "budget 0.5: elastic vs zero-shot pruned" in printed
-    assert json.loads((out / "demo.json").read_text())["family"] == "llama"
+    assert json.loads((out / "demo.json").read_text())["parent"] == "llama"
     elastic = elasticlm.load(out / "elastic" / "final")
     assert elastic.config.family == "llama" and set(elastic.config.pattern) == {"*", "-"}
     assert elastic.config.rope_parameters is not None and elastic.config.mlp_type == "swiglu"
     ids = torch.randint(3, elastic.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     exported = 0
     for label, subnet in elastic.budgets.items():
-        directory = out / "family" / f"budget-{label}"
+        directory = out / "extracted" / f"budget-{label}"
         assert elasticlm.load(directory).num_parameters() == elastic.num_parameters(subnet)
         config = json.loads((directory / "config.json").read_text())
         if config.get("model_type") == "llama":  # written as Hugging Face Llama: transformers runs it
@@ -186,3 +186,18 @@ def test_demo_quick_with_a_llama_parent_exports_to_transformers(tmp_path, capsys
         else:  # per-layer widths or half a decoder layer dropped: native
             assert "elasticlm_format" in config
     assert exported >= 1  # at least the full budget
+
+
+def test_demo_parent_option_and_its_old_name():
+    """`--parent` picks the demo's parent architecture; `--family`, its name before "family" came to mean only the
+    Hugging Face model_type, still parses to it but is no longer advertised."""
+    from elasticlm.cli import build_parser
+    from elasticlm.demo import DEMO_PARENTS
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--parent", "qwen3"]).parent == "qwen3"
+    assert parser.parse_args(["demo", "--family", "llama"]).parent == "llama"
+    assert parser.parse_args(["demo"]).parent == "nemotron_h"
+    assert set(DEMO_PARENTS) == {"nemotron_h", "nemotron_h_moe", "llama", "qwen3"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--parent", "gpt2"])

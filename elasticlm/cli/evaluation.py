@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..demo import DEMO_PARENTS
 from ..errors import ConfigError
 from .common import (
     DATA_HELP,
@@ -27,17 +28,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import comparison_lines, run_demo
 
     out = args.out or (("runs/demo-quick" if args.quick else "runs/demo")
-                       + (f"-{args.family}" if args.family != "nemotron_h" else "")
+                       + (f"-{args.parent}" if args.parent != "nemotron_h" else "")
                        + (f"-seed{args.seed}" if args.seed else ""))
     result = run_demo(out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress,
-                      log=lambda msg: print(msg, flush=True), seed=args.seed, family=args.family)
+                      log=lambda msg: print(msg, flush=True), seed=args.seed, parent=args.parent)
     print("\n## elasticlm demo" + (" --quick" if args.quick else "") + "\n")
     print(result["table"])
     print()
     for line in comparison_lines(result["points"]):
         print(line)
     print(f"\nelastic checkpoint (every budget, shared weights): {result['elastic']}")
-    print("extracted models: " + ", ".join(result["family"]))
+    print("extracted models: " + ", ".join(result["extracted"]))
     print("report: " + ", ".join(str(p) for p in result["paths"].values())
           + ("" if "plot" in result["paths"] else "  (no plot: pip install matplotlib)"))
     print(f"total {result['timings']['total'] / 60:.1f} min")
@@ -117,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "untrained": {k: v.describe() for k, v in getattr(model, "untrained", {}).items()}}
     paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
-    print(f"\n[{args.n} held-out examples per family and difficulty, greedy decoding"
+    print(f"\n[{args.n} held-out examples per task and difficulty, greedy decoding"
           + (f"; loss on {_loss_scope(args, points, whole)}" if ppl else "")
           + f"; {time.perf_counter() - start:.0f}s]")
     print("wrote " + ", ".join(str(p) for p in paths.values())
@@ -162,12 +163,14 @@ def add_parsers(sub: Any, fmt: type) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run; quality is not "
                                                         "meaningful)")
     p.add_argument("--out", help="working directory (default: runs/demo, or runs/demo-quick with --quick; "
-                                 "runs/demo-FAMILY with --family, runs/demo-seedN with --seed N)")
-    p.add_argument("--family", choices=["nemotron_h", "nemotron_h_moe", "llama", "qwen3"], default="nemotron_h",
+                                 "runs/demo-PARENT with --parent, runs/demo-seedN with --seed N)")
+    p.add_argument("--parent", choices=list(DEMO_PARENTS), default="nemotron_h",
                    help="the parent's architecture: the Nemotron-H hybrid (Mamba-2 + attention + MLP), the hybrid "
                         "with mixture-of-experts layers instead of MLPs (8 experts, top 2, a shared expert), or a "
                         "Llama- or Qwen3-shaped transformer (rotary attention + gated SiLU MLP) of about the same "
                         "size; the rest of the recipe is the same")
+    # the name this option had before "family" came to mean only the Hugging Face model_type
+    p.add_argument("--family", dest="parent", choices=list(DEMO_PARENTS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="moves every random choice (the parent's and the elastic "
                                                        "run's init and data slice; the evaluation prompts stay): run "
                                                        "seeds 0, 1, 2 to see the spread (bench/replicate.py seeds)")
@@ -189,9 +192,9 @@ def add_parsers(sub: Any, fmt: type) -> None:
     p.add_argument("--think-budget", help="also evaluate think small, answer big: this budget writes each trace and "
                                           "every evaluated budget the answer (rows labelled THINK→BUDGET)")
     p.add_argument("--tasks", default="ppl,reasoning,recall",
-                   help="comma list: ppl, reasoning (add, vars, sort), recall, or single families")
+                   help="comma list: ppl, reasoning (add, vars, sort), recall, or single tasks (add, vars, sort)")
     p.add_argument("--difficulty", default="default,hard", help="difficulty levels to score: default, hard")
-    p.add_argument("--n", type=_count(1), default=100, help="examples per family and difficulty")
+    p.add_argument("--n", type=_count(1), default=100, help="examples per task and difficulty")
     p.add_argument("--baseline", action="append", metavar="[LABEL=]DIR",
                    help="another model directory to score and plot alongside (repeatable), e.g. a pruned model")
     p.add_argument("--subnet", help="JSON Subnet of a plain model to evaluate (default: the full model)")

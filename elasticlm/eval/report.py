@@ -49,7 +49,7 @@ def parse_tasks(text: str) -> tuple[bool, tuple[str, ...]]:
         elif name in synthetic.FAMILIES:
             families.add(name)
         else:
-            raise ConfigError(f"unknown task {name!r}; choose from ppl, {', '.join(TASK_GROUPS)} or a family "
+            raise ConfigError(f"unknown task {name!r}; choose from ppl, {', '.join(TASK_GROUPS)} or a single task "
                               f"({', '.join(synthetic.FAMILIES)})")
     if not ppl and not families:
         raise ConfigError("--tasks is empty; give e.g. ppl,reasoning,recall")
@@ -67,7 +67,7 @@ def parse_levels(text: str) -> tuple[str, ...]:
 
 @dataclass
 class Point:
-    """One evaluated model: ``series`` names the family of points it belongs to in the plot."""
+    """One evaluated model: ``series`` names the line of points it belongs to in the plot."""
 
     series: str
     budget: str
