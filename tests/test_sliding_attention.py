@@ -68,7 +68,7 @@ def test_layer_equals_a_naive_windowed_loop():
     x = torch.randn(2, 9, 16)
     got = mixer(x, cfg.layer_widths(0))
     assert torch.allclose(got, naive_window_attention(mixer, x, 3), atol=1e-5)
-    full = mixer.forward(x, cfg.layer_widths(0), None)
+    full = mixer.compute(x, cfg.layer_widths(0), None)
     # and the window matters here: full attention over the same weights differs
     mixer.window = 100
     assert (mixer(x, cfg.layer_widths(0)) - full).abs().max() > 1e-3

@@ -172,21 +172,20 @@ class _Recorder:
 
 
 def _attach(model: HybridLM, recorder: _Recorder) -> Callable[[], None]:
-    """Point every observer at ``recorder``; returns the function that detaches them."""
-    hooked: list[Any] = []
-
-    def hook(obj: Any, layer: int) -> None:
-        obj.observer = lambda name, act: recorder.observe(layer, name, act)
-        hooked.append(obj)
-
+    """Forward hooks that feed ``recorder``: every block's input and output, every mixer's input (the normed hidden
+    state) and tap (its inner activation), the final norm's output; returns the function that removes them."""
+    handles = [model.norm_f.register_forward_hook(lambda m, args, out: recorder.observe(-1, "norm_f", out))]
     for i, block in enumerate(model.layers):
-        hook(block, i)
-        hook(block.mixer, i)
-    hook(model, -1)
+        handles += [
+            block.register_forward_pre_hook(lambda m, args, i=i: recorder.observe(i, "block_in", args[0])),
+            block.register_forward_hook(lambda m, args, out, i=i: recorder.observe(i, "block_out", out)),
+            block.mixer.register_forward_pre_hook(lambda m, args, i=i: recorder.observe(i, "norm", args[0])),
+            block.mixer.tap.register_forward_hook(lambda m, args, out, i=i: recorder.observe(i, "inner", out)),
+        ]
 
     def detach() -> None:
-        for obj in hooked:
-            obj.__dict__.pop("observer", None)
+        for handle in handles:
+            handle.remove()
 
     return detach
 
@@ -245,7 +244,7 @@ def width_importance(model: HybridLM, batches: Iterator[Batch] | list[Batch], to
     layers: list[dict[str, torch.Tensor]] = []
     for i, char in enumerate(cfg.pattern):
         kind = kind_of(char)
-        layers.append(unit_scores(kind, kind.inner(cfg, cfg.layer_widths(i)), recorder.agg(i, kind.observed)))
+        layers.append(unit_scores(kind, kind.inner(cfg, cfg.layer_widths(i)), recorder.agg(i, "inner")))
     cosine = [1.0 - float(c) / recorder.tokens for c in recorder.cos_sum]
     return hidden, layers, cosine
 

@@ -42,7 +42,6 @@ class AttentionKind(LayerKind):
     fields = {"heads_per_kv_group": "attention_heads"}
     scores = {"heads_per_kv_group": "head"}
     uniform_keywords = {"attention_heads_per_kv_group": "heads_per_kv_group"}
-    observed = "o_in"
     prune_grid = {"heads_per_kv_group": "heads"}
 
     def full_width(self, config: ModelConfig, k: int) -> AttentionWidth:

@@ -55,7 +55,6 @@ class LayerKind:
     fields: ClassVar[dict[str, str]]  # width field → elastic axis
     scores: ClassVar[dict[str, str]]  # width field → importance score key
     uniform_keywords: ClassVar[dict[str, str]]  # Subnet.uniform keyword → width field
-    observed: ClassVar[str]  # the observer key of the activation in the inner layout (importance)
     # width field → how `elasticlm prune` searches it: "heads" / "channels" (a grid of fractions, see
     # elastic/prune.py) or "fill" (solved so that the count meets the budget; one field in all kinds at most)
     prune_grid: ClassVar[dict[str, str]]

@@ -43,7 +43,6 @@ class MambaKind(LayerKind):
     fields = {"heads_per_group": "mamba_heads", "head_dim": "mamba_head_dim"}
     scores = {"heads_per_group": "head", "head_dim": "channel"}
     uniform_keywords = {"mamba_heads_per_group": "heads_per_group", "mamba_head_dim": "head_dim"}
-    observed = "x"
     prune_grid = {"heads_per_group": "heads", "head_dim": "channels"}
 
     def full_width(self, config: ModelConfig, k: int) -> MambaWidth:

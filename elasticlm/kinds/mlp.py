@@ -39,7 +39,6 @@ class MlpKind(LayerKind):
     fields = {"intermediate_size": "ffn"}
     scores = {"intermediate_size": "neuron"}
     uniform_keywords = {"intermediate_size": "intermediate_size"}
-    observed = "down_in"
     prune_grid = {"intermediate_size": "fill"}
 
     def full_width(self, config: ModelConfig, k: int) -> MlpWidth:

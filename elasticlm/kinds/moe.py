@@ -50,7 +50,6 @@ class MoeKind(LayerKind):
     scores = {"experts_per_group": "expert", "expert_intermediate_size": "expert_neuron"}
     uniform_keywords = {"moe_experts_per_group": "experts_per_group",
                         "moe_intermediate_size": "expert_intermediate_size"}
-    observed = "experts_in"
     prune_grid = {"experts_per_group": "heads", "expert_intermediate_size": "channels"}
 
     def full_width(self, config: ModelConfig, k: int) -> MoeWidth:

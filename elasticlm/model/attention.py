@@ -7,8 +7,6 @@ so keeping the first ``r`` query heads of every KV group is a prefix inside each
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +19,12 @@ from .documents import DocumentMask, document_attention
 from .norm import RMSNorm, rms_norm
 from .rope import rotate
 from .slicing import PackedWeights
+from .tap import Tap
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin [batch, 1, seq, head_dim] of the call's positions
 
 
 class Attention(nn.Module):
-    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
     kind: LayerKind = ATTENTION_KIND  # whose layouts the parameters follow (a variant of attention sets its own)
 
     def __init__(self, config: ModelConfig, full: AttentionWidth, device: torch.device | str | None = None,
@@ -44,6 +42,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
+        self.tap = Tap()  # the heads' output, before o_proj (importance hooks it)
 
     def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict (views, except
@@ -59,17 +58,17 @@ class Attention(nn.Module):
         """This layer's decoding state: every key and value so far."""
         return KVState()
 
-    def run(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None, layer: int,
-            documents: DocumentMask | None, inner: torch.Tensor | None,
-            params: dict[str, torch.Tensor] | None, rotary: Rotary | None = None) -> torch.Tensor:
-        """The block's call: :meth:`forward` appending to this layer's KV state in ``cache``."""
+    def forward(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None = None, layer: int = 0,
+                documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
+                params: dict[str, torch.Tensor] | None = None, rotary: Rotary | None = None) -> torch.Tensor:
+        """The block's call: :meth:`compute` appending to this layer's KV state in ``cache``."""
         if cache is None:
-            return self.forward(x, width, None, documents, inner, params, rotary=rotary)
+            return self.compute(x, width, None, documents, inner, params, rotary=rotary)
         state = cache.layers[layer] or self.new_state()
         cache.layers[layer] = state
-        return self.forward(x, width, state, documents, inner, params, cache.key_valid, rotary)
+        return self.compute(x, width, state, documents, inner, params, cache.key_valid, rotary)
 
-    def forward(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
+    def compute(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
                 documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None, key_valid: torch.Tensor | None = None,
                 rotary: Rotary | None = None) -> torch.Tensor:
@@ -120,6 +119,6 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(b, t, -1)
         if inner is not None:
             o = o * inner
-        if self.observer is not None:
-            self.observer("o_in", o)
+        if self.tap.watched:
+            self.tap(o)
         return linear(o, p["o_proj.weight"], p.get("o_proj.bias"))

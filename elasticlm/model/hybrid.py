@@ -28,9 +28,6 @@ from .slicing import prefix
 Device = torch.device | str | None
 
 
-Observer = Callable[[str, torch.Tensor], None]
-
-
 @dataclass
 class Modulation:
     """Multipliers applied inside one forward pass. The model does not know where they come from
@@ -52,9 +49,6 @@ class Modulation:
 
 
 class Block(nn.Module):
-    # Set by elasticlm.elastic.importance while it records activations; None otherwise.
-    observer: Observer | None = None
-
     def __init__(self, config: ModelConfig, layer: int, device: Device = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.kind = config.pattern[layer]
@@ -66,8 +60,8 @@ class Block(nn.Module):
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
                 inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        # The mixer's run() is a plain method call: single-token decoding is overhead-bound, and a second
-        # nn.Module.__call__ per block costs as much as a small kernel here. Hooks go on blocks.
+        # Blocks and mixers run through nn.Module.__call__, so forward hooks see them (importance scoring hooks the
+        # block's input and output, the mixer's input and its tap; see elastic/importance.py).
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
             if layer not in cache.weights:
                 cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
@@ -76,14 +70,9 @@ class Block(nn.Module):
         else:
             norm_weight, prm = prefix(self.norm.weight, 0, x.shape[-1]), None
         h = rms_norm(x, norm_weight, self.norm.eps, norm_width)
-        if self.observer is not None:
-            self.observer("block_in", x)
-            self.observer("norm", h)
-        h = self.mixer.run(h, width, cache, layer, documents, inner, prm, rotary)
+        h = self.mixer(h, width, cache, layer, documents, inner, prm, rotary)
         if scale is not None:
             h = h * scale
-        if self.observer is not None:
-            self.observer("block_out", x + h)
         return x + h
 
     def sliced(self, hidden: int, width: LayerWidth) -> dict[str, torch.Tensor]:
@@ -96,7 +85,6 @@ Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class HybridLM(nn.Module):
-    observer: Observer | None = None  # sees the final norm's output ("norm_f"); see Block.observer
     sharded = False  # True once FSDP2 shards the blocks (see mark_sharded)
     # Per-block activation checkpointing while gradients are on: each block keeps only its input and
     # recomputes its inside during backward (activation memory ≈ one hidden state per block).
@@ -239,8 +227,6 @@ class HybridLM(nn.Module):
             x = rms_norm(x, self.norm_f.weight[: x.shape[-1]], self.norm_f.eps, mod.norm_width)
         else:
             x = self.norm_f(x)
-        if self.observer is not None:
-            self.observer("norm_f", x)
         weight = prefix(self.head_weight(), 1, d)
         return head(x, weight) if head is not None else linear(x, weight)
 

@@ -13,7 +13,6 @@ never sliced. The gated norm normalises per group, over the kept channels of tha
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,10 @@ from .cache import HybridCache, MambaState
 from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
 from .slicing import PackedWeights
+from .tap import Tap
 
 
 class Mamba2Mixer(nn.Module):
-    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
     def __init__(self, config: ModelConfig, full: MambaWidth, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -56,6 +55,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads, **kw))
         self.norm = NormWeight(shapes["norm.weight"][0], **kw)
         self.out_proj = nn.Linear(*shapes["out_proj.weight"][::-1], bias=config.use_bias, **kw)
+        self.tap = Tap()  # the x channels before the conv (importance hooks it)
 
     # -- slicing ----------------------------------------------------------------------------
     def sliced(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
@@ -77,17 +77,17 @@ class Mamba2Mixer(nn.Module):
         return tensors(self)
 
     # -- forward ----------------------------------------------------------------------------
-    def run(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None, layer: int,
-            documents: DocumentMask | None, inner: torch.Tensor | None,
-            params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
-        """The block's call: :meth:`forward` with this layer's state in ``cache`` (read and replaced)."""
+    def forward(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None = None, layer: int = 0,
+                documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
+                params: dict[str, torch.Tensor] | None = None, rotary: object = None) -> torch.Tensor:
+        """The block's call: :meth:`compute` with this layer's state in ``cache`` (read and replaced)."""
         if cache is None:
-            return self.forward(u, width, None, documents=documents, inner=inner, params=params)[0]
-        out, cache.layers[layer] = self.forward(u, width, cache.layers[layer], new_state=True, documents=documents,
+            return self.compute(u, width, None, documents=documents, inner=inner, params=params)[0]
+        out, cache.layers[layer] = self.compute(u, width, cache.layers[layer], new_state=True, documents=documents,
                                                 inner=inner, params=params, valid=cache.chunk_valid)
         return out
 
-    def forward(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
+    def compute(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,
                 new_state: bool = False, documents: DocumentMask | None = None,
                 inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState | None]:
@@ -107,8 +107,8 @@ class Mamba2Mixer(nn.Module):
 
         zxbcdt = linear(u, prm["in_proj.weight"], prm.get("in_proj.bias"))
         z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * g * n, heads], dim=-1)
-        if self.observer is not None:
-            self.observer("x", xbc[..., :d_inner])  # the x part, before the conv
+        if self.tap.watched:
+            self.tap(xbc[..., :d_inner])  # the x part, before the conv
 
         conv_w, conv_b = prm["conv1d.weight"], prm.get("conv1d.bias")
         if valid is not None:  # padding: zero conv inputs (as before a sequence starts)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,15 +9,16 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import MLP_KIND, MlpWidth, slice_params
+from .tap import Tap
 
 
 class MLP(nn.Module):
-    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
     def __init__(self, config: ModelConfig, full: MlpWidth, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mlp.py)
+        self.tap = Tap()  # the FFN activations, before down_proj (importance hooks it)
         kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
         self.gated = config.mlp_type == "swiglu"
         if self.gated:
@@ -31,12 +30,13 @@ class MLP(nn.Module):
         """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
         return slice_params(tensors(self), MLP_KIND.layout(self.config, self.full, width, hidden))
 
-    def run(self, x: torch.Tensor, width: MlpWidth, cache: object, layer: int, documents: object,
-            inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MlpWidth, cache: object = None, layer: int = 0, documents: object = None,
+                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
+                rotary: object = None) -> torch.Tensor:
         """The block's call (an MLP keeps no state and needs no document mask)."""
-        return self.forward(x, width, inner, params)
+        return self.compute(x, width, inner, params)
 
-    def forward(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None,
+    def compute(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``inner`` ([ffn] or broadcastable) multiplies the activations before ``down_proj`` (soft masks)."""
         p = params if params is not None else self.sliced(x.shape[-1], width)  # params: sliced() made earlier
@@ -47,6 +47,6 @@ class MLP(nn.Module):
             h = F.relu(linear(x, p["up_proj.weight"], p.get("up_proj.bias"))).square()
         if inner is not None:
             h = h * inner
-        if self.observer is not None:
-            self.observer("down_in", h)
+        if self.tap.watched:
+            self.tap(h)
         return linear(h, p["down_proj.weight"], p.get("down_proj.bias"))

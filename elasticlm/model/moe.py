@@ -13,8 +13,6 @@ MLPs (Nemotron-H) or gated SiLU ones (Qwen3-MoE, ``[gate | up]`` rows in one ``g
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import MOE_KIND, MoeWidth, slice_params
+from .tap import Tap
 
 
 class MoeGate(nn.Module):
@@ -52,12 +51,12 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    observer: Callable[[str, torch.Tensor], None] | None = None  # see Block.observer
 
     def __init__(self, config: ModelConfig, full: MoeWidth, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/moe.py)
+        self.tap = Tap()  # [experts · ffn]: each token's expert activations × routing weight (importance hooks it)
         experts = full.experts_per_group * config.moe_n_group
         self.sigmoid, self.gated = config.moe_router == "sigmoid", config.moe_expert_type == "swiglu"
         self.gate = MoeGate(experts, config.hidden_size, self.sigmoid, device, dtype)
@@ -77,10 +76,11 @@ class MoE(nn.Module):
         """This layer's parameters (and the router's bias buffer) for the sub-model, keyed like its state_dict."""
         return slice_params(tensors(self), MOE_KIND.layout(self.config, self.full, width, hidden))
 
-    def run(self, x: torch.Tensor, width: MoeWidth, cache: object, layer: int, documents: object,
-            inner: torch.Tensor | None, params: dict[str, torch.Tensor] | None, rotary: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MoeWidth, cache: object = None, layer: int = 0, documents: object = None,
+                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
+                rotary: object = None) -> torch.Tensor:
         """The block's call (no decode state, no document mask: every token is routed on its own)."""
-        return self.forward(x, width, inner, params)
+        return self.compute(x, width, inner, params)
 
     def route(self, h: torch.Tensor, p: dict[str, torch.Tensor], excluded: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return index, weights * cfg.moe_routed_scaling_factor
 
-    def forward(self, x: torch.Tensor, width: MoeWidth, inner: torch.Tensor | None = None,
+    def compute(self, x: torch.Tensor, width: MoeWidth, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``inner`` ([experts · ffn], soft masks) multiplies every expert's activations; an expert whose mask is
         all zero cannot be chosen, so a one-hot mask is exactly the sliced sub-model."""
@@ -124,7 +124,7 @@ class MoE(nn.Module):
         mask = None if inner is None else inner.reshape(experts, ffn)
         index, weights = self.route(h, p, None if mask is None else mask.amax(-1) == 0)
         out = torch.zeros(h.shape, device=h.device, dtype=weights.dtype)
-        record = torch.zeros(h.shape[0], experts, ffn, device=h.device) if self.observer is not None else None
+        record = torch.zeros(h.shape[0], experts, ffn, device=h.device) if self.tap.watched else None
         for e in index.unique().tolist():
             token, slot = torch.where(index == e)
             if self.gated:
@@ -139,7 +139,7 @@ class MoE(nn.Module):
                 record[token, e] = act.float() * w
             out.index_add_(0, token, (linear(act, down[e]) * w).to(out.dtype))
         if record is not None:
-            self.observer("experts_in", record.view(*shape[:-1], experts * ffn))
+            self.tap(record.view(*shape[:-1], experts * ffn))
         out = out.to(x.dtype).view(shape)
         if "shared_experts.up_proj.weight" not in p:
             return out
