@@ -6,7 +6,10 @@ everything is importable from ``elasticlm.config``.
 
 A model is a string pattern of blocks (DESIGN 2.1):
 
-    ``M`` Mamba-2 mixer · ``*`` GQA attention · ``-`` MLP · ``E`` mixture of experts (Nemotron-H MoE)
+    ``M`` Mamba-2 mixer · ``*`` GQA attention · ``W`` sliding-window GQA attention · ``-`` MLP ·
+    ``E`` mixture of experts (Nemotron-H MoE)
+
+A kind with settings of its own keeps them in a section (``[model.sliding_attention] window = 4096``).
 
 Nemotron-H's attention has no positional encoding and its MLP is squared-ReLU; transformer parents
 (Llama, Qwen2, Qwen3) are the pattern ``"*-" * layers`` with rotary attention (``rope_parameters``) and a
