@@ -272,3 +272,24 @@ def test_transformers_qwen3_sliding_layers_give_the_same_logits_both_ways():
     want = hf.generate(ids[:1, :4], max_new_tokens=14, min_new_tokens=14, do_sample=False, eos_token_id=None,
                        pad_token_id=0)
     assert torch.equal(generate(ours, ids[:1, :4], max_new_tokens=14), want)
+
+
+def test_reading_transformers_window_rules():
+    """transformers' rules for which Qwen2/Qwen3 layers slide: explicit layer_types, the older max_window_layers rule
+    (sliding from that layer on), and no window at all without use_sliding_window; a Llama with sliding layers is
+    refused in one line."""
+    from elasticlm.model.hf import config_from_hf
+
+    base = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 8}
+    legacy = config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 1})
+    assert legacy.pattern == "*-W-W-" and legacy.section(KINDS["W"]).window == 8
+    typed = config_from_hf({**base, "use_sliding_window": True,
+                            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]})
+    assert typed.pattern == "W-*-W-"
+    off = config_from_hf({**base, "layer_types": ["sliding_attention"] * 3})  # transformers drops the window
+    assert off.pattern == "*-*-*-"
+    with pytest.raises(ConfigError, match="layer_types"):
+        config_from_hf({**base, "model_type": "llama", "layer_types": ["sliding_attention"] * 3})
+    with pytest.raises(ConfigError, match="not supported"):
+        config_from_hf({**base, "use_sliding_window": True, "layer_types": ["chunked_attention"] * 3})
