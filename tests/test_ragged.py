@@ -1,5 +1,6 @@
 """Ragged batches: prompts of different lengths decoded together, rows joining and leaving a running batch —
-each row must produce exactly the tokens it produces alone (attention and Mamba layers, full model and Subnet)."""
+each row must produce exactly the tokens it produces alone (attention, sliding-window attention and Mamba layers,
+full model and Subnet)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,15 @@ def alone(model, prompt, n, subnet=None):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["hybrid", "sliding-window"])
+def model(request):
+    """A Mamba + attention hybrid, and one whose attention is partly sliding-window (window 3: its state forgets)."""
     torch.manual_seed(0)
-    return randomize_(HybridLM(tiny_config("M*M-*M", vocab_size=64, chunk=4)), seed=3).eval()
+    if request.param == "hybrid":
+        config = tiny_config("M*M-*M", vocab_size=64, chunk=4)
+    else:
+        config = tiny_config("MW*-W", vocab_size=64, chunk=4, sections={"sliding_attention": {"window": 3}})
+    return randomize_(HybridLM(config), seed=3).eval()
 
 
 PROMPTS = [[5, 9, 3], list(range(1, 12)), [7], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]]

@@ -1,6 +1,6 @@
 """Sliding-window attention (``W`` layers): against a naive windowed loop and transformers' Qwen3 sliding layers,
-decoding with a bounded state, ragged and merged batches, packed documents, nested == extracted, exact counts and
-memory, the config section, and the elastic space's shared head axis."""
+decoding with a bounded state (ragged and merged batches: tests/test_ragged.py), packed documents, nested ==
+extracted, exact counts and memory, the config section, and the elastic space's shared head axis."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from elasticlm.config import subnet_config
 from elasticlm.elastic.importance import estimate
 from elasticlm.elastic.reorder import reorder_
 from elasticlm.elastic.space import ElasticConfig, ElasticSpace, memory_bytes
-from elasticlm.generate import generate, generate_ragged
+from elasticlm.generate import generate
 from elasticlm.kinds import KINDS, kind_of
 from elasticlm.model import documents as documents_module
 from elasticlm.model.documents import document_ids_from_eos
@@ -91,29 +91,6 @@ def test_decoding_with_a_bounded_state_equals_the_full_forward(window):
                     assert isinstance(state, WindowKVState)
                     assert state.length == min(start, window - 1) and state.start == start - state.length
         assert torch.allclose(torch.cat(outs, 1), ref, atol=2e-5), chunks
-
-
-@torch.no_grad()
-def test_ragged_and_joining_rows_decode_as_alone():
-    """Left-padded rows, rows merged into a running batch and shared padding dropped — each row as alone."""
-    model = model_for(sliding_config("W*W-W", window=3))
-    prompts = [[5, 9, 3], list(range(1, 12)), [7], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
-    want = [generate(model, torch.tensor([p]), max_new_tokens=9)[0, len(p):].tolist() for p in prompts]
-    assert generate_ragged(model, prompts, max_new_tokens=9) == want
-    from elasticlm.generate import DecodeBatch, Request
-
-    batch = DecodeBatch(model)
-    first = [Request(prompts[1], 9), Request(prompts[0], 4)]
-    batch.add(first)
-    for _ in range(3):
-        batch.step()
-    later = [Request(prompts[2], 9), Request(prompts[3], 9)]
-    batch.add(later)
-    while len(batch):
-        batch.step()
-    for req in first + later:
-        alone = generate(model, torch.tensor([req.prompt]), max_new_tokens=req.max_new_tokens)
-        assert req.tokens == alone[0, len(req.prompt):].tolist()
 
 
 @torch.no_grad()
