@@ -81,3 +81,14 @@ def test_every_step_of_the_pipeline_on_a_hugging_face_parent(tmp_path, family):
             # randomly pruned expert width (e.g. 17 neurons) does not have: the eager path runs any width
             again = transformers.AutoModelForCausalLM.from_pretrained(directory, experts_implementation="eager").eval()
             assert (again(ids, use_cache=False).logits - nested).abs().max().item() <= 1e-4
+
+
+def test_every_family_has_its_adapter():
+    """The family table (config.FAMILIES) is the one registration: each family's module holds an adapter that reads
+    and writes that model_type, and the HF registry is built from the table."""
+    from elasticlm.config import FAMILIES
+    from elasticlm.model.hf import ADAPTERS
+
+    assert set(ADAPTERS) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert name in ADAPTERS[name].architectures, (name, family.adapter)

@@ -20,8 +20,27 @@ IntOrList = int | list[int]
 # one layer's kept widths, as a Subnet holds them: the kind's width dataclass (None in a Subnet: layer skipped)
 LayerWidth = Width
 MLP_TYPES = ("relu2", "swiglu")
-FAMILIES = ("nemotron_h", "mamba2", "llama", "qwen2", "qwen3", "qwen3_moe")
-TRANSFORMER_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Hugging Face family (``model_type``) a model comes from and exports to."""
+
+    adapter: str  # the module under elasticlm.model whose ``ADAPTER`` reads and writes it (model/hf_adapter.py)
+    decoder_layers: bool  # a decoder layer is an attention block and an MLP block, dropped together (depth_unit 2)
+
+
+# The families, one line each: a new family is its adapter module and its line here (model/hf.py builds its
+# registry from this table); the GGUF writers (model/gguf.py) are keyed by the same names.
+FAMILIES: dict[str, Family] = {
+    "nemotron_h": Family("hf_nemotron_h", decoder_layers=False),
+    "mamba2": Family("hf_mamba2", decoder_layers=False),
+    "llama": Family("hf_llama", decoder_layers=True),
+    "qwen2": Family("hf_llama", decoder_layers=True),
+    "qwen3": Family("hf_llama", decoder_layers=True),
+    "qwen3_moe": Family("hf_llama", decoder_layers=True),
+}
+TRANSFORMER_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.decoder_layers)
 # rope_type → the keys it needs besides rope_theta (transformers' names)
 ROPE_TYPES = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -207,7 +226,7 @@ class ModelConfig:
         if self.mlp_type not in MLP_TYPES:
             raise ConfigError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if self.family not in FAMILIES:
-            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+            raise ConfigError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
         for name in ("attention_bias", "attention_out_bias", "qk_norm", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -281,7 +300,7 @@ class ModelConfig:
         layered = self.num_layers == 2 * pairs and all(kind_of(self.pattern[2 * j]).attends and
                                                        not kind_of(self.pattern[2 * j + 1]).mixes_tokens
                                                        for j in range(pairs))
-        return 2 if self.family in TRANSFORMER_FAMILIES and layered and pairs else 1
+        return 2 if FAMILIES[self.family].decoder_layers and layered and pairs else 1
 
     def count(self, kind: str) -> int:
         return self.pattern.count(kind)

@@ -2,32 +2,35 @@
 
 One adapter per family (:class:`~elasticlm.model.hf_adapter.HFAdapter`): NemotronH in
 :mod:`~elasticlm.model.hf_nemotron_h`, Mamba2 in :mod:`~elasticlm.model.hf_mamba2`, Llama / Qwen2 / Qwen3 /
-Qwen3-MoE in :mod:`~elasticlm.model.hf_llama`, looked up by ``model_type`` (import) or ``ModelConfig.family``
-(export). Shared here: per-layer widths zero-padded to one width per kind (:mod:`~elasticlm.model.padding`),
+Qwen3-MoE in :mod:`~elasticlm.model.hf_llama` — the family table ``config.FAMILIES`` names each one's module —
+looked up by ``model_type`` (import) or ``ModelConfig.family`` (export). Shared here: per-layer widths
+zero-padded to one width per kind (:mod:`~elasticlm.model.padding`),
 routed experts one tensor each on disk, tied heads, and the in-memory converters (which need transformers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import MOE, ModelConfig
+from ..config import FAMILIES, MOE, ModelConfig
 from ..errors import ConfigError
-from . import hf_llama, hf_mamba2, hf_nemotron_h, padding
+from . import padding
 from .hf_adapter import HFAdapter
 from .hf_nemotron_h import CACHE_ANCHOR  # noqa: F401 (re-exported: the loaders read it)
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
 
-# model_type → its family's adapter; a new family is one module and one entry here
-ADAPTERS: dict[str, HFAdapter] = {t: a for a in (hf_nemotron_h.ADAPTER, hf_mamba2.ADAPTER, hf_llama.ADAPTER)
-                                  for t in a.architectures}
+# model_type → its family's adapter, from the family table (config.FAMILIES: a new family is its module and its
+# line there)
+ADAPTERS: dict[str, HFAdapter] = {name: importlib.import_module(f"{__package__}.{family.adapter}").ADAPTER
+                                  for name, family in FAMILIES.items()}
 HF_CLASSES = {t: a.architectures[t] for t, a in ADAPTERS.items()}
 
 

@@ -39,7 +39,7 @@ _OUTER = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight":
           "lm_head.weight": "lm_head.weight"}
 
 
-def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+def rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     """transformers ≥ 5 keeps ``rope_parameters``; older configs ``rope_theta`` and ``rope_scaling`` (its type
     under ``type`` or ``rope_type``)."""
     rope = dict(cfg.get("rope_parameters") or {})
@@ -57,13 +57,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     family = cfg.get("model_type")
     if family not in ARCHITECTURES:
         raise ConfigError(f"model_type {family!r} is not a Llama-family model ({sorted(ARCHITECTURES)})")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{family} hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
-    if cfg.get("pretraining_tp", 1) != 1:
-        raise ConfigError(f"{family} pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
-
+    check_decoder(cfg, family)
     get = Fields(cfg, family)
-    hidden, heads = get("hidden_size"), get("num_attention_heads")
     layers = get("num_hidden_layers")
     bias = bool(cfg.get("attention_bias", False))
     attention = _attention_kinds(cfg, family, layers)
@@ -78,28 +73,44 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
                    moe_router="softmax", moe_expert_type="swiglu", moe_shared_intermediate_size=0)
     return ModelConfig(
         pattern=pattern,
+        **decoder_fields(cfg, get),
+        attention_bias=True if family == "qwen2" else bias,
+        attention_out_bias=False if family == "qwen2" else bias,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
+        sections={k.name: k.section_from_hf(cfg) for k in set(attention) if k.section is not None},
+        **moe,
+    )
+
+
+def check_decoder(cfg: dict[str, Any], family: str) -> None:
+    """What no Llama-shaped family of ours reads: another activation, tensor-parallel slices."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{family} hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+    if cfg.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"{family} pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
+
+
+def decoder_fields(cfg: dict[str, Any], get: Fields) -> dict[str, Any]:
+    """The ModelConfig fields every Llama-shaped family's config.json gives the same way."""
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    return dict(
         vocab_size=get("vocab_size"),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=get("num_key_value_heads", default=heads),
         attention_head_dim=get("head_dim", default=hidden // heads if isinstance(hidden, int) and heads else None),
-        rope_parameters=_rope_from_hf(cfg),
-        attention_bias=True if family == "qwen2" else bias,
-        attention_out_bias=False if family == "qwen2" else bias,
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        rope_parameters=rope_from_hf(cfg),
         max_position_embeddings=get("max_position_embeddings", default=4096),
         intermediate_size=get("intermediate_size"),
         mlp_type="swiglu",
-        mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
         norm_eps=float(get("rms_norm_eps", default=1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=get.eos(),
-        family=family,
-        sections={k.name: k.section_from_hf(cfg) for k in set(attention) if k.section is not None},
-        **moe,
+        family=get.family,
     )
 
 
@@ -133,7 +144,7 @@ def incompatibility(config: ModelConfig) -> str | None:
     if config.depth_unit != 2 or (MOE in config.pattern and family != "qwen3_moe"):
         return (f"its blocks {config.pattern!r} are not attention + MLP pairs, and a {family} decoder layer has "
                 "both (a sub-model that drops one half of a layer); save it in the native format instead")
-    for what, values in (("attention head counts", _query_heads(config)),
+    for what, values in (("attention head counts", query_heads(config)),
                          ("FFN widths", config.intermediate_sizes_list()),
                          ("expert counts", config.moe_experts_list()),
                          ("expert FFN widths", config.moe_intermediate_sizes_list())):
@@ -144,7 +155,7 @@ def incompatibility(config: ModelConfig) -> str | None:
     if family not in LAYER_TYPED and set(types) != {"full_attention"}:
         return (f"{family} has only full-attention layers, and this model has {sorted(set(types))}; export it "
                 f"as {' or '.join(LAYER_TYPED)} (per-layer attention types) or in the native format")
-    heads = _query_heads(config)[0]
+    heads = query_heads(config)[0]
     if family == "llama" and config.hidden_size % heads:
         return (f"transformers' LlamaConfig requires hidden_size ({config.hidden_size}) to be a multiple of "
                 f"num_attention_heads ({heads}); save it in the native format instead")
@@ -163,22 +174,19 @@ def incompatibility(config: ModelConfig) -> str | None:
     return None
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A config.json dict for the family's transformers class (raises ConfigError when it cannot be one)."""
-    reason = incompatibility(config)
-    if reason:
-        raise ConfigError(f"cannot export to Hugging Face {config.family}: {reason}")
-    family, layers = config.family, len(config.pattern) // 2
+def decoder_config(config: ModelConfig, architecture: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json keys every Llama-shaped family shares (a config its family's incompatibility accepts)."""
+    layers = len(config.pattern) // 2
     rope = dict(config.rope_parameters or {})
-    out: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
+    return {
+        "architectures": [architecture],
+        "model_type": config.family,
         "dtype": str(dtype).removeprefix("torch."),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": (config.intermediate_sizes_list() or [1])[0],
         "num_hidden_layers": layers,
-        "num_attention_heads": _query_heads(config)[0],
+        "num_attention_heads": query_heads(config)[0],
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.attention_head_dim,
         "hidden_act": "silu",
@@ -191,13 +199,22 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "rope_theta": rope["rope_theta"],
         "rope_scaling": None if rope.get("rope_type", "default") == "default" else
         {k: v for k, v in rope.items() if k != "rope_theta"},
-        "attention_bias": config.attention_bias if family != "qwen2" else True,
         "attention_dropout": 0.0,
         "use_cache": True,
         "pad_token_id": config.pad_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
     }
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A config.json dict for the family's transformers class (raises ConfigError when it cannot be one)."""
+    reason = incompatibility(config)
+    if reason:
+        raise ConfigError(f"cannot export to Hugging Face {config.family}: {reason}")
+    family, layers = config.family, len(config.pattern) // 2
+    out = decoder_config(config, ARCHITECTURES[family], dtype)
+    out["attention_bias"] = config.attention_bias if family != "qwen2" else True
     if family == "llama":
         out["mlp_bias"] = config.mlp_bias
     else:
@@ -217,7 +234,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     return out
 
 
-def _query_heads(config: ModelConfig) -> list[int]:
+def query_heads(config: ModelConfig) -> list[int]:
     """Query heads of every attention block, whatever its kind (full or sliding-window)."""
     return [config.layer_widths(i).heads_per_kv_group * config.num_key_value_heads
             for i, c in enumerate(config.pattern) if kind_of(c).attends]
