@@ -1,5 +1,5 @@
-"""Model directories on disk: native elasticlm or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3,
-Qwen3-MoE), safetensors + JSON only.
+"""Model directories on disk: native elasticlm or Hugging Face (every family of ``config.FAMILIES``), safetensors +
+JSON only.
 
 A native directory holds ``config.json`` (``{"elasticlm_format": 1, "model": {...}}``, per-layer
 widths allowed), ``model.safetensors`` and any tokenizer files. A NemotronH directory is what
@@ -131,7 +131,7 @@ def read_weights(path: Path, private: bool = False) -> dict[str, torch.Tensor]:
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
          serving: bool = False) -> HybridLM:
-    """Load a native elasticlm or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory as a
+    """Load a native elasticlm or Hugging Face (any family of ``config.FAMILIES``) directory as a
     HybridLM (eval mode).
 
     ``serving=True`` stores the projections in the layout that decodes fastest, for the parent and

@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..config import FAMILIES
 from ..errors import ConfigError
+
+HF_FAMILIES = ", ".join(FAMILIES)  # the Hugging Face families (model_type) the formats read and write
 
 DTYPES = ("float32", "bfloat16", "float16")
 

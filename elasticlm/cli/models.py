@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from .common import (
     DTYPES,
     GGUF_TYPE_HELP,
+    HF_FAMILIES,
     _count,
     _device,
     _number,
@@ -245,7 +246,7 @@ def add_parsers(sub: Any, fmt: type) -> None:
     p = sub.add_parser("info", formatter_class=fmt, help="describe a model directory",
                        description="Print a model directory's architecture and exact parameter count "
                                    "(of the model, and of a Subnet if given). Reads config.json only.")
-    p.add_argument("model", help="native or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory")
+    p.add_argument("model", help=f"native or Hugging Face ({HF_FAMILIES}) directory")
     p.add_argument("--subnet", help="JSON file describing a Subnet (hidden_size, layers)")
     p.add_argument("--layers", action="store_true", help="list every layer's widths")
     p.add_argument("--context", type=_count(1), default=4096, help="context length for the memory of each budget")
@@ -257,8 +258,7 @@ def add_parsers(sub: Any, fmt: type) -> None:
                        description="Generate a continuation of a prompt (greedy by default; temperature and "
                                    "top-p sampling), optionally with a nested sub-model (--subnet).")
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="native or Hugging Face (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) directory, or an "
-                        "elastic checkpoint")
+                   help=f"native or Hugging Face ({HF_FAMILIES}) directory, or an elastic checkpoint")
     p.add_argument("--budget", help="run this budget of an elastic checkpoint (nested: no copy), e.g. 0.5; an "
                                     "untrained one (0.6) is placed by the router and said so")
     p.add_argument("--think-budget", help="think small, answer big: this budget writes the reasoning trace, and "
@@ -319,7 +319,7 @@ def add_parsers(sub: Any, fmt: type) -> None:
                        description="Convert a model directory, or import a .gguf file (transformers' GGUF "
                                    "loader dequantizes it; any verb's --model also takes one). --to native (the "
                                    "default) writes elasticlm's format; --to hf writes a directory of the model's "
-                                   "Hugging Face class (NemotronH, Mamba2, Llama, Qwen2, Qwen3, Qwen3-MoE) that "
+                                   f"Hugging Face class ({HF_FAMILIES}) that "
                                    "transformers loads "
                                    "without trust_remote_code (per-layer widths zero-padded, exactly; Mamba widths "
                                    "shared by every layer); native allows any per-layer widths; --to gguf writes "

@@ -59,6 +59,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"model_type {family!r} is not a Llama-family model ({sorted(ARCHITECTURES)})")
     check_decoder(cfg, family)
     get = Fields(cfg, family)
+    common = decoder_fields(cfg, get)  # first: a config.json without hidden_size says so
     layers = get("num_hidden_layers")
     bias = bool(cfg.get("attention_bias", False))
     attention = _attention_kinds(cfg, family, layers)
@@ -73,7 +74,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
                    moe_router="softmax", moe_expert_type="swiglu", moe_shared_intermediate_size=0)
     return ModelConfig(
         pattern=pattern,
-        **decoder_fields(cfg, get),
+        **common,
         attention_bias=True if family == "qwen2" else bias,
         attention_out_bias=False if family == "qwen2" else bias,
         qk_norm=family in ("qwen3", "qwen3_moe"),
