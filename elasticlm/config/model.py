@@ -39,6 +39,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("hf_llama", decoder_layers=True),
     "qwen3": Family("hf_llama", decoder_layers=True),
     "qwen3_moe": Family("hf_llama", decoder_layers=True),
+    "mistral": Family("hf_mistral", decoder_layers=True),
 }
 TRANSFORMER_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.decoder_layers)
 # rope_type → the keys it needs besides rope_theta (transformers' names)
