@@ -147,9 +147,9 @@ class ModelConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
-    # The family: the Hugging Face model_type the model comes from and exports to (elasticlm.model.hf, and the GGUF
-    # writer of that name): "nemotron_h", "mamba2", "llama", "qwen2", "qwen3", "qwen3_moe". The word means only this
-    # in elasticlm (a demo's architecture choice is its --parent; synthetic data has *task* families).
+    # The family: the Hugging Face model_type the model comes from and exports to (a key of FAMILIES above, and of
+    # the GGUF writers). The word means only this in elasticlm (a demo's architecture choice is its --parent;
+    # synthetic data has *task* families).
     family: str = "nemotron_h"
     # Filled in by importance reordering (later issues): layer indices, least important first.
     depth_order: list[int] | None = field(default=None)

@@ -1,10 +1,11 @@
 """What one Hugging Face family needs to be read and written: a state-dict adapter (torchtitan's pattern).
 
 Each family module (:mod:`~elasticlm.model.hf_nemotron_h`, :mod:`~elasticlm.model.hf_mamba2`,
-:mod:`~elasticlm.model.hf_llama`) defines its functions and one ``ADAPTER`` bundling them;
-:mod:`elasticlm.model.hf` keeps the registry keyed by ``model_type`` and everything that is the same for every
-family (padding of per-layer widths, routed experts one tensor each on disk, tied heads, transformers in memory).
-A new family is one new module and one entry in that registry; nothing else branches on it.
+:mod:`~elasticlm.model.hf_llama`, :mod:`~elasticlm.model.hf_mistral`) defines its functions and one ``ADAPTER``
+bundling them; :mod:`elasticlm.model.hf` builds the registry keyed by ``model_type`` from the family table
+(``config.FAMILIES``) and keeps everything that is the same for every family (padding of per-layer widths, routed
+experts one tensor each on disk, tied heads, transformers in memory). A new family is one new module and one line
+in that table; nothing else branches on it.
 """
 
 from __future__ import annotations
