@@ -113,12 +113,12 @@ TRANSFORMER_PARENTS: dict[str, dict[bool, dict[str, Any]]] = {
 MOE_PARENTS: dict[bool, dict[str, Any]] = {
     False: dict(pattern="M*EM*EM*E", vocab_size=288, hidden_size=192, mamba_num_heads=4,
                 mamba_head_dim=64, mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
-                num_key_value_heads=2, attention_head_dim=32, moe_num_experts=8, moe_intermediate_size=192,
-                moe_shared_intermediate_size=192, moe_top_k=2),
+                num_key_value_heads=2, attention_head_dim=32,
+                moe=dict(num_experts=8, intermediate_size=192, shared_intermediate_size=192, top_k=2)),
     True: dict(pattern="M*EM-", vocab_size=288, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
                mamba_n_groups=2, ssm_state_size=8, chunk_size=32, num_attention_heads=4, num_key_value_heads=2,
-               attention_head_dim=16, intermediate_size=128, moe_num_experts=4, moe_intermediate_size=48,
-               moe_shared_intermediate_size=32, moe_top_k=2),
+               attention_head_dim=16, intermediate_size=128,
+               moe=dict(num_experts=4, intermediate_size=48, shared_intermediate_size=32, top_k=2)),
 }
 DEMO_PARENTS = ("nemotron_h", "nemotron_h_moe", *TRANSFORMER_PARENTS)
 

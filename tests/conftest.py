@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from elasticlm import ModelConfig, Subnet
-from elasticlm.kinds import kind_of
+from elasticlm.kinds import MOE_KIND, kind_of
 
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker and every process it starts gets one
 # thread: two workers of two threads each on two cores slow every torch op down far more than 2x.
@@ -43,10 +43,13 @@ HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E
 
 def tiny_config(pattern: str = "M-*M-M*", *, groups: int = 2, heads: int = 8, head_dim: int = 8,
                 q_heads: int = 4, kv_heads: int = 2, hidden: int = 32, chunk: int = 8, **kw) -> ModelConfig:
-    return ModelConfig(pattern=pattern, vocab_size=kw.pop("vocab_size", 64), hidden_size=hidden,
-                       mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_n_groups=groups, ssm_state_size=16,
-                       chunk_size=chunk, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
-                       attention_head_dim=8, intermediate_size=48, **kw)
+    # through from_dict, as a config file is read: kinds' sections by name, and the flat moe_* keys of older configs
+    sections = kw.pop("sections", {})
+    return ModelConfig.from_dict(dict(
+        pattern=pattern, vocab_size=kw.pop("vocab_size", 64), hidden_size=hidden, mamba_num_heads=heads,
+        mamba_head_dim=head_dim, mamba_n_groups=groups, ssm_state_size=16, chunk_size=chunk,
+        num_attention_heads=q_heads, num_key_value_heads=kv_heads, attention_head_dim=8, intermediate_size=48,
+        **kw, **sections))
 
 
 @torch.no_grad()
@@ -74,6 +77,7 @@ def hf_twin(config: ModelConfig, seed: int = 0):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     assert config.is_homogeneous
+    moe = config.section(MOE_KIND)
     hc = NemotronHConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         layers_block_type=[HF_LAYER_TYPES[k] for k in config.pattern],
@@ -85,11 +89,11 @@ def hf_twin(config: ModelConfig, seed: int = 0):
         num_key_value_heads=config.num_key_value_heads, head_dim=config.attention_head_dim,
         intermediate_size=config.intermediate_sizes_list()[0] if config.count("-") else 48,
         tie_word_embeddings=config.tie_word_embeddings, use_bias=config.use_bias, mlp_bias=config.mlp_bias,
-        n_routed_experts=config.moe_experts_list()[0] if config.count("E") else 8,
-        moe_intermediate_size=config.moe_intermediate_sizes_list()[0] if config.count("E") else 48,
-        moe_shared_expert_intermediate_size=config.moe_shared_intermediate_size,
-        num_experts_per_tok=config.moe_top_k, n_group=config.moe_n_group, topk_group=config.moe_topk_group,
-        norm_topk_prob=config.moe_norm_topk_prob, routed_scaling_factor=config.moe_routed_scaling_factor,
+        n_routed_experts=MOE_KIND.experts(config)[0] if config.count("E") else 8,
+        moe_intermediate_size=MOE_KIND.expert_ffns(config)[0] if config.count("E") else 48,
+        moe_shared_expert_intermediate_size=moe.shared_intermediate_size,
+        num_experts_per_tok=moe.top_k, n_group=moe.n_group, topk_group=moe.topk_group,
+        norm_topk_prob=moe.norm_topk_prob, routed_scaling_factor=moe.routed_scaling_factor,
     )
     torch.manual_seed(seed)
     return randomize_(NemotronHForCausalLM(hc), seed).eval()

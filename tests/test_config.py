@@ -11,9 +11,11 @@ from elasticlm import AttentionWidth, ConfigError, HybridLM, MambaWidth, MlpWidt
 
 @pytest.mark.parametrize("change,needle", [
     (dict(pattern="M-X"), "unknown layer character"),
-    (dict(pattern="M-E", moe_num_experts=6, moe_n_group=4), "moe_num_experts=6"),
-    (dict(pattern="E", moe_router="relu"), "moe_router"),
-    (dict(pattern="E", moe_top_k=0), "moe_top_k"),
+    (dict(pattern="M-E", moe_num_experts=6, moe_n_group=4), r"\[model.moe\] num_experts=6"),
+    (dict(pattern="E", moe_router="relu"), r"\[model.moe\] router"),
+    (dict(pattern="E", moe_top_k=0), r"\[model.moe\] top_k"),
+    (dict(pattern="E", moe={"top_k": 1, "topk": 2}), r"unknown field\(s\) \['topk'\] in \[model.moe\]"),
+    (dict(pattern="E", moe_topk=2), r"unknown field\(s\) \['moe_topk'\]"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "rope_type 'yarn'"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}), "factor"),
     (dict(mlp_type="gelu"), "mlp_type"),
@@ -119,3 +121,22 @@ def test_every_shipped_config_loads():
     for file in files:
         run = (load_elastic_run_config if "parent" in read_config_file(file) else load_run_config)(file)
         assert run.train.out, file.name
+
+
+def test_moe_settings_are_a_section_and_old_flat_keys_still_load():
+    """The mixture of experts' settings are the typed section [model.moe]; the flat moe_* keys every earlier config
+    and checkpoint wrote still read (a dense model's defaults among them, which leave no section behind)."""
+    from elasticlm.kinds import MOE_KIND
+
+    base = dict(pattern="M*E", vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                attention_head_dim=8, mamba_num_heads=4, mamba_head_dim=8)
+    old = ModelConfig.from_dict({**base, "moe_num_experts": 4, "moe_top_k": 1, "moe_intermediate_size": 16})
+    new = ModelConfig.from_dict({**base, "moe": {"num_experts": 4, "top_k": 1, "intermediate_size": 16}})
+    assert old == new and old.section(MOE_KIND).top_k == 1 and MOE_KIND.experts(old) == [4]
+    written = old.to_dict()
+    assert written["moe"]["top_k"] == 1 and not any(k.startswith("moe_") for k in written)
+    assert ModelConfig.from_dict(written) == old
+    dense = ModelConfig.from_dict({**base, "pattern": "M*-", "intermediate_size": 48, "moe_num_experts": 8,
+                                   "moe_top_k": 2, "moe_router": "sigmoid"})
+    assert "moe" not in dense.to_dict() and dense.sections == {}
+    assert dense == ModelConfig.from_dict({**base, "pattern": "M*-", "intermediate_size": 48})

@@ -71,9 +71,10 @@ def naive(cfg, kind: str, full, w, hidden: int) -> dict[str, list[list[int]]]:
             out.update({"q_norm.weight": [list(range(dh))], "k_norm.weight": [list(range(dh))]})
         return out
     if kind == "E":
-        groups, per = cfg.moe_n_group, full.experts_per_group
+        groups, per = cfg.section(KINDS["E"]).n_group, full.experts_per_group
         experts = [gi * per + e for gi in range(groups) for e in range(w.experts_per_group)]
-        f, shared = list(range(w.expert_intermediate_size)), list(range(cfg.moe_shared_intermediate_size))
+        f = list(range(w.expert_intermediate_size))
+        shared = list(range(cfg.section(KINDS["E"]).shared_intermediate_size))
         out = {"gate.weight": [experts, hid], "gate.e_score_correction_bias": [experts],
                "experts.up_proj": [experts, f, hid], "experts.down_proj": [experts, hid, f],
                "shared_experts.up_proj.weight": [shared, hid], "shared_experts.down_proj.weight": [hid, shared]}

@@ -84,7 +84,7 @@ def check_nested(model: elasticlm.HybridLM, ids: torch.Tensor, rng: random.Rando
         direct = total
         for mixer in (b.mixer for b in small.layers if b.kind == "E"):
             per_expert = sum(p[0].numel() for p in mixer.experts.parameters())
-            direct -= (mixer.experts.down_proj.shape[0] - cfg.moe_top_k) * per_expert
+            direct -= (mixer.experts.down_proj.shape[0] - cfg.section(MOE_KIND).top_k) * per_expert
         assert count_active_parameters(cfg, subnet) == direct
         with torch.no_grad():
             assert max_rel(model(ids, subnet=subnet), small(ids)) <= 1e-5
@@ -110,7 +110,7 @@ def test_matches_transformers_nemotron_h_moe(tmp_path, name):
     hf = hf_twin(cfg, seed=3)
     random_bias_(hf, 3)
     ours = from_transformers(hf)
-    assert ours.config.pattern == cfg.pattern and ours.config.moe_experts_list() == cfg.moe_experts_list()
+    assert ours.config.pattern == cfg.pattern and MOE_KIND.experts(ours.config) == MOE_KIND.experts(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     check_transformers_parity(hf, ours, ids, tmp_path, "NemotronHForCausalLM")
 
@@ -192,7 +192,7 @@ def test_active_parameter_budgets_and_bad_widths():
     assert space.cost_of(full) == parent_active
     with pytest.raises(elasticlm.ConfigError, match=r"experts_per_group=1 must be in \[2, 4\]"):
         Subnet.uniform(cfg, moe_experts_per_group=1).validate(cfg)  # top_k 2 needs two experts
-    with pytest.raises(elasticlm.ConfigError, match="moe_num_experts=6"):
+    with pytest.raises(elasticlm.ConfigError, match="num_experts=6"):
         tiny_config(pattern="E", moe_num_experts=6, moe_n_group=4)
 
 

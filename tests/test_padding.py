@@ -14,7 +14,7 @@ import elasticlm
 from elasticlm import ConfigError
 from elasticlm.config import Subnet, count_parameters
 from elasticlm.elastic.extract import extract
-from elasticlm.kinds import AttentionWidth, MambaWidth, MlpWidth, MoeWidth
+from elasticlm.kinds import MOE_KIND, AttentionWidth, MambaWidth, MlpWidth, MoeWidth
 from elasticlm.model import padding
 from elasticlm.model.hybrid import HybridLM
 
@@ -50,7 +50,7 @@ def test_padding_computes_the_same_function_and_slices_back_bit_for_bit():
     padded = padding.pad(small)
     assert padded.config.is_homogeneous
     assert padded.config.intermediate_size == 40 and padded.config.num_attention_heads == 6
-    assert padded.config.moe_num_experts == 8 and padded.config.moe_intermediate_size == 20
+    assert padded.config.section(MOE_KIND).num_experts == 8 and padded.config.section(MOE_KIND).intermediate_size == 20
     # stored = exact count of the padded architecture; the extra entries are all zero (biases: never routed)
     extra = count_parameters(padded.config) - count_parameters(small.config)
     zeros = sum(int((p == 0).sum()) for p in padded.parameters()) - sum(int((p == 0).sum()) for p in small.parameters())
@@ -73,8 +73,9 @@ def test_padded_expert_is_never_routed_to():
                  != padded.config.layer_widths(i))
     bias = padded.layers[layer].mixer.gate.e_score_correction_bias
     kept = small.config.layer_widths(layer).experts_per_group
-    per = padded.config.moe_experts_list()[0] // padded.config.moe_n_group
-    for g in range(padded.config.moe_n_group):  # real experts first in every routing group, then the padding
+    per = MOE_KIND.experts(padded.config)[0] // padded.config.section(MOE_KIND).n_group
+    # real experts first in every routing group, then the padding
+    for g in range(padded.config.section(MOE_KIND).n_group):
         assert (bias[g * per + kept:(g + 1) * per] == padding.NEVER_ROUTED).all()
         assert (bias[g * per:g * per + kept] > padding.NEVER_ROUTED).all()
 

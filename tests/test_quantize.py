@@ -33,9 +33,9 @@ CONFIGS = {
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, family="qwen3"),
     # Qwen3-MoE experts: softmax router, gated [gate | up] rows
     "moe": ModelConfig(pattern="*E*E", vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                       attention_head_dim=8, moe_num_experts=6, moe_intermediate_size=12, moe_router="softmax",
-                       moe_expert_type="swiglu", moe_shared_intermediate_size=0, moe_top_k=2,
-                       rope_parameters={"rope_theta": 10000.0}, family="qwen3_moe"),
+                       attention_head_dim=8, rope_parameters={"rope_theta": 10000.0}, family="qwen3_moe",
+                       sections={"moe": {"num_experts": 6, "intermediate_size": 12, "router": "softmax",
+                                         "expert_type": "swiglu", "shared_intermediate_size": 0, "top_k": 2}}),
 }
 
 

@@ -85,9 +85,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if config.count("E"):
         from ..config import count_active_parameters
 
-        print(f"moe          routed experts {config.moe_num_experts} (top {config.moe_top_k}, {config.moe_n_group} "
-              f"routing group(s)), expert FFN {config.moe_intermediate_size}, shared expert FFN "
-              f"{config.moe_shared_intermediate_size}; active parameters {count_active_parameters(config):,}")
+        print(f"active       {count_active_parameters(config):,} parameters per token (top-k routed experts)")
     for name, section in config.sections.items():  # the settings of kinds that keep their own
         if name in {kind_of(c).name for c in config.pattern}:
             print(f"{name:<12} " + "; ".join(f"{k} {v}" for k, v in dataclasses.asdict(section).items()

@@ -125,18 +125,6 @@ class ModelConfig:
     # MLP
     intermediate_size: IntOrList = 256
     mlp_type: str = "relu2"  # "relu2": down(relu(up x)²) (Nemotron-H); "swiglu": down(silu(gate x) · up x)
-    # mixture of experts: Nemotron-H's (sigmoid router with a correction bias, squared-ReLU experts, a shared
-    # expert) or Qwen3-MoE's (softmax router, gated SiLU experts, no shared expert)
-    moe_num_experts: IntOrList = 8  # routed experts per MoE layer
-    moe_intermediate_size: IntOrList = 64  # FFN width of each routed expert
-    moe_shared_intermediate_size: int = 64  # FFN width of the shared expert (0: none)
-    moe_router: str = "sigmoid"  # "sigmoid" (Nemotron-H) | "softmax" (Qwen3-MoE)
-    moe_expert_type: str = "relu2"  # "relu2" | "swiglu" (the experts' MLP, as mlp_type)
-    moe_top_k: int = 2  # experts each token is routed to
-    moe_n_group: int = 1  # routing groups (the router first keeps the best moe_topk_group groups)
-    moe_topk_group: int = 1
-    moe_norm_topk_prob: bool = True  # the top-k routing weights are normalised to sum to 1
-    moe_routed_scaling_factor: float = 1.0
     # misc
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -166,6 +154,11 @@ class ModelConfig:
         found = self.sections.get(kind.name)
         return found if found is not None else kind.section()
 
+    def with_section(self, kind: LayerKind, **changes: Any) -> ModelConfig:
+        """A copy whose ``kind`` section has ``changes`` (the dataclasses.replace of a section)."""
+        section = dataclasses.replace(self.section(kind), **changes)
+        return dataclasses.replace(self, sections={**self.sections, kind.name: section})
+
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
         kinds = ", ".join(f"{c!r} ({name})" for c, name in LAYER_NAMES.items())
@@ -180,7 +173,7 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        for name in ("norm_eps", "time_step_min", "time_step_max", "initializer_range", "moe_routed_scaling_factor"):
+        for name in ("norm_eps", "time_step_min", "time_step_max", "initializer_range"):
             v = getattr(self, name)  # a string ("1e-5") would otherwise fail deep inside a comparison or torch
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
@@ -204,26 +197,6 @@ class ModelConfig:
                     f"num_key_value_heads={self.num_key_value_heads}"
                 )
         self.intermediate_sizes_list()
-        self.moe_intermediate_sizes_list()
-        for name in ("moe_top_k", "moe_n_group", "moe_topk_group"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        v = self.moe_shared_intermediate_size
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"moe_shared_intermediate_size must be an int >= 0 (0: no shared expert), got {v!r}")
-        if self.moe_router not in ("sigmoid", "softmax"):
-            raise ConfigError(f"moe_router must be sigmoid or softmax, got {self.moe_router!r}")
-        if self.moe_expert_type not in MLP_TYPES:
-            raise ConfigError(f"moe_expert_type must be one of {MLP_TYPES}, got {self.moe_expert_type!r}")
-        if self.moe_router == "softmax" and self.moe_n_group != 1:
-            raise ConfigError("routing groups (moe_n_group > 1) go with the sigmoid router only")
-        for i, e in enumerate(self.moe_experts_list()):
-            if e % self.moe_n_group or e // self.moe_n_group < kind_of(MOE).minimum(self, "experts_per_group"):
-                raise ConfigError(f"moe_num_experts={e} (MoE layer {i}) must be a multiple of moe_n_group="
-                                  f"{self.moe_n_group} with at least max(2, top_k / groups) experts per group")
-        if self.count(MOE) and not self.moe_topk_group <= self.moe_n_group:
-            raise ConfigError(f"moe_topk_group={self.moe_topk_group} exceeds moe_n_group={self.moe_n_group}")
         if self.mlp_type not in MLP_TYPES:
             raise ConfigError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if self.family not in FAMILIES:
@@ -258,9 +231,12 @@ class ModelConfig:
                 self.sections[name] = kind.section(**value)
             elif not isinstance(value, kind.section):
                 raise ConfigError(f"[model.{name}] must be a mapping, got {value!r}")
-        for kind in SECTION_KINDS.values():
+        # a section per kind of the pattern, written out explicitly (not left to defaults); none for absent kinds
+        # (older files wrote every moe_* field, MoE layers or not)
+        self.sections = {name: self.section(kind) for name, kind in SECTION_KINDS.items() if kind.char in self.pattern}
+        for name, kind in SECTION_KINDS.items():
             if kind.char in self.pattern:
-                kind.check_section(self, self.section(kind))
+                kind.check_section(self, self.sections[name])
 
     def drop_order(self, keep_attention: bool = True) -> list[int] | None:
         """The order in which layers are dropped: ``depth_order`` (least important first), with the most
@@ -318,12 +294,6 @@ class ModelConfig:
     def intermediate_sizes_list(self) -> list[int]:
         return _per_layer(self.intermediate_size, self.count(MLP), "intermediate_size")
 
-    def moe_experts_list(self) -> list[int]:
-        return _per_layer(self.moe_num_experts, self.count(MOE), "moe_num_experts")
-
-    def moe_intermediate_sizes_list(self) -> list[int]:
-        return _per_layer(self.moe_intermediate_size, self.count(MOE), "moe_intermediate_size")
-
     def kind_index(self, layer: int) -> int:
         """Position of ``layer`` among the layers of its own kind (``"M-M*"``: layer 2 → 1)."""
         return self.pattern[:layer].count(self.pattern[layer])
@@ -346,10 +316,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config from its JSON / TOML mapping: kinds' sections under their names, and the flat
+        ``<prefix><field>`` keys older configs wrote for them (``moe_top_k``) still read."""
         if not isinstance(data, dict):
             raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
         data = dict(data)
         sections = {name: data.pop(name) for name in SECTION_KINDS if name in data}
+        for name, kind in SECTION_KINDS.items():
+            prefix = kind.legacy_prefix
+            flat = {k: data.pop(k) for k in list(data) if prefix and k.startswith(prefix)}
+            if flat:
+                if not isinstance(sections.get(name, {}), dict):
+                    raise ConfigError(f"[model.{name}] must be a mapping, got {sections[name]!r}")
+                known = {f.name for f in dataclasses.fields(kind.section)}
+                unknown = sorted(k for k in flat if k.removeprefix(prefix) not in known)
+                if unknown:
+                    raise ConfigError(f"unknown field(s) {unknown} in model config; {name} settings are "
+                                      f"{sorted(prefix + f for f in known)} (or [model.{name}])")
+                sections[name] = {**{k.removeprefix(prefix): v for k, v in flat.items()}, **sections.get(name, {})}
         check_fields(cls, data, "model config")
         if "sections" in data:
             raise ConfigError("model config: give a kind's settings under its name (e.g. [model.<kind>]), "

@@ -167,7 +167,7 @@ def count_parameters(config: ModelConfig, subnet: Subnet | None = None, active: 
     """Exact parameter count of the model, or of the sub-model ``subnet`` names.
 
     Equals ``sum(p.numel() for p in extract(model, subnet).parameters())``. ``active``: the parameters one token
-    uses — all of them, except that a mixture-of-experts layer counts ``moe_top_k`` of its routed experts (its
+    uses — all of them, except that a mixture-of-experts layer counts ``top_k`` of its routed experts (its
     router and shared expert always).
     """
     subnet = subnet or Subnet.full(config)

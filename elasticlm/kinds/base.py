@@ -70,6 +70,8 @@ class LayerKind:
     # A kind with settings of its own keeps them in a typed section: a dataclass whose defaults make a valid
     # section, stored in ``ModelConfig.sections[name]`` and written as ``[model.<name>]`` / ``"<name>": {…}``.
     section: ClassVar[type | None] = None
+    # Older configs wrote a section's fields flat, as "<legacy_prefix><field>" (moe_top_k); they still load.
+    legacy_prefix: ClassVar[str | None] = None
 
     def mixer_class(self) -> type:
         """The ``nn.Module`` class that runs a layer of this kind."""

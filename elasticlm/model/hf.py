@@ -20,6 +20,7 @@ import torch
 
 from ..config import FAMILIES, MOE, ModelConfig
 from ..errors import ConfigError
+from ..kinds import MOE_KIND
 from . import padding
 from .hf_adapter import HFAdapter
 from .hf_nemotron_h import CACHE_ANCHOR  # noqa: F401 (re-exported: the loaders read it)
@@ -80,7 +81,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     real = padding.real_widths(config)
     stored = padding.padded_config(config)
     out = adapter(stored.family).config_to_hf(stored, dtype)
-    if MOE in stored.pattern and (stored.hidden_size % 8 or stored.moe_intermediate_sizes_list()[0] % 8):
+    if MOE in stored.pattern and (stored.hidden_size % 8 or MOE_KIND.expert_ffns(stored)[0] % 8):
         # transformers' default experts path (grouped_mm) needs 16-byte row strides in every dtype it may be
         # loaded in ("strides should be multiple of 16 bytes"); its eager loop computes the same experts
         out["experts_implementation"] = "eager"

@@ -24,7 +24,7 @@ import torch
 
 from ..config import MLP, MOE, ModelConfig
 from ..errors import ConfigError
-from ..kinds import KINDS, LayerKind, kind_of
+from ..kinds import KINDS, MOE_KIND, LayerKind, kind_of
 from .hf_adapter import HFAdapter
 from .hf_fields import Fields
 
@@ -69,9 +69,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         dense = set(cfg.get("mlp_only_layers") or [])
         sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
         pattern = "".join(a.char + (MOE if s else MLP) for a, s in zip(attention, sparse, strict=True))
-        moe = dict(moe_num_experts=experts, moe_intermediate_size=get("moe_intermediate_size"),
-                   moe_top_k=get("num_experts_per_tok"), moe_norm_topk_prob=bool(get("norm_topk_prob", default=False)),
-                   moe_router="softmax", moe_expert_type="swiglu", moe_shared_intermediate_size=0)
+        moe = {"moe": dict(num_experts=experts, intermediate_size=get("moe_intermediate_size"),
+                           top_k=get("num_experts_per_tok"), norm_topk_prob=bool(get("norm_topk_prob", default=False)),
+                           router="softmax", expert_type="swiglu", shared_intermediate_size=0)}
     return ModelConfig(
         pattern=pattern,
         **common,
@@ -79,8 +79,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         attention_out_bias=False if family == "qwen2" else bias,
         qk_norm=family in ("qwen3", "qwen3_moe"),
         mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
-        sections={k.name: k.section_from_hf(cfg) for k in set(attention) if k.section is not None},
-        **moe,
+        sections={**{k.name: k.section_from_hf(cfg) for k in set(attention) if k.section is not None}, **moe},
     )
 
 
@@ -147,8 +146,8 @@ def incompatibility(config: ModelConfig) -> str | None:
                 "both (a sub-model that drops one half of a layer); save it in the native format instead")
     for what, values in (("attention head counts", query_heads(config)),
                          ("FFN widths", config.intermediate_sizes_list()),
-                         ("expert counts", config.moe_experts_list()),
-                         ("expert FFN widths", config.moe_intermediate_sizes_list())):
+                         ("expert counts", MOE_KIND.experts(config)),
+                         ("expert FFN widths", MOE_KIND.expert_ffns(config))):
         if len(set(values)) > 1:
             return (f"its layers have different {what} {values}, and a {family} config holds one value; "
                     "save it in the native format instead")
@@ -164,7 +163,8 @@ def incompatibility(config: ModelConfig) -> str | None:
     if (family == "qwen2" and not config.attention_bias) or config.attention_out_bias != want_out:
         return (f"its attention biases (q/k/v {config.attention_bias}, o {config.attention_out_bias}) differ "
                 f"from {family}'s")
-    if MOE in config.pattern and (config.moe_router, config.moe_expert_type, config.moe_shared_intermediate_size) \
+    moe = config.section(MOE_KIND)
+    if MOE in config.pattern and (moe.router, moe.expert_type, moe.shared_intermediate_size) \
             != ("softmax", "swiglu", 0):
         return f"its mixture of experts is not {family}'s (softmax router, gated experts, no shared expert)"
     if config.qk_norm != (family in ("qwen3", "qwen3_moe")) or config.mlp_type != "swiglu" \
@@ -226,10 +226,11 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
             out.update(kind.hf_fields(config))
     if family == "qwen3_moe":
         dense = [j for j in range(layers) if config.pattern[2 * j + 1] == MLP]
-        out.update({"num_experts": config.moe_experts_list()[0] if MOE in config.pattern else 0,
-                    "num_local_experts": config.moe_experts_list()[0] if MOE in config.pattern else 0,
-                    "moe_intermediate_size": (config.moe_intermediate_sizes_list() or [1])[0],
-                    "num_experts_per_tok": config.moe_top_k, "norm_topk_prob": config.moe_norm_topk_prob,
+        moe = config.section(MOE_KIND)
+        out.update({"num_experts": MOE_KIND.experts(config)[0] if MOE in config.pattern else 0,
+                    "num_local_experts": MOE_KIND.experts(config)[0] if MOE in config.pattern else 0,
+                    "moe_intermediate_size": (MOE_KIND.expert_ffns(config) or [1])[0],
+                    "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.norm_topk_prob,
                     "decoder_sparse_step": 1, "mlp_only_layers": dense,
                     "intermediate_size": (config.intermediate_sizes_list() or [out["intermediate_size"]])[0]})
     return out

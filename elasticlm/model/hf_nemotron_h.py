@@ -16,6 +16,7 @@ import torch
 
 from ..config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, ModelConfig
 from ..errors import ConfigError
+from ..kinds import MOE_KIND
 from .hf_adapter import HFAdapter
 from .hf_fields import Fields
 
@@ -103,16 +104,6 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         attention_head_dim=get("head_dim", "attention_head_dim",
                                default=hidden // n_heads if isinstance(n_heads, int) else None),
         intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
-        moe_num_experts=_per_kind(get("n_routed_experts", "num_local_experts", default=8), pattern, MOE,
-                                  "n_routed_experts"),
-        moe_intermediate_size=_per_kind(get("moe_intermediate_size", default=64), pattern, MOE,
-                                        "moe_intermediate_size"),
-        moe_shared_intermediate_size=get("moe_shared_expert_intermediate_size", default=64),
-        moe_top_k=get("num_experts_per_tok", default=2),
-        moe_n_group=get("n_group", default=1),
-        moe_topk_group=get("topk_group", default=1),
-        moe_norm_topk_prob=bool(get("norm_topk_prob", default=True)),
-        moe_routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)),
         norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         use_bias=bool(cfg.get("use_bias", False)),
@@ -122,6 +113,17 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=get.eos(),
+        sections={"moe": dict(
+            num_experts=_per_kind(get("n_routed_experts", "num_local_experts", default=8), pattern, MOE,
+                                  "n_routed_experts"),
+            intermediate_size=_per_kind(get("moe_intermediate_size", default=64), pattern, MOE,
+                                        "moe_intermediate_size"),
+            shared_intermediate_size=get("moe_shared_expert_intermediate_size", default=64),
+            top_k=get("num_experts_per_tok", default=2),
+            n_group=get("n_group", default=1),
+            topk_group=get("topk_group", default=1),
+            norm_topk_prob=bool(get("norm_topk_prob", default=True)),
+            routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)))} if MOE in pattern else {},
     )
 
 
@@ -135,8 +137,9 @@ def incompatibility(config: ModelConfig) -> str | None:
     if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
             or config.attention_out_bias):
         return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
-    if MOE in config.pattern and (config.moe_router, config.moe_expert_type) != ("sigmoid", "relu2") \
-            or MOE in config.pattern and not config.moe_shared_intermediate_size:
+    moe = config.section(MOE_KIND)
+    if MOE in config.pattern and ((moe.router, moe.expert_type) != ("sigmoid", "relu2")
+                                  or not moe.shared_intermediate_size):
         return "NemotronH's experts are squared-ReLU MLPs behind a sigmoid router, with a shared expert"
     return None
 
@@ -235,15 +238,16 @@ def moe_config(config: ModelConfig) -> dict[str, Any]:
     """NemotronH's mixture-of-experts keys; none for a model without MoE layers (its config stays as before)."""
     if MOE not in config.pattern:
         return {}
+    moe = config.section(MOE_KIND)
     return {
-        "n_routed_experts": config.moe_experts_list()[0],
-        "moe_intermediate_size": config.moe_intermediate_sizes_list()[0],
-        "moe_shared_expert_intermediate_size": config.moe_shared_intermediate_size,
-        "num_experts_per_tok": config.moe_top_k,
-        "n_group": config.moe_n_group,
-        "topk_group": config.moe_topk_group,
-        "norm_topk_prob": config.moe_norm_topk_prob,
-        "routed_scaling_factor": config.moe_routed_scaling_factor,
+        "n_routed_experts": MOE_KIND.experts(config)[0],
+        "moe_intermediate_size": MOE_KIND.expert_ffns(config)[0],
+        "moe_shared_expert_intermediate_size": moe.shared_intermediate_size,
+        "num_experts_per_tok": moe.top_k,
+        "n_group": moe.n_group,
+        "topk_group": moe.topk_group,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "routed_scaling_factor": moe.routed_scaling_factor,
         "moe_latent_size": None,
     }
 

@@ -1,14 +1,14 @@
 """Mixture-of-experts layers, sliceable in routed experts and expert FFN width: Nemotron-H's and Qwen3-MoE's.
 
-Sigmoid routing (``moe_router = "sigmoid"``) follows transformers' ``NemotronHTopkRouter``: sigmoid scores in
+Sigmoid routing (``[model.moe] router = "sigmoid"``) follows transformers' ``NemotronHTopkRouter``: sigmoid scores in
 fp32, plus a correction bias for the choice only; with several routing groups the best ``topk_group`` groups (by
 the sum of their two best scores) are kept first; the chosen experts' *uncorrected* scores are the weights,
-normalised when ``moe_norm_topk_prob`` and scaled by ``moe_routed_scaling_factor``; the routed outputs are summed
+normalised when ``norm_topk_prob`` and scaled by ``routed_scaling_factor``; the routed outputs are summed
 in fp32. Softmax routing (``"softmax"``) follows ``Qwen3MoeTopKRouter``: logits in the model's dtype, softmax in
-fp32, the top-k probabilities (normalised when ``moe_norm_topk_prob``) cast back, outputs summed in the model's
+fp32, the top-k probabilities (normalised when ``norm_topk_prob``) cast back, outputs summed in the model's
 dtype. Either way experts are summed one by one in index order, as transformers does. Experts are squared-ReLU
 MLPs (Nemotron-H) or gated SiLU ones (Qwen3-MoE, ``[gate | up]`` rows in one ``gate_up_proj``); the shared expert
-(Nemotron-H; ``moe_shared_intermediate_size = 0``: none) is a squared-ReLU MLP.
+(Nemotron-H; ``shared_intermediate_size = 0``: none) is a squared-ReLU MLP.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class SharedExpert(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None, dtype: torch.dtype | None):
         super().__init__()
         kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
-        self.up_proj = nn.Linear(config.hidden_size, config.moe_shared_intermediate_size, **kw)
-        self.down_proj = nn.Linear(config.moe_shared_intermediate_size, config.hidden_size, **kw)
+        shared = config.section(MOE_KIND).shared_intermediate_size
+        self.up_proj = nn.Linear(config.hidden_size, shared, **kw)
+        self.down_proj = nn.Linear(shared, config.hidden_size, **kw)
 
 
 class MoE(nn.Module):
@@ -57,11 +58,12 @@ class MoE(nn.Module):
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/moe.py)
         self.tap = Tap()  # [experts · ffn]: each token's expert activations × routing weight (importance hooks it)
-        experts = full.experts_per_group * config.moe_n_group
-        self.sigmoid, self.gated = config.moe_router == "sigmoid", config.moe_expert_type == "swiglu"
+        self.settings = moe = config.section(MOE_KIND)  # [model.moe]
+        experts = full.experts_per_group * moe.n_group
+        self.sigmoid, self.gated = moe.router == "sigmoid", moe.expert_type == "swiglu"
         self.gate = MoeGate(experts, config.hidden_size, self.sigmoid, device, dtype)
         self.experts = Experts(experts, full.expert_intermediate_size, config.hidden_size, self.gated, device, dtype)
-        if config.moe_shared_intermediate_size:
+        if moe.shared_intermediate_size:
             self.shared_experts = SharedExpert(config, device, dtype)
 
     @torch.no_grad()
@@ -86,13 +88,13 @@ class MoE(nn.Module):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ``[tokens, top_k]`` and their weights (fp32) for ``h`` ``[tokens, hidden]``;
         ``excluded`` [experts] bool: experts no token may choose (a soft mask's zeros)."""
-        cfg = self.config
+        moe = self.settings
         if not self.sigmoid:
             logits = F.linear(h, p["gate.weight"])
             if excluded is not None:
                 logits = logits.masked_fill(excluded, float("-inf"))
-            top, index = torch.softmax(logits, dim=-1, dtype=torch.float).topk(cfg.moe_top_k, dim=-1)
-            if cfg.moe_norm_topk_prob:
+            top, index = torch.softmax(logits, dim=-1, dtype=torch.float).topk(moe.top_k, dim=-1)
+            if moe.norm_topk_prob:
                 top = top / top.sum(-1, keepdim=True)
             return index, top.to(logits.dtype)
         scores = F.linear(h.float(), p["gate.weight"].float()).sigmoid()
@@ -100,17 +102,17 @@ class MoE(nn.Module):
         if excluded is not None:
             choice = choice.masked_fill(excluded, float("-inf"))
         n, experts = choice.shape
-        groups = cfg.moe_n_group
+        groups = moe.n_group
         if groups > 1:
             group_scores = choice.view(n, groups, experts // groups).topk(2, dim=-1).values.sum(-1)
-            best = group_scores.topk(cfg.moe_topk_group, dim=-1, sorted=False).indices
+            best = group_scores.topk(moe.topk_group, dim=-1, sorted=False).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = choice.masked_fill(~keep.repeat_interleave(experts // groups, dim=1), float("-inf"))
-        index = choice.topk(cfg.moe_top_k, dim=-1, sorted=False).indices
+        index = choice.topk(moe.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, index)
-        if cfg.moe_norm_topk_prob:
+        if moe.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return index, weights * cfg.moe_routed_scaling_factor
+        return index, weights * moe.routed_scaling_factor
 
     def compute(self, x: torch.Tensor, width: MoeWidth, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

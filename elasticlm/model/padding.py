@@ -29,13 +29,14 @@ columns; the export's config.json records ``"elasticlm_padding": {"intermediate_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import MOE, ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
-from ..kinds import kept_indices, kind_of
+from ..kinds import MOE_KIND, kept_indices, kind_of
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
@@ -45,12 +46,22 @@ PADDING_KEY = "elasticlm_padding"
 # learned biases are O(1). Finite, so that no engine meets inf - inf, and exact in fp16 / bf16 too.
 NEVER_ROUTED = -1.0e4
 
-_WIDTH_LISTS = {  # ModelConfig field → its per-layer list accessor, for the fields padding may change
-    "num_attention_heads": "attention_heads_list",
-    "intermediate_size": "intermediate_sizes_list",
-    "moe_num_experts": "moe_experts_list",
-    "moe_intermediate_size": "moe_intermediate_sizes_list",
+# The widths padding may change, under their names in an export's PADDING_KEY record: each one's per-layer values
+# in a config, and the config with other values.
+_WIDTHS: dict[str, tuple[Callable[[ModelConfig], list[int]], Callable[[ModelConfig, Any], ModelConfig]]] = {
+    "num_attention_heads": (ModelConfig.attention_heads_list,
+                            lambda c, v: dataclasses.replace(c, num_attention_heads=v)),
+    "intermediate_size": (ModelConfig.intermediate_sizes_list,
+                          lambda c, v: dataclasses.replace(c, intermediate_size=v)),
+    "moe_num_experts": (MOE_KIND.experts, lambda c, v: c.with_section(MOE_KIND, num_experts=v)),
+    "moe_intermediate_size": (MOE_KIND.expert_ffns, lambda c, v: c.with_section(MOE_KIND, intermediate_size=v)),
 }
+
+
+def _replace(config: ModelConfig, widths: dict[str, Any]) -> ModelConfig:
+    for name, values in widths.items():
+        config = _WIDTHS[name][1](config, values)
+    return config
 
 
 def incompatibility(config: ModelConfig) -> str | None:
@@ -60,8 +71,8 @@ def incompatibility(config: ModelConfig) -> str | None:
         if len(set(values)) > 1:
             return (f"its layers have different {what} {values}: zero Mamba channels would change the gated "
                     "RMSNorm of the others, so no padded form is exact; save it in the native or GGUF format")
-    experts = config.moe_experts_list()
-    if MOE in config.pattern and len(set(experts)) > 1 and config.moe_router != "sigmoid":
+    experts = MOE_KIND.experts(config)
+    if MOE in config.pattern and len(set(experts)) > 1 and config.section(MOE_KIND).router != "sigmoid":
         return (f"its layers have different expert counts {experts}, and a padded expert would still take a share "
                 "of the softmax router; save it in the native format")
     return None
@@ -77,8 +88,8 @@ def real_widths(config: ModelConfig) -> dict[str, list[int]]:
     {'intermediate_size': [3, 5]}
     """
     out = {}
-    for field, accessor in _WIDTH_LISTS.items():
-        values = getattr(config, accessor)()
+    for field, (values_of, _) in _WIDTHS.items():
+        values = values_of(config)
         if len(set(values)) > 1:
             out[field] = values
     return out
@@ -91,7 +102,7 @@ def padded_config(config: ModelConfig) -> ModelConfig:
     if reason:
         raise ConfigError(f"cannot pad to uniform widths: {reason}")
     widths = real_widths(config)
-    return dataclasses.replace(config, **{f: max(v) for f, v in widths.items()}) if widths else config
+    return _replace(config, {f: max(v) for f, v in widths.items()})
 
 
 def real_subnet(config: ModelConfig, padded: ModelConfig) -> Subnet:
@@ -167,15 +178,15 @@ def apply_record(config: ModelConfig, widths: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where} {PADDING_KEY} must be an object of per-layer width lists")
     fields = {}
     for field, values in widths.items():
-        if field not in _WIDTH_LISTS:
-            raise ConfigError(f"{where} {PADDING_KEY} names {field!r}; expected one of {sorted(_WIDTH_LISTS)}")
-        stored = getattr(config, _WIDTH_LISTS[field])()
+        if field not in _WIDTHS:
+            raise ConfigError(f"{where} {PADDING_KEY} names {field!r}; expected one of {sorted(_WIDTHS)}")
+        stored = _WIDTHS[field][0](config)
         if (not isinstance(values, list) or len(values) != len(stored)
                 or not all(isinstance(v, int) and 0 < v <= s for v, s in zip(values, stored, strict=True))):
             raise ConfigError(f"{where} {PADDING_KEY}.{field} must list {len(stored)} widths, each at most "
                               f"the stored {stored[0] if stored else '?'}; got {values!r}")
         fields[field] = values
-    return dataclasses.replace(config, **fields)
+    return _replace(config, fields)
 
 
 __all__ = ["NEVER_ROUTED", "PADDING_KEY", "apply_record", "incompatibility", "pad", "padded_config",
