@@ -270,3 +270,16 @@ def test_reading_transformers_window_rules():
         config_from_hf({**base, "model_type": "llama", "layer_types": ["sliding_attention"] * 3})
     with pytest.raises(ConfigError, match="not supported"):
         config_from_hf({**base, "use_sliding_window": True, "layer_types": ["chunked_attention"] * 3})
+
+
+def test_cli_sets_a_field_of_a_kinds_section(tmp_path):
+    """`init --set SECTION.FIELD=…` and a run config's `--set model.SECTION.FIELD=…` reach the kind's section."""
+    from elasticlm.cli import main
+    from elasticlm.train.config import apply_overrides
+
+    assert main(["init", str(tmp_path / "m"), "--preset", "tiny", "--set", 'pattern="MW-*"',
+                 "--set", "sliding_attention.window=8"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["sliding_attention"]["window"] == 8
+    assert main(["init", str(tmp_path / "n"), "--preset", "tiny", "--set", "pattern.x=1"]) == 2
+    tables = apply_overrides({"model": {"pattern": "W-"}}, ["model.sliding_attention.window=16"])
+    assert tables["model"] == {"pattern": "W-", "sliding_attention": {"window": 16}}

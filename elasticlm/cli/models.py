@@ -41,7 +41,11 @@ def cmd_init(args: argparse.Namespace) -> None:
         if "=" not in item:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        fields[key.strip()] = parse_value(value)
+        section, _, name = key.strip().rpartition(".")  # sliding_attention.window=8: a field of a kind's section
+        target = fields.setdefault(section, {}) if section else fields
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {key.strip()}: {section!r} is not a section")
+        target[name] = parse_value(value)
     if not fields:
         raise ConfigError("give --preset and/or --config (see --help)")
     config = ModelConfig.from_dict(fields)
@@ -236,7 +240,8 @@ def add_parsers(sub: Any, fmt: type) -> None:
                    help="start from a named architecture")
     p.add_argument("--config", help="JSON or TOML file of ModelConfig fields (TOML may use a [model] table)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override one field, e.g. --set hidden_size=128 --set pattern='\"M-*\"'")
+                   help="override one field, e.g. --set hidden_size=128 --set pattern='\"M-*\"'; a kind's section "
+                        "field as SECTION.FIELD, e.g. --set moe.top_k=1 --set sliding_attention.window=512")
     p.add_argument("--seed", type=_count(0), default=0, help="random seed of the initialisation")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_init)

@@ -334,10 +334,11 @@ class ModelConfig:
                     raise ConfigError(f"unknown field(s) {unknown} in model config; {name} settings are "
                                       f"{sorted(prefix + f for f in known)} (or [model.{name}])")
                 sections[name] = {**{k.removeprefix(prefix): v for k, v in flat.items()}, **sections.get(name, {})}
-        check_fields(cls, data, "model config")
-        if "sections" in data:
-            raise ConfigError("model config: give a kind's settings under its name (e.g. [model.<kind>]), "
-                              "not under 'sections'")
+        known = {f.name for f in dataclasses.fields(cls)} - {"sections"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} in model config; known fields: {sorted(known)}, and the "
+                              f"sections {sorted(SECTION_KINDS)} ([model.<kind>])")
         missing = [n for n in ("pattern", "vocab_size", "hidden_size") if n not in data]
         if missing:
             raise ConfigError(f"model config is missing required field(s) {missing}")

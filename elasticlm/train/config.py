@@ -171,7 +171,12 @@ def _type_name(hint: Any) -> str:
 def apply_overrides(tables: dict[str, Any], overrides: list[str],
                     sections: tuple[str, ...] = ("model", "tokenizer", "data", "train", "eval")) -> dict[str, Any]:
     """Apply ``section.field=value`` overrides to raw TOML tables (returns a new dict);
-    ``stages[1].tokens=…`` sets a field of one entry of an array of tables."""
+    ``stages[1].tokens=…`` sets a field of one entry of an array of tables, and ``model.moe.top_k=1`` a field of
+    a table inside a section.
+
+    >>> apply_overrides({"model": {"moe": {"top_k": 2, "n_group": 1}}}, ["model.moe.top_k=1"])["model"]["moe"]
+    {'top_k': 1, 'n_group': 1}
+    """
     out = {k: dict(v) if isinstance(v, dict) else [dict(t) for t in v] if isinstance(v, list) else v
            for k, v in tables.items()}
     for item in overrides:
@@ -188,7 +193,14 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str],
             continue
         if section not in sections:
             raise ConfigError(f"override {item!r}: unknown section {section!r}")
-        out.setdefault(section, {})[name] = parse_value(value)
+        target = out.setdefault(section, {})
+        *path, field = name.split(".")  # model.sliding_attention.window=512: a table inside the section
+        for part in path:
+            inner = target.get(part, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"override {item!r}: {section}.{part} is not a table")
+            target[part] = target = dict(inner)
+        target[field] = parse_value(value)
     return out
 
 
