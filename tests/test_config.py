@@ -16,6 +16,7 @@ from elasticlm import AttentionWidth, ConfigError, HybridLM, MambaWidth, MlpWidt
     (dict(pattern="E", moe_top_k=0), r"\[model.moe\] top_k"),
     (dict(pattern="E", moe={"top_k": 1, "topk": 2}), r"unknown field\(s\) \['topk'\] in \[model.moe\]"),
     (dict(pattern="E", moe_topk=2), r"unknown field\(s\) \['moe_topk'\]"),
+    (dict(pattern="W-", kv_heads=0), "num_key_value_heads must be a positive int"),  # before the W kind's checks
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "rope_type 'yarn'"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}), "factor"),
     (dict(mlp_type="gelu"), "mlp_type"),

@@ -167,7 +167,6 @@ class ModelConfig:
         unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
         if unknown:
             raise ConfigError(f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; use {kinds}")
-        self._check_sections()
         for name in ("vocab_size", "hidden_size", "mamba_n_groups", "ssm_state_size", "conv_kernel",
                      "chunk_size", "num_key_value_heads", "attention_head_dim"):
             v = getattr(self, name)
@@ -216,6 +215,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}={v!r} is outside the vocabulary [0, {self.vocab_size})")
         if self.depth_order is not None and sorted(self.depth_order) != list(range(self.num_layers)):
             raise ConfigError(f"depth_order must be a permutation of range({self.num_layers})")
+        self._check_sections()  # last: a kind's checks read the shared fields validated above
 
     def _check_sections(self) -> None:
         if not isinstance(self.sections, dict):
