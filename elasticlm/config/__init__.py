@@ -43,7 +43,6 @@ from .model import (
     MLP_TYPES,
     MOE,
     ROPE_TYPES,
-    TRANSFORMER_FAMILIES,
     IntOrList,
     LayerWidth,
     ModelConfig,
@@ -62,6 +61,6 @@ from .subnet import (
 
 __all__ = ["ATTENTION", "AttentionWidth", "FAMILIES", "IntOrList", "LAYER_NAMES", "LayerWidth", "MAMBA", "MLP",
            "MLP_TYPES", "MOE", "MambaWidth", "MlpWidth", "ModelConfig", "MoeWidth", "PRESETS", "ROPE_TYPES", "Subnet",
-           "TRANSFORMER_FAMILIES", "block_parameters", "check_fields", "check_rope", "count_active_parameters",
+           "block_parameters", "check_fields", "check_rope", "count_active_parameters",
            "count_parameters", "find_budget", "layer_parameters", "outer_parameters", "parse_budget", "parse_value",
            "preset", "read_config_file", "subnet_config"]

@@ -41,7 +41,6 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("hf_llama", decoder_layers=True),
     "mistral": Family("hf_mistral", decoder_layers=True),
 }
-TRANSFORMER_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.decoder_layers)
 # rope_type → the keys it needs besides rope_theta (transformers' names)
 ROPE_TYPES = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

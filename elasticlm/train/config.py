@@ -199,7 +199,9 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str],
             inner = target.get(part, {})
             if not isinstance(inner, dict):
                 raise ConfigError(f"override {item!r}: {section}.{part} is not a table")
-            target[part] = target = dict(inner)
+            inner = dict(inner)  # a copy: the caller's tables stay as they were
+            target[part] = inner
+            target = inner
         target[field] = parse_value(value)
     return out
 
