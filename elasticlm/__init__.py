@@ -2,6 +2,7 @@
 
 from .checkpoint import load, save
 from .config import AttentionWidth, MambaWidth, MlpWidth, ModelConfig, MoeWidth, Subnet, count_parameters, preset
+from .elastic.deployment import Deployment
 from .elastic.extract import extract
 from .errors import CheckpointError, ConfigError, ElasticLMError
 from .generate import generate
@@ -10,7 +11,7 @@ from .model.hybrid import HybridLM
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionWidth", "CheckpointError", "ConfigError", "ElasticLMError", "HybridLM", "MambaWidth",
+    "AttentionWidth", "CheckpointError", "ConfigError", "Deployment", "ElasticLMError", "HybridLM", "MambaWidth",
     "MlpWidth", "ModelConfig", "MoeWidth", "Subnet", "count_parameters", "extract", "generate", "load", "preset",
     "save", "__version__",
 ]

@@ -197,15 +197,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     if quantization is not None:
         align_(model)
     model = padding.unpad(model, config)
-    model.source_dir = path  # so that save() can carry the tokenizer along
-    routing = read_routing(path)
-    if routing is not None:
-        for b in routing["budgets"]:
-            subnet = Subnet.from_dict(b["subnet"])
-            subnet.validate(config)
-            model.budgets[b["budget"]] = subnet
-            model.budget_targets[b["budget"]] = float(b["parameters"] if b.get("target_kind") != "params"
-                                                      else b["target"])
+    read_budgets(path, config)  # a malformed elastic.json fails the load, not a later verb
     if serving:
         model.use_decode_layout()
     return model.eval()
@@ -224,6 +216,23 @@ def read_routing(path: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(data.get("budgets"), list) or not all("subnet" in b and "budget" in b for b in data["budgets"]):
         raise CheckpointError(f"{file} is malformed: expected a 'budgets' list with 'budget' and 'subnet' entries")
     return data
+
+
+def read_budgets(path: str | os.PathLike, config: ModelConfig) -> tuple[dict[str, Subnet], dict[str, float]]:
+    """The budgets of an elastic checkpoint (label → Subnet, label → target parameters); empty for a plain model.
+    Raises CheckpointError for a Subnet that does not fit ``config``."""
+    routing = read_routing(path)
+    budgets: dict[str, Subnet] = {}
+    targets: dict[str, float] = {}
+    for b in (routing or {"budgets": []})["budgets"]:
+        try:
+            subnet = Subnet.from_dict(b["subnet"])
+            subnet.validate(config)
+        except ConfigError as exc:
+            raise CheckpointError(f"{Path(path) / ROUTING}: budget {b['budget']}: {exc}") from None
+        budgets[b["budget"]] = subnet
+        targets[b["budget"]] = float(b["parameters"] if b.get("target_kind") != "params" else b["target"])
+    return budgets, targets
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, kind: str = "model",
@@ -255,19 +264,17 @@ def save(model: HybridLM, path: str | os.PathLike, format: str = "native", *,
     """Write ``model`` to ``path`` as ``"native"`` or ``"hf"`` (NemotronH) safetensors + JSON, or as
     ``"gguf"`` (one llama.cpp file, ``model.gguf``, in a directory with the tokenizer files).
 
-    Tokenizer files are copied from ``tokenizer_dir`` (default: the directory the model was
-    loaded from, if any). ``"hf"`` and ``"gguf"`` raise ConfigError, before anything is written,
-    for what their readers cannot express.
+    Tokenizer files are copied from ``tokenizer_dir`` (the directory the model was loaded from, say; a
+    ``.gguf`` file: the tokenizer it carries); the model itself does not know where it came from.
+    ``"hf"`` and ``"gguf"`` raise ConfigError, before anything is written, for what their readers cannot express.
     """
-    source = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
+    source = tokenizer_dir
     if source is not None:
         source = hf_directory(source)  # a .gguf file: the tokenizer it carries
     check_format(model.config, format, source)
     path = Path(path)
     with atomic_directory(path, overwrite, "model", inputs) as tmp:
         write_model_files(model, tmp, format, tokenizer_dir=source, extra_config=extra_config, gguf_type=gguf_type)
-    if format != "gguf":
-        model.source_dir = path
     return path
 
 

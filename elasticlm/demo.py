@@ -198,6 +198,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     from .data.datasets import data_config_from_spec
     from .data.synthetic import FAMILIES
     from .elastic.deploy import extract_budgets
+    from .elastic.deployment import Deployment
     from .elastic.extract import extract
     from .elastic.importance import calibration_batches, estimate
     from .elastic.prune import describe_subnet, search
@@ -274,11 +275,12 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     # 4. extract every budget
     t0 = time.perf_counter()
     log("== 4/6 extract every budget")
-    elastic = load(out / "elastic" / "final")
-    written = extract_budgets(elastic, list(elastic.budgets), out / "extracted", "auto", force=True)
+    deployment = Deployment.load(out / "elastic" / "final")
+    elastic = deployment.model
+    written = extract_budgets(deployment, list(deployment.budgets), out / "extracted", "auto", force=True)
     for label, path, fmt in written:
         log(f"budget {label}: {path} ({hf_label(elastic.config.family) if fmt == 'hf' else 'native'}, "
-            f"{elastic.num_parameters(elastic.budgets[label]):,} parameters)")
+            f"{deployment.num_parameters(label):,} parameters)")
     step("extract", t0)
 
     # 5. zero-shot pruned baselines of the same sizes
@@ -292,7 +294,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     search_set = list(calibration_batches(val, lambda s: tok.encode(s).ids, ordered.config.eos_token_id, n_search,
                                           256, 8, "train", True))
     zero_shot = {}
-    for label, subnet in elastic.budgets.items():
+    for label, subnet in deployment.budgets.items():
         target = elastic.num_parameters(subnet)
         if target >= ordered.num_parameters():
             continue
@@ -309,7 +311,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     ev = recipe.eval
     entries = [Entry("parent", "1.0", ordered, tok, None, str(ordered_dir))]
     entries += [Entry("elastic", label, elastic, tok, subnet, str(out / "elastic" / "final"))
-                for label, subnet in elastic.budgets.items()]
+                for label, subnet in deployment.budgets.items()]
     entries += [Entry("zero-shot pruned", label, ordered, tok, subnet, str(out / f"zero-shot-{label}"))
                 for label, subnet in zero_shot.items()]
     points = evaluate_entries(entries, families=FAMILIES, levels=tuple(ev["levels"]), n=ev["n"], val_data=val,

@@ -12,8 +12,9 @@ from .config import Subnet
 from .errors import ConfigError
 from .model.cache import HybridCache
 
-if TYPE_CHECKING:  # the model calls generate (HybridLM.generate); generate only names the model's type
+if TYPE_CHECKING:
     from .model.hybrid import HybridLM
+    from .model.slicing import SliceMemo
 
 MIN_TEMPERATURE = 1e-5  # below this, sampling is decoded greedily (see sample_next)
 
@@ -53,12 +54,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 def generate(model: HybridLM, input_ids: torch.Tensor, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | None = None, subnet: Subnet | None = None,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, memo: SliceMemo | None = None) -> torch.Tensor:
     """Continue ``input_ids`` ``[batch, prompt]`` by up to ``max_new_tokens`` tokens.
 
     Prefill runs the prompt once; each new token is then one recurrent step. Rows that emit
     ``eos_token_id`` keep emitting it; generation stops when every row has. Returns
-    ``[batch, prompt + generated]``.
+    ``[batch, prompt + generated]``. ``memo`` keeps the sub-model's weight slices for later generations
+    (:class:`~elasticlm.elastic.deployment.Deployment` passes its own).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -75,7 +77,7 @@ def generate(model: HybridLM, input_ids: torch.Tensor, *, max_new_tokens: int = 
     try:
         with torch.inference_mode():  # ~10 % faster decoding than no_grad on CPU
             out = _decode(model, input_ids, max_new_tokens, temperature, top_p, eos_token_id, subnet, generator,
-                          on_token)
+                          on_token, memo)
     finally:
         model.train(was_training)
     return out.clone()  # a normal tensor again, usable later in autograd (e.g. as training data)
@@ -83,8 +85,8 @@ def generate(model: HybridLM, input_ids: torch.Tensor, *, max_new_tokens: int = 
 
 def _decode(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
             eos_token_id: int | None, subnet: Subnet | None, generator: torch.Generator | None,
-            on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
-    cache = model.new_cache(subnet)
+            on_token: Callable[[torch.Tensor], None] | None, memo: SliceMemo | None) -> torch.Tensor:
+    cache = model.new_cache(subnet, memo)
     logits = model(input_ids, subnet=subnet, cache=cache, logits_to_keep=1)[:, -1]
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -145,8 +147,8 @@ class DecodeBatch:
     finished rows leave. Padding is never read (see :class:`~elasticlm.model.cache.HybridCache`), so every row
     produces exactly the tokens it would produce alone."""
 
-    def __init__(self, model: HybridLM, subnet: Subnet | None = None) -> None:
-        self.model, self.subnet = model, model.check_subnet(subnet)
+    def __init__(self, model: HybridLM, subnet: Subnet | None = None, memo: SliceMemo | None = None) -> None:
+        self.model, self.subnet, self.memo = model, model.check_subnet(subnet), memo
         self.rows: list[Request] = []
         self.cache: HybridCache | None = None
         self.logits: torch.Tensor | None = None  # [rows, vocab]: the next token's logits of every row
@@ -163,7 +165,7 @@ class DecodeBatch:
                 raise ConfigError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
         device = self.model.device
         ids, pad = left_pad([r.prompt for r in requests])
-        cache = self.model.new_cache(self.subnet)
+        cache = self.model.new_cache(self.subnet, self.memo)
         cache.pad = pad.to(device) if bool(pad.any()) else None
         logits = self.model(ids.to(device), subnet=self.subnet, cache=cache, logits_to_keep=1)[:, -1]
         if self.cache is None:

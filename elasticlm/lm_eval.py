@@ -30,8 +30,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("elasticlm.lm_eval needs lm-eval: pip install lm-eval") from exc
 
-from .checkpoint import load
 from .config import Subnet
+from .elastic.deployment import Deployment
 from .errors import ConfigError
 from .generate import DecodeBatch, Request
 from .model.documents import document_ids_from_eos
@@ -48,26 +48,24 @@ class ElasticLMHarness(LM):
                  max_length: int | str = 2048, **_: Any) -> None:
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default is cuda:0
             device = "cpu"
-        model = load(checkpoint, device=resolve_device(str(device)), serving=True)
+        deployment = Deployment.load(checkpoint, device=resolve_device(str(device)), serving=True)
         subnet = None
         if budget is not None and str(budget) not in ("", "1.0", "full"):
-            from .elastic.deploy import select_budgets
-
-            subnet = model.budgets[select_budgets(model, str(budget))[0]]
-        self._setup(model, load_tokenizer(checkpoint), subnet, batch_size, max_length, checkpoint)
+            subnet = deployment.subnet(str(budget))
+        self._setup(deployment, load_tokenizer(checkpoint), subnet, batch_size, max_length, checkpoint)
 
     @classmethod
     def for_model(cls, model: HybridLM, tokenizer: Any, subnet: Subnet | None = None, batch_size: int | str = 8,
                   max_length: int | str = 2048) -> ElasticLMHarness:
         """The harness over a model already in memory (``elasticlm eval --lm-eval`` uses one per budget)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, subnet, batch_size, max_length, "the model")
+        self._setup(Deployment(model), tokenizer, subnet, batch_size, max_length, "the model")
         return self
 
-    def _setup(self, model: HybridLM, tokenizer: Any, subnet: Subnet | None, batch_size: int | str,
+    def _setup(self, deployment: Deployment, tokenizer: Any, subnet: Subnet | None, batch_size: int | str,
                max_length: int | str, source: str) -> None:
         LM.__init__(self)
-        self.model, self.tokenizer, self.subnet = model, tokenizer, subnet
+        self.deployment, self.model, self.tokenizer, self.subnet = deployment, deployment.model, tokenizer, subnet
         self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length)
         self.eos = self.model.config.eos_token_id
@@ -92,7 +90,7 @@ class ElasticLMHarness(LM):
             # An EOS ends a document, and training starts the next one from a fresh state: with document
             # ids the EOS prefix of an empty context predicts the first token and nothing after sees it.
             docs = document_ids_from_eos(ids, self.eos) if bool((ids == self.eos).any()) else None
-            logp = F.log_softmax(self.model(ids, self.subnet, document_ids=docs).float(), -1)
+            logp = F.log_softmax(self.model(ids, self.subnet, document_ids=docs, memo=self.deployment.memo).float(), -1)
             for i, ((_, cont), r) in enumerate(zip(chunk, rows, strict=True)):
                 n = len(cont)
                 pos = torch.arange(len(r) - 1 - n, len(r) - 1)
@@ -138,7 +136,7 @@ class ElasticLMHarness(LM):
                 ids = self._encode(context)[-(self.max_length - n):] or [self.eos]
                 rows.append(Request(ids, n, eos_token_id=self.eos))
                 stops.append(until)
-            batch = DecodeBatch(self.model, self.subnet)
+            batch = DecodeBatch(self.model, self.subnet, self.deployment.memo)
             batch.add(rows)
             while len(batch):
                 batch.step()

@@ -48,10 +48,9 @@ from typing import Any
 
 import torch
 
-from .config import count_parameters, find_budget
+from .elastic.deployment import Deployment
 from .errors import ConfigError, ElasticLMError
 from .generate import DecodeBatch, Request
-from .model.hybrid import HybridLM
 
 log = logging.getLogger("elasticlm.serve")
 
@@ -122,16 +121,17 @@ class StepModel:
 class Engine:
     """Continuous batching per budget on one thread, kept alive by a watchdog (see the module docstring)."""
 
-    def __init__(self, model: HybridLM, tokenizer: Any, name: str, max_batch: int = 32,
+    def __init__(self, deployment: Deployment, tokenizer: Any, name: str, max_batch: int = 32,
                  target_latency_ms: float = 100.0, max_context: int = 4096, max_queue: int = 256,
                  max_restarts: int = 3, stall_seconds: float = 120.0) -> None:
-        if not model.budgets:
+        if not deployment.budgets:
             raise ConfigError("serve needs an elastic checkpoint (the final/ directory of `elasticlm train`, with "
                               "elastic.json); a plain model has no budgets to serve")
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.deployment, self.tokenizer, self.name = deployment, tokenizer, name
+        model = self.model = deployment.model
         self.device = model.device  # where sampling happens: request generators live here
-        self.budgets = dict(model.budgets)
-        self.order = sorted(self.budgets, key=lambda b: model.budget_targets.get(b, 0.0))  # smallest first
+        self.budgets = dict(deployment.budgets)  # served: those loaded (untrained ones are not placed per request)
+        self.order = deployment.order  # smallest first
         self.max_batch, self.target = max_batch, target_latency_ms / 1000
         self.max_context, self.max_queue = max_context, max_queue
         self.max_restarts, self.stall_seconds = max_restarts, stall_seconds
@@ -140,7 +140,7 @@ class Engine:
         # which is known without tokenising it (a byte-level BPE token covers at least one character)
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         self.max_token_chars = max((len(t) for t in vocab), default=16)
-        self.batches = {b: DecodeBatch(model, s) for b, s in self.budgets.items()}
+        self.batches = {b: self.new_batch(b) for b in self.budgets}
         self.jobs: dict[str, list[Job]] = {b: [] for b in self.budgets}  # decoding now (the engine thread's)
         self._waiting: deque[Job] = deque()  # submitted, not yet admitted (at most max_queue)
         self._cv = threading.Condition()  # guards _waiting and accepting; wakes an idle engine
@@ -181,7 +181,7 @@ class Engine:
         prompt = [self.eos if self.eos is not None else 0] * 4
         for b in self.budgets:
             for n in rows:
-                batch = DecodeBatch(self.model, self.budgets[b])
+                batch = self.new_batch(b)
                 batch.add([Request(prompt, 4) for _ in range(n)])
                 batch.step()
                 t0 = time.perf_counter()
@@ -225,7 +225,7 @@ class Engine:
                     self.fatal = why
             for b in self.order:  # the thread is gone: its batches are ours now
                 jobs, self.jobs[b] = self.jobs[b], []
-                self.batches[b] = DecodeBatch(self.model, self.budgets[b])
+                self.batches[b] = self.new_batch(b)
                 self._fail(jobs, 500, f"the engine failed while decoding this request (budget {b}) and {what}")
             if not restart:
                 self._give_up(why)
@@ -289,7 +289,7 @@ class Engine:
         again (the old batch's cache may be half-updated). Their outputs stay correct continuations, though no
         longer bit-exact with decoding alone (a prefill is not bitwise a sequence of steps)."""
         jobs = [j for j in self.jobs[b] if not j.cancelled and not j.request.finished]
-        self.jobs[b], self.batches[b] = [], DecodeBatch(self.model, self.budgets[b])
+        self.jobs[b], self.batches[b] = [], self.new_batch(b)
         if not jobs:
             return
         requests = [j.request for j in jobs]
@@ -300,7 +300,7 @@ class Engine:
             self.batches[b].add(requests)
         except Exception as exc:
             log.exception("rebuilding budget %s's batch failed", b)
-            self.batches[b] = DecodeBatch(self.model, self.budgets[b])
+            self.batches[b] = self.new_batch(b)
             self._fail(jobs, 500, f"decoding failed at budget {b}: {type(exc).__name__}: {exc}; retry the request")
             return
         finally:
@@ -314,7 +314,7 @@ class Engine:
         except Exception as exc:  # the forward is shared, so every row of the batch is affected
             log.exception("decoding budget %s failed", b)
             jobs, self.jobs[b] = self.jobs[b], []
-            self.batches[b] = DecodeBatch(self.model, self.budgets[b])  # its cache may be half-advanced
+            self.batches[b] = self.new_batch(b)  # its cache may be half-advanced
             self._fail(jobs, 500, f"decoding failed at budget {b}: {type(exc).__name__}: {exc}; the request was "
                                   "dropped and the server goes on; retry it")
 
@@ -367,6 +367,10 @@ class Engine:
             return 503, f"the engine has been in one round of decoding steps for {busy:.0f} s"
         return 200, "ok"
 
+    def new_batch(self, budget: str) -> DecodeBatch:
+        """An empty decoding batch of ``budget``, its weight slices kept by the deployment across batches."""
+        return DecodeBatch(self.model, self.budgets[budget], self.deployment.memo)
+
     def resolve(self, model: str) -> str:
         """The budget label a request's ``model`` names: ``NAME@0.5``, ``0.5``, ``NAME@auto`` or ``NAME``
         (the full model)."""
@@ -381,7 +385,7 @@ class Engine:
         if label == AUTO:
             return self.auto()
         try:  # the lookup every verb uses: a label, or the same target written another way ("50%", "780K")
-            return find_budget(self.model.budget_targets, label, count_parameters(self.model.config))
+            return self.deployment.trained(label)
         except ConfigError:
             raise RequestError(404, f"unknown budget {_short(label)}; this checkpoint serves "
                                     f"{', '.join(self.order)} and auto", "model") from None
@@ -955,14 +959,14 @@ def build_app(engine: Engine, tokenizer_dir: Path | None = None, *, api_key: str
 
 
 def load_engine(checkpoint: str | Path, device: str = "cpu", **kw: Any) -> tuple[Engine, Path]:
-    from .checkpoint import load
     from .runtime import resolve_device
     from .tokenizer import load_tokenizer
 
     path = Path(checkpoint)
-    model = load(path, device=resolve_device(device), serving=True)
+    deployment = Deployment.load(path, device=resolve_device(device), serving=True)
     tok = load_tokenizer(path)
-    return Engine(model, tok, path.resolve().parent.name if path.name == "final" else path.resolve().name, **kw), path
+    name = path.resolve().parent.name if path.name == "final" else path.resolve().name
+    return Engine(deployment, tok, name, **kw), path
 
 
 def serve_until_signalled(engine: Engine, app: Any, host: str, port: int, shutdown_timeout: float = 30.0) -> int:

@@ -61,39 +61,42 @@ def _build_elastic_checkpoint(tmp_path, heterogeneous=(), name="elastic"):
 
 def test_every_budget_extracted_equals_nested_logits_and_greedy_generation(tmp_path):
     path = elastic_checkpoint(tmp_path)
-    nested = elasticlm.load(path)
-    assert list(nested.budgets) == ["1.0", "0.7", "0.45"]
+    deployed = elasticlm.Deployment.load(path)
+    nested = deployed.model
+    assert list(deployed.budgets) == ["1.0", "0.7", "0.45"]
     assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "out"),
                  "--format", "native"]) == 0
     ids = torch.randint(3, 260, (2, 21))
-    for label, subnet in nested.budgets.items():
+    for label, subnet in deployed.budgets.items():
         small = elasticlm.load(tmp_path / "out" / f"budget-{label}")
         assert small.num_parameters() == count_parameters(nested.config, subnet)
         with torch.no_grad():
             assert max_rel(nested(ids, subnet), small(ids)) < 1e-5
-        a = nested.generate(ids[:1, :7], budget=label, max_new_tokens=12)
+        a = deployed.generate(ids[:1, :7], budget=label, max_new_tokens=12)
         b = elasticlm.generate(small, ids[:1, :7], max_new_tokens=12)
         assert torch.equal(a, b)
         assert (tmp_path / "out" / f"budget-{label}" / "README.md").read_text().count("| mamba |") == 3
     # the budgets are different models, and the nested one switches per call without a copy
-    sizes = [count_parameters(nested.config, s) for s in nested.budgets.values()]
+    sizes = [count_parameters(nested.config, s) for s in deployed.budgets.values()]
     assert sizes[0] > sizes[1] > sizes[2]
     ptr = nested.embeddings.weight.data_ptr()
-    nested.generate(ids[:1, :5], budget="0.45", max_new_tokens=3)
+    deployed.generate(ids[:1, :5], budget="0.45", max_new_tokens=3)
     assert nested.embeddings.weight.data_ptr() == ptr
 
 
 def test_memoised_slices_are_dropped_when_weights_change(tmp_path):
-    nested = elasticlm.load(elastic_checkpoint(tmp_path))
+    deployed = elasticlm.Deployment.load(elastic_checkpoint(tmp_path))
+    nested = deployed.model
     ids = torch.randint(3, 260, (1, 9))
-    subnet = nested.budgets["0.45"]
+    subnet = deployed.budgets["0.45"]
     with torch.inference_mode():
-        before = nested(ids, subnet)
+        before = nested(ids, subnet, memo=deployed.memo)
+    assert deployed.memo.entries
     with torch.no_grad():
         for p in nested.parameters():
             p.mul_(1.5)
     with torch.inference_mode():
-        after = nested(ids, subnet)
+        after = nested(ids, subnet, memo=deployed.memo)
     with torch.no_grad():
         reference = elasticlm.extract(nested, subnet)(ids)
     assert max_rel(after, reference) < 1e-5 and max_rel(before, reference) > 1e-3
@@ -104,20 +107,21 @@ def test_hf_extraction_reloads_in_transformers_with_the_same_logits_and_generati
     budget's and its greedy generate() (with transformers' own cache) is token-identical."""
     transformers = pytest.importorskip("transformers")
     path = elastic_checkpoint(tmp_path)
-    nested = elasticlm.load(path)
+    deployed = elasticlm.Deployment.load(path)
+    nested = deployed.model
     assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "hf")]) == 0
     ids = torch.randint(3, 260, (2, 17))
-    for label in nested.budgets:
+    for label in deployed.budgets:
         out = tmp_path / "hf" / f"budget-{label}"
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] == "nemotron_h" and "layers_block_type" not in config
         assert "bos_token" not in json.loads((out / "tokenizer_config.json").read_text())
         hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         with torch.no_grad():
-            ours = nested(ids, nested.budgets[label])
+            ours = nested(ids, deployed.budgets[label])
             theirs = hf(ids).logits
         assert (ours - theirs).abs().max().item() <= 1e-4, label
-        mine = nested.generate(ids[:1, :7], budget=label, max_new_tokens=10)
+        mine = deployed.generate(ids[:1, :7], budget=label, max_new_tokens=10)
         gen = hf.generate(ids[:1, :7], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert mine.tolist() == gen.tolist(), label
 
@@ -128,35 +132,36 @@ def test_heterogeneous_budgets_export_to_transformers_padded_and_generate_token_
     come back on import. Per-layer Mamba widths have no exact padded form: `--format hf` says so."""
     transformers = pytest.importorskip("transformers")
     path = elastic_checkpoint(tmp_path, heterogeneous=["ffn"])
-    model = elasticlm.load(path)
-    hetero = [b for b, s in model.budgets.items()
+    deployed = elasticlm.Deployment.load(path)
+    model = deployed.model
+    hetero = [b for b, s in deployed.budgets.items()
               if len({w.intermediate_size for w in s.layers if hasattr(w, "intermediate_size")}) > 1]
     assert hetero, "the test needs a budget whose FFN widths differ per layer"
     assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "h")]) == 0
     out = capsys.readouterr().out
     assert "zero padding to uniform widths" in out and "elasticlm native" not in out
     ids = torch.randint(3, 260, (2, 15))
-    for label in model.budgets:
+    for label in deployed.budgets:
         directory = tmp_path / "h" / f"budget-{label}"
         config = json.loads((directory / "config.json").read_text())
         assert config["model_type"] == "nemotron_h"
         assert ("elasticlm_padding" in config) == (label in hetero)
         hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
         with torch.no_grad():
-            assert (hf(ids).logits - model(ids, model.budgets[label])).abs().max().item() <= 1e-4, label
-        mine = model.generate(ids[:1, :7], budget=label, max_new_tokens=10)
+            assert (hf(ids).logits - model(ids, deployed.budgets[label])).abs().max().item() <= 1e-4, label
+        mine = deployed.generate(ids[:1, :7], budget=label, max_new_tokens=10)
         theirs = hf.generate(ids[:1, :7], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert mine.tolist() == theirs.tolist(), label
         back = elasticlm.load(directory)
-        assert back.num_parameters() == count_parameters(model.config, model.budgets[label])
+        assert back.num_parameters() == count_parameters(model.config, deployed.budgets[label])
     card = (tmp_path / "h" / f"budget-{hetero[0]}" / "README.md").read_text()
     assert "zero padding to uniform widths" in card
 
     # a budget with per-layer Mamba widths: refused as hf in one line, written natively by auto
-    layers = list(model.budgets[hetero[0]].layers)
+    layers = list(deployed.budgets[hetero[0]].layers)
     mamba = [i for i, k in enumerate(model.config.pattern) if k == "M" and layers[i] is not None]
     layers[mamba[0]] = dataclasses.replace(layers[mamba[0]], heads_per_group=1)
-    odd = elasticlm.extract(model, Subnet(model.budgets[hetero[0]].hidden_size, tuple(layers)))
+    odd = elasticlm.extract(model, Subnet(deployed.budgets[hetero[0]].hidden_size, tuple(layers)))
     with pytest.raises(ConfigError, match="Mamba head counts"):
         elasticlm.save(odd, tmp_path / "odd", "hf")
     assert not (tmp_path / "odd").exists()
@@ -166,8 +171,9 @@ def test_info_reports_every_budget(tmp_path, capsys):
     path = elastic_checkpoint(tmp_path)
     assert main(["info", str(path), "--context", "1024"]) == 0
     out = capsys.readouterr().out
-    model = elasticlm.load(path)
-    for label, subnet in model.budgets.items():
+    deployed = elasticlm.Deployment.load(path)
+    model = deployed.model
+    for label, subnet in deployed.budgets.items():
         assert f"| {label} | {count_parameters(model.config, subnet):,} |" in out
     assert "separate models hold" in out and "memory @ 1,024 tokens" in out
 
@@ -175,7 +181,7 @@ def test_info_reports_every_budget(tmp_path, capsys):
 def test_bad_input(tmp_path, capsys, monkeypatch):
     path = elastic_checkpoint(tmp_path)
     plain = tmp_path / "plain"
-    elasticlm.save(elasticlm.load(path), plain)  # same weights, no elastic.json
+    elasticlm.save(elasticlm.load(path), plain, tokenizer_dir=path)  # same weights, no elastic.json
     cases = [
         (["extract", "--checkpoint", str(path), "--budget", "0.01", "--out", str(tmp_path / "x")],
          "this checkpoint has budgets 1.0, 0.7, 0.45"),  # and no architecture of its space is that small
@@ -196,8 +202,7 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     assert main(["extract", "--checkpoint", str(path), "--budget", "0.7", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["extract", "--checkpoint", str(path), "--budget", "0.45", "--out", str(out), "--force"]) == 0
-    assert elasticlm.load(out).num_parameters() == count_parameters(elasticlm.load(path).config,
-                                                                     elasticlm.load(path).budgets["0.45"])
+    assert elasticlm.load(out).num_parameters() == elasticlm.Deployment.load(path).num_parameters("0.45")
     # an interrupted write leaves nothing behind
     import elasticlm.elastic.deploy as deploy
 
@@ -214,8 +219,8 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     assert main(["extract", "--checkpoint", str(path), "--budget", "all", "--out", str(tmp_path / "all")]) == 130
     assert not (tmp_path / "all").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".all")]
-    with pytest.raises(ConfigError, match="no budgets"):
-        elasticlm.load(plain).budget_subnet("0.5")
+    with pytest.raises(ConfigError, match="not an elastic checkpoint"):
+        elasticlm.Deployment.load(plain).subnet("0.5")
 
 
 @pytest.mark.parametrize("keep_attention", [True, False])

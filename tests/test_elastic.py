@@ -517,7 +517,7 @@ def test_stage_checkpoint_branches_a_stage_two_ablation(tmp_path):
     train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "straight")), progress=False)
     stage1 = tmp_path / "straight" / "stages" / "1-a"
     assert json.loads((stage1 / "trainer_state.json").read_text())["step"] == 3
-    assert list(elasticlm.load(stage1).budgets) == ["1.0", "0.6"]  # an evaluable elastic checkpoint
+    assert list(elasticlm.Deployment.load(stage1).budgets) == ["1.0", "0.6"]  # an evaluable elastic checkpoint
     # the same stage 2 from the stage-1 state reproduces the straight run
     train_elastic(elastic_run_config_from_tables(tables(parent, tmp_path / "same")), progress=False,
                   resume_from=stage1)

@@ -119,8 +119,9 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_its_parent(quick_demo, tm
     for p in pts[1:]:  # every budget within 2 % of its target, the baselines within 1 % of the elastic size
         target = float(p["budget"]) * parent
         assert abs(p["parameters"] / target - 1) < 0.03, p
-    elastic = elasticlm.load(out / "elastic" / "final")
-    for label, subnet in elastic.budgets.items():
+    deployed = elasticlm.Deployment.load(out / "elastic" / "final")
+    elastic = deployed.model
+    for label, subnet in deployed.budgets.items():
         assert elasticlm.load(out / "extracted" / f"budget-{label}").num_parameters() == elastic.num_parameters(subnet)
     assert (out / "eval" / "pareto.png").read_bytes()[:8] == PNG
     assert "budget 0.5: elastic vs zero-shot pruned" in printed and "pareto.png" in printed
@@ -169,12 +170,13 @@ def test_demo_quick_with_a_llama_parent_exports_to_transformers(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "budget 0.5: elastic vs zero-shot pruned" in printed
     assert json.loads((out / "demo.json").read_text())["parent"] == "llama"
-    elastic = elasticlm.load(out / "elastic" / "final")
+    deployed = elasticlm.Deployment.load(out / "elastic" / "final")
+    elastic = deployed.model
     assert elastic.config.family == "llama" and set(elastic.config.pattern) == {"*", "-"}
     assert elastic.config.rope_parameters is not None and elastic.config.mlp_type == "swiglu"
     ids = torch.randint(3, elastic.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     exported = 0
-    for label, subnet in elastic.budgets.items():
+    for label, subnet in deployed.budgets.items():
         directory = out / "extracted" / f"budget-{label}"
         assert elasticlm.load(directory).num_parameters() == elastic.num_parameters(subnet)
         config = json.loads((directory / "config.json").read_text())

@@ -67,8 +67,9 @@ def test_every_step_of_the_pipeline_on_a_hugging_face_parent(tmp_path, family):
     assert main(["train", "--config", str(tmp_path / "elastic.json"), *run]) == 0
     assert main(["extract", "--checkpoint", str(tmp_path / "elastic" / "final"), "--budget", "all",
                  "--out", str(tmp_path / "extracted")]) == 0
-    elastic = elasticlm.load(tmp_path / "elastic" / "final")
-    for label, subnet in elastic.budgets.items():
+    deployed = elasticlm.Deployment.load(tmp_path / "elastic" / "final")
+    elastic = deployed.model
+    for label, subnet in deployed.budgets.items():
         directory = tmp_path / "extracted" / f"budget-{label}"
         saved = json.loads((directory / "config.json").read_text())
         with torch.no_grad():

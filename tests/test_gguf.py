@@ -167,14 +167,15 @@ def test_bpe_merges_and_chat_template_are_carried(tmp_path):
 
 def test_extract_gguf_heterogeneous_ffn_per_layer_and_refusals(tmp_path, capsys):
     path = elastic_checkpoint(tmp_path, heterogeneous=["ffn"])
-    model = elasticlm.load(path)
-    label = next(b for b, s in model.budgets.items()
+    deployed = elasticlm.Deployment.load(path)
+    model = deployed.model
+    label = next(b for b, s in deployed.budgets.items()
                  if len({w.intermediate_size for w in s.layers if isinstance(w, MlpWidth)}) > 1)
     out = tmp_path / "gguf"
     assert main(["extract", "--checkpoint", str(path), "--budget", label, "--out", str(out), "--format", "gguf",
                  "--gguf-type", "f32"]) == 0
     assert "GGUF" in capsys.readouterr().out
-    small = elasticlm.extract(model, model.budgets[label])
+    small = elasticlm.extract(model, deployed.budgets[label])
     fields, tensors = read(out / "model.gguf")
     widths = iter(small.config.intermediate_sizes_list())
     assert fields["nemotron_h.feed_forward_length"] == [next(widths) if k == "-" else 0 for k in small.config.pattern]

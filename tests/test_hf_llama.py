@@ -84,12 +84,13 @@ def test_directory_import_and_export_back_to_the_same_class(tmp_path, name):
     hf = hf_model(name, seed=3)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # sharded + index
     save_tokenizer(byte_level_tokenizer(), tmp_path / "hf")
-    model = elasticlm.load(tmp_path / "hf")
+    deployed = elasticlm.Deployment.load(tmp_path / "hf")
+    model = deployed.model
     ids = ids_for(96, 2, 23)
     with torch.no_grad():
         ref = hf(ids, use_cache=False).logits
         assert (model(ids) - ref).abs().max().item() <= 1e-4
-    elasticlm.save(model, tmp_path / "out", format="hf")
+    deployed.save(tmp_path / "out", format="hf")  # with the tokenizer it was loaded with
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["architectures"] == [type(hf).__name__]

@@ -22,8 +22,9 @@ def setup(tmp_path_factory):
     from test_deploy import elastic_checkpoint
 
     path = elastic_checkpoint(tmp_path_factory.mktemp("lme"), name="final")
-    model = elasticlm.load(path)
-    return path, elasticlm.extract(model, model.budgets["0.7"]).eval(), load_tokenizer(path)
+    deployed = elasticlm.Deployment.load(path)
+    model = deployed.model
+    return path, elasticlm.extract(model, deployed.budgets["0.7"]).eval(), load_tokenizer(path)
 
 
 def harness(path, max_length):
@@ -96,8 +97,9 @@ def test_loglikelihoods_equal_elasticlm_evals_loss_on_the_same_text(setup):
     from elasticlm.model.documents import document_ids_from_eos
 
     path, small, tok = setup
-    nested = elasticlm.load(path)
-    subnet, eos = nested.budgets["0.7"], nested.config.eos_token_id
+    deployed = elasticlm.Deployment.load(path)
+    nested = deployed.model
+    subnet, eos = deployed.budgets["0.7"], nested.config.eos_token_id
     h = harness(path, 256)
     texts = ["Q: 12+7\nT: 2+7=9 carry 0\nA: 19", "a second document, a little longer than the first one"]
     rolling = h.loglikelihood_rolling([req("loglikelihood_rolling", t) for t in texts])
@@ -140,10 +142,11 @@ def test_eval_lm_eval_adds_task_metrics_for_every_budget(setup, tmp_path, capsys
                  "--out", str(out)]) == 0
     assert "lm-eval elasticlm_test_ll/perplexity" in capsys.readouterr().out
     points = json.loads((out / "eval.json").read_text())["points"]
-    nested = elasticlm.load(path)
-    assert {p["budget"] for p in points} == set(nested.budgets)
+    deployed = elasticlm.Deployment.load(path)
+    nested = deployed.model
+    assert {p["budget"] for p in points} == set(deployed.budgets)
     for p in points:
-        small = elasticlm.extract(nested, nested.budgets[p["budget"]]).eval()
+        small = elasticlm.extract(nested, deployed.budgets[p["budget"]]).eval()
         lls = []
         for d in docs:
             ctx, whole = tok.encode(d["question"]).ids, tok.encode(d["question"] + " " + d["answer"]).ids

@@ -261,9 +261,10 @@ def test_elastic_training_of_an_moe_parent_on_active_parameters(tmp_path, mode):
     tabs = tables(tmp_path / "parent", tmp_path / "run")
     tabs["elastic"].update(target="active", router_mode=mode, heterogeneous=["moe_experts"], router_init_steps=300)
     train_elastic(elastic_run_config_from_tables(tabs), progress=False)
-    elastic = elasticlm.load(tmp_path / "run" / "final")
-    assert set(elastic.budgets) == {"1.0", "0.6"}
-    small = elastic.budgets["0.6"]
+    deployed = elasticlm.Deployment.load(tmp_path / "run" / "final")
+    elastic = deployed.model
+    assert set(deployed.budgets) == {"1.0", "0.6"}
+    small = deployed.budgets["0.6"]
     active = count_active_parameters(cfg, small)
     assert abs(active / (0.6 * count_active_parameters(cfg)) - 1) <= 0.05
     ids = torch.randint(3, 260, (1, 9))

@@ -148,9 +148,9 @@ def test_nested_int8_budget_equals_its_extracted_int8_model(name, tmp_path):
         elasticlm.save(small, tmp_path / f"small-{k}")
         reloaded = elasticlm.load(tmp_path / f"small-{k}", serving=True)
         with torch.inference_mode():
-            nested = quantized.generate(prompt, subnet=subnet, max_new_tokens=10)
-            assert torch.equal(nested, small.generate(prompt, max_new_tokens=10))
-            assert torch.equal(nested, reloaded.generate(prompt, max_new_tokens=10))
+            nested = elasticlm.generate(quantized, prompt, subnet=subnet, max_new_tokens=10)
+            assert torch.equal(nested, elasticlm.generate(small, prompt, max_new_tokens=10))
+            assert torch.equal(nested, elasticlm.generate(reloaded, prompt, max_new_tokens=10))
             assert max_rel(quantized(prompt, subnet=subnet), reloaded(prompt)) < 1e-5
 
 
@@ -174,13 +174,14 @@ def test_cli_quantize_then_generate_eval_extract_serve(tmp_path, capsys):
     config = json.loads((tmp_path / "q8" / "config.json").read_text())
     assert config["quantization"]["method"] == "int8"
     assert (tmp_path / "q8" / "elastic.json").is_file() and (tmp_path / "q8" / "router.safetensors").is_file()
-    model = elasticlm.load(tmp_path / "q8", serving=True)
-    assert is_quantized(model) and set(model.budgets) == set(elasticlm.load(src).budgets)
-    label = sorted(model.budgets, key=float)[0]
+    deployed = elasticlm.Deployment.load(tmp_path / "q8", serving=True)
+    model = deployed.model
+    assert is_quantized(model) and set(deployed.budgets) == set(elasticlm.Deployment.load(src).budgets)
+    label = sorted(deployed.budgets, key=float)[0]
 
     # generate: the nested budget's tokens, as the library's
     with torch.inference_mode():
-        want = model.generate(torch.tensor([[5, 6, 7]]), budget=label, max_new_tokens=6)[0, 3:].tolist()
+        want = deployed.generate(torch.tensor([[5, 6, 7]]), budget=label, max_new_tokens=6)[0, 3:].tolist()
     assert main(["generate", "--model", str(tmp_path / "q8"), "--budget", label, "--prompt-ids", "5,6,7",
                  "--max-new-tokens", "6", "--ignore-eos"]) == 0
     assert capsys.readouterr().out.strip() == ",".join(map(str, want))
@@ -252,15 +253,16 @@ def test_serve_every_budget_from_the_int8_copy(tmp_path):
 
     src = elastic_checkpoint(tmp_path)
     assert main(["quantize", "--checkpoint", str(src), "--out", str(tmp_path / "q8")]) == 0
-    model = elasticlm.load(tmp_path / "q8", serving=True)
+    deployed = elasticlm.Deployment.load(tmp_path / "q8", serving=True)
+    model = deployed.model
     tok = load_tokenizer(tmp_path / "q8")
-    engine = Engine(model, tok, "tiny", max_batch=4, max_context=512)
+    engine = Engine(deployed, tok, "tiny", max_batch=4, max_context=512)
     ids = tok.encode("Q: 1+2").ids
     with running(engine, tmp_path / "q8") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        for label in model.budgets:
+        for label in deployed.budgets:
             with torch.inference_mode():
-                out = model.generate(torch.tensor([ids]), budget=label, max_new_tokens=8)[0, len(ids):].tolist()
+                out = deployed.generate(torch.tensor([ids]), budget=label, max_new_tokens=8)[0, len(ids):].tolist()
             eos = model.config.eos_token_id
             want = tok.decode(out[: out.index(eos)] if eos in out else out)
             got = client.completions.create(model=f"tiny@{label}", prompt="Q: 1+2", max_tokens=8, temperature=0)
@@ -279,9 +281,9 @@ def test_gguf_q8_0_from_the_int8_checkpoint(tmp_path):
     save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
     model = quantize_(randomize_(HybridLM(cfg), seed=3).eval())
     elasticlm.save(model, tmp_path / "q8", tokenizer_dir=tmp_path / "tok")
-    loaded = elasticlm.load(tmp_path / "q8")
-    elasticlm.save(loaded, tmp_path / "g", "gguf", gguf_type="q8_0")
-    assert is_quantized(loaded)  # the caller's model is left as it is
+    loaded = elasticlm.Deployment.load(tmp_path / "q8")
+    loaded.save(tmp_path / "g", "gguf", gguf_type="q8_0")  # with the tokenizer it was loaded with
+    assert is_quantized(loaded.model)  # the caller's model is left as it is
     expected = expected_tensors(dequantize_(copy.deepcopy(model)))
     reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
     checked = 0

@@ -28,8 +28,8 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     path = elastic_checkpoint(root, name="final")
-    model = elasticlm.load(path, serving=True)
-    engine = Engine(model, load_tokenizer(path), "tiny", max_batch=8, max_context=8192)
+    engine = Engine(elasticlm.Deployment.load(path, serving=True), load_tokenizer(path), "tiny", max_batch=8,
+                    max_context=8192)
     with running(engine, path) as url:
         yield url, engine, path
 
@@ -40,10 +40,11 @@ def client(url):
 
 def reference(path, prompt, budget, n):
     """What `elasticlm generate` (greedy, the nested budget) returns for ``prompt``."""
-    model = elasticlm.load(path, serving=True)
+    deployed = elasticlm.Deployment.load(path, serving=True)
+    model = deployed.model
     tok = load_tokenizer(path)
     ids = tok.encode(prompt).ids
-    out = model.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
+    out = deployed.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
     eos = model.config.eos_token_id
     if eos in out:
         out = out[: out.index(eos)]
@@ -188,7 +189,7 @@ def test_plain_model_is_refused():
     from conftest import tiny_config
 
     with pytest.raises(elasticlm.ConfigError, match="elastic checkpoint"):
-        Engine(elasticlm.HybridLM(tiny_config()), None, "x")
+        Engine(elasticlm.Deployment(elasticlm.HybridLM(tiny_config())), None, "x")
 
 
 def test_cli_serve_answers_the_openai_client_and_drains_on_sigterm(tmp_path):
@@ -275,13 +276,13 @@ def test_think_budget_request_field(server):
     from elasticlm.generate import generate_think_answer
 
     url, engine, path = server
-    model, tok = engine.model, engine.tokenizer
+    deployed, model, tok = engine.deployment, engine.model, engine.tokenizer
     ids = tok.encode(PROMPTS[0]).ids
-    small = model.budgets["0.45"]
-    trace = model.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=10)[0, len(ids):].tolist()
+    small = deployed.budgets["0.45"]
+    trace = deployed.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=10)[0, len(ids):].tolist()
     stop = tok.decode(trace[2:4])  # text the small budget certainly writes: the switch point
     want_ids = generate_think_answer(model, [ids], switch_ids=tok.encode(stop).ids, think=small,
-                                     answer=model.budgets["1.0"], max_new_tokens=10,
+                                     answer=deployed.budgets["1.0"], max_new_tokens=10,
                                      eos_token_id=model.config.eos_token_id)[0]
     eos = model.config.eos_token_id
     want = tok.decode([t for t in want_ids if t != eos])
@@ -310,15 +311,16 @@ def test_cli_generate_think_budget(server, capsys):
     from elasticlm.cli import main
 
     _, engine, path = server
-    model, tok = engine.model, engine.tokenizer
+    deployed, model, tok = engine.deployment, engine.model, engine.tokenizer
     ids = tok.encode("Q: 4+4").ids
-    trace = model.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=8)[0, len(ids):].tolist()
+    trace = deployed.generate(torch.tensor([ids]), budget="0.45", max_new_tokens=8)[0, len(ids):].tolist()
     # a marker the think budget writes early, whose text encodes back to the same tokens (the CLI takes text)
     k = next(k for k in range(1, 6) if tok.encode(tok.decode(trace[k:k + 2])).ids == trace[k:k + 2])
     stop = tok.decode(trace[k:k + 2])
-    want = naive_think_answer(model, ids, tok.encode(stop).ids, model.budgets["0.45"], model.budgets["0.7"], 8)
-    assert want != naive_think_answer(model, ids, tok.encode(stop).ids, model.budgets["0.45"],
-                                      model.budgets["0.45"], 8), "the switch must change the answer here"
+    think, answer = deployed.budgets["0.45"], deployed.budgets["0.7"]
+    want = naive_think_answer(model, ids, tok.encode(stop).ids, think, answer, 8)
+    assert want != naive_think_answer(model, ids, tok.encode(stop).ids, think, think, 8), \
+        "the switch must change the answer here"
     capsys.readouterr()
     assert main(["generate", "--model", str(path), "--prompt", "Q: 4+4", "--budget", "0.7", "--think-budget",
                  "0.45", "--switch", stop, "--max-new-tokens", "8", "--ignore-eos"]) == 0

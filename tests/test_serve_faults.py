@@ -35,7 +35,8 @@ BODY = 1 << 20
 
 def _engine(path, **kw) -> Engine:
     # a model of its own: engines of different tests never share a model between threads
-    return Engine(elasticlm.load(path, serving=True), load_tokenizer(path), "tiny", max_context=CONTEXT, **kw)
+    return Engine(elasticlm.Deployment.load(path, serving=True), load_tokenizer(path), "tiny", max_context=CONTEXT,
+                  **kw)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,12 @@ def reference(ckpt):
 def greedy_reference(ckpt):
     """What greedy `elasticlm generate` returns, as text (EOS and after cut off): computed in the test process,
     not by a server."""
-    model, tok = elasticlm.load(ckpt, serving=True), load_tokenizer(ckpt)
+    deployed, tok = elasticlm.Deployment.load(ckpt, serving=True), load_tokenizer(ckpt)
 
     def text(prompt: str, budget: str, n: int) -> str:
         ids = tok.encode(prompt).ids
-        out = model.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
-        eos = model.config.eos_token_id
+        out = deployed.generate(torch.tensor([ids]), budget=budget, max_new_tokens=n)[0, len(ids):].tolist()
+        eos = deployed.config.eos_token_id
         return tok.decode(out[: out.index(eos)] if eos in out else out)
 
     return text
@@ -399,7 +400,7 @@ def test_sampling_is_safe_at_any_temperature():
 def test_sampling_on_cuda_draws_from_generators_on_the_device(ckpt):
     """Request generators used to be made on the CPU while the model sampled on the GPU: every sampled request
     failed there."""
-    engine = Engine(elasticlm.load(ckpt, device="cuda", serving=True), load_tokenizer(ckpt), "tiny",
+    engine = Engine(elasticlm.Deployment.load(ckpt, device="cuda", serving=True), load_tokenizer(ckpt), "tiny",
                     max_context=CONTEXT)
     assert engine.device.type == "cuda"
     with running(engine, ckpt) as url:

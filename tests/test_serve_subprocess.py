@@ -374,9 +374,9 @@ def test_a_batch_that_never_empties_keeps_a_bounded_cache_and_exact_rows(ckpt):
     equals greedy `generate` alone. Without compaction the timeline would be the batch's age (200 steps here)."""
     from elasticlm.generate import DecodeBatch, Request
 
-    model, tok = elasticlm.load(ckpt, serving=True), load_tokenizer(ckpt)
+    deployed, tok = elasticlm.Deployment.load(ckpt, serving=True), load_tokenizer(ckpt)
     prompts = [tok.encode(p).ids for p in ("Q: 1+2", "a longer prompt with several words", "x", "Q: sort 3 1 2")]
-    batch = DecodeBatch(model, model.budgets["1.0"])
+    batch = DecodeBatch(deployed.model, deployed.budgets["1.0"])
     requests, longest = [], 0
     for step in range(200):
         if step % 5 == 0:
@@ -389,5 +389,5 @@ def test_a_batch_that_never_empties_keeps_a_bounded_cache_and_exact_rows(ckpt):
     finished = [r for r in requests if r.finished]
     assert len(finished) >= 35
     for req in finished:
-        alone = model.generate(torch.tensor([req.prompt]), budget="1.0", max_new_tokens=req.max_new_tokens)
+        alone = deployed.generate(torch.tensor([req.prompt]), budget="1.0", max_new_tokens=req.max_new_tokens)
         assert req.tokens == alone[0, len(req.prompt):].tolist()

@@ -27,7 +27,8 @@ def test_decode_layout_transposes_strides_of_wide_outputs_only():
 def test_nested_model_in_decode_layout_equals_extracted_models_with_one_copy(tmp_path):
     path = elastic_checkpoint(tmp_path)
     plain = elasticlm.load(path)
-    model = elasticlm.load(path, serving=True)
+    deployed = elasticlm.Deployment.load(path, serving=True)
+    model = deployed.model
     wide = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[0] > p.shape[1]
             and not n.startswith("embeddings")]
     assert wide and all(model.get_parameter(n).stride() == (1, model.get_parameter(n).shape[0]) for n in wide)
@@ -37,18 +38,18 @@ def test_nested_model_in_decode_layout_equals_extracted_models_with_one_copy(tmp
     assert sum(p.untyped_storage().nbytes() for p in model.parameters()) == \
         sum(p.numel() * p.element_size() for p in plain.parameters())
     ids = torch.randint(3, 260, (2, 19))
-    for label, subnet in model.budgets.items():
+    for label, subnet in deployed.budgets.items():
         small = elasticlm.extract(plain, subnet)
         with torch.inference_mode():
             assert max_rel(model(ids, subnet), small(ids)) < 1e-5
-        assert torch.equal(model.generate(ids[:1, :6], budget=label, max_new_tokens=10),
+        assert torch.equal(deployed.generate(ids[:1, :6], budget=label, max_new_tokens=10),
                            elasticlm.generate(small, ids[:1, :6], max_new_tokens=10))
     # saving and reloading round-trips exactly; gradients flow in this layout too
     elasticlm.save(model, tmp_path / "resaved")
     again = elasticlm.load(tmp_path / "resaved")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), plain.state_dict().values(), strict=True))
     model.train()
-    model(ids, model.budgets["0.45"]).logsumexp(-1).mean().backward()
+    model(ids, deployed.budgets["0.45"]).logsumexp(-1).mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if n in wide and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
@@ -56,7 +57,8 @@ def test_nested_model_in_decode_layout_equals_extracted_models_with_one_copy(tmp
 def test_cli_generate_uses_the_decode_layout(tmp_path, capsys):
     path = elastic_checkpoint(tmp_path)
     ids = [5, 6, 7]
-    expect = elasticlm.load(path).generate(torch.tensor([ids]), budget="0.45", max_new_tokens=4)[0, 3:].tolist()
+    out = elasticlm.Deployment.load(path).generate(torch.tensor([ids]), budget="0.45", max_new_tokens=4)
+    expect = out[0, 3:].tolist()
     assert main(["generate", "--checkpoint", str(path), "--budget", "0.45", "--prompt-ids", "5,6,7",
                  "--max-new-tokens", "4", "--ignore-eos"]) == 0
     out = capsys.readouterr().out
@@ -64,13 +66,14 @@ def test_cli_generate_uses_the_decode_layout(tmp_path, capsys):
 
 
 def test_grouped_prefix_copies_hold_only_the_kept_part_in_decode_layout(tmp_path):
-    model = elasticlm.load(elastic_checkpoint(tmp_path))
-    subnet = model.budgets["0.45"]
+    deployed = elasticlm.Deployment.load(elastic_checkpoint(tmp_path))
+    model = deployed.model
+    subnet = deployed.budgets["0.45"]
     assert subnet.hidden_size < model.config.hidden_size
-    model.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=2)
+    deployed.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=2)
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    copies = [t for m in model.modules() if hasattr(m, "packed") for e in m.packed.entries.values()
-              for t in e.values() if t.untyped_storage().data_ptr() not in owned]
+    copies = [t for e in deployed.memo.entries.values() for t in e.values()
+              if t.untyped_storage().data_ptr() not in owned]
     assert copies, "the 0.45 budget cuts heads inside groups, so some slices are copies"
     for t in copies:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -82,15 +85,21 @@ def test_decode_slices_the_weights_once_per_generation(tmp_path, monkeypatch):
     from elasticlm.model.mamba2 import Mamba2Mixer
     from elasticlm.model.mlp import MLP
 
-    model = elasticlm.load(elastic_checkpoint(tmp_path), serving=True)
-    subnet = model.budgets["0.45"]
+    deployed = elasticlm.Deployment.load(elastic_checkpoint(tmp_path), serving=True)
+    model = deployed.model
+    subnet = deployed.budgets["0.45"]
     calls = []
     for cls in (Attention, Mamba2Mixer, MLP):
         original = cls.sliced
         monkeypatch.setattr(cls, "sliced", lambda self, *a, _o=original, **k: calls.append(self) or _o(self, *a, **k))
-    out = model.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=12)
+    out = deployed.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=12)
     assert out.shape[1] == 15
     assert len(calls) == len(subnet.kept_layers) == len(set(map(id, calls)))  # once per kept layer, not per token
+    # the deployment keeps the slices for the next generation; a plain generate() makes them once more
+    assert torch.equal(deployed.generate(torch.tensor([[5, 6, 7]]), budget="0.45", max_new_tokens=12), out)
+    assert len(calls) == len(subnet.kept_layers)
+    assert torch.equal(elasticlm.generate(model, torch.tensor([[5, 6, 7]]), subnet=subnet, max_new_tokens=12), out)
+    assert len(calls) == 2 * len(subnet.kept_layers)
 
 
 def _sharded_generation_worker(rank: int, port: int, out: str) -> None:

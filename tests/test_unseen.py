@@ -14,7 +14,6 @@ from elasticlm import ConfigError
 from elasticlm.checkpoint import read_routing
 from elasticlm.cli import main
 from elasticlm.config import count_parameters
-from elasticlm.elastic.deploy import select_budgets
 from elasticlm.elastic.unseen import load_router, solve, space_from_routing, untrained_subnet
 
 
@@ -37,11 +36,12 @@ def test_rebuilt_space_and_router_reproduce_the_trained_budgets(checkpoint):
 
 
 def test_untrained_budget_within_two_percent_nested_equals_extracted(checkpoint):
-    model = elasticlm.load(checkpoint)
+    deployed = elasticlm.Deployment.load(checkpoint)
+    model = deployed.model
     parent = count_parameters(model.config)
-    [label] = select_budgets(model, "0.6")
-    assert label == "0.6" and label in model.untrained
-    subnet = model.budgets[label]
+    [label] = deployed.labels("0.6")
+    assert label == "0.6" and label in deployed.untrained
+    subnet = deployed.budgets[label]
     n = count_parameters(model.config, subnet)
     assert abs(n / (0.6 * parent) - 1) <= 0.02
     small = elasticlm.extract(model, subnet)
@@ -50,7 +50,7 @@ def test_untrained_budget_within_two_percent_nested_equals_extracted(checkpoint)
     with torch.no_grad():
         assert (model(ids, subnet) - small(ids)).abs().max() <= 1e-5 * small(ids).abs().max()
     with pytest.raises(ConfigError, match="no architecture of the elastic space"):
-        select_budgets(model, "0.02")
+        deployed.label("0.02")
 
 
 def test_solver_moves_the_axes_the_router_cares_least_about(checkpoint):

@@ -47,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..checkpoint import check_output_path, load
     from ..data.datasets import is_local
-    from ..elastic.deploy import select_budgets
+    from ..elastic.deployment import Deployment
     from ..eval.report import Entry, evaluate_entries, markdown_table, parse_levels, parse_tasks, save_report
     from ..tokenizer import load_tokenizer
 
@@ -70,24 +70,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     inputs = [args.checkpoint] + [spec.rpartition("=")[2] for spec in args.baseline or []]
     check_output_path(out, args.force, "report", inputs)
     device = _device(args.device)
-    model = load(args.checkpoint, device=device)
+    deployment = Deployment.load(args.checkpoint, device=device)
+    model = deployment.model
     if ppl:
         _check_memory(model, args.batch_size, args.seq_len, "--batch-size or --seq-len")
     tok = load_tokenizer(args.checkpoint)
     name = Path(args.checkpoint).resolve().name
-    if model.budgets:
+    if deployment.budgets:
         if args.subnet:
             raise ConfigError("--subnet is for plain models; an elastic checkpoint is evaluated by --budgets")
-        entries = [Entry("elastic" if label not in getattr(model, "untrained", {}) else "elastic, not trained",
-                         label, model, tok, model.budgets[label], str(args.checkpoint))
-                   for label in select_budgets(model, args.budgets)]
+        entries = [Entry("elastic" if label not in deployment.untrained else "elastic, not trained",
+                         label, model, tok, deployment.budgets[label], str(args.checkpoint))
+                   for label in deployment.labels(args.budgets)]
         if args.think_budget is not None:
-            think = select_budgets(model, args.think_budget)[0]
+            think = deployment.label(args.think_budget)
             entries += [Entry(f"think {think}", f"{think}→{e.budget}", model, tok, e.subnet, str(args.checkpoint),
-                              think=model.budgets[think]) for e in list(entries) if e.budget != think]
+                              think=deployment.budgets[think]) for e in list(entries) if e.budget != think]
     else:
         if args.budgets.strip().lower() != "all" or args.think_budget is not None:
-            select_budgets(model, args.budgets)  # raises: not an elastic checkpoint
+            deployment.labels(args.budgets)  # raises: not an elastic checkpoint
         entries = [Entry(name, "1.0", model, tok, _read_subnet(args.subnet), str(args.checkpoint))]
     reference = model.num_parameters()
     for spec in args.baseline or []:
@@ -115,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "val_tokens": next((p.val_tokens for p in points if p.val_tokens is not None), None),
             "lm_eval": {"tasks": lm_tasks, "include": args.lm_eval_include, "limit": args.lm_eval_limit}
             if lm_tasks else None,
-            "untrained": {k: v.describe() for k, v in getattr(model, "untrained", {}).items()}}
+            "untrained": {k: v.describe() for k, v in deployment.untrained.items()}}
     paths = save_report(points, out, meta, title=f"elasticlm eval {args.checkpoint}", force=args.force, inputs=inputs)
     print(markdown_table(points))
     print(f"\n[{args.n} held-out examples per task and difficulty, greedy decoding"

@@ -124,22 +124,20 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from ..checkpoint import load
-    from ..generate import generate
+    from ..elastic.deployment import Deployment
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     device = _device(args.device)
-    model = load(args.model, device=device, dtype=_torch_dtype(args.dtype), serving=True)
+    deployment = Deployment.load(args.model, device=device, dtype=_torch_dtype(args.dtype), serving=True)
+    model = deployment.model
     subnet = _read_subnet(args.subnet)
     if args.budget is not None:
         if subnet is not None:
             raise ConfigError("give --budget or --subnet, not both")
-        from ..elastic.deploy import select_budgets
-
-        subnet = model.budgets[select_budgets(model, args.budget)[0]] if args.budget.lower() != "all" else None
-        if subnet is None:
+        if args.budget.strip().lower() == "all":
             raise ConfigError("--budget all is for `elasticlm extract`; generate runs one budget")
+        subnet = deployment.subnet(args.budget)
     tok = None
     if args.prompt is not None:
         from ..tokenizer import load_tokenizer
@@ -160,21 +158,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     eos = None if args.ignore_eos else model.config.eos_token_id
     start = time.perf_counter()
     if args.think_budget is not None:
-        from ..elastic.deploy import select_budgets
         from ..generate import generate_think_answer
 
         if tok is None:
             raise ConfigError("--think-budget needs --prompt TEXT (the switch marker is text)")
         if args.temperature > 0:
             raise ConfigError("--think-budget decodes greedily; drop --temperature")
-        think = model.budgets[select_budgets(model, args.think_budget)[0]]
+        think = deployment.subnet(args.think_budget)
         switch = args.switch.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
         new = generate_think_answer(model, [ids], switch_ids=tok.encode(switch).ids, think=think, answer=subnet,
                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos)[0]
     else:
-        out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet,
-                       generator=gen)
+        out = deployment.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, eos_token_id=eos, subnet=subnet,
+                                  generator=gen)
         new = out[0, len(ids):].tolist()
     seconds = time.perf_counter() - start
     if eos is not None and eos in new:
@@ -184,32 +181,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from ..checkpoint import check_output_path, load
+    from ..checkpoint import check_output_path
     from ..config import count_parameters, subnet_config
-    from ..elastic.deploy import extract_budgets, select_budgets
+    from ..elastic.deploy import extract_budgets
+    from ..elastic.deployment import Deployment
     from ..model.padding import padding_note
 
     check_output_path(args.out, args.force, "extract", [args.checkpoint])
-    model = load(args.checkpoint)
-    labels = select_budgets(model, args.budget)
-    for label, path, fmt in extract_budgets(model, labels, args.out, args.format, args.force, [args.checkpoint],
-                                            gguf_type=args.gguf_type):
-        n = count_parameters(model.config, model.budgets[label])
-        note = padding_note(subnet_config(model.config, model.budgets[label])) if fmt == "hf" else ""
-        print(f"budget {label}: {path} ({format_label(fmt, model.config.family)}, {n:,} parameters{note})")
+    deployment = Deployment.load(args.checkpoint)
+    config = deployment.config
+    labels = deployment.labels(args.budget)
+    for label, path, fmt in extract_budgets(deployment, labels, args.out, args.format, args.force,
+                                            [args.checkpoint], gguf_type=args.gguf_type):
+        n = count_parameters(config, deployment.budgets[label])
+        note = padding_note(subnet_config(config, deployment.budgets[label])) if fmt == "hf" else ""
+        print(f"budget {label}: {path} ({format_label(fmt, config.family)}, {n:,} parameters{note})")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ..config import count_parameters
     from ..elastic.deploy import quantize_checkpoint
 
-    out, model, before, after = quantize_checkpoint(args.checkpoint, args.out, args.to, args.force)
+    quantized, before, after = quantize_checkpoint(args.checkpoint, args.out, args.to, args.force)
     mib = 1024 ** 2
-    print(f"wrote {out} ({args.to}: {after / mib:,.1f} MiB, {after / before:.2f}x the {before / mib:,.1f} MiB of "
-          f"{str(model.dtype).removeprefix('torch.')} weights)")
-    parent = count_parameters(model.config)
-    for label, subnet in model.budgets.items():
-        n = count_parameters(model.config, subnet)
+    print(f"wrote {quantized.source} ({args.to}: {after / mib:,.1f} MiB, {after / before:.2f}x the "
+          f"{before / mib:,.1f} MiB of {str(quantized.model.dtype).removeprefix('torch.')} weights)")
+    parent = count_parameters(quantized.config)
+    for label, subnet in quantized.budgets.items():
+        n = count_parameters(quantized.config, subnet)
         print(f"  budget {label}: {n:,} parameters ({n / parent:.1%}), nested in the one int8 copy")
 
 
@@ -224,7 +223,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         reason = hf_incompatibility(model.config)
         if reason:
             raise ConfigError(f"cannot convert {args.src} to {hf_label(model.config.family)}: {reason}")
-    save(model, args.dst, args.to, overwrite=args.force, inputs=[args.src], gguf_type=args.gguf_type)
+    save(model, args.dst, args.to, tokenizer_dir=args.src, overwrite=args.force, inputs=[args.src],
+         gguf_type=args.gguf_type)
     note = padding_note(model.config) if args.to == "hf" else ""
     print(f"wrote {args.dst} ({format_label(args.to, model.config.family)}, {model.num_parameters():,} "
           f"parameters{note})")

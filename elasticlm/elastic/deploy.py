@@ -21,39 +21,19 @@ from ..checkpoint import (
     atomic_directory,
     check_format,
     check_output_path,
-    load,
     read_routing,
     write_model_files,
 )
-from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, find_budget, subnet_config
+from ..config import LAYER_NAMES, ModelConfig, Subnet, count_parameters, subnet_config
 from ..errors import ConfigError
 from ..model.gguf import DT_CLAMP_NOTE, gguf_arch, gguf_incompatibility
 from ..model.hf import hf_incompatibility, hf_label
-from ..model.hybrid import HybridLM
 from ..model.padding import padding_note
 from ..model.quantize import METHOD, is_quantized, quantize_, state_bytes
+from .deployment import Deployment
 from .extract import extract
 from .prune import describe_subnet
 from .space import memory_bytes
-
-
-def select_budgets(model: HybridLM, budget: str) -> list[str]:
-    """Labels named by ``budget``: one budget (any spelling :func:`find_budget` accepts) or ``all``."""
-    if not model.budgets:
-        source = getattr(model, "source_dir", "the model")
-        raise ConfigError(f"{source} is not an elastic checkpoint (no elastic.json); --budget needs the final/ "
-                          "directory (or a checkpoint) of `elasticlm train`")
-    if budget.strip().lower() == "all":
-        return list(model.budgets)
-    try:
-        return [find_budget(model.budget_targets, budget, count_parameters(model.config))]
-    except ConfigError as unknown:
-        from .unseen import add_untrained_budget
-
-        try:
-            return [add_untrained_budget(model, budget)]
-        except ConfigError as why:
-            raise ConfigError(f"{unknown}; as an untrained budget: {why}") from None
 
 
 def output_format(config: ModelConfig, requested: str, label: str) -> str:
@@ -72,15 +52,14 @@ def output_format(config: ModelConfig, requested: str, label: str) -> str:
     return requested
 
 
-def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: HybridLM, fmt: str,
+def model_card(label: str, entry: dict[str, Any], config: ModelConfig, parent: ModelConfig, fmt: str,
                source: str) -> str:
     """A short README.md: what the model is, its architecture per layer, and how it was made."""
     n = count_parameters(config)
     lines = [
         f"# Budget {label} of an elastic model",
         "",
-        f"- parameters: {n:,} ({n / count_parameters(parent.config):.1%} of the parent's "
-        f"{count_parameters(parent.config):,})",
+        f"- parameters: {n:,} ({n / count_parameters(parent):.1%} of the parent's {count_parameters(parent):,})",
         f"- budget: {label} (target {entry.get('target', n):,.0f} {entry.get('target_kind', 'params')})",
         f"- format: {format_name(fmt, config.family)}{padding_note(config) if fmt == 'hf' else ''}",
         f"- made by: `elasticlm extract` (elasticlm {__version__}, {datetime.date.today()}) from the elastic "
@@ -103,26 +82,27 @@ def format_name(fmt: str, family: str) -> str:
             "gguf": f"GGUF for llama.cpp ({gguf_arch(family)}), model.gguf"}[fmt]
 
 
-def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: str = "auto",
+def extract_budgets(deployment: Deployment, labels: list[str], out: str | Path, fmt: str = "auto",
                     force: bool = False, inputs: list[str | Path] | None = None,
                     gguf_type: str = "auto") -> list[tuple[str, Path, str]]:
-    """Write each budget as a standalone model. One budget: ``out`` is its directory; several:
-    ``out/budget-<label>/`` each. Atomic: an interrupted run leaves nothing at ``out``."""
+    """Write each budget (labels of ``deployment.budgets``) as a standalone model. One budget: ``out`` is its
+    directory; several: ``out/budget-<label>/`` each. Atomic: an interrupted run leaves nothing at ``out``."""
+    model, source = deployment.model, deployment.source
     if fmt not in ("auto", "hf", "native", "gguf"):
         raise ConfigError(f"--format must be auto, hf, native or gguf, got {fmt!r}")
     if fmt == "gguf":
-        check_format(model.config, "gguf", model.source_dir)  # the tokenizer, before any slicing
+        check_format(model.config, "gguf", source)  # the tokenizer, before any slicing
     if fmt == "auto" and is_quantized(model):
         fmt = "native"  # the one format that keeps the int8 weights (hf and gguf get their float values)
     out = Path(out)
-    routing = read_routing(model.source_dir) or {"budgets": []}
+    routing = (read_routing(source) if source is not None else None) or {"budgets": []}
     entries = {b["budget"]: b for b in routing["budgets"]}
     plans = []
     for label in labels:  # check every budget before writing anything
-        subnet = model.budgets[label]
+        subnet = deployment.budgets[label]
         config = subnet_config(model.config, subnet)
         plans.append((label, subnet, config, output_format(config, fmt, label)))
-    inputs = inputs if inputs is not None else [p for p in [model.source_dir] if p is not None]
+    inputs = inputs if inputs is not None else [p for p in [source] if p is not None]
     check_output_path(out, force, "extract", inputs)
     written = []
     with atomic_directory(out, force, "extract", inputs) as tmp:
@@ -130,12 +110,12 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
             target = tmp if len(plans) == 1 else tmp / f"budget-{label}"
             target.mkdir(exist_ok=True)
             small = extract(model, subnet)
-            write_model_files(small, target, f, tokenizer_dir=model.source_dir, gguf_type=gguf_type)
+            write_model_files(small, target, f, tokenizer_dir=source, gguf_type=gguf_type)
             entry = entries.get(label) or {"architecture": describe_subnet(model.config, subnet),
-                                           "target": model.budget_targets.get(label, 0), "target_kind": "params"}
-            card = model_card(label, entry, small.config, model, f, str(model.source_dir))
-            if label in getattr(model, "untrained", {}):
-                card = card.replace("\n\n| layer |", f"\n- **not trained**: {model.untrained[label].describe()}"
+                                           "target": deployment.targets.get(label, 0), "target_kind": "params"}
+            card = model_card(label, entry, small.config, model.config, f, str(source))
+            if label in deployment.untrained:
+                card = card.replace("\n\n| layer |", f"\n- **not trained**: {deployment.untrained[label].describe()}"
                                                      "\n\n| layer |", 1)
             (target / "README.md").write_text(card)
             final = out if len(plans) == 1 else out / f"budget-{label}"
@@ -144,28 +124,29 @@ def extract_budgets(model: HybridLM, labels: list[str], out: str | Path, fmt: st
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, method: str = "int8",
-                        force: bool = False) -> tuple[Path, HybridLM, int, int]:
+                        force: bool = False) -> tuple[Deployment, int, int]:
     """Write ``source`` (a model directory, elastic or plain) with its matrices in int8 (:mod:`elasticlm.int8`):
     one copy that holds every budget, each budget's slice exactly the slice of the dequantized parent. The
-    budgets, the router and the tokenizer come along. Returns the directory, the quantized model and the float
-    and int8 sizes in bytes."""
+    budgets, the router and the tokenizer come along. Returns the quantized deployment (read from ``out``) and
+    the float and int8 sizes in bytes."""
     if method != METHOD:
         raise ConfigError(f"--to must be {METHOD}, got {method!r}")
     source = Path(source)
     check_output_path(out, force, "model", [source])
-    model = load(source)
+    loaded = Deployment.load(source)
+    model = loaded.model
     if is_quantized(model):
         raise ConfigError(f"{source} is already quantized ({METHOD})")
     before = state_bytes(model)
     quantize_(model)
     with atomic_directory(out, force, "model", [source]) as tmp:
-        read_from = Path(model.source_dir)  # where load read it (a .gguf source: the directory it was imported to)
+        read_from = loaded.source  # where load read it (a .gguf source: the directory it was imported to)
+        assert read_from is not None
         write_model_files(model, tmp, "native", tokenizer_dir=read_from)
         for name in (ROUTING, ROUTER_WEIGHTS):
             if (read_from / name).is_file():
                 shutil.copy2(read_from / name, tmp / name)
-    model.source_dir = Path(out)
-    return Path(out), model, before, state_bytes(model)
+    return Deployment(model, Path(out), loaded.budgets, loaded.targets), before, state_bytes(model)
 
 
 def budget_report(cfg: ModelConfig, budgets: dict[str, Subnet], context: int = 4096, dtype: str = "bfloat16") -> str:
@@ -195,6 +176,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["budget_report", "extract_budgets", "model_card", "quantize_checkpoint", "select_budgets"]
+__all__ = ["budget_report", "extract_budgets", "model_card", "quantize_checkpoint"]
 
 

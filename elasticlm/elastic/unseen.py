@@ -164,30 +164,24 @@ def parse_target(space: ElasticSpace, text: str) -> float:
     return float(parse_memory_budget(text.strip(), space.cost_of(Subnet.full(space.config))))
 
 
-def add_untrained_budget(model: Any, text: str) -> str:
-    """Resolve budget ``text`` of an elastic checkpoint that was not trained, add it to ``model.budgets`` (and
-    ``model.untrained``) under the label ``text`` and log how it was found. Raises ConfigError when the
-    checkpoint has no router or no architecture of its space comes within 2 %."""
+def place_untrained(config: ModelConfig, source: str | Path | None,
+                    text: str) -> tuple[str, Subnet, float, UntrainedBudget]:
+    """Budget ``text`` of the elastic checkpoint at ``source`` that was not trained: its label (``text``), the
+    Subnet the router and the cost solver place there, its target in parameters and how it was found (logged).
+    Raises ConfigError when the checkpoint has no router or no architecture of its space comes within 2 %."""
     from ..checkpoint import read_routing
 
-    source = getattr(model, "source_dir", None)
     routing = read_routing(source) if source is not None else None
     if routing is None:
         raise ConfigError("not an elastic checkpoint")
-    space = space_from_routing(model.config, routing)
+    space = space_from_routing(config, routing)
     target = parse_target(space, text)
     label = text.strip()
     subnet, info = untrained_subnet(space, load_router(source, space), label, target)
-    subnet.validate(model.config)
-    model.budgets[label] = subnet
-    model.budget_targets[label] = float(count_parameters(model.config, subnet) if space.target != "params"
-                                        else target)
-    if not hasattr(model, "untrained"):
-        model.untrained = {}
-    model.untrained[label] = info
+    subnet.validate(config)
     log.warning(info.describe())
-    return label
+    return label, subnet, float(count_parameters(config, subnet) if space.target != "params" else target), info
 
 
-__all__ = ["UntrainedBudget", "add_untrained_budget", "load_router", "mixed_input", "parse_target", "solve",
+__all__ = ["UntrainedBudget", "load_router", "mixed_input", "parse_target", "place_untrained", "solve",
            "space_from_routing", "untrained_subnet"]

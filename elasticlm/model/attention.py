@@ -18,7 +18,6 @@ from .cache import HybridCache, KVState
 from .documents import DocumentMask, document_attention
 from .norm import RMSNorm, rms_norm
 from .rope import rotate
-from .slicing import PackedWeights
 from .tap import Tap
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin [batch, 1, seq, head_dim] of the call's positions
@@ -31,7 +30,6 @@ class Attention(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/attention.py)
-        self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.attention_head_dim
         self.num_heads = full.heads_per_kv_group * self.num_kv_heads
         layout = self.kind.layout(config, full, full, config.hidden_size)
@@ -45,13 +43,9 @@ class Attention(nn.Module):
         self.tap = Tap()  # the heads' output, before o_proj (importance hooks it)
 
     def sliced(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
-        """This layer's parameters for the sub-model, keyed like its own state_dict (views, except
-        the kept query heads inside each KV group: copies, memoised while decoding)."""
-        if width == self.full:
-            return self._slice(hidden, width)
-        return self.packed.get((hidden, width), self, lambda: self._slice(hidden, width))
-
-    def _slice(self, hidden: int, width: AttentionWidth) -> dict[str, torch.Tensor]:
+        """This layer's parameters for the sub-model, keyed like its own state_dict (views, except the kept query
+        heads inside each KV group: copies, which whoever decodes keeps, see
+        :class:`~elasticlm.model.slicing.SliceMemo`)."""
         return slice_params(tensors(self), self.kind.layout(self.config, self.full, width, hidden))
 
     def new_state(self) -> KVState:

@@ -7,10 +7,14 @@ state on first use, so an empty cache needs no knowledge of the widths.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import Subnet
+
+if TYPE_CHECKING:
+    from .slicing import SliceMemo
 
 
 class LayerState:
@@ -117,7 +121,8 @@ class KVState(LayerState):
 class HybridCache:
     """Per-layer decoding state for one Subnet of one model."""
 
-    def __init__(self, num_layers: int, subnet: Subnet, keep_weights: bool = True) -> None:
+    def __init__(self, num_layers: int, subnet: Subnet, keep_weights: bool = True,
+                 memo: SliceMemo | None = None) -> None:
         self.subnet = subnet
         self.layers: list[LayerState | None] = [None] * num_layers  # each kind's own state (see LayerState)
         self.seq_len = 0  # tokens already consumed (positions of the timeline kept)
@@ -127,6 +132,7 @@ class HybridCache:
         # Views follow in-place weight updates; a cache is meant for one generation, not across them.
         # None (sharded models): slice on every call.
         self.weights: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = {} if keep_weights else None
+        self.memo = memo  # where grouped copies outlive this generation (a Deployment's), or None
         # Ragged batches (prompts of different lengths, left-padded): ``pad[r]`` leading positions of row r are
         # padding, which attention never reads and Mamba layers never take into their state. None: no padding.
         self.pad: torch.Tensor | None = None

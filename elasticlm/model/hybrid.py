@@ -23,7 +23,7 @@ from .documents import DocumentMask
 from .norm import RMSNorm, rms_norm
 from .rope import inverse_frequencies, rotary_tables
 from .serving import decode_layout
-from .slicing import prefix
+from .slicing import SliceMemo, compact_copies, prefix
 
 Device = torch.device | str | None
 
@@ -59,14 +59,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, width: LayerWidth, cache: HybridCache | None, layer: int,
                 documents: DocumentMask | None = None, scale: torch.Tensor | None = None,
                 inner: torch.Tensor | None = None, norm_width: torch.Tensor | None = None,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, memo: SliceMemo | None = None) -> torch.Tensor:
         # Blocks and mixers run through nn.Module.__call__, so forward hooks see them (importance scoring hooks the
         # block's input and output, the mixer's input and its tap; see elastic/importance.py).
         if cache is not None and cache.weights is not None:  # this block's slices, made once per generation
             if layer not in cache.weights:
-                cache.weights[layer] = (prefix(self.norm.weight, 0, x.shape[-1]),
-                                        self.mixer.sliced(x.shape[-1], width))
+                cache.weights[layer] = self.slices(layer, x.shape[-1], width, cache.memo)
             norm_weight, prm = cache.weights[layer]
+        elif memo is not None:
+            norm_weight, prm = self.slices(layer, x.shape[-1], width, memo)
         else:
             norm_weight, prm = prefix(self.norm.weight, 0, x.shape[-1]), None
         h = rms_norm(x, norm_weight, self.norm.eps, norm_width)
@@ -74,6 +75,18 @@ class Block(nn.Module):
         if scale is not None:
             h = h * scale
         return x + h
+
+    def slices(self, layer: int, hidden: int, width: LayerWidth,
+               memo: SliceMemo | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This block's norm weight and mixer parameters for one sub-model, for decoding: grouped prefixes as
+        compact copies, kept in ``memo`` (the caller's, across generations) or made for this call only."""
+        norm = prefix(self.norm.weight, 0, hidden)
+        if memo is not None:
+            return norm, memo.get((layer, hidden, width), self.mixer, lambda: self.mixer.sliced(hidden, width))
+        prm = self.mixer.sliced(hidden, width)
+        if torch.is_inference_mode_enabled():
+            prm = compact_copies(prm, [*self.mixer.parameters(), *self.mixer.buffers()])
+        return norm, prm
 
     def sliced(self, hidden: int, width: LayerWidth) -> dict[str, torch.Tensor]:
         out = {"norm.weight": prefix(self.norm.weight, 0, hidden)}
@@ -102,10 +115,6 @@ class HybridLM(nn.Module):
                                                                           device=device, dtype=dtype)
         self._full = Subnet.full(config)
         self._checked: set[Subnet] = {self._full}
-        # Nested budgets of an elastic checkpoint (label → Subnet, and label → target parameters);
-        # filled by elasticlm.load from elastic.json, empty for a plain model.
-        self.budgets: dict[str, Subnet] = {}
-        self.budget_targets: dict[str, float] = {}
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary models: inverse frequencies per device
         if torch.device(device or "cpu").type != "meta":
             self.init_weights()
@@ -174,7 +183,7 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                 cache: HybridCache | None = None, document_ids: torch.Tensor | None = None,
                 modulation: Modulation | None = None, logits_to_keep: int = 0,
-                head: Head | None = None) -> torch.Tensor:
+                head: Head | None = None, memo: SliceMemo | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of the parent or of ``subnet``.
 
         With ``cache`` the call continues from the tokens the cache has seen and updates it.
@@ -186,8 +195,12 @@ class HybridLM(nn.Module):
         ``[batch, seq, hidden]`` and the (sliced) head weight ``[vocab, hidden]`` and its result is
         returned — how the trainer computes a loss over token chunks without ever holding the whole
         ``[seq, vocab]`` logits (and, under FSDP2, while the head weight is gathered).
+        ``memo`` (the caller's :class:`~elasticlm.model.slicing.SliceMemo`) keeps the sub-model's grouped weight
+        copies between calls under inference mode; a cache carries its own.
         """
         subnet = self.check_subnet(subnet)
+        if self.sharded:  # a sharded block's full parameters exist only inside its forward
+            memo = None
         if cache is not None and cache.subnet != subnet:
             raise ValueError("this cache was created for a different Subnet; create one per Subnet")
         documents = None
@@ -218,7 +231,7 @@ class HybridLM(nn.Module):
                     x = checkpoint(block, x, width, None, i, documents, scale, inner, nw, rotary,
                                    use_reentrant=False)
                 else:
-                    x = block(x, width, cache, i, documents, scale, inner, nw, rotary)
+                    x = block(x, width, cache, i, documents, scale, inner, nw, rotary, memo)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if logits_to_keep > 0:
@@ -243,46 +256,18 @@ class HybridLM(nn.Module):
             if not isinstance(w, nn.Parameter):  # int8 weights stay row-major: the kernel reads whole rows
                 continue
             w.data = decode_layout(w.data)
-        self.clear_packed()
         return self
 
-    def clear_packed(self) -> None:
-        """Free the inference-time copies of grouped weight prefixes (see ``PackedWeights``)."""
-        for module in self.modules():
-            if hasattr(module, "packed"):
-                module.packed.clear()
-
-    def budget_subnet(self, budget: str | float) -> Subnet:
-        """The Subnet of a trained budget (``"0.5"``, ``"50%"``, ``"780K"``) of an elastic checkpoint."""
-        from ..config import find_budget
-        from ..errors import ConfigError
-
-        if not self.budgets:
-            raise ConfigError("this model has no budgets: load an elastic checkpoint (from `elasticlm train`)")
-        return self.budgets[find_budget(self.budget_targets, budget, count_parameters(self.config))]
-
-    def generate(self, input_ids: torch.Tensor, *, budget: str | float | None = None, subnet: Subnet | None = None,
-                 **kwargs) -> torch.Tensor:
-        """:func:`elasticlm.generate` at a trained budget (nested: views of these weights, no copy)
-        or an explicit Subnet; each call builds its own decode cache for that sub-model."""
-        from ..generate import generate
-
-        if budget is not None:
-            if subnet is not None:
-                raise ValueError("give budget or subnet, not both")
-            subnet = self.budget_subnet(budget)
-        return generate(self, input_ids, subnet=subnet, **kwargs)
-
-    def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
-        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not self.sharded)
+    def new_cache(self, subnet: Subnet | None = None, memo: SliceMemo | None = None) -> HybridCache:
+        """A decoding state for ``subnet``; its weight slices come from ``memo`` when the caller keeps one."""
+        sharded = self.sharded
+        return HybridCache(self.config.num_layers, self.check_subnet(subnet), keep_weights=not sharded,
+                           memo=None if sharded else memo)
 
     def mark_sharded(self) -> None:
         """Called once FSDP2 wraps the blocks: keep no slices or copies of parameters between calls (a sharded
         block's full parameters exist only inside its forward, between FSDP2's hooks)."""
         self.sharded = True
-        for module in self.modules():
-            if hasattr(module, "packed"):
-                module.packed.enabled = False
 
     # -- sizes ----------------------------------------------------------------------------------
     def num_parameters(self, subnet: Subnet | None = None) -> int:

@@ -24,7 +24,6 @@ from ..kinds import MAMBA_KIND, MambaWidth, slice_params
 from .cache import HybridCache, MambaState
 from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
-from .slicing import PackedWeights
 from .tap import Tap
 
 
@@ -34,7 +33,6 @@ class Mamba2Mixer(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mamba.py)
-        self.packed = PackedWeights()  # inference-time copies of grouped prefixes (see PackedWeights)
         self.n_groups = config.mamba_n_groups
         self.num_heads, self.head_dim = full.heads_per_group * self.n_groups, full.head_dim
         self.state_size, self.conv_kernel = config.ssm_state_size, config.conv_kernel
@@ -61,16 +59,11 @@ class Mamba2Mixer(nn.Module):
     def sliced(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
         """This layer's parameters for the sub-model, keyed like its own state_dict.
 
-        Views when the head widths are full; otherwise copies of the kept rows (memoised while
-        decoding, see :class:`~elasticlm.model.slicing.PackedWeights`).
+        Views when the head widths are full; otherwise copies of the kept rows (whoever decodes keeps them,
+        see :class:`~elasticlm.model.slicing.SliceMemo`).
         """
         if width == self.full and hidden == self.out_proj.out_features:
             return self._full_params()
-        if width == self.full:  # only the hidden size is cut: views
-            return self._slice(hidden, width)
-        return self.packed.get((hidden, width), self, lambda: self._slice(hidden, width))
-
-    def _slice(self, hidden: int, width: MambaWidth) -> dict[str, torch.Tensor]:
         return slice_params(self._full_params(), MAMBA_KIND.layout(self.config, self.full, width, hidden))
 
     def _full_params(self) -> dict[str, torch.Tensor]:

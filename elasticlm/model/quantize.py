@@ -52,8 +52,6 @@ def quantize_(model: nn.Module) -> nn.Module:
             s = s.to(w.dtype)
         module.register_buffer(name + INT8_SUFFIX, q if q.device.type == "meta" else kernel_layout(q))
         module.register_buffer(name + SCALE_SUFFIX, s)
-    if hasattr(model, "clear_packed"):
-        model.clear_packed()
     return model
 
 
@@ -65,8 +63,6 @@ def dequantize_(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             base = name[: -len(INT8_SUFFIX)]
             w = Int8Weight(module._buffers.pop(name), module._buffers.pop(base + SCALE_SUFFIX))
             module.register_parameter(base, nn.Parameter(w.dequantize(dtype), requires_grad=False))
-    if hasattr(model, "clear_packed"):
-        model.clear_packed()
     return model
 
 

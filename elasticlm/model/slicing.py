@@ -43,32 +43,32 @@ def compact_copies(sliced: dict[str, torch.Tensor], params: list[torch.Tensor]) 
     return {k: compact(v) for k, v in sliced.items()}
 
 
-class PackedWeights:
-    """Inference-time memo of sliced weights that are copies rather than views.
+class SliceMemo:
+    """Inference-time memo of the blocks' sliced weights, owned by whoever runs the model — a
+    :class:`~elasticlm.elastic.deployment.Deployment` across requests — never by the model.
 
     A grouped prefix (kept Mamba heads and head channels inside every group, kept query heads inside
-    every KV group) is not one strided view, so slicing it copies; decoding would copy those rows at
-    every token. Under ``torch.inference_mode`` the copies are kept per (width, hidden size) and
-    reused while the parameters are unchanged (their in-place version counters are part of the
-    key, so an optimizer step or ``load_state_dict`` invalidates them). Training never uses it.
-    ``clear()`` frees the memory.
+    every KV group) is not one strided view, so slicing it copies; every new generation (every batch a
+    server starts) would copy those rows again. Under ``torch.inference_mode`` the compact slices are
+    kept per (layer, hidden size, width) and reused while the block's parameters are unchanged (their
+    in-place version counters and storages are part of the key, so an optimizer step, ``load_state_dict``
+    or a layout change invalidates them). ``clear()`` frees the memory.
     """
 
-    def __init__(self, limit: int = 8) -> None:
+    def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
-        self.enabled = True  # False for sharded models (HybridLM.mark_sharded)
         self.entries: dict[object, dict[str, torch.Tensor]] = {}
 
     def get(self, key: object, module: nn.Module, make) -> dict[str, torch.Tensor]:
-        """``make()`` (the slices of ``module``'s tensors for ``key``), memoised while they are unchanged."""
-        if not (self.enabled and torch.is_inference_mode_enabled()):
+        """``make()`` (the slices of ``module``'s tensors for ``key``), compacted and memoised while they are
+        unchanged; outside inference mode (training) simply ``make()``."""
+        if not torch.is_inference_mode_enabled():
             return make()
         params = [*module.parameters(), *module.buffers()]
         full_key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         hit = self.entries.get(full_key)
         if hit is None:
-            stale = [k for k in self.entries if k[0] == key]
-            for k in stale:
+            for k in [k for k in self.entries if k[0] == key]:  # stale: the weights changed since
                 del self.entries[k]
             while len(self.entries) >= self.limit:
                 del self.entries[next(iter(self.entries))]
@@ -78,6 +78,15 @@ class PackedWeights:
     def clear(self) -> None:
         self.entries.clear()
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
-                   for e in self.entries.values() for t in e.values())
+    def nbytes(self, owned: set[int] = frozenset()) -> int:
+        """Bytes the memo holds beyond the storages in ``owned`` (the parameters' ``data_ptr``s)."""
+        seen: set[int] = set()
+        total = 0
+        for entry in self.entries.values():
+            for t in entry.values():
+                for part in ((t.q, t.scale) if isinstance(t, Int8Weight) else (t,)):
+                    ptr = part.untyped_storage().data_ptr()
+                    if ptr not in owned and ptr not in seen:
+                        seen.add(ptr)
+                        total += part.untyped_storage().nbytes()
+        return total
