@@ -41,9 +41,9 @@ torch.set_num_threads(2)
 mode, paths = sys.argv[1], sys.argv[2:]
 ids = torch.tensor([[5, 6, 7, 8]])
 if mode in ("nested", "nested-views"):
-    m = elasticlm.load(paths[0], serving=mode == "nested")
-    for b in m.budgets:
-        m.generate(ids, budget=b, max_new_tokens=4)
+    d = elasticlm.Deployment.load(paths[0], serving=mode == "nested")
+    for b in d.budgets:
+        d.generate(ids, budget=b, max_new_tokens=4)
 elif mode == "separate":
     models = [elasticlm.load(p, serving=True) for p in paths]
     for m in models:
@@ -101,9 +101,9 @@ def main() -> None:
         router = Router(space)
         router.fit_budgets(300, lr=1e-2)
         save_elastic_checkpoint(tmp / "elastic", ElasticStudent(model, router), space, tmp / "tok")
-        views = elasticlm.load(tmp / "elastic")  # nested, in the training layout (row-major)
+        views = elasticlm.Deployment.load(tmp / "elastic")  # nested, in the training layout (row-major)
         written = extract_budgets(views, list(views.budgets), tmp / "separate", "native")
-        nested = elasticlm.load(tmp / "elastic", serving=True)  # nested, in the decoding layout
+        nested = elasticlm.Deployment.load(tmp / "elastic", serving=True)  # nested, in the decoding layout
         separate = {label: elasticlm.load(path, serving=True) for label, path, _ in written}
         full_rows = elasticlm.load(written[0][1])  # the full model in the training layout
 
@@ -141,7 +141,8 @@ def main() -> None:
                          "nested_over_extracted_time": t_nested / t_sep,
                          "nested_over_extracted_per_repeat_median": statistics.median(ratios),
                          "nested_over_extracted_per_repeat_iqr": [q1, q3]})
-        packed = sum(m.packed.nbytes() for m in nested.modules() if hasattr(m, "packed"))
+        owned = {t.untyped_storage().data_ptr() for t in (*nested.model.parameters(), *nested.model.buffers())}
+        packed = nested.memo.nbytes(owned)  # the decode slices kept beyond the weights' own storage
     print(f"model: {nested.num_parameters():,} parameters, fp32, {torch.get_num_threads()} threads, "
           f"{platform.machine()}\n")
     print("| serving | resident memory (peak RSS − import baseline) | ratio to nested |")

@@ -51,12 +51,12 @@ if dtype == "none":  # the baseline: torch's one-time set-up, no weights (loadin
                                 num_key_value_heads=1, attention_head_dim=8, intermediate_size=16)
     elasticlm.HybridLM(cfg, device="meta")
     with torch.inference_mode():
-        elasticlm.HybridLM(cfg).generate(ids, max_new_tokens=4)
+        elasticlm.generate(elasticlm.HybridLM(cfg), ids, max_new_tokens=4)
 else:
-    m = elasticlm.load(path, serving=True, dtype=None if dtype == "stored" else getattr(torch, dtype))
+    d = elasticlm.Deployment.load(path, serving=True, dtype=None if dtype == "stored" else getattr(torch, dtype))
     with torch.inference_mode():
-        for b in m.budgets:
-            m.generate(ids, budget=b, max_new_tokens=4)
+        for b in d.budgets:
+            d.generate(ids, budget=b, max_new_tokens=4)
 # RssAnon: the process's own memory (file-backed pages of torch's libraries are shared and evictable); VmHWM: peak
 status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status")
           if line.startswith(("RssAnon", "VmHWM"))}
@@ -91,12 +91,13 @@ def texts_and_prompts(args, tok) -> tuple[list[list[int]], list[list[int]]]:
 
 @torch.inference_mode()
 def quality(float_model, int8_model, label, windows, prompts, new_tokens) -> dict:
+    """``float_model`` and ``int8_model``: the two checkpoints' Deployments."""
     nll = {"float": 0.0, "int8": 0.0}
     count = same = 0
     for w in windows:
         ids = torch.tensor([w])
-        a = float_model(ids, subnet=float_model.budget_subnet(label))[0, :-1].float()
-        b = int8_model(ids, subnet=int8_model.budget_subnet(label))[0, :-1].float()
+        a = float_model.model(ids, subnet=float_model.subnet(label))[0, :-1].float()
+        b = int8_model.model(ids, subnet=int8_model.subnet(label))[0, :-1].float()
         target = ids[0, 1:]
         nll["float"] += torch.nn.functional.cross_entropy(a, target, reduction="sum").item()
         nll["int8"] += torch.nn.functional.cross_entropy(b, target, reduction="sum").item()
@@ -129,6 +130,7 @@ def tokens_per_second(run, batch: int, new_tokens: int) -> float:
 
 
 def ours(model, ids: torch.Tensor, label: str):
+    """``model``: a Deployment (nested decoding, its slice memo kept across calls)."""
     def run(n: int) -> None:
         with torch.inference_mode():
             model.generate(ids, budget=label, max_new_tokens=n)
@@ -190,8 +192,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (work / "int8" / "config.json").exists():
         quantize_checkpoint(args.checkpoint, work / "int8")
-    float_model = elasticlm.load(args.checkpoint, serving=True)
-    int8_model = elasticlm.load(work / "int8", serving=True)
+    float_model = elasticlm.Deployment.load(args.checkpoint, serving=True)
+    int8_model = elasticlm.Deployment.load(work / "int8", serving=True)
     labels = list(float_model.budgets)
     batches = [int(b) for b in args.batches.split(",")]
     hf_dirs, ggufs = {}, {}
@@ -209,7 +211,7 @@ def main() -> None:
               "torch": torch.__version__, "threads": args.threads, "cpu_flags": cpu_flags(), "budgets": {}}
     for label in labels:
         q = quality(float_model, int8_model, label, windows, prompts, args.new_tokens)
-        result["budgets"][label] = {"parameters": float_model.num_parameters(float_model.budgets[label]),
+        result["budgets"][label] = {"parameters": float_model.num_parameters(label),
                                     "quality": q}
         print(f"quality {label}: {q}", file=sys.stderr)
 
@@ -219,7 +221,8 @@ def main() -> None:
             "int8": resident(str(work / "int8"), "stored", args.threads)}
     result["memory"] = {"rss": {k: v[0] - base[0] for k, v in runs.items()},
                         "peak": {k: v[1] - base[1] for k, v in runs.items()},
-                        "state_bytes": {"fp32": state_bytes(float_model), "int8": state_bytes(int8_model)}}
+                        "state_bytes": {"fp32": state_bytes(float_model.model),
+                                        "int8": state_bytes(int8_model.model)}}
     print(f"memory: {result['memory']}", file=sys.stderr)
 
     gen = torch.Generator().manual_seed(0)

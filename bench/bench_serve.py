@@ -68,11 +68,12 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, te
             "served": {b: served.count(b) for b in sorted(set(served))}}
 
 
-def step_seconds(model, subnet, rows: int, repeats: int = 20) -> float:
-    """Median time of one decode step of ``rows`` sequences at ``subnet``."""
+def step_seconds(deployment, subnet, rows: int, repeats: int = 20) -> float:
+    """Median time of one decode step of ``rows`` sequences at ``subnet`` (the deployment's slice memo kept, as
+    the server's batches keep it)."""
     from elasticlm.generate import DecodeBatch, Request
 
-    batch = DecodeBatch(model, subnet)
+    batch = DecodeBatch(deployment.model, subnet, deployment.memo)
     batch.add([Request([1, 2, 3, 4], 10_000) for _ in range(rows)])
     batch.step()
     times = []
@@ -83,13 +84,13 @@ def step_seconds(model, subnet, rows: int, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def grouped_vs_mixed(model, order: list[str]) -> list[dict]:
+def grouped_vs_mixed(deployment, order: list[str]) -> list[dict]:
     """One decode step for ``rows`` sequences of every budget: grouped (a step per budget, as the server does)
     against the least a mixed batch could cost (every row at the full budget's widths, one step)."""
     out = []
     for rows in (1, 4, 16):
-        grouped = sum(step_seconds(model, model.budgets[b], rows) for b in order)
-        mixed = step_seconds(model, model.budgets[order[-1]], rows * len(order))
+        grouped = sum(step_seconds(deployment, deployment.budgets[b], rows) for b in order)
+        mixed = step_seconds(deployment, deployment.budgets[order[-1]], rows * len(order))
         out.append({"rows_per_budget": rows, "grouped_s": grouped, "mixed_lower_bound_s": mixed,
                     "mixed_over_grouped": mixed / grouped})
     return out
@@ -119,12 +120,12 @@ def main() -> None:
                        check=True, capture_output=True)
         path = Path(tmp) / "elastic" / "final"
     texts = prompts(64)
-    model = elasticlm.load(path, serving=True)
+    deployment = elasticlm.Deployment.load(path, serving=True)
     tok = load_tokenizer(path)
-    order = sorted(model.budgets, key=lambda b: model.budget_targets[b])
+    order = deployment.order  # smallest target first
     result: dict = {"command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]), "checkpoint": str(path),
                     "budgets": order, "runs": []}
-    result["grouped_vs_mixed"] = grouped_vs_mixed(model, order)
+    result["grouped_vs_mixed"] = grouped_vs_mixed(deployment, order)
     print("one decode step, rows of every budget: grouped by budget vs one mixed batch at full width (its least cost)")
     print("\n| rows per budget | grouped ms | mixed ms (lower bound) | mixed / grouped |\n|---|---|---|---|")
     for r in result["grouped_vs_mixed"]:
@@ -136,7 +137,7 @@ def main() -> None:
           f"{args.max_tokens} new tokens per request")
     print("\n| mode | model | clients | requests | tok/s | p50 s | p95 s |\n|---|---|---|---|---|---|---|")
     for mode, max_batch in (("batched", 32), ("one at a time", 1)):
-        engine = Engine(model, tok, "m", max_batch=max_batch, max_context=4096)
+        engine = Engine(deployment, tok, "m", max_batch=max_batch, max_context=4096)
         with running(engine, path) as url:
             for b in order:
                 r = load(url, f"m@{b}", args.clients, args.seconds, args.max_tokens, texts)
@@ -145,10 +146,10 @@ def main() -> None:
                 print(f"| {mode} | {b} | {r['clients']} | {r['requests']} | {r['tok_s']:.0f} | {r['p50_s']:.3f} | "
                       f"{r['p95_s']:.3f} |", flush=True)
     # auto: the target is the full budget's measured time per token with one row, so a busier server moves down
-    engine = Engine(model, tok, "m", max_batch=32, max_context=4096)
+    engine = Engine(deployment, tok, "m", max_batch=32, max_context=4096)
     engine.calibrate()
     target_ms = 1.5e3 * engine.steps.predict(order[-1], 1)
-    engine = Engine(model, tok, "m", max_batch=32, max_context=4096, target_latency_ms=target_ms)
+    engine = Engine(deployment, tok, "m", max_batch=32, max_context=4096, target_latency_ms=target_ms)
     result["auto"] = {"target_latency_ms": target_ms, "levels": []}
     print(f"\nauto, target {target_ms:.2f} ms per token:\n\n| clients | requests | served by budget | p50 s |\n"
           "|---|---|---|---|")

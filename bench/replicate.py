@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from elasticlm import load
+from elasticlm import Deployment, load
 from elasticlm.checkpoint import atomic_write_text, read_config
 from elasticlm.config import PRESETS, AttentionWidth, MambaWidth, MlpWidth, ModelConfig, count_parameters
 from elasticlm.data import synthetic
@@ -163,9 +163,9 @@ def table1(args) -> None:
 
     parent = load(ordered)
     tok = load_tokenizer(ordered)
-    elastic = load(demo / "elastic" / "final")
+    elastic = Deployment.load(demo / "elastic" / "final")
     entries = [Entry("parent", "1.0", parent, tok)]
-    entries += [Entry("elastic", label, elastic, tok, elastic.budgets[label]) for label in elastic.budgets]
+    entries += [Entry("elastic", label, elastic.model, tok, elastic.budgets[label]) for label in elastic.budgets]
     for label in SIZES:
         entries.append(Entry("zero-shot pruned", label, load(demo / f"zero-shot-{label}"), tok))
         entries.append(Entry("prune + KD", label, load(runs["kd"][label]), tok))
@@ -221,7 +221,7 @@ def table3(args) -> None:
     from elasticlm.elastic.space import ElasticConfig, ElasticSpace
 
     demo = Path(args.demo)
-    elastic = load(demo / "elastic" / "final")
+    elastic = Deployment.load(demo / "elastic" / "final")
     sizes = {label: count_parameters(elastic.config, s) for label, s in elastic.budgets.items()}
     labels = list(sizes)
     rows = ["| model family | budgets | nested (one checkpoint) | separate models, all budgets | separate, "
@@ -293,8 +293,9 @@ def table4(args) -> None:
                    elastic_run_config_from_tables(tabs), train_elastic, not args.no_progress, print)
     tok = load_tokenizer(demo / "parent-ordered")
     names = ("stage 1, mid-schedule", "stage 1 only", "stage 1 + 2")
-    models = dict(zip(names, (load(stage1), load(out / "final"), load(demo / "elastic" / "final")), strict=True))
-    entries = [Entry(name, label, m, tok, m.budgets[label]) for name, m in models.items() for label in m.budgets]
+    models = dict(zip(names, (Deployment.load(stage1), Deployment.load(out / "final"),
+                              Deployment.load(demo / "elastic" / "final")), strict=True))
+    entries = [Entry(name, label, d.model, tok, d.budgets[label]) for name, d in models.items() for label in d.budgets]
     points = {(p.series, p.budget): p for p in evaluate(entries, args, levels=("default", "hard"))}
     longest = longest_families()
 
@@ -350,8 +351,9 @@ def table5(args) -> None:
         train_elastic(run, progress=not args.no_progress, resume_from=stage1)
         atomic_write_text(marker, json.dumps(source, indent=2) + "\n")
     tok = load_tokenizer(demo / "parent-ordered")
-    models = {"weighted 0.5/0.3/0.2": load(demo / "elastic" / "final"), "uniform": load(out / "final")}
-    entries = [Entry(name, label, m, tok, m.budgets[label]) for name, m in models.items() for label in m.budgets]
+    models = {"weighted 0.5/0.3/0.2": Deployment.load(demo / "elastic" / "final"),
+              "uniform": Deployment.load(out / "final")}
+    entries = [Entry(name, label, d.model, tok, d.budgets[label]) for name, d in models.items() for label in d.budgets]
     points = {(p.series, p.budget): p for p in evaluate(entries, args)}
     rows = ["| budget | weighted: accuracy / loss | uniform: accuracy / loss |", "|---|---|---|"]
     for label in models["uniform"].budgets:
@@ -441,7 +443,7 @@ def router(args) -> None:
             train_or_reuse(f"elastic run ({name}, seed {seed})", out, elastic_run_config_from_tables(tabs),
                            train_elastic, progress, print)
             elastic_models[(name, seed)] = out / "final"
-            budgets = load(out / "final").budgets
+            budgets = Deployment.load(out / "final").budgets
             for label in SIZES:
                 archs[(name, label, seed)] = budgets[label]
     # (b) the best of the prune search's grid (by calibration loss; deterministic) and (c) random ones
@@ -469,8 +471,8 @@ def router(args) -> None:
         train_or_reuse(f"KD student {slug}", out, elastic_run_config_from_tables(tabs), train_elastic, progress, print)
         entries.append(Entry(f"{method}|{seed}", label, load(out / "final"), tok))
     for (name, seed), path in elastic_models.items():
-        m = load(path)
-        entries += [Entry(f"{name} (as trained)|{seed}", label, m, tok, m.budgets[label]) for label in SIZES]
+        d = Deployment.load(path)
+        entries += [Entry(f"{name} (as trained)|{seed}", label, d.model, tok, d.budgets[label]) for label in SIZES]
     points = {(p.series, p.budget): p for p in evaluate(entries, args)}
 
     rows = ["| budget | architecture | parameters | val loss (mean ± std, min–max) | accuracy % | recall % | "
@@ -585,22 +587,20 @@ UNSEEN = ("0.85", "0.6")
 def unseen(args) -> None:
     """The demo's elastic checkpoint at budgets it never trained, next to the trained ones (``elasticlm eval
     --budgets``' path: the router's input interpolated between neighbours, the cost solver as fallback)."""
-    from elasticlm.elastic.unseen import add_untrained_budget
-
     demo = Path(args.demo)
-    model = load(demo / "elastic" / "final")
+    deployment = Deployment.load(demo / "elastic" / "final")
     tok = load_tokenizer(demo / "elastic" / "final")
-    full = count_parameters(model.config)
-    for text in UNSEEN:
-        add_untrained_budget(model, text)
-    order = sorted(model.budgets, key=lambda b: -float(b))
-    entries = [Entry("elastic", label, model, tok, model.budgets[label]) for label in order]
+    full = count_parameters(deployment.config)
+    for text in UNSEEN:  # not trained: placed by the router (the cost solver as fallback), marked untrained
+        deployment.label(text)
+    order = sorted(deployment.budgets, key=lambda b: -float(b))
+    entries = [Entry("elastic", label, deployment.model, tok, deployment.budgets[label]) for label in order]
     points = {p.budget: p for p in evaluate(entries, args)}
     rows = ["| budget | trained? | parameters (vs target) | val loss | mean accuracy (default) | how it was found |",
             "|---|---|---|---|---|---|"]
     for label in order:
-        p, n = points[label], model.num_parameters(model.budgets[label])
-        info = model.untrained.get(label)
+        p, n = points[label], deployment.num_parameters(label)
+        info = deployment.untrained.get(label)
         how = info.describe().split(": ", 1)[1].split("; cost")[0] if info else "trained"
         rows.append(f"| {label} | {'no' if info else 'yes'} | {n:,} ({n / (float(label) * full) - 1:+.1%}) | "
                     f"{p.val_loss:.3f} | {100 * p.mean_accuracy():.1f} % | {how} |")

@@ -96,16 +96,16 @@ def main() -> None:
 
         path = elastic_checkpoint(Path(tempfile.mkdtemp(prefix="soak-")), name="final")
     name = path.resolve().parent.name if path.name == "final" else path.resolve().name
-    model, tok = elasticlm.load(path, serving=True), load_tokenizer(path)
-    eos = model.config.eos_token_id
-    targets = model.budget_targets
-    budgets = sorted(model.budgets, key=lambda b: targets[b])
+    deployment, tok = elasticlm.Deployment.load(path, serving=True), load_tokenizer(path)
+    eos = deployment.config.eos_token_id
+    budgets = deployment.order  # smallest target first
     greedy: dict[tuple[str, str], list[int]] = {}  # (prompt, budget) -> 32 greedy tokens
     for p in PROMPTS:
         ids = tok.encode(p).ids
         for b in budgets:
-            greedy[p, b] = model.generate(torch.tensor([ids]), budget=b, max_new_tokens=32)[0, len(ids):].tolist()
-    del model
+            out = deployment.generate(torch.tensor([ids]), budget=b, max_new_tokens=32)
+            greedy[p, b] = out[0, len(ids):].tolist()
+    del deployment
 
     def expected(prompt: str, budget: str, n: int) -> str:
         out = greedy[prompt, budget][:n]

@@ -48,7 +48,7 @@ def main() -> None:
                            SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True), use_tqdm=False)
         theirs = list(out[0].outputs[0].token_ids)
         for name, m in models.items():
-            mine = m.generate(prompt, max_new_tokens=args.new_tokens)[0, length:].tolist()
+            mine = elasticlm.generate(m, prompt, max_new_tokens=args.new_tokens)[0, length:].tolist()
             first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), None)
             print(f"prompt {length:3d}, elasticlm {name}: first differing generated token {first}")
 
