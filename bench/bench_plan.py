@@ -55,7 +55,7 @@ def planned(cfg: ModelConfig, seq_len: int, rows: int, checkpointing: bool, subn
             ) -> tuple[float, dict]:
     items = stage_memory(cfg, seq_len=seq_len, micro_batch=rows, world=1, sharded=False, amp=False,
                          checkpointing=checkpointing, teacher=teacher, grad_accum=1, subnet=subnet,
-                         scan_chunk=min(cfg.chunk_size, 32), dense_mask=True)
+                         scan_chunk=min(cfg.mamba.chunk_size, 32), dense_mask=True)
     return peak_of(items, 1, checkpointing), items
 
 

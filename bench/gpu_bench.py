@@ -82,7 +82,7 @@ def measure_step(cfg: ModelConfig, device: torch.device, rows: int, t: int, ckpt
     measured = (peak + base) if peak is not None else None
     items = stage_memory(cfg, seq_len=t, micro_batch=rows, world=1, sharded=False, amp=amp, checkpointing=ckpt,
                          teacher=True, grad_accum=1, subnet=subnet, dense_mask=device.type == "cpu",
-                         scan_chunk=cfg.chunk_size if device.type == "cuda" else min(cfg.chunk_size, 32))
+                         scan_chunk=cfg.mamba.chunk_size if device.type == "cuda" else min(cfg.mamba.chunk_size, 32))
     plan = peak_of(items, 1, ckpt)
     del student, teacher, opt
     if device.type == "cuda":

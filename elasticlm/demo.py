@@ -65,9 +65,9 @@ FULL = Recipe(
 
 QUICK = Recipe(
     parent={
-        "model": dict(pattern="M*-M-", vocab_size=288, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
-                      mamba_n_groups=2, ssm_state_size=8, chunk_size=32, num_attention_heads=4,
-                      num_key_value_heads=2, attention_head_dim=16, intermediate_size=128),
+        "model": dict(pattern="M*-M-", vocab_size=288, hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, attention_head_dim=16, intermediate_size=128,
+                      mamba=dict(num_heads=4, head_dim=16, n_groups=2, state_size=8, chunk_size=32)),
         "tokenizer": {"kind": "bytes"},
         "data": {"source": "synthetic", "mask_prompt": True, "seed": 0},
         "train": dict(steps=60, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=10, eval_every=60,
@@ -111,13 +111,13 @@ TRANSFORMER_PARENTS: dict[str, dict[bool, dict[str, Any]]] = {
 # A Nemotron-H hybrid whose MLP layers are mixtures of experts (8 routed experts, top 2, and a shared expert),
 # the layout of Nemotron 3 Nano 30B-A3B in miniature.
 MOE_PARENTS: dict[bool, dict[str, Any]] = {
-    False: dict(pattern="M*EM*EM*E", vocab_size=288, hidden_size=192, mamba_num_heads=4,
-                mamba_head_dim=64, mamba_n_groups=2, ssm_state_size=16, chunk_size=64, num_attention_heads=6,
+    False: dict(pattern="M*EM*EM*E", vocab_size=288, hidden_size=192, num_attention_heads=6,
                 num_key_value_heads=2, attention_head_dim=32,
+                mamba=dict(num_heads=4, head_dim=64, n_groups=2, state_size=16, chunk_size=64),
                 moe=dict(num_experts=8, intermediate_size=192, shared_intermediate_size=192, top_k=2)),
-    True: dict(pattern="M*EM-", vocab_size=288, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
-               mamba_n_groups=2, ssm_state_size=8, chunk_size=32, num_attention_heads=4, num_key_value_heads=2,
+    True: dict(pattern="M*EM-", vocab_size=288, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                attention_head_dim=16, intermediate_size=128,
+               mamba=dict(num_heads=4, head_dim=16, n_groups=2, state_size=8, chunk_size=32),
                moe=dict(num_experts=4, intermediate_size=48, shared_intermediate_size=32, top_k=2)),
 }
 DEMO_PARENTS = ("nemotron_h", "nemotron_h_moe", *TRANSFORMER_PARENTS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from elasticlm import ModelConfig, Subnet
-from elasticlm.kinds import MOE_KIND, kind_of
+from elasticlm.kinds import MAMBA_KIND, MOE_KIND, kind_of
 
 # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker and every process it starts gets one
 # thread: two workers of two threads each on two cores slow every torch op down far more than 2x.
@@ -81,14 +81,14 @@ def hf_twin(config: ModelConfig, seed: int = 0):
     hc = NemotronHConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         layers_block_type=[HF_LAYER_TYPES[k] for k in config.pattern],
-        mamba_num_heads=config.mamba_heads_list()[0] if config.count("M") else 8,
-        mamba_head_dim=config.mamba_head_dims_list()[0] if config.count("M") else 8,
-        n_groups=config.mamba_n_groups, ssm_state_size=config.ssm_state_size, chunk_size=config.chunk_size,
-        conv_kernel=config.conv_kernel,
+        mamba_num_heads=MAMBA_KIND.heads(config)[0] if config.count("M") else 8,
+        mamba_head_dim=MAMBA_KIND.head_dims(config)[0] if config.count("M") else 8,
+        n_groups=config.mamba.n_groups, ssm_state_size=config.mamba.state_size, chunk_size=config.mamba.chunk_size,
+        conv_kernel=config.mamba.conv_kernel,
         num_attention_heads=config.attention_heads_list()[0] if config.count("*") else 4,
         num_key_value_heads=config.num_key_value_heads, head_dim=config.attention_head_dim,
         intermediate_size=config.intermediate_sizes_list()[0] if config.count("-") else 48,
-        tie_word_embeddings=config.tie_word_embeddings, use_bias=config.use_bias, mlp_bias=config.mlp_bias,
+        tie_word_embeddings=config.tie_word_embeddings, use_bias=config.mamba.use_bias, mlp_bias=config.mlp_bias,
         n_routed_experts=MOE_KIND.experts(config)[0] if config.count("E") else 8,
         moe_intermediate_size=MOE_KIND.expert_ffns(config)[0] if config.count("E") else 48,
         moe_shared_expert_intermediate_size=moe.shared_intermediate_size,

@@ -21,13 +21,18 @@ from elasticlm import AttentionWidth, ConfigError, HybridLM, MambaWidth, MlpWidt
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}), "factor"),
     (dict(mlp_type="gelu"), "mlp_type"),
     (dict(family="gpt2"), "family"),
-    (dict(time_step_limit=[0.5, 0.1]), "time_step_limit"),
+    (dict(time_step_limit=[0.5, 0.1]), r"\[model.mamba\] time_step_limit"),
     (dict(pattern=""), "pattern"),
-    (dict(heads=6, groups=4), "mamba_num_heads=6"),
+    (dict(heads=6, groups=4), r"\[model.mamba\] num_heads=6 \(Mamba layer 0\) is not a multiple of n_groups=4"),
     (dict(q_heads=5, kv_heads=2), "num_attention_heads=5"),
     (dict(hidden=0), "hidden_size"),
-    (dict(chunk=-1), "chunk_size"),
-    (dict(heads=[8, 8]), "mamba_num_heads has 2 entries"),
+    (dict(chunk=-1), r"\[model.mamba\] chunk_size must be a positive int"),
+    (dict(heads=[8, 8]), r"\[model.mamba\] num_heads has 2 entries"),
+    (dict(mamba={"heads": 2}), r"unknown field\(s\) \['heads'\] in \[model.mamba\]"),
+    (dict(ssm_state=4), r"unknown field\(s\) \['ssm_state'\]"),
+    (dict(mamba={"state_size": 8}), r"sets \['ssm_state_size'\] both flat and in \[model.mamba\]"),
+    (dict(use_conv_bias="yes"), r"\[model.mamba\] use_conv_bias must be true or false"),
+    (dict(time_step_min="1e-3"), r"\[model.mamba\] time_step_min must be a finite number"),
     (dict(vocab_size=2), "eos_token_id"),
 ])
 def test_invalid_configs_name_the_field(change, needle):
@@ -139,5 +144,58 @@ def test_moe_settings_are_a_section_and_old_flat_keys_still_load():
     assert ModelConfig.from_dict(written) == old
     dense = ModelConfig.from_dict({**base, "pattern": "M*-", "intermediate_size": 48, "moe_num_experts": 8,
                                    "moe_top_k": 2, "moe_router": "sigmoid"})
-    assert "moe" not in dense.to_dict() and dense.sections == {}
+    assert "moe" not in dense.to_dict() and "moe" not in dense.sections
     assert dense == ModelConfig.from_dict({**base, "pattern": "M*-", "intermediate_size": 48})
+
+
+# Every key of a hybrid's config.json as elasticlm wrote it before the kinds kept sections (the ModelConfig fields of
+# 0c9a78f~1), with values: what resume records of runs started then hold.
+FLAT_HYBRID = {
+    "pattern": "M*M-", "vocab_size": 64, "hidden_size": 32, "mamba_num_heads": [4, 8], "mamba_head_dim": 8,
+    "mamba_n_groups": 2, "ssm_state_size": 8, "conv_kernel": 3, "chunk_size": 16, "time_step_min": 0.002,
+    "time_step_max": 0.05, "time_step_limit": [0.0, 1.0], "num_attention_heads": 4, "num_key_value_heads": 2,
+    "attention_head_dim": 8, "rope_parameters": None, "attention_bias": False, "attention_out_bias": False,
+    "qk_norm": False, "max_position_embeddings": 4096, "intermediate_size": 48, "mlp_type": "relu2",
+    "moe_num_experts": 8, "moe_intermediate_size": 64, "moe_shared_intermediate_size": 64, "moe_router": "sigmoid",
+    "moe_expert_type": "relu2", "moe_top_k": 2, "moe_n_group": 1, "moe_topk_group": 1, "moe_norm_topk_prob": True,
+    "moe_routed_scaling_factor": 1.0, "norm_eps": 1e-5, "tie_word_embeddings": False, "use_bias": True,
+    "use_conv_bias": False, "mlp_bias": False, "initializer_range": 0.02, "pad_token_id": 0, "bos_token_id": 1,
+    "eos_token_id": 2, "family": "nemotron_h", "depth_order": None,
+}
+
+
+def test_mamba_settings_are_a_section_and_old_flat_keys_still_load(tmp_path):
+    """The Mamba-2 layers' settings are the typed section [model.mamba] (transformers' Mamba2Config names); the flat
+    keys earlier configs and checkpoints wrote (mamba_num_heads, ssm_state_size, conv_kernel, use_bias, …) still
+    read, and training records keep that flat form, so that runs started before resume."""
+    from elasticlm.kinds import MAMBA_KIND
+    from elasticlm.kinds.mamba import MambaSection
+    from elasticlm.train.config import load_run_config
+
+    old = ModelConfig.from_dict(FLAT_HYBRID)
+    nested = {k: v for k, v in FLAT_HYBRID.items() if MAMBA_KIND.legacy_field(k) is None}
+    nested["mamba"] = {"num_heads": [4, 8], "head_dim": 8, "n_groups": 2, "state_size": 8, "conv_kernel": 3,
+                       "chunk_size": 16, "time_step_min": 0.002, "time_step_max": 0.05, "time_step_limit": [0.0, 1.0],
+                       "use_bias": True, "use_conv_bias": False}
+    new = ModelConfig.from_dict(nested)
+    assert old == new and old.mamba.state_size == 8 and MAMBA_KIND.heads(old) == [4, 8]
+    assert old.mamba == old.section(MAMBA_KIND) == MambaSection(**nested["mamba"])
+    written = old.to_dict()
+    assert written["mamba"] == nested["mamba"] and not any(MAMBA_KIND.legacy_field(k) for k in written)
+    assert ModelConfig.from_dict(written) == old
+    # what training runs record: exactly the flat form of before
+    assert old.flat_dict()[0] == FLAT_HYBRID
+    # a transformer has no Mamba section; the section's defaults are the flat fields' old defaults
+    dense = ModelConfig.from_dict({**FLAT_HYBRID, "pattern": "*-", "mamba_num_heads": 8})
+    assert "mamba" not in dense.to_dict() and "mamba" not in dense.sections
+    assert dense.mamba == MambaSection(num_heads=8, head_dim=16, n_groups=1, state_size=16, conv_kernel=4,
+                                       chunk_size=64, time_step_min=1e-3, time_step_max=0.1, time_step_limit=None,
+                                       use_bias=False, use_conv_bias=True)
+    # a run config's [model.mamba] table, and --set on one of its fields
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npattern = "M*M-"\nvocab_size = 64\nhidden_size = 32\nnum_attention_heads = 4\n'
+                    'num_key_value_heads = 2\nattention_head_dim = 8\nintermediate_size = 48\n'
+                    '[model.mamba]\nnum_heads = [4, 8]\nhead_dim = 8\nn_groups = 2\n[train]\nout = "x"\n')
+    run = load_run_config(toml, ["model.mamba.state_size=8"])
+    assert run.model.mamba.state_size == 8 and MAMBA_KIND.heads(run.model) == [4, 8]
+    assert run.to_dict()["model"]["mamba"]["num_heads"] == [4, 8]

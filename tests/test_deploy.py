@@ -257,7 +257,7 @@ def test_hf_config_carries_the_names_engines_read_and_reads_per_layer_lists(tmp_
     out = config_to_hf(cfg)
     # NVIDIA's field names; no layers_block_type (parsers that derive it from the pattern refuse it)
     assert "layers_block_type" not in out
-    assert out["mamba_n_groups"] == out["n_groups"] == cfg.mamba_n_groups
+    assert out["mamba_n_groups"] == out["n_groups"] == cfg.mamba.n_groups
     assert out["mamba_d_head"] == out["mamba_head_dim"] and out["hybrid_override_pattern"] == cfg.pattern
     assert config_from_hf(out) == dataclasses.replace(cfg, depth_order=None)
     # per-layer widths as engines write them: one value per layer (0 where the layer has no such part)
@@ -272,4 +272,4 @@ def test_hf_config_carries_the_names_engines_read_and_reads_per_layer_lists(tmp_
     kinds = {"M": {"mamba", "linear_attention"}, "*": {"attention", "full_attention"}, "-": {"mlp"}}
     assert len(hc.layers_block_type) == len(cfg.pattern)
     assert all(t in kinds[k] for t, k in zip(hc.layers_block_type, cfg.pattern, strict=True))
-    assert hc.n_groups == cfg.mamba_n_groups and hc.mamba_head_dim == out["mamba_head_dim"]
+    assert hc.n_groups == cfg.mamba.n_groups and hc.mamba_head_dim == out["mamba_head_dim"]

@@ -439,19 +439,22 @@ def edited_config(w: Path, name: str, **fields) -> Path:
     dst = w / name
     shutil.copytree(w / "model", dst)
     raw = json.loads((dst / "config.json").read_text())
-    raw["model"].update(fields)
+    for key, value in fields.items():  # "mamba.time_step_min": a field of a kind's section
+        *section, name = key.split(".")
+        (raw["model"][section[0]] if section else raw["model"])[name] = value
     (dst / "config.json").write_text(json.dumps(raw))
     return dst
 
 
 @pytest.mark.parametrize("field,value,needle", [
     ("norm_eps", "1e-5", "norm_eps must be a finite number, got '1e-5'"),
-    ("time_step_min", 0, "time_step_min and time_step_max must satisfy 0 < min"),
+    ("mamba.time_step_min", 0, "[model.mamba] time_step_min and time_step_max must satisfy 0 < min"),
 ])
 def test_a_config_field_of_the_wrong_type_or_range_is_named(w, capsys, field, value, needle):
     model = edited_config(w, "edited", **{field: value})
     refused(w, ["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"], capsys, needle)
-    refused(w, ["init", str(w / "new"), "--preset", "tiny", "--set", f"{field}={json.dumps(value)}"], capsys, field)
+    refused(w, ["init", str(w / "new"), "--preset", "tiny", "--set", f"{field}={json.dumps(value)}"], capsys,
+            field.rpartition(".")[2])
 
 
 def test_a_tensor_of_the_wrong_dtype_is_named(w, capsys):

@@ -44,7 +44,7 @@ def expected_tensors(model: HybridLM) -> dict[str, np.ndarray]:
                     f"blk.{i}.ssm_dt.bias": m("dt_bias"),
                     f"blk.{i}.ssm_a": -np.exp(m("A_log")).reshape(heads, 1),
                     f"blk.{i}.ssm_d": m("D").reshape(heads, 1),
-                    f"blk.{i}.ssm_norm.weight": m("norm.weight").reshape(cfg.mamba_n_groups, -1),
+                    f"blk.{i}.ssm_norm.weight": m("norm.weight").reshape(cfg.mamba.n_groups, -1),
                     f"blk.{i}.ssm_out.weight": m("out_proj.weight")}
         elif kind == "*":
             out |= {f"blk.{i}.attn_q.weight": m("q_proj.weight"), f"blk.{i}.attn_k.weight": m("k_proj.weight"),

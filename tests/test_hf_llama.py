@@ -237,7 +237,7 @@ def test_position_ids_restart_per_document_and_skip_left_padding():
             pos = 0 if j and d != row[j - 1] else (pos + 1 if j else 0)
             out.append(pos)
         want.append(out)
-    got = model.positions(doc, None, DocumentMask.from_ids(doc, model.config.conv_kernel))
+    got = model.positions(doc, None, DocumentMask.from_ids(doc, model.config.mamba.conv_kernel))
     assert got.tolist() == want
     cache = model.new_cache()
     cache.pad, cache.seq_len = torch.tensor([0, 3]), 5

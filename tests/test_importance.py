@@ -14,6 +14,7 @@ from elasticlm.config import parse_budget
 from elasticlm.elastic.importance import Importance, _Recorder, estimate, layer_mse, width_importance
 from elasticlm.elastic.prune import candidates, search
 from elasticlm.elastic.reorder import descending, grouped_order, reorder_
+from elasticlm.kinds import MAMBA_KIND
 from elasticlm.model.documents import document_ids_from_eos
 from elasticlm.model.norm import rms_norm
 
@@ -167,11 +168,11 @@ def test_prune_candidates_meet_the_budget_and_keep_groups_equal():
         best, scored = search(model, budget, val, max_candidates=6, progress=False)
         small = extract(model, best.subnet)
         assert small.num_parameters() == best.parameters == sum(p.numel() for p in small.parameters())
-        for h in small.config.mamba_heads_list():
-            assert h % cfg.mamba_n_groups == 0
+        for h in MAMBA_KIND.heads(small.config):
+            assert h % cfg.mamba.n_groups == 0
         for b_small, i in zip(small.layers, best.subnet.kept_layers, strict=True):
             if b_small.kind == "M":  # the B/C conv channels are the parent's, untouched
-                n = 2 * cfg.mamba_n_groups * cfg.ssm_state_size
+                n = 2 * cfg.mamba.n_groups * cfg.mamba.state_size
                 assert torch.equal(b_small.mixer.conv1d.weight[-n:], model.layers[i].mixer.conv1d.weight[-n:])
         assert best.loss == min(c.loss for c in scored)
 
@@ -345,9 +346,9 @@ def test_mamba2_prune_candidates_keep_the_inner_width_a_multiple_of_hidden():
     from elasticlm.config import subnet_config
     from elasticlm.model.hf import hf_incompatibility
 
-    cfg = elasticlm.ModelConfig(pattern="MMMMMMMM", vocab_size=512, hidden_size=256, mamba_num_heads=16,
-                                mamba_head_dim=64, mamba_n_groups=1, ssm_state_size=16, family="mamba2",
-                                eos_token_id=EOS, depth_order=list(range(8)))
+    cfg = elasticlm.ModelConfig(pattern="MMMMMMMM", vocab_size=512, hidden_size=256, family="mamba2",
+                                eos_token_id=EOS, depth_order=list(range(8)),
+                                sections={"mamba": {"num_heads": 16, "head_dim": 64, "n_groups": 1, "state_size": 16}})
     budget = round(0.5 * count_parameters(cfg))
     anything = candidates(cfg, budget, exportable=False)
     assert any(hf_incompatibility(subnet_config(cfg, c.subnet)) for c in anything)  # the grid does reach them

@@ -41,19 +41,19 @@ def naive(cfg, kind: str, full, w, hidden: int) -> dict[str, list[list[int]]]:
     """Kept indices per parameter and dimension, written from the layer's definition by plain loops."""
     hid = list(range(hidden))
     if kind == "M":
-        g, hg, p, n = cfg.mamba_n_groups, full.heads_per_group, full.head_dim, cfg.ssm_state_size
+        g, hg, p, n = cfg.mamba.n_groups, full.heads_per_group, full.head_dim, cfg.mamba.state_size
         di, nh = g * hg * p, g * hg
         ch = [(gi * hg + h) * p + c for gi in range(g) for h in range(w.heads_per_group) for c in range(w.head_dim)]
         heads = [gi * hg + h for gi in range(g) for h in range(w.heads_per_group)]
         bc = list(range(2 * g * n))
         in_rows = ch + [di + i for i in ch] + [2 * di + i for i in bc] + [2 * di + 2 * g * n + h for h in heads]
         conv_rows = ch + [di + i for i in bc]
-        out = {"in_proj.weight": [in_rows, hid], "conv1d.weight": [conv_rows, [0], list(range(cfg.conv_kernel))],
+        out = {"in_proj.weight": [in_rows, hid], "conv1d.weight": [conv_rows, [0], list(range(cfg.mamba.conv_kernel))],
                "dt_bias": [heads], "A_log": [heads], "D": [heads], "norm.weight": [ch], "out_proj.weight": [hid, ch]}
         assert len(in_rows) == len(set(in_rows)) and max(in_rows) < 2 * di + 2 * g * n + nh
-        if cfg.use_bias:
+        if cfg.mamba.use_bias:
             out.update({"in_proj.bias": [in_rows], "out_proj.bias": [hid]})
-        if cfg.use_conv_bias:
+        if cfg.mamba.use_conv_bias:
             out["conv1d.bias"] = [conv_rows]
         return out
     if kind in "*W":  # full and sliding-window attention: the same parameters
@@ -161,12 +161,12 @@ def test_permutation_moves_units_with_their_entries():
     run of in_proj, and nothing of B/C — checked against the naive layout of the full width."""
     cfg = config_of(SHAPES[1])
     full = cfg.layer_widths(0)
-    g, hg, p = cfg.mamba_n_groups, full.heads_per_group, full.head_dim
+    g, hg, p = cfg.mamba.n_groups, full.heads_per_group, full.head_dim
     heads = torch.stack([torch.randperm(hg, generator=torch.Generator().manual_seed(s)) for s in range(g)])
     chans = torch.randperm(p, generator=torch.Generator().manual_seed(9))
     dims = KINDS["M"].layout(cfg, full, full, cfg.hidden_size)["in_proj.weight"]
     index = dims[0].permutation({"heads_per_group": heads, "head_dim": chans}).tolist()
-    di, bc = g * hg * p, 2 * g * cfg.ssm_state_size
+    di, bc = g * hg * p, 2 * g * cfg.mamba.state_size
     expect = []
     for base in (0, di):  # z, x
         expect += [base + (gi * hg + int(heads[gi, h])) * p + int(chans[c])

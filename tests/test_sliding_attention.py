@@ -178,7 +178,7 @@ def test_config_section_round_trip_and_errors(tmp_path):
         with pytest.raises(ConfigError, match=message):
             ModelConfig.from_dict({**d, "sliding_attention": section})
     with pytest.raises(ConfigError, match="no layer kind of that name has settings"):
-        ModelConfig(pattern="W", vocab_size=8, hidden_size=8, sections={"mamba": {}})
+        ModelConfig(pattern="W", vocab_size=8, hidden_size=8, sections={"ssm": {}})
     # the run-config TOML: the kind's settings are a [model.sliding_attention] table
     from elasticlm.train.config import load_run_config
 

@@ -79,10 +79,10 @@ def test_width_choices_are_multiples_of_the_alignment():
     from elasticlm.demo import FULL
     from elasticlm.elastic.space import WIDTH_AXES, ElasticConfig, ElasticSpace, width_multiple
 
-    cfg = ModelConfig(pattern="M-*-", vocab_size=64, hidden_size=256, mamba_num_heads=8, mamba_head_dim=64,
-                      mamba_n_groups=2, ssm_state_size=16, num_attention_heads=8, num_key_value_heads=2,
+    cfg = ModelConfig(pattern="M-*-", vocab_size=64, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                       attention_head_dim=32, intermediate_size=1000,  # an FFN that is no multiple of 16
-                      depth_order=[0, 1, 2, 3])
+                      depth_order=[0, 1, 2, 3],
+                      sections={"mamba": {"num_heads": 8, "head_dim": 64, "n_groups": 2, "state_size": 16}})
     for align in (8, 16, 64):
         space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.6], align=align))
         for axis in space.axes:
@@ -100,6 +100,6 @@ def test_width_choices_are_multiples_of_the_alignment():
     with pytest.raises(ConfigError, match="elastic.align"):
         ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0], align=0))
     # the demo keeps its unaligned, recorded choice sets (FFN 576 · k/32, e.g. 558)
-    demo = ModelConfig(**FULL.parent["model"], depth_order=list(range(9)))
+    demo = ModelConfig.from_dict({**FULL.parent["model"], "depth_order": list(range(9))})
     demo_space = ElasticSpace.build(demo, ElasticConfig(**FULL.elastic["elastic"]))
     assert (558,) * 3 in demo_space.axis("ffn").values and FULL.elastic["elastic"]["align"] == 1

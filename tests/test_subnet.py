@@ -91,12 +91,12 @@ def test_every_group_keeps_equal_heads_when_extracted():
     model = model_for("hybrid-g2-gqa2")
     subnet = Subnet.uniform(model.config, mamba_heads_per_group=3, attention_heads_per_kv_group=1)
     small = extract(model, subnet)
-    assert small.config.mamba_num_heads == 6 and small.config.mamba_n_groups == 2
+    assert small.config.mamba.num_heads == 6 and small.config.mamba.n_groups == 2
     mixer, parent = small.layers[0].mixer, model.layers[0].mixer
     # kept heads are the first 3 of each group of 4: parent heads 0,1,2 and 4,5,6
     assert torch.equal(mixer.A_log, parent.A_log[[0, 1, 2, 4, 5, 6]])
     # B and C conv channels are untouched
-    bc = 2 * model.config.mamba_n_groups * model.config.ssm_state_size
+    bc = 2 * model.config.mamba.n_groups * model.config.mamba.state_size
     assert torch.equal(mixer.conv1d.weight[-bc:], parent.conv1d.weight[-bc:])
 
 

@@ -172,7 +172,7 @@ def test_validation_loss_is_a_token_mean_like_the_elastic_trainers():
     from elasticlm.train.pretrain import validation_loss
 
     torch.manual_seed(0)
-    model = HybridLM(ModelConfig(**TINY["model"], eos_token_id=0)).eval()
+    model = HybridLM(ModelConfig.from_dict({**TINY["model"], "eos_token_id": 0})).eval()
     tokens = [torch.randint(1, 260, (2, 17)) for _ in range(2)]
     masks = [torch.ones(2, 17, dtype=torch.bool), torch.zeros(2, 17, dtype=torch.bool)]
     masks[1][:, 12:] = True  # the second batch has 5 loss tokens per row, the first 16

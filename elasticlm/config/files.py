@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,19 +14,19 @@ from .model import ModelConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.3 M parameters: tests and smoke runs.
-    "tiny": dict(pattern="M-M*M-", vocab_size=320, hidden_size=64, mamba_num_heads=8, mamba_head_dim=16,
-                 mamba_n_groups=2, ssm_state_size=16, num_attention_heads=4, num_key_value_heads=2,
-                 attention_head_dim=16, intermediate_size=192, chunk_size=32),
+    "tiny": dict(pattern="M-M*M-", vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 attention_head_dim=16, intermediate_size=192,
+                 mamba=dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=32)),
     # ~6 M parameters: the CPU demo parent (trained in a later issue).
-    "demo": dict(pattern="M-M-M*-M-M-M*-", vocab_size=4096, hidden_size=256, mamba_num_heads=16,
-                 mamba_head_dim=32, mamba_n_groups=4, ssm_state_size=32, num_attention_heads=8,
-                 num_key_value_heads=2, attention_head_dim=32, intermediate_size=768, chunk_size=64),
+    "demo": dict(pattern="M-M-M*-M-M-M*-", vocab_size=4096, hidden_size=256, num_attention_heads=8,
+                 num_key_value_heads=2, attention_head_dim=32, intermediate_size=768,
+                 mamba=dict(num_heads=16, head_dim=32, n_groups=4, state_size=32, chunk_size=64)),
     # NVIDIA Nemotron Nano V2 12B (DESIGN 2.1); build it on the meta device.
     "nemotron-nano-12b-v2": dict(
         pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
-        vocab_size=131072, hidden_size=5120, mamba_num_heads=128, mamba_head_dim=80, mamba_n_groups=8,
-        ssm_state_size=128, conv_kernel=4, chunk_size=128, num_attention_heads=40, num_key_value_heads=8,
-        attention_head_dim=128, intermediate_size=20480),
+        vocab_size=131072, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
+        attention_head_dim=128, intermediate_size=20480,
+        mamba=dict(num_heads=128, head_dim=80, n_groups=8, state_size=128, conv_kernel=4, chunk_size=128)),
 }
 
 
@@ -64,4 +65,4 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(**PRESETS[name])
+    return ModelConfig.from_dict(copy.deepcopy(PRESETS[name]))

@@ -98,18 +98,6 @@ class ModelConfig:
     pattern: str
     vocab_size: int
     hidden_size: int
-    # Mamba-2
-    mamba_num_heads: IntOrList = 8
-    mamba_head_dim: IntOrList = 16
-    mamba_n_groups: int = 1
-    ssm_state_size: int = 16
-    conv_kernel: int = 4
-    chunk_size: int = 64
-    time_step_min: float = 1e-3  # softplus(dt) is clamped below at this (as transformers does)
-    time_step_max: float = 0.1  # only used to initialise dt_bias
-    # the range softplus(dt) is clamped to; None: [time_step_min, inf) (NemotronH). Mamba2 checkpoints carry their
-    # own (transformers' default there: [0, inf), no clamp)
-    time_step_limit: list[float] | None = None
     # attention
     num_attention_heads: IntOrList = 4
     num_key_value_heads: int = 2
@@ -127,8 +115,6 @@ class ModelConfig:
     # misc
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    use_bias: bool = False  # Mamba in_proj / out_proj
-    use_conv_bias: bool = True
     mlp_bias: bool = False
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
@@ -146,6 +132,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A kind's section by the kind's name: ``config.mamba.state_size``, ``config.moe.top_k``."""
+        kind = SECTION_KINDS.get(name)
+        if kind is None or "sections" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.section(kind)
 
     def section(self, kind: LayerKind) -> Any:
         """The typed section of ``kind`` (its defaults when the config gives none)."""
@@ -166,28 +159,16 @@ class ModelConfig:
         unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
         if unknown:
             raise ConfigError(f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; use {kinds}")
-        for name in ("vocab_size", "hidden_size", "mamba_n_groups", "ssm_state_size", "conv_kernel",
-                     "chunk_size", "num_key_value_heads", "attention_head_dim"):
+        for name in ("vocab_size", "hidden_size", "num_key_value_heads", "attention_head_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        for name in ("norm_eps", "time_step_min", "time_step_max", "initializer_range"):
+        for name in ("norm_eps", "initializer_range"):
             v = getattr(self, name)  # a string ("1e-5") would otherwise fail deep inside a comparison or torch
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
-        if not 0 < self.time_step_min <= self.time_step_max:
-            raise ConfigError(f"time_step_min and time_step_max must satisfy 0 < min <= max (dt_bias is initialised "
-                              f"on a log scale between them), got {self.time_step_min!r} and {self.time_step_max!r}")
-        heads = self.mamba_heads_list()
-        self.mamba_head_dims_list()
-        for i, h in enumerate(heads):
-            if h % self.mamba_n_groups:
-                raise ConfigError(
-                    f"mamba_num_heads={h} (Mamba layer {i}) is not a multiple of mamba_n_groups="
-                    f"{self.mamba_n_groups}; every group must hold the same number of heads"
-                )
         for i, h in enumerate(self.attention_heads_list()):
             if h % self.num_key_value_heads:
                 raise ConfigError(
@@ -203,11 +184,6 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_rope(self.rope_parameters, self.attention_head_dim)
-        limit = self.time_step_limit
-        if limit is not None and not (isinstance(limit, (list, tuple)) and len(limit) == 2
-                                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
-                                      and 0 <= limit[0] < limit[1]):
-            raise ConfigError(f"time_step_limit must be [low, high] with 0 <= low < high, got {limit!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -281,12 +257,6 @@ class ModelConfig:
     def count(self, kind: str) -> int:
         return self.pattern.count(kind)
 
-    def mamba_heads_list(self) -> list[int]:
-        return _per_layer(self.mamba_num_heads, self.count(MAMBA), "mamba_num_heads")
-
-    def mamba_head_dims_list(self) -> list[int]:
-        return _per_layer(self.mamba_head_dim, self.count(MAMBA), "mamba_head_dim")
-
     def attention_heads_list(self) -> list[int]:
         return _per_layer(self.num_attention_heads, self.count(ATTENTION), "num_attention_heads")
 
@@ -313,26 +283,43 @@ class ModelConfig:
         out.update(out.pop("sections"))  # a kind's section under its name, beside the other fields
         return out
 
+    def flat_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`to_dict` in the flat form configs had before kinds kept sections — every field of a kind with
+        older names under that name (``moe_top_k``, ``ssm_state_size``), at its default where the pattern has no
+        such layer, as those files held it — and the default of every key. Training runs record the architecture
+        this way, so that runs started before the sections resume."""
+        out = self.to_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name != "sections"}
+        for name, kind in SECTION_KINDS.items():
+            if kind.legacy_prefix or kind.legacy_keys:
+                out.pop(name, None)
+                out.update({kind.legacy_name(k): v for k, v in dataclasses.asdict(self.section(kind)).items()})
+                defaults.update({kind.legacy_name(f.name): f.default for f in dataclasses.fields(kind.section)})
+        return out, defaults
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """A config from its JSON / TOML mapping: kinds' sections under their names, and the flat
-        ``<prefix><field>`` keys older configs wrote for them (``moe_top_k``) still read."""
+        """A config from its JSON / TOML mapping: kinds' sections under their names, and the flat keys older
+        configs wrote for them (``moe_top_k``, ``ssm_state_size``) still read."""
         if not isinstance(data, dict):
             raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
         data = dict(data)
         sections = {name: data.pop(name) for name in SECTION_KINDS if name in data}
         for name, kind in SECTION_KINDS.items():
-            prefix = kind.legacy_prefix
-            flat = {k: data.pop(k) for k in list(data) if prefix and k.startswith(prefix)}
+            flat = {k: data.pop(k) for k in list(data) if kind.legacy_field(k) is not None}
             if flat:
                 if not isinstance(sections.get(name, {}), dict):
                     raise ConfigError(f"[model.{name}] must be a mapping, got {sections[name]!r}")
                 known = {f.name for f in dataclasses.fields(kind.section)}
-                unknown = sorted(k for k in flat if k.removeprefix(prefix) not in known)
+                unknown = sorted(k for k in flat if kind.legacy_field(k) not in known)
                 if unknown:
                     raise ConfigError(f"unknown field(s) {unknown} in model config; {name} settings are "
-                                      f"{sorted(prefix + f for f in known)} (or [model.{name}])")
-                sections[name] = {**{k.removeprefix(prefix): v for k, v in flat.items()}, **sections.get(name, {})}
+                                      f"{sorted(known)} under [model.{name}]")
+                twice = sorted(k for k in flat if kind.legacy_field(k) in sections.get(name, {}))
+                if twice:
+                    raise ConfigError(f"model config sets {twice} both flat and in [model.{name}]; keep the "
+                                      f"[model.{name}] entry")
+                sections[name] = {**{kind.legacy_field(k): v for k, v in flat.items()}, **sections.get(name, {})}
         known = {f.name for f in dataclasses.fields(cls)} - {"sections"}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -366,7 +366,7 @@ class _DepthData:
 
     def context(self, copies: int, dtype: torch.dtype) -> tuple[DocumentMask, tuple[torch.Tensor, torch.Tensor] | None]:
         if copies not in self._ctx:
-            docs = DocumentMask.from_ids(self.doc.repeat(copies, 1), self.model.config.conv_kernel)
+            docs = DocumentMask.from_ids(self.doc.repeat(copies, 1), self.model.config.mamba.conv_kernel)
             rotary = None
             if self.model.config.rope_parameters is not None:
                 rotary = self.model.rotary(self.model.positions(self.ids.repeat(copies, 1), None, docs), dtype)

@@ -70,8 +70,23 @@ class LayerKind:
     # A kind with settings of its own keeps them in a typed section: a dataclass whose defaults make a valid
     # section, stored in ``ModelConfig.sections[name]`` and written as ``[model.<name>]`` / ``"<name>": {…}``.
     section: ClassVar[type | None] = None
-    # Older configs wrote a section's fields flat, as "<legacy_prefix><field>" (moe_top_k); they still load.
+    # Older configs wrote a section's fields flat, as "<legacy_prefix><field>" (moe_top_k) or under the names of
+    # ``legacy_keys`` (flat key → section field: ssm_state_size → state_size); they still load.
     legacy_prefix: ClassVar[str | None] = None
+    legacy_keys: ClassVar[dict[str, str]] = {}
+
+    def legacy_field(self, key: str) -> str | None:
+        """The section field an older config's flat ``key`` meant, or None when the key is not this kind's."""
+        if key in self.legacy_keys:
+            return self.legacy_keys[key]
+        if self.legacy_prefix and key.startswith(self.legacy_prefix):
+            return key.removeprefix(self.legacy_prefix)
+        return None
+
+    def legacy_name(self, field: str) -> str:
+        """The flat key older configs wrote for section ``field`` (the inverse of :meth:`legacy_field`)."""
+        named = {f: k for k, f in self.legacy_keys.items()}
+        return named.get(field, (self.legacy_prefix or "") + field)
 
     def mixer_class(self) -> type:
         """The ``nn.Module`` class that runs a layer of this kind."""

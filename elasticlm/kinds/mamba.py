@@ -7,11 +7,14 @@ size are never cut. This module is the only place that layout is written down.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .base import LayerKind, Width, width_fields
+from ..errors import ConfigError
+from .base import LayerKind, Width, per_layer, width_fields
 from .layout import Dim, Layout, Run
 
 if TYPE_CHECKING:
@@ -29,6 +32,27 @@ DOCUMENT_BYTES = (4.0, 7.0)
 
 
 @dataclass(frozen=True)
+class MambaSection:
+    """``[model.mamba]``: the Mamba-2 layers' settings, under transformers' ``Mamba2Config`` names. Older configs
+    write them flat (``mamba_num_heads``, ``ssm_state_size``, ``conv_kernel``, …: ``MambaKind.legacy_keys``),
+    which still load."""
+
+    num_heads: int | list[int] = 8  # heads per Mamba layer (one per layer where they differ)
+    head_dim: int | list[int] = 16  # channels per head
+    n_groups: int = 1  # B/C groups; every group holds the same number of heads
+    state_size: int = 16
+    conv_kernel: int = 4
+    chunk_size: int = 64  # the chunked scan's chunk
+    time_step_min: float = 1e-3  # softplus(dt) is clamped below at this (as transformers does)
+    time_step_max: float = 0.1  # only used to initialise dt_bias
+    # the range softplus(dt) is clamped to; None: [time_step_min, inf) (NemotronH). Mamba2 checkpoints carry their
+    # own (transformers' default there: [0, inf), no clamp)
+    time_step_limit: list[float] | None = None
+    use_bias: bool = False  # in_proj / out_proj biases
+    use_conv_bias: bool = True
+
+
+@dataclass(frozen=True)
 class MambaWidth:
     """Kept prefix of a Mamba-2 layer: heads per group (every group keeps the same count) and
     channels per head (one shared prefix of the head dimension)."""
@@ -40,26 +64,73 @@ class MambaWidth:
 class MambaKind(LayerKind):
     char, name, width = "M", "mamba", MambaWidth
     module = "mamba2:Mamba2Mixer"
+    section = MambaSection
+    legacy_keys = {"mamba_num_heads": "num_heads", "mamba_head_dim": "head_dim", "mamba_n_groups": "n_groups",
+                   "ssm_state_size": "state_size", **{k: k for k in ("conv_kernel", "chunk_size", "time_step_min",
+                                                                     "time_step_max", "time_step_limit", "use_bias",
+                                                                     "use_conv_bias")}}
     fields = {"heads_per_group": "mamba_heads", "head_dim": "mamba_head_dim"}
     scores = {"heads_per_group": "head", "head_dim": "channel"}
     uniform_keywords = {"mamba_heads_per_group": "heads_per_group", "mamba_head_dim": "head_dim"}
     prune_grid = {"heads_per_group": "heads", "head_dim": "channels"}
 
+    def heads(self, config: ModelConfig) -> list[int]:
+        """Heads of every Mamba layer."""
+        return per_layer(config.mamba.num_heads, config.count(self.char), "[model.mamba] num_heads")
+
+    def head_dims(self, config: ModelConfig) -> list[int]:
+        """Channels per head of every Mamba layer."""
+        return per_layer(config.mamba.head_dim, config.count(self.char), "[model.mamba] head_dim")
+
+    def check_section(self, config: ModelConfig, section: Any) -> None:
+        s = section
+        for name in ("n_groups", "state_size", "conv_kernel", "chunk_size"):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"[model.mamba] {name} must be a positive int, got {v!r}")
+        for name in ("time_step_min", "time_step_max"):
+            v = getattr(s, name)  # a string ("1e-3") would otherwise fail deep inside a comparison or torch
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"[model.mamba] {name} must be a finite number, got {v!r}")
+        if not 0 < s.time_step_min <= s.time_step_max:
+            raise ConfigError(f"[model.mamba] time_step_min and time_step_max must satisfy 0 < min <= max (dt_bias "
+                              f"is initialised on a log scale between them), got {s.time_step_min!r} and "
+                              f"{s.time_step_max!r}")
+        limit = s.time_step_limit
+        if limit is not None and not (isinstance(limit, (list, tuple)) and len(limit) == 2
+                                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+                                      and 0 <= limit[0] < limit[1]):
+            raise ConfigError(f"[model.mamba] time_step_limit must be [low, high] with 0 <= low < high, got {limit!r}")
+        for name in ("use_bias", "use_conv_bias"):
+            if not isinstance(getattr(s, name), bool):
+                raise ConfigError(f"[model.mamba] {name} must be true or false, got {getattr(s, name)!r}")
+        self.head_dims(config)
+        for i, h in enumerate(self.heads(config)):
+            if h % s.n_groups:
+                raise ConfigError(f"[model.mamba] num_heads={h} (Mamba layer {i}) is not a multiple of n_groups="
+                                  f"{s.n_groups}; every group must hold the same number of heads")
+
     def full_width(self, config: ModelConfig, k: int) -> MambaWidth:
-        return MambaWidth(config.mamba_heads_list()[k] // config.mamba_n_groups, config.mamba_head_dims_list()[k])
+        return MambaWidth(self.heads(config)[k] // config.mamba.n_groups, self.head_dims(config)[k])
 
     def config_fields(self, config: ModelConfig, widths: list[Width]) -> dict[str, Any]:
+        return {}  # the kind's widths live in its section (sub_section)
+
+    def sub_section(self, config: ModelConfig, widths: list[Width]) -> MambaSection:
+        s = config.mamba
         if not widths:
-            return {}
-        return {"mamba_num_heads": [w.heads_per_group * config.mamba_n_groups for w in widths],
-                "mamba_head_dim": [w.head_dim for w in widths]}
+            return s
+        heads = [w.heads_per_group * s.n_groups for w in widths]
+        dims = [w.head_dim for w in widths]
+        return dataclasses.replace(s, num_heads=heads[0] if len(set(heads)) == 1 else heads,
+                                   head_dim=dims[0] if len(set(dims)) == 1 else dims)
 
     def _runs(self, config: ModelConfig, full: MambaWidth, w: dict[str, Any]) -> tuple[Run, Run, Run]:
-        g = config.mamba_n_groups
+        g = config.mamba.n_groups
         channels = Run(g, full.heads_per_group, full.head_dim, w["heads_per_group"], w["head_dim"],
                        "heads_per_group", "head_dim")
         heads = Run(g, full.heads_per_group, 1, w["heads_per_group"], None, "heads_per_group")
-        return channels, heads, Run.fixed(2 * g * config.ssm_state_size)
+        return channels, heads, Run.fixed(2 * g * config.mamba.state_size)
 
     def layout(self, config: ModelConfig, full: MambaWidth, width: Width | Mapping[str, Any], hidden: Any) -> Layout:
         channels, heads, bc = self._runs(config, full, width_fields(width))
@@ -68,14 +139,14 @@ class MambaKind(LayerKind):
         one = Dim.of(Run.fixed(1))
         out: Layout = {
             "in_proj.weight": (in_rows, hid),
-            "conv1d.weight": (conv_rows, one, Dim.of(Run.fixed(config.conv_kernel))),
+            "conv1d.weight": (conv_rows, one, Dim.of(Run.fixed(config.mamba.conv_kernel))),
             "dt_bias": (Dim.of(heads),), "A_log": (Dim.of(heads),), "D": (Dim.of(heads),),
             "norm.weight": (Dim.of(channels),),
             "out_proj.weight": (hid, Dim.of(channels)),
         }
-        if config.use_bias:
+        if config.mamba.use_bias:
             out["in_proj.bias"], out["out_proj.bias"] = (in_rows,), (hid,)
-        if config.use_conv_bias:
+        if config.mamba.use_conv_bias:
             out["conv1d.bias"] = (conv_rows,)
         return out
 
@@ -84,7 +155,7 @@ class MambaKind(LayerKind):
 
     def saved_bytes_per_token(self, config: ModelConfig, width: MambaWidth, hidden: int, scan_chunk: int, mode: str,
                               documents: float) -> float:
-        g, n = config.mamba_n_groups, config.ssm_state_size
+        g, n = config.mamba.n_groups, config.mamba.state_size
         heads = g * width.heads_per_group
         di = heads * width.head_dim
         c, doc = SAVED_BYTES[mode], DOCUMENT_BYTES
@@ -93,18 +164,19 @@ class MambaKind(LayerKind):
 
     def extra_flops_per_token(self, config: ModelConfig, width: MambaWidth, context: int) -> float:
         """The chunked scan: ``C·Bᵀ`` and the intra-chunk products, and the state updates."""
-        heads = config.mamba_n_groups * width.heads_per_group
-        di, gn, n = heads * width.head_dim, config.mamba_n_groups * config.ssm_state_size, config.ssm_state_size
-        return 2 * config.chunk_size * (gn + di) + 6 * di * n
+        heads = config.mamba.n_groups * width.heads_per_group
+        di, gn, n = heads * width.head_dim, config.mamba.n_groups * config.mamba.state_size, config.mamba.state_size
+        return 2 * config.mamba.chunk_size * (gn + di) + 6 * di * n
 
     def state_bytes(self, config: ModelConfig, width: Width | Mapping[str, Any], *, batch: int, context: int,
                     dtype_bytes: int, state_bytes: int) -> Any:
         """The conv window over ``[x | B | C]`` (``conv_kernel − 1`` steps, model dtype) and the SSM state
         ``[heads, head_dim, state]`` (``state_bytes``, as the decode step keeps it); not growing with context."""
         w = width_fields(width)
-        g, n = config.mamba_n_groups, config.ssm_state_size
+        g, n = config.mamba.n_groups, config.mamba.state_size
         d_inner = g * w["heads_per_group"] * w["head_dim"]
-        return batch * ((d_inner + 2 * g * n) * (config.conv_kernel - 1) * dtype_bytes + d_inner * n * state_bytes)
+        window = config.mamba.conv_kernel - 1
+        return batch * ((d_inner + 2 * g * n) * window * dtype_bytes + d_inner * n * state_bytes)
 
     @property
     def state_name(self) -> str:

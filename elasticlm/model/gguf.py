@@ -38,6 +38,7 @@ import torch
 
 from ..config import LAYER_NAMES, ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..kinds import MAMBA_KIND
 from . import padding
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def gguf_incompatibility(config: ModelConfig) -> str | None:
 
 
 def _nemotron_h_incompatibility(config: ModelConfig) -> str | None:
-    mamba = [(h, d) for h, d in zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True)]
+    mamba = [(h, d) for h, d in zip(MAMBA_KIND.heads(config), MAMBA_KIND.head_dims(config), strict=True)]
     if len(set(mamba)) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {mamba}, and llama.cpp describes "
                 "the Mamba mixer by one set of ssm.* keys; save it in the native format instead")
@@ -86,7 +87,7 @@ def _nemotron_h_incompatibility(config: ModelConfig) -> str | None:
     if "*" not in config.pattern:
         return ("it has no attention layer, and llama.cpp's hybrid memory needs one; keep one with "
                 "elastic.keep_attention (the default)")
-    if config.use_bias:
+    if config.mamba.use_bias:
         return "its Mamba projections have biases, which llama.cpp's nemotron_h does not read"
     if set(config.pattern) - set("M*-"):
         return f"its pattern {config.pattern!r} has layer kinds llama.cpp's dense nemotron_h does not know"
@@ -131,9 +132,9 @@ def interleave_rotary_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 def layer_arrays(config: ModelConfig) -> dict[str, list[int]]:
     """The per-layer arrays that tell llama.cpp each layer's kind and width.
 
-    >>> cfg = ModelConfig(pattern="M*-", vocab_size=300, hidden_size=64, mamba_num_heads=4, mamba_head_dim=16,
-    ...                   num_attention_heads=4, num_key_value_heads=2, attention_head_dim=16,
-    ...                   intermediate_size=96)
+    >>> cfg = ModelConfig(pattern="M*-", vocab_size=300, hidden_size=64, num_attention_heads=4,
+    ...                   num_key_value_heads=2, attention_head_dim=16, intermediate_size=96,
+    ...                   sections={"mamba": {"num_heads": 4, "head_dim": 16}})
     >>> layer_arrays(cfg)
     {'feed_forward_length': [0, 0, 96], 'head_count': [4, 4, 4], 'head_count_kv': [0, 2, 0]}
     """
@@ -169,7 +170,7 @@ def _nemotron_h_tensors(model: HybridLM) -> Iterator[tuple[str, torch.Tensor]]:
         p, b = f"layers.{i}.mixer.", f"blk.{i}."
         yield b + "attn_norm.weight", get(f"layers.{i}.norm.weight")
         if kind == "M":
-            groups = config.mamba_n_groups
+            groups = config.mamba.n_groups
             yield b + "ssm_in.weight", get(p + "in_proj.weight")
             yield b + "ssm_conv1d.weight", get(p + "conv1d.weight").squeeze(1)
             if p + "conv1d.bias" in state:
@@ -354,13 +355,13 @@ def _nemotron_h_keys(writer: Any, config: ModelConfig) -> None:
     writer.add_head_count(arrays["head_count"])
     writer.add_head_count_kv(arrays["head_count_kv"])
     writer.add_layer_norm_eps(config.norm_eps)
-    heads = (config.mamba_heads_list() or [config.mamba_num_heads])[0]
-    head_dim = (config.mamba_head_dims_list() or [config.mamba_head_dim])[0]
-    writer.add_ssm_conv_kernel(config.conv_kernel)
+    heads = (MAMBA_KIND.heads(config) or [config.mamba.num_heads])[0]
+    head_dim = (MAMBA_KIND.head_dims(config) or [config.mamba.head_dim])[0]
+    writer.add_ssm_conv_kernel(config.mamba.conv_kernel)
     writer.add_ssm_inner_size(heads * head_dim)
-    writer.add_ssm_state_size(config.ssm_state_size)
+    writer.add_ssm_state_size(config.mamba.state_size)
     writer.add_ssm_time_step_rank(heads)
-    writer.add_ssm_group_count(config.mamba_n_groups)
+    writer.add_ssm_group_count(config.mamba.n_groups)
 
 
 def _transformer_keys(writer: Any, config: ModelConfig) -> None:

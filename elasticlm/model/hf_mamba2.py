@@ -17,6 +17,8 @@ import torch
 
 from ..config import MAMBA, ModelConfig
 from ..errors import ConfigError
+from ..kinds import MAMBA_KIND
+from ..kinds.mamba import MambaSection
 from . import hf_nemotron_h
 from .hf_adapter import same_name
 from .hf_fields import Fields
@@ -47,24 +49,19 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         pattern=MAMBA * get("num_hidden_layers"),
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
-        mamba_num_heads=get("num_heads"),
-        mamba_head_dim=get("head_dim"),
-        mamba_n_groups=get("n_groups", default=1),
-        ssm_state_size=get("state_size"),
-        conv_kernel=get("conv_kernel", default=4),
-        chunk_size=get("chunk_size", default=256),
-        time_step_min=float(get("time_step_min", default=1e-3)),
-        time_step_max=float(get("time_step_max", default=0.1)),
-        time_step_limit=limit,
         norm_eps=float(get("layer_norm_epsilon", default=1e-5)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        use_bias=bool(cfg.get("use_bias", False)),
-        use_conv_bias=bool(cfg.get("use_conv_bias", True)),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=get.eos(),
         family="mamba2",
+        sections={"mamba": MambaSection(  # the same names as Mamba2Config's
+            num_heads=get("num_heads"), head_dim=get("head_dim"), n_groups=get("n_groups", default=1),
+            state_size=get("state_size"), conv_kernel=get("conv_kernel", default=4),
+            chunk_size=get("chunk_size", default=256), time_step_min=float(get("time_step_min", default=1e-3)),
+            time_step_max=float(get("time_step_max", default=0.1)), time_step_limit=limit,
+            use_bias=bool(cfg.get("use_bias", False)), use_conv_bias=bool(cfg.get("use_conv_bias", True)))},
     )
 
 
@@ -72,7 +69,7 @@ def incompatibility(config: ModelConfig) -> str | None:
     """Why ``config`` cannot be written as a Mamba2 config, or None if it can."""
     if not config.pattern or set(config.pattern) != {MAMBA}:
         return f"its blocks {config.pattern!r} are not all Mamba-2 layers; save it in the native format instead"
-    widths = set(zip(config.mamba_heads_list(), config.mamba_head_dims_list(), strict=True))
+    widths = set(zip(MAMBA_KIND.heads(config), MAMBA_KIND.head_dims(config), strict=True))
     if len(widths) > 1:
         return (f"its Mamba layers have different widths (heads, head dim) {sorted(widths)}, and Mamba2Config "
                 "holds one; save it in the native format instead")
@@ -88,7 +85,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     reason = incompatibility(config)
     if reason:
         raise ConfigError(f"cannot export to Hugging Face Mamba2: {reason}")
-    heads, head_dim = config.mamba_heads_list()[0], config.mamba_head_dims_list()[0]
+    heads, head_dim = MAMBA_KIND.heads(config)[0], MAMBA_KIND.head_dims(config)[0]
     return {
         "architectures": ["Mamba2ForCausalLM"],
         "model_type": "mamba2",
@@ -99,16 +96,16 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "num_heads": heads,
         "head_dim": head_dim,
         "expand": heads * head_dim // config.hidden_size,
-        "n_groups": config.mamba_n_groups,
-        "state_size": config.ssm_state_size,
-        "conv_kernel": config.conv_kernel,
-        "chunk_size": config.chunk_size,
-        "time_step_min": config.time_step_min,
-        "time_step_max": config.time_step_max,
-        "time_step_limit": list(config.time_step_limit or (config.time_step_min, math.inf)),
+        "n_groups": config.mamba.n_groups,
+        "state_size": config.mamba.state_size,
+        "conv_kernel": config.mamba.conv_kernel,
+        "chunk_size": config.mamba.chunk_size,
+        "time_step_min": config.mamba.time_step_min,
+        "time_step_max": config.mamba.time_step_max,
+        "time_step_limit": list(config.mamba.time_step_limit or (config.mamba.time_step_min, math.inf)),
         "hidden_act": "silu",
-        "use_bias": config.use_bias,
-        "use_conv_bias": config.use_conv_bias,
+        "use_bias": config.mamba.use_bias,
+        "use_conv_bias": config.mamba.use_conv_bias,
         "layer_norm_epsilon": config.norm_eps,
         "residual_in_fp32": True,
         "tie_word_embeddings": config.tie_word_embeddings,

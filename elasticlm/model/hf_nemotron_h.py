@@ -16,7 +16,7 @@ import torch
 
 from ..config import ATTENTION, LAYER_NAMES, MAMBA, MLP, MOE, ModelConfig
 from ..errors import ConfigError
-from ..kinds import MOE_KIND
+from ..kinds import MAMBA_KIND, MOE_KIND
 from .hf_adapter import HFAdapter
 from .hf_fields import Fields
 
@@ -87,33 +87,19 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if cfg.get(CACHE_ANCHOR) and pattern[:1] == ATTENTION:
         pattern = pattern[1:]
     n_heads = _per_kind(get("num_attention_heads"), pattern, "*", "num_attention_heads")
-    return ModelConfig(
-        pattern=pattern,
-        vocab_size=get("vocab_size"),
-        hidden_size=hidden,
-        mamba_num_heads=get("mamba_num_heads"),
-        mamba_head_dim=get("mamba_head_dim"),
-        mamba_n_groups=get("n_groups", "mamba_n_groups"),
-        ssm_state_size=get("ssm_state_size"),
-        conv_kernel=get("conv_kernel", "mamba_d_conv", default=4),
-        chunk_size=get("chunk_size", "mamba_chunk_size", default=128),
-        time_step_min=float(get("time_step_min", "mamba_dt_min", default=1e-3)),
-        time_step_max=float(get("time_step_max", "mamba_dt_max", default=0.1)),
-        num_attention_heads=n_heads,
-        num_key_value_heads=get("num_key_value_heads", default=n_heads if isinstance(n_heads, int) else None),
-        attention_head_dim=get("head_dim", "attention_head_dim",
-                               default=hidden // n_heads if isinstance(n_heads, int) else None),
-        intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
-        norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        use_bias=bool(cfg.get("use_bias", False)),
-        use_conv_bias=bool(get("use_conv_bias", "mamba_conv_bias", default=True)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        initializer_range=float(cfg.get("initializer_range", 0.02)),
-        pad_token_id=cfg.get("pad_token_id"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=get.eos(),
-        sections={"moe": dict(
+    sections: dict[str, Any] = {}
+    if MAMBA in pattern:
+        sections["mamba"] = dict(
+            num_heads=get("mamba_num_heads"), head_dim=get("mamba_head_dim"),
+            n_groups=get("n_groups", "mamba_n_groups"), state_size=get("ssm_state_size"),
+            conv_kernel=get("conv_kernel", "mamba_d_conv", default=4),
+            chunk_size=get("chunk_size", "mamba_chunk_size", default=128),
+            time_step_min=float(get("time_step_min", "mamba_dt_min", default=1e-3)),
+            time_step_max=float(get("time_step_max", "mamba_dt_max", default=0.1)),
+            use_bias=bool(cfg.get("use_bias", False)),
+            use_conv_bias=bool(get("use_conv_bias", "mamba_conv_bias", default=True)))
+    if MOE in pattern:
+        sections["moe"] = dict(
             num_experts=_per_kind(get("n_routed_experts", "num_local_experts", default=8), pattern, MOE,
                                   "n_routed_experts"),
             intermediate_size=_per_kind(get("moe_intermediate_size", default=64), pattern, MOE,
@@ -123,7 +109,24 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             n_group=get("n_group", default=1),
             topk_group=get("topk_group", default=1),
             norm_topk_prob=bool(get("norm_topk_prob", default=True)),
-            routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)))} if MOE in pattern else {},
+            routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)))
+    return ModelConfig(
+        pattern=pattern,
+        vocab_size=get("vocab_size"),
+        hidden_size=hidden,
+        num_attention_heads=n_heads,
+        num_key_value_heads=get("num_key_value_heads", default=n_heads if isinstance(n_heads, int) else None),
+        attention_head_dim=get("head_dim", "attention_head_dim",
+                               default=hidden // n_heads if isinstance(n_heads, int) else None),
+        intermediate_size=_per_kind(get("intermediate_size"), pattern, "-", "intermediate_size"),
+        norm_eps=float(get("layer_norm_epsilon", "rms_norm_eps", default=1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=get.eos(),
+        sections=sections,
     )
 
 
@@ -132,8 +135,9 @@ def incompatibility(config: ModelConfig) -> str | None:
     other = sorted(LAYER_NAMES[c] for c in set(config.pattern) - {MAMBA, ATTENTION, MLP, MOE})
     if other:
         return f"NemotronH has no {' or '.join(other)} layers"
-    if config.time_step_limit not in (None, [config.time_step_min, math.inf]):
-        return f"NemotronH clamps the time step at time_step_min; this model clamps it to {config.time_step_limit}"
+    limit = config.mamba.time_step_limit
+    if limit not in (None, [config.mamba.time_step_min, math.inf]):
+        return f"NemotronH clamps the time step at time_step_min; this model clamps it to {limit}"
     if (config.rope_parameters is not None or config.mlp_type != "relu2" or config.qk_norm or config.attention_bias
             or config.attention_out_bias):
         return "NemotronH has no rotary positions, gated MLP, q/k norm or attention biases"
@@ -150,8 +154,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     def first(values: list[int], fallback: int) -> int:
         return values[0] if values else fallback
 
-    heads = first(config.mamba_heads_list(), config.mamba_n_groups)
-    head_dim = first(config.mamba_head_dims_list(), 1)
+    heads = first(MAMBA_KIND.heads(config), config.mamba.n_groups)
+    head_dim = first(MAMBA_KIND.head_dims(config), 1)
     anchored = needs_cache_anchor(config)
     pattern = ATTENTION + config.pattern if anchored else config.pattern
     return {
@@ -167,18 +171,18 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "num_hidden_layers": len(pattern),
         "mamba_num_heads": heads,
         "mamba_head_dim": head_dim,
-        "n_groups": config.mamba_n_groups,
-        "mamba_n_groups": config.mamba_n_groups,  # the name NVIDIA's configs and SGLang's parser use
+        "n_groups": config.mamba.n_groups,
+        "mamba_n_groups": config.mamba.n_groups,  # the name NVIDIA's configs and SGLang's parser use
         "mamba_d_head": head_dim,  # the name llama.cpp's converter reads
-        "ssm_state_size": config.ssm_state_size,
-        "conv_kernel": config.conv_kernel,
-        "chunk_size": config.chunk_size,
+        "ssm_state_size": config.mamba.state_size,
+        "conv_kernel": config.mamba.conv_kernel,
+        "chunk_size": config.mamba.chunk_size,
         "expand": max(1, heads * head_dim // config.hidden_size),
-        "time_step_min": config.time_step_min,
-        "time_step_max": config.time_step_max,
+        "time_step_min": config.mamba.time_step_min,
+        "time_step_max": config.mamba.time_step_max,
         "mamba_hidden_act": "silu",
-        "use_bias": config.use_bias,
-        "use_conv_bias": config.use_conv_bias,
+        "use_bias": config.mamba.use_bias,
+        "use_conv_bias": config.mamba.use_conv_bias,
         "num_attention_heads": first(config.attention_heads_list(), config.num_key_value_heads),
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.attention_head_dim,

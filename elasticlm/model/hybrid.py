@@ -210,7 +210,7 @@ class HybridLM(nn.Module):
             if document_ids.shape != input_ids.shape:
                 raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids "
                                  f"{tuple(input_ids.shape)}")
-            documents = DocumentMask.from_ids(document_ids, self.config.conv_kernel)
+            documents = DocumentMask.from_ids(document_ids, self.config.mamba.conv_kernel)
         if cache is not None:
             cache.begin(input_ids.shape[1], input_ids.device)
         d = subnet.hidden_size

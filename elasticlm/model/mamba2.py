@@ -33,26 +33,26 @@ class Mamba2Mixer(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config, self.full = config, full  # what the layout of every parameter follows from (kinds/mamba.py)
-        self.n_groups = config.mamba_n_groups
+        self.n_groups = config.mamba.n_groups
         self.num_heads, self.head_dim = full.heads_per_group * self.n_groups, full.head_dim
-        self.state_size, self.conv_kernel = config.ssm_state_size, config.conv_kernel
-        self.chunk_size = config.chunk_size
-        self.time_step_min, self.norm_eps = config.time_step_min, config.norm_eps
-        limit = config.time_step_limit or (config.time_step_min, math.inf)
+        self.state_size, self.conv_kernel = config.mamba.state_size, config.mamba.conv_kernel
+        self.chunk_size = config.mamba.chunk_size
+        self.time_step_min, self.norm_eps = config.mamba.time_step_min, config.norm_eps
+        limit = config.mamba.time_step_limit or (config.mamba.time_step_min, math.inf)
         # softplus(dt) is clamped to [dt_low, dt_high] (dt_high None: no upper clamp)
         self.dt_low, self.dt_high = float(limit[0]), (float(limit[1]) if math.isfinite(limit[1]) else None)
         kw = dict(device=device, dtype=dtype)
         shapes = {name: tuple(d.full_size for d in dims)
                   for name, dims in MAMBA_KIND.layout(config, full, full, config.hidden_size).items()}
-        self.in_proj = nn.Linear(*shapes["in_proj.weight"][::-1], bias=config.use_bias, **kw)
+        self.in_proj = nn.Linear(*shapes["in_proj.weight"][::-1], bias=config.mamba.use_bias, **kw)
         conv_dim = shapes["conv1d.weight"][0]
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.conv_kernel, groups=conv_dim,
-                                padding=config.conv_kernel - 1, bias=config.use_conv_bias, **kw)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.mamba.conv_kernel, groups=conv_dim,
+                                padding=config.mamba.conv_kernel - 1, bias=config.mamba.use_conv_bias, **kw)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, **kw))
         self.A_log = nn.Parameter(torch.empty(self.num_heads, **kw))
         self.D = nn.Parameter(torch.empty(self.num_heads, **kw))
         self.norm = NormWeight(shapes["norm.weight"][0], **kw)
-        self.out_proj = nn.Linear(*shapes["out_proj.weight"][::-1], bias=config.use_bias, **kw)
+        self.out_proj = nn.Linear(*shapes["out_proj.weight"][::-1], bias=config.mamba.use_bias, **kw)
         self.tap = Tap()  # the x channels before the conv (importance hooks it)
 
     # -- slicing ----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class Mamba2Mixer(nn.Module):
     def init_kind_parameters(self) -> None:
         """After the generic init (HybridLM.init_weights): Mamba-2's SSM init, and ``out_proj`` scaled by
         1/sqrt(layers) as transformers does for the residual outputs of Mamba layers."""
-        self.init_ssm_parameters(self.config.time_step_max)
+        self.init_ssm_parameters(self.config.mamba.time_step_max)
         self.out_proj.weight.mul_(1 / math.sqrt(self.config.num_layers))
         self.norm.weight.fill_(1.0)
 

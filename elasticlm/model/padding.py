@@ -36,7 +36,7 @@ import torch
 
 from ..config import MOE, ModelConfig, Subnet, count_parameters
 from ..errors import ConfigError
-from ..kinds import MOE_KIND, kept_indices, kind_of
+from ..kinds import MAMBA_KIND, MOE_KIND, kept_indices, kind_of
 
 if TYPE_CHECKING:
     from .hybrid import HybridLM
@@ -66,8 +66,8 @@ def _replace(config: ModelConfig, widths: dict[str, Any]) -> ModelConfig:
 
 def incompatibility(config: ModelConfig) -> str | None:
     """Why per-layer widths of ``config`` cannot be padded to one width per kind exactly (None: they can)."""
-    for what, values in (("Mamba head counts", config.mamba_heads_list()),
-                         ("Mamba head dims", config.mamba_head_dims_list())):
+    for what, values in (("Mamba head counts", MAMBA_KIND.heads(config)),
+                         ("Mamba head dims", MAMBA_KIND.head_dims(config))):
         if len(set(values)) > 1:
             return (f"its layers have different {what} {values}: zero Mamba channels would change the gated "
                     "RMSNorm of the others, so no padded form is exact; save it in the native or GGUF format")

@@ -104,8 +104,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "tokenizer", "data", "train",
-                                                                              "eval")}
+        return {"model": self.model.to_dict(),
+                **{name: dataclasses.asdict(getattr(self, name)) for name in ("tokenizer", "data", "train", "eval")}}
 
 
 _SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}

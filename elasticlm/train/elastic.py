@@ -20,7 +20,6 @@ router in DistributedDataParallel, ``parallel = "fsdp"`` shards each block with 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -36,8 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import ROUTER_WEIGHTS, ROUTING, atomic_directory, load, read_config, read_json, write_model_files
-from ..config import ModelConfig, count_parameters
-from ..config.model import SECTION_KINDS
+from ..config import count_parameters
 from ..data.datasets import PackedStream, compat_data, documents
 from ..elastic.prune import describe_subnet
 from ..elastic.router import Router, RouterSchedule
@@ -326,18 +324,6 @@ PARENT_ADDED_LATER = ("rope_parameters", "attention_bias", "attention_out_bias",
                       "moe_norm_topk_prob", "moe_routed_scaling_factor")
 
 
-def _record_of(config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The parent's fields as records have always held them — a kind's section flat under its legacy prefix
-    (``moe_top_k``), as configs wrote it before sections — and every field's default."""
-    d, defaults = config.to_dict(), {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    for name, kind in SECTION_KINDS.items():
-        if kind.legacy_prefix:  # every field, at its default where the pattern has no such layer (as before)
-            d.pop(name, None)
-            d.update({kind.legacy_prefix + k: v for k, v in dataclasses.asdict(config.section(kind)).items()})
-            defaults.update({kind.legacy_prefix + f.name: f.default for f in dataclasses.fields(kind.section)})
-    return d, defaults
-
-
 def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
     """What a resumed elastic run may not change (``--allow-config-change`` to do it anyway): the parent's
     architecture, the elastic space with budgets by value (``0.5`` and ``"50%"`` are one budget), distillation,
@@ -347,7 +333,7 @@ def compat_record(run: ElasticRunConfig, space: ElasticSpace) -> dict[str, Any]:
     for name, default in ADDED_LATER.items():  # at their defaults, records of older checkpoints still match
         if elastic.get(name) == default:
             elastic.pop(name)
-    fields, defaults = _record_of(space.config)
+    fields, defaults = space.config.flat_dict()
     parent = {k: v for k, v in fields.items() if k not in PARENT_ADDED_LATER or v != defaults[k]}
     labels = {f"{space.target} {t:.6g}": label for label, t in zip(space.budgets, space.targets, strict=True)}
     return {"parent": parent, "elastic": elastic, "distill": d["distill"], "data": compat_data(d["data"]),

@@ -108,7 +108,7 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
     backward: only the largest block at a time). ``dense_mask_len``: the row length when the model uses a
     dense document mask (short rows on CPU, see ``elasticlm.model.documents``), else 0."""
     subnet = subnet or Subnet.full(config)
-    chunk = scan_chunk or config.chunk_size
+    chunk = scan_chunk or config.mamba.chunk_size
     d = subnet.hidden_size
     per_block = []
     for i, width in enumerate(subnet.layers):
@@ -130,7 +130,7 @@ def activation_bytes(config: ModelConfig, subnet: Subnet | None, tokens: int, pr
     else:
         saved = sum(per_block) * tokens + outer + sum(copies)
         workspace = 1.2 * largest
-    doc_index = (1 + 4 * config.conv_kernel + 3 * 8 * 2) * tokens if documents else 0  # reset, taps, buckets
+    doc_index = (1 + 4 * config.mamba.conv_kernel + 3 * 8 * 2) * tokens if documents else 0  # reset, taps, buckets
     if documents and dense_mask_len and any(kind_of(c).attends for c in config.pattern):
         # short CPU rows: one [t, t] bool mask, and what SDPA makes of it (measured with saved_tensors_hooks)
         doc_index += 3.6 * tokens * dense_mask_len
@@ -300,7 +300,8 @@ def plan_stage(config: ModelConfig, *, name: str, seq_len: int, batch_size: int,
                tokens: int = 0, documents: bool = True, trainable_teacher: bool = False) -> StagePlan:
     world = cluster.world
     micro = max(1, batch_size // (grad_accum * world))
-    scan_chunk = min(config.chunk_size, 32) if cluster.device == "cpu" else config.chunk_size  # see scan_chunk_size
+    chunk = config.mamba.chunk_size
+    scan_chunk = min(chunk, 32) if cluster.device == "cpu" else chunk  # see scan_chunk_size
     common = dict(seq_len=seq_len, micro_batch=micro, world=world, sharded=sharded, amp=amp, teacher=teacher,
                   grad_accum=grad_accum, router_parameters=router_parameters, scan_chunk=scan_chunk,
                   documents=documents, dense_mask=cluster.device == "cpu", trainable_teacher=trainable_teacher)

@@ -124,7 +124,7 @@ class LanguageModeling(Objective):
 def compat_record(run: RunConfig) -> dict[str, Any]:
     """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
     d = run.to_dict()
-    return {"model": d["model"], "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
+    return {"model": run.model.flat_dict()[0], "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
             "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 
