@@ -92,7 +92,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    cfg = ModelConfig(**CONFIG, depth_order=list(range(len(CONFIG["pattern"]))))
+    cfg = ModelConfig.from_dict({**CONFIG, "depth_order": list(range(len(CONFIG["pattern"])))})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_tokenizer(byte_level_tokenizer(), tmp / "tok")

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--json", default="docs/bench/elastic_speed.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = ModelConfig(**NANO_SHAPED, depth_order=list(range(len(NANO_SHAPED["pattern"]))))
+    cfg = ModelConfig.from_dict({**NANO_SHAPED, "depth_order": list(range(len(NANO_SHAPED["pattern"])))})
     model = HybridLM(cfg)
     budgets = [1.0] + [float(b) for b in args.budgets.split(",")]
     space = ElasticSpace.build(cfg, ElasticConfig(budgets=budgets))

@@ -86,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = ModelConfig(**NANO_SHAPED) if args.preset == "nano-shaped" else preset(args.preset)
+    config = ModelConfig.from_dict(NANO_SHAPED) if args.preset == "nano-shaped" else preset(args.preset)
     ours = HybridLM(config)
     hf = to_transformers(ours)
     ours = from_transformers(hf)  # identical weights

@@ -73,7 +73,7 @@ def main() -> None:
                 "pretrain": budget is None}
         spec.update({"preset": model} if isinstance(model, str) else {"model": model})
         r = probe(spec)
-        cfg = preset(model) if isinstance(model, str) else ModelConfig(**model)
+        cfg = preset(model) if isinstance(model, str) else ModelConfig.from_dict(model)
         plan, items = planned(cfg, seq_len, rows, ckpt, Subnet.from_dict(r["subnet"]), teacher=budget is not None)
         ratio = r["peak_bytes"] / plan
         rows_out.append({"model": label, "parameters": r["parameters"], "seq_len": seq_len, "rows": rows,

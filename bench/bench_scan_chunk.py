@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{'shape':12s} " + " ".join(f"{t:>8d}" for t in tiles) + "   (ms per layer fwd+bwd)")
     for name, fields in (("demo", preset("demo").to_dict()), ("nano-shaped", NANO_SHAPED)):
-        config = ModelConfig(**{**fields, "pattern": "M"})
+        config = ModelConfig.from_dict({**fields, "pattern": "M"})
         mixer, width = HybridLM(config).layers[0].mixer, config.layer_widths(0)
         x = torch.randn(args.batch, args.seq, config.hidden_size, requires_grad=True)
         row = []

@@ -63,9 +63,9 @@ def main() -> None:
 
     pattern = ("M-*-" * args.layers)[: args.layers]
     d = args.hidden
-    cfg = ModelConfig(pattern=pattern, vocab_size=32768, hidden_size=d, mamba_num_heads=d // 32, mamba_head_dim=64,
-                      mamba_n_groups=4, ssm_state_size=64, num_attention_heads=d // 64, num_key_value_heads=4,
-                      attention_head_dim=64, intermediate_size=4 * d)
+    cfg = ModelConfig(pattern=pattern, vocab_size=32768, hidden_size=d, num_attention_heads=d // 64,
+                      num_key_value_heads=4, attention_head_dim=64, intermediate_size=4 * d,
+                      sections={"mamba": {"num_heads": d // 32, "head_dim": 64, "n_groups": 4, "state_size": 64}})
     with tempfile.TemporaryDirectory() as tmp:
         model = HybridLM(cfg)
         n = model.num_parameters()

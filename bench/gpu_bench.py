@@ -112,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    cfg = ModelConfig(**NANO_1B) if cuda else preset("tiny")
+    cfg = ModelConfig.from_dict(NANO_1B) if cuda else preset("tiny")
     cfg.depth_order = list(range(cfg.num_layers))
     steps = 3 if args.quick else 5
     result: dict = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

@@ -230,7 +230,7 @@ def table3(args) -> None:
     nested, sep, two = sizes[labels[0]], sum(sizes.values()), sizes[labels[0]] + sizes[labels[1]]
     rows.append(f"| demo (trained, `elasticlm demo`) | {' / '.join(labels)} | {nested * 2 / 1e6:.2f} MB | "
                 f"{sep * 2 / 1e6:.2f} MB | {two * 2 / 1e6:.2f} MB | {sep / nested:.2f} / {two / nested:.2f} |")
-    cfg = ModelConfig(**PRESETS["nemotron-nano-12b-v2"])
+    cfg = ModelConfig.from_dict(copy.deepcopy(PRESETS["nemotron-nano-12b-v2"]))
     cfg.depth_order = list(range(cfg.num_layers))
     space = ElasticSpace.build(cfg, ElasticConfig(budgets=[1.0, 0.75, 0.5]))
     router = Router(space)

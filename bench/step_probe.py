@@ -68,7 +68,7 @@ def main(spec: dict) -> dict:
 
     torch.set_num_threads(spec.get("threads", 2))
     torch.manual_seed(0)
-    cfg = preset(spec["preset"]) if "preset" in spec else ModelConfig(**spec["model"])
+    cfg = preset(spec["preset"]) if "preset" in spec else ModelConfig.from_dict(spec["model"])
     if not cfg.depth_order:
         cfg.depth_order = list(range(cfg.num_layers))
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else 2
