@@ -16,6 +16,7 @@ from elasticlm.elastic.importance import estimate
 from elasticlm.elastic.reorder import reorder_
 from elasticlm.elastic.space import ElasticConfig, ElasticSpace
 from elasticlm.kinds import MOE_KIND, kept_indices
+from elasticlm.model.call import MixerCall
 from elasticlm.model.documents import document_ids_from_eos
 
 CASES = {
@@ -135,7 +136,7 @@ def test_a_soft_mask_of_one_hot_choices_is_the_sliced_moe():
         (torch.arange(full.expert_intermediate_size) < width.expert_intermediate_size).float())
     x = torch.randn(2, 7, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        masked, sliced = mixer(x, full, inner=mask), mixer(x, width)
+        masked, sliced = mixer(x, full, MixerCall(inner=mask)), mixer(x, width)
     assert (masked - sliced).abs().max().item() <= 1e-6
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import ATTENTION_KIND, AttentionWidth, LayerKind, slice_params
-from .cache import HybridCache, KVState
+from .cache import KVState
+from .call import PLAIN, MixerCall
 from .documents import DocumentMask, document_attention
 from .norm import RMSNorm, rms_norm
 from .rope import rotate
@@ -52,15 +53,14 @@ class Attention(nn.Module):
         """This layer's decoding state: every key and value so far."""
         return KVState()
 
-    def forward(self, x: torch.Tensor, width: AttentionWidth, cache: HybridCache | None = None, layer: int = 0,
-                documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
-                params: dict[str, torch.Tensor] | None = None, rotary: Rotary | None = None) -> torch.Tensor:
-        """The block's call: :meth:`compute` appending to this layer's KV state in ``cache``."""
+    def forward(self, x: torch.Tensor, width: AttentionWidth, call: MixerCall = PLAIN) -> torch.Tensor:
+        """The block's call: :meth:`compute` appending to this layer's KV state in ``call.cache``."""
+        cache = call.cache
         if cache is None:
-            return self.compute(x, width, None, documents, inner, params, rotary=rotary)
-        state = cache.layers[layer] or self.new_state()
-        cache.layers[layer] = state
-        return self.compute(x, width, state, documents, inner, params, cache.key_valid, rotary)
+            return self.compute(x, width, None, call.documents, call.inner, call.params, rotary=call.rotary)
+        state = cache.layers[call.layer] or self.new_state()
+        cache.layers[call.layer] = state
+        return self.compute(x, width, state, call.documents, call.inner, call.params, cache.key_valid, call.rotary)
 
     def compute(self, x: torch.Tensor, width: AttentionWidth, state: KVState | None = None,
                 documents: DocumentMask | None = None, inner: torch.Tensor | None = None,

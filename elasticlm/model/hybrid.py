@@ -19,6 +19,7 @@ from ..int8 import Int8Weight, embedding, linear
 from ..int8 import weight as stored_weight  # float or int8
 from ..kinds import kind_of
 from .cache import HybridCache
+from .call import MixerCall
 from .documents import DocumentMask
 from .norm import RMSNorm, rms_norm
 from .rope import inverse_frequencies, rotary_tables
@@ -71,7 +72,7 @@ class Block(nn.Module):
         else:
             norm_weight, prm = prefix(self.norm.weight, 0, x.shape[-1]), None
         h = rms_norm(x, norm_weight, self.norm.eps, norm_width)
-        h = self.mixer(h, width, cache, layer, documents, inner, prm, rotary)
+        h = self.mixer(h, width, MixerCall(cache, layer, documents, rotary, inner, prm))
         if scale is not None:
             h = h * scale
         return x + h

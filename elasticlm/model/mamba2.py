@@ -21,7 +21,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import MAMBA_KIND, MambaWidth, slice_params
-from .cache import HybridCache, MambaState
+from .cache import MambaState
+from .call import PLAIN, MixerCall
 from .documents import RESET_LOG_DECAY, DocumentMask
 from .norm import gated_group_rms_norm
 from .tap import Tap
@@ -70,14 +71,14 @@ class Mamba2Mixer(nn.Module):
         return tensors(self)
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, u: torch.Tensor, width: MambaWidth, cache: HybridCache | None = None, layer: int = 0,
-                documents: DocumentMask | None = None, inner: torch.Tensor | None = None,
-                params: dict[str, torch.Tensor] | None = None, rotary: object = None) -> torch.Tensor:
-        """The block's call: :meth:`compute` with this layer's state in ``cache`` (read and replaced)."""
+    def forward(self, u: torch.Tensor, width: MambaWidth, call: MixerCall = PLAIN) -> torch.Tensor:
+        """The block's call: :meth:`compute` with this layer's state in ``call.cache`` (read and replaced)."""
+        cache = call.cache
         if cache is None:
-            return self.compute(u, width, None, documents=documents, inner=inner, params=params)[0]
-        out, cache.layers[layer] = self.compute(u, width, cache.layers[layer], new_state=True, documents=documents,
-                                                inner=inner, params=params, valid=cache.chunk_valid)
+            return self.compute(u, width, None, documents=call.documents, inner=call.inner, params=call.params)[0]
+        out, cache.layers[call.layer] = self.compute(u, width, cache.layers[call.layer], new_state=True,
+                                                     documents=call.documents, inner=call.inner, params=call.params,
+                                                     valid=cache.chunk_valid)
         return out
 
     def compute(self, u: torch.Tensor, width: MambaWidth, state: MambaState | None = None,

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import MLP_KIND, MlpWidth, slice_params
+from .call import PLAIN, MixerCall
 from .tap import Tap
 
 
@@ -30,11 +31,9 @@ class MLP(nn.Module):
         """This layer's parameters for the sub-model, keyed like its own state_dict (views)."""
         return slice_params(tensors(self), MLP_KIND.layout(self.config, self.full, width, hidden))
 
-    def forward(self, x: torch.Tensor, width: MlpWidth, cache: object = None, layer: int = 0, documents: object = None,
-                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
-                rotary: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MlpWidth, call: MixerCall = PLAIN) -> torch.Tensor:
         """The block's call (an MLP keeps no state and needs no document mask)."""
-        return self.compute(x, width, inner, params)
+        return self.compute(x, width, call.inner, call.params)
 
     def compute(self, x: torch.Tensor, width: MlpWidth, inner: torch.Tensor | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..int8 import linear, tensors
 from ..kinds import MOE_KIND, MoeWidth, slice_params
+from .call import PLAIN, MixerCall
 from .tap import Tap
 
 
@@ -78,11 +79,9 @@ class MoE(nn.Module):
         """This layer's parameters (and the router's bias buffer) for the sub-model, keyed like its state_dict."""
         return slice_params(tensors(self), MOE_KIND.layout(self.config, self.full, width, hidden))
 
-    def forward(self, x: torch.Tensor, width: MoeWidth, cache: object = None, layer: int = 0, documents: object = None,
-                inner: torch.Tensor | None = None, params: dict[str, torch.Tensor] | None = None,
-                rotary: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width: MoeWidth, call: MixerCall = PLAIN) -> torch.Tensor:
         """The block's call (no decode state, no document mask: every token is routed on its own)."""
-        return self.compute(x, width, inner, params)
+        return self.compute(x, width, call.inner, call.params)
 
     def route(self, h: torch.Tensor, p: dict[str, torch.Tensor], excluded: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
