@@ -310,7 +310,7 @@ def run_demo(out: str | Path, quick: bool = False, fresh: bool = False, progress
     log("== 6/6 evaluation")
     ev = recipe.eval
     entries = [Entry("parent", "1.0", ordered, tok, None, str(ordered_dir))]
-    entries += [Entry("elastic", label, elastic, tok, subnet, str(out / "elastic" / "final"))
+    entries += [Entry("elastic", label, elastic, tok, subnet, str(out / "elastic" / "final"), memo=deployment.memo)
                 for label, subnet in deployment.budgets.items()]
     entries += [Entry("zero-shot pruned", label, ordered, tok, subnet, str(out / f"zero-shot-{label}"))
                 for label, subnet in zero_shot.items()]

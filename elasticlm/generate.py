@@ -236,13 +236,14 @@ def sample_rows(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
 
 
 def generate_ragged(model: HybridLM, prompts: list[list[int]], *, max_new_tokens: int = 32,
-                    eos_token_id: int | None = None, subnet: Subnet | None = None) -> list[list[int]]:
+                    eos_token_id: int | None = None, subnet: Subnet | None = None,
+                    memo: SliceMemo | None = None) -> list[list[int]]:
     """Greedy continuations of prompts of different lengths, decoded as one batch (each row exactly as alone).
     Generation stops at ``eos_token_id`` (included) or ``max_new_tokens``."""
     was = model.training
     model.eval()
     try:
-        batch = DecodeBatch(model, subnet)
+        batch = DecodeBatch(model, subnet, memo)
         requests = [Request(list(p), max_new_tokens, eos_token_id=eos_token_id) for p in prompts]
         batch.add(requests)
         while len(batch):
@@ -254,7 +255,7 @@ def generate_ragged(model: HybridLM, prompts: list[list[int]], *, max_new_tokens
 
 def generate_think_answer(model: HybridLM, prompts: list[list[int]], *, switch_ids: list[int],
                           think: Subnet | None, answer: Subnet | None, max_new_tokens: int = 64,
-                          eos_token_id: int | None = None) -> list[list[int]]:
+                          eos_token_id: int | None = None, memo: SliceMemo | None = None) -> list[list[int]]:
     """Think small, answer big: greedy decoding at the ``think`` Subnet until a row's generated tokens end with
     ``switch_ids`` (e.g. the tokens of ``"\\nA:"``, the answer marker of the synthetic tasks), then the prompt
     and that trace are prefilled again at the ``answer`` Subnet, which writes the rest. Rows that end (EOS or
@@ -267,13 +268,13 @@ def generate_think_answer(model: HybridLM, prompts: list[list[int]], *, switch_i
     try:
         first = [Request(list(p), max_new_tokens, eos_token_id=eos_token_id, stop_ids=list(switch_ids))
                  for p in prompts]
-        batch = DecodeBatch(model, think)
+        batch = DecodeBatch(model, think, memo)
         batch.add(first)
         while len(batch):
             batch.step()
         second = [r.answer_phase() for r in first if r.finished == "switch" and len(r.tokens) < max_new_tokens]
         if second:
-            batch = DecodeBatch(model, answer)
+            batch = DecodeBatch(model, answer, memo)
             batch.add(second)
             while len(batch):
                 batch.step()

@@ -80,16 +80,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.subnet:
             raise ConfigError("--subnet is for plain models; an elastic checkpoint is evaluated by --budgets")
         entries = [Entry("elastic" if label not in deployment.untrained else "elastic, not trained",
-                         label, model, tok, deployment.budgets[label], str(args.checkpoint))
+                         label, model, tok, deployment.budgets[label], str(args.checkpoint), memo=deployment.memo)
                    for label in deployment.labels(args.budgets)]
         if args.think_budget is not None:
             think = deployment.label(args.think_budget)
             entries += [Entry(f"think {think}", f"{think}→{e.budget}", model, tok, e.subnet, str(args.checkpoint),
-                              think=deployment.budgets[think]) for e in list(entries) if e.budget != think]
+                              think=deployment.budgets[think], memo=deployment.memo)
+                        for e in list(entries) if e.budget != think]
     else:
         if args.budgets.strip().lower() != "all" or args.think_budget is not None:
             deployment.labels(args.budgets)  # raises: not an elastic checkpoint
-        entries = [Entry(name, "1.0", model, tok, _read_subnet(args.subnet), str(args.checkpoint))]
+        entries = [Entry(name, "1.0", model, tok, _read_subnet(args.subnet), str(args.checkpoint),
+                         memo=deployment.memo)]
     reference = model.num_parameters()
     for spec in args.baseline or []:
         label, _, path = spec.rpartition("=")

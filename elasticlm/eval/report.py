@@ -22,6 +22,7 @@ from ..config import Subnet
 from ..data import synthetic
 from ..errors import ConfigError
 from ..model.hybrid import HybridLM
+from ..model.slicing import SliceMemo
 from .tasks import task_accuracy
 
 TASK_GROUPS = {"reasoning": ("add", "vars", "sort"), "recall": ("recall",)}
@@ -90,7 +91,7 @@ class Point:
 @torch.no_grad()
 def evaluate_model(model: HybridLM, tokenizer: Any, subnet: Subnet | None, *, families: Iterable[str],
                    levels: Iterable[str], n: int, val_batches: list[Any] | None,
-                   think: Subnet | None = None) -> tuple[float | None, dict]:
+                   think: Subnet | None = None, memo: SliceMemo | None = None) -> tuple[float | None, dict]:
     """Validation loss on ``val_batches`` (None: not measured) and accuracy per level and family."""
     from ..elastic.prune import subnet_loss
 
@@ -99,7 +100,7 @@ def evaluate_model(model: HybridLM, tokenizer: Any, subnet: Subnet | None, *, fa
     try:
         loss = None if val_batches is None else subnet_loss(model, subnet, val_batches)
         accuracy = {level: {f: task_accuracy(model, tokenizer, f, synthetic.DIFFICULTY[f][LEVELS.index(level)],
-                                             n, subnet, think=think) for f in families}
+                                             n, subnet, think=think, memo=memo) for f in families}
                     for level in levels}
     finally:
         model.train(was)
@@ -224,6 +225,7 @@ class Entry:
     subnet: Subnet | None = None
     source: str = ""
     think: Subnet | None = None  # think small, answer big: the Subnet that writes the trace
+    memo: SliceMemo | None = None  # the deployment's kept weight slices, when the model comes from one
 
 
 def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels: tuple[str, ...], n: int,
@@ -260,7 +262,7 @@ def evaluate_entries(entries: list[Entry], *, families: tuple[str, ...], levels:
                 counts[key] = sum(int(m[:, 1:].sum()) for _, _, m in batches[key])
             val = batches[key]
         loss, acc = evaluate_model(e.model, e.tokenizer, e.subnet, families=families, levels=levels, n=n,
-                                   val_batches=val if e.think is None else None, think=e.think)
+                                   val_batches=val if e.think is None else None, think=e.think, memo=e.memo)
         point = Point(e.series, e.budget, e.model.num_parameters(e.subnet), loss, acc, e.source,
                       val_tokens=counts.get(e.tokenizer.to_str()) if val is not None else None)
         points.append(point)

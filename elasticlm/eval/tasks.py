@@ -16,15 +16,17 @@ from ..config import Subnet
 from ..data import synthetic
 from ..generate import generate, generate_think_answer
 from ..model.hybrid import HybridLM
+from ..model.slicing import SliceMemo
 
 
 @torch.no_grad()
 def task_accuracy(model: HybridLM, tokenizer: Any, family: str, difficulty: int | None = None, n: int = 50,
                   subnet: Subnet | None = None, seed: int = 0, max_batch: int = 64,
-                  think: Subnet | None = None) -> float:
+                  think: Subnet | None = None, memo: SliceMemo | None = None) -> float:
     """Fraction of ``n`` held-out ``family`` examples at ``difficulty`` (default: the family's
     default difficulty) whose generated answer matches exactly. ``think``: the trace is written by this
-    Subnet and the answer (from the ``A:`` marker on) by ``subnet`` (think small, answer big)."""
+    Subnet and the answer (from the ``A:`` marker on) by ``subnet`` (think small, answer big). ``memo``: the
+    deployment's kept weight slices (:class:`~elasticlm.model.slicing.SliceMemo`)."""
     difficulty = difficulty or synthetic.DIFFICULTY[family][0]
     examples = synthetic.eval_set(family, difficulty, n, seed)
     device = model.device
@@ -40,10 +42,11 @@ def task_accuracy(model: HybridLM, tokenizer: Any, family: str, difficulty: int 
             budget = max(len(tokenizer.encode(ex.text).ids) - len(ids_) for ids_, ex in chunk) + 8
             if think is not None:
                 news = generate_think_answer(model, [ids for ids, _ in chunk], switch_ids=answer_marker(tokenizer),
-                                             think=think, answer=subnet, max_new_tokens=budget, eos_token_id=eos)
+                                             think=think, answer=subnet, max_new_tokens=budget, eos_token_id=eos,
+                                             memo=memo)
             else:
                 prompt = torch.tensor([ids for ids, _ in chunk], device=device)
-                out = generate(model, prompt, max_new_tokens=budget, eos_token_id=eos, subnet=subnet)
+                out = generate(model, prompt, max_new_tokens=budget, eos_token_id=eos, subnet=subnet, memo=memo)
                 news = [row[len(ids):] for row, (ids, _) in zip(out.tolist(), chunk, strict=True)]
             for new, (_, ex) in zip(news, chunk, strict=True):
                 if eos is not None and eos in new:
