@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -199,3 +202,24 @@ def test_mamba_settings_are_a_section_and_old_flat_keys_still_load(tmp_path):
     run = load_run_config(toml, ["model.mamba.state_size=8"])
     assert run.model.mamba.state_size == 8 and MAMBA_KIND.heads(run.model) == [4, 8]
     assert run.to_dict()["model"]["mamba"]["num_heads"] == [4, 8]
+
+
+def test_a_preset_overridden_flat_or_by_section_keeps_its_other_settings(tmp_path, capsys):
+    """A run config's `preset = "tiny"` with a flat key of older files (`chunk_size`) or a partial [model.mamba]
+    table overrides that one field; `init --set` likewise; the preset itself is never changed."""
+    import copy
+
+    from elasticlm.cli import main
+    from elasticlm.config import PRESETS
+    from elasticlm.train.config import run_config_from_tables
+
+    before = copy.deepcopy(PRESETS)
+    tiny = preset("tiny").mamba
+    for table in ({"preset": "tiny", "chunk_size": 16}, {"preset": "tiny", "mamba": {"chunk_size": 16}}):
+        model = run_config_from_tables({"model": table, "train": {"out": "x"}}).model
+        assert model.mamba == dataclasses.replace(tiny, chunk_size=16), table
+    assert main(["init", str(tmp_path / "a"), "--preset", "tiny", "--set", "chunk_size=16",
+                 "--set", "mamba.state_size=8"]) == 0
+    written = json.loads((tmp_path / "a" / "config.json").read_text())["model"]["mamba"]
+    assert written == {**dataclasses.asdict(tiny), "chunk_size": 16, "state_size": 8}
+    assert PRESETS == before

@@ -29,23 +29,23 @@ def cmd_init(args: argparse.Namespace) -> None:
     import torch
 
     from ..checkpoint import check_output_path, save
-    from ..config import PRESETS, ModelConfig, parse_value
+    from ..config import PRESETS, ModelConfig, overlay_tables, parse_value
     from ..model.hybrid import HybridLM
     from ..tokenizer import byte_level_tokenizer, save_tokenizer
 
     check_output_path(args.out, args.force)
-    fields: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    fields: dict[str, Any] = PRESETS[args.preset] if args.preset else {}
     if args.config:
-        fields.update(_read_mapping(args.config))
+        fields = overlay_tables(fields, _read_mapping(args.config))
     for item in args.set or []:
         if "=" not in item:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         section, _, name = key.strip().rpartition(".")  # sliding_attention.window=8: a field of a kind's section
-        target = fields.setdefault(section, {}) if section else fields
-        if not isinstance(target, dict):
+        if section and not isinstance(fields.get(section, {}), dict):
             raise ConfigError(f"--set {key.strip()}: {section!r} is not a section")
-        target[name] = parse_value(value)
+        fields = overlay_tables(fields, {section: {name: parse_value(value)}} if section else
+                                {name: parse_value(value)})
     if not fields:
         raise ConfigError("give --preset and/or --config (see --help)")
     config = ModelConfig.from_dict(fields)

@@ -48,6 +48,8 @@ from .model import (
     ModelConfig,
     check_fields,
     check_rope,
+    nested_table,
+    overlay_tables,
 )
 from .subnet import (
     Subnet,
@@ -62,5 +64,5 @@ from .subnet import (
 __all__ = ["ATTENTION", "AttentionWidth", "FAMILIES", "IntOrList", "LAYER_NAMES", "LayerWidth", "MAMBA", "MLP",
            "MLP_TYPES", "MOE", "MambaWidth", "MlpWidth", "ModelConfig", "MoeWidth", "PRESETS", "ROPE_TYPES", "Subnet",
            "block_parameters", "check_fields", "check_rope", "count_active_parameters",
-           "count_parameters", "find_budget", "layer_parameters", "outer_parameters", "parse_budget", "parse_value",
-           "preset", "read_config_file", "subnet_config"]
+           "count_parameters", "find_budget", "layer_parameters", "nested_table", "outer_parameters",
+           "overlay_tables", "parse_budget", "parse_value", "preset", "read_config_file", "subnet_config"]

@@ -91,6 +91,51 @@ def _collapse(values: list[int], default: int) -> IntOrList:
     return values[0] if all(v == values[0] for v in values) else list(values)
 
 
+def nested_table(data: Any) -> dict[str, Any]:
+    """A model table with the flat keys older configs wrote for a kind's settings moved into the kind's section
+    (``ssm_state_size`` → ``mamba.state_size``, ``moe_top_k`` → ``moe.top_k``); a copy, sections copied too.
+
+    >>> nested_table({"pattern": "M", "ssm_state_size": 8, "mamba": {"head_dim": 4}})
+    {'pattern': 'M', 'mamba': {'state_size': 8, 'head_dim': 4}}
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
+    data = {k: dict(v) if k in SECTION_KINDS and isinstance(v, dict) else v for k, v in data.items()}
+    for name, kind in SECTION_KINDS.items():
+        flat = {k: data.pop(k) for k in list(data) if kind.legacy_field(k) is not None}
+        if not flat:
+            continue
+        given = data.get(name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[model.{name}] must be a mapping, got {given!r}")
+        known = {f.name for f in dataclasses.fields(kind.section)}
+        unknown = sorted(k for k in flat if kind.legacy_field(k) not in known)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} in model config; {name} settings are "
+                              f"{sorted(known)} under [model.{name}]")
+        twice = sorted(k for k in flat if kind.legacy_field(k) in given)
+        if twice:
+            raise ConfigError(f"model config sets {twice} both flat and in [model.{name}]; keep the "
+                              f"[model.{name}] entry")
+        data[name] = {**{kind.legacy_field(k): v for k, v in flat.items()}, **given}
+    return data
+
+
+def overlay_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Model table ``over`` on top of ``base`` (a preset, say): a kind's section is updated field by field, and a
+    flat key older configs wrote overrides the section field it names.
+
+    >>> overlay_tables({"pattern": "M", "mamba": {"num_heads": 8, "chunk_size": 32}}, {"chunk_size": 16})
+    {'pattern': 'M', 'mamba': {'num_heads': 8, 'chunk_size': 16}}
+    """
+    base, over = nested_table(base), nested_table(over)
+    out = {**base, **over}
+    for name in SECTION_KINDS:
+        if isinstance(base.get(name), dict) and isinstance(over.get(name), dict):
+            out[name] = {**base[name], **over[name]}
+    return out
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a hybrid Mamba-2 / attention / MLP language model (Nemotron-H layout)."""
@@ -301,25 +346,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """A config from its JSON / TOML mapping: kinds' sections under their names, and the flat keys older
         configs wrote for them (``moe_top_k``, ``ssm_state_size``) still read."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
-        data = dict(data)
+        data = nested_table(data)
         sections = {name: data.pop(name) for name in SECTION_KINDS if name in data}
-        for name, kind in SECTION_KINDS.items():
-            flat = {k: data.pop(k) for k in list(data) if kind.legacy_field(k) is not None}
-            if flat:
-                if not isinstance(sections.get(name, {}), dict):
-                    raise ConfigError(f"[model.{name}] must be a mapping, got {sections[name]!r}")
-                known = {f.name for f in dataclasses.fields(kind.section)}
-                unknown = sorted(k for k in flat if kind.legacy_field(k) not in known)
-                if unknown:
-                    raise ConfigError(f"unknown field(s) {unknown} in model config; {name} settings are "
-                                      f"{sorted(known)} under [model.{name}]")
-                twice = sorted(k for k in flat if kind.legacy_field(k) in sections.get(name, {}))
-                if twice:
-                    raise ConfigError(f"model config sets {twice} both flat and in [model.{name}]; keep the "
-                                      f"[model.{name}] entry")
-                sections[name] = {**{kind.legacy_field(k): v for k, v in flat.items()}, **sections.get(name, {})}
         known = {f.name for f in dataclasses.fields(cls)} - {"sections"}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, check_fields, parse_value, read_config_file
+from ..config import PRESETS, ModelConfig, check_fields, overlay_tables, parse_value, read_config_file
 from ..data.datasets import DataConfig
 from ..errors import ConfigError
 
@@ -215,7 +215,7 @@ def run_config_from_tables(tables: dict[str, Any]) -> RunConfig:
     if name is not None:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-        model_table = {**PRESETS[name], **model_table}
+        model_table = overlay_tables(PRESETS[name], model_table)
     if not model_table:
         raise ConfigError("the [model] table is missing (give ModelConfig fields or preset = \"...\")")
     run = RunConfig(
