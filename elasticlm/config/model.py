@@ -334,7 +334,7 @@ class ModelConfig:
         such layer, as those files held it — and the default of every key. Training runs record the architecture
         this way, so that runs started before the sections resume."""
         out = self.to_dict()
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name != "sections"}
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
         for name, kind in SECTION_KINDS.items():
             if kind.legacy_prefix or kind.legacy_keys:
                 out.pop(name, None)

@@ -124,7 +124,9 @@ class LanguageModeling(Objective):
 def compat_record(run: RunConfig) -> dict[str, Any]:
     """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
     d = run.to_dict()
-    return {"model": run.model.flat_dict()[0], "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
+    model, defaults = run.model.flat_dict()  # the form records always held; fields at their default match unset
+    return {"model": model, "_defaults": {f"model.{k}": v for k, v in defaults.items()},
+            "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
             "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 
