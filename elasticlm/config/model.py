@@ -4,12 +4,12 @@ differ), the transformer variants, validation with one-line errors."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
 from ..kinds import KINDS, LayerKind, Width, kind_of
+from ..kinds.base import check_values
 from ..kinds.base import per_layer as _per_layer
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
@@ -204,14 +204,8 @@ class ModelConfig:
         unknown = sorted(set(self.pattern) - set(LAYER_NAMES))
         if unknown:
             raise ConfigError(f"pattern {self.pattern!r} has unknown layer character(s) {unknown}; use {kinds}")
-        for name in ("vocab_size", "hidden_size", "num_key_value_heads", "attention_head_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        for name in ("norm_eps", "initializer_range"):
-            v = getattr(self, name)  # a string ("1e-5") would otherwise fail deep inside a comparison or torch
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        check_values(self, positive=("vocab_size", "hidden_size", "num_key_value_heads", "attention_head_dim"),
+                     finite=("norm_eps", "initializer_range"))
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         for i, h in enumerate(self.attention_heads_list()):
@@ -225,9 +219,7 @@ class ModelConfig:
             raise ConfigError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
-        for name in ("attention_bias", "attention_out_bias", "qk_norm", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_values(self, flags=("attention_bias", "attention_out_bias", "qk_norm", "tie_word_embeddings"))
         check_rope(self.rope_parameters, self.attention_head_dim)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)

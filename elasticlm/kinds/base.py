@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,6 +21,30 @@ Width = Any  # a frozen dataclass of ints, one per elastic field of the kind (Ma
 def width_fields(width: Width | Mapping[str, Any]) -> dict[str, Any]:
     """A width as ``{field: value}`` (a Mapping of expected widths passes through)."""
     return dict(width) if isinstance(width, Mapping) else dataclasses.asdict(width)
+
+
+def check_values(settings: Any, where: str = "", *, positive: tuple[str, ...] = (), finite: tuple[str, ...] = (),
+                 flags: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming the first of ``settings``' fields that is not what it must be: ``positive`` ints,
+    ``finite`` numbers, ``flags`` (true or false). A string ("1e-5") would otherwise fail deep inside torch.
+
+    >>> from types import SimpleNamespace
+    >>> check_values(SimpleNamespace(top_k=0), "[model.moe] ", positive=("top_k",))
+    Traceback (most recent call last):
+    ...
+    elasticlm.errors.ConfigError: [model.moe] top_k must be a positive int, got 0
+    """
+    for name in positive:
+        v = getattr(settings, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{where}{name} must be a positive int, got {v!r}")
+    for name in finite:
+        v = getattr(settings, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}{name} must be a finite number, got {v!r}")
+    for name in flags:
+        if not isinstance(getattr(settings, name), bool):
+            raise ConfigError(f"{where}{name} must be true or false, got {getattr(settings, name)!r}")
 
 
 def per_layer(value: int | list[int], count: int, name: str) -> list[int]:

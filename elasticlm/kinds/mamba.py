@@ -8,13 +8,12 @@ size are never cut. This module is the only place that layout is written down.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .base import LayerKind, Width, per_layer, width_fields
+from .base import LayerKind, Width, check_values, per_layer, width_fields
 from .layout import Dim, Layout, Run
 
 if TYPE_CHECKING:
@@ -84,14 +83,8 @@ class MambaKind(LayerKind):
 
     def check_section(self, config: ModelConfig, section: Any) -> None:
         s = section
-        for name in ("n_groups", "state_size", "conv_kernel", "chunk_size"):
-            v = getattr(s, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"[model.mamba] {name} must be a positive int, got {v!r}")
-        for name in ("time_step_min", "time_step_max"):
-            v = getattr(s, name)  # a string ("1e-3") would otherwise fail deep inside a comparison or torch
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"[model.mamba] {name} must be a finite number, got {v!r}")
+        check_values(s, "[model.mamba] ", positive=("n_groups", "state_size", "conv_kernel", "chunk_size"),
+                     finite=("time_step_min", "time_step_max"), flags=("use_bias", "use_conv_bias"))
         if not 0 < s.time_step_min <= s.time_step_max:
             raise ConfigError(f"[model.mamba] time_step_min and time_step_max must satisfy 0 < min <= max (dt_bias "
                               f"is initialised on a log scale between them), got {s.time_step_min!r} and "
@@ -101,9 +94,6 @@ class MambaKind(LayerKind):
                                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
                                       and 0 <= limit[0] < limit[1]):
             raise ConfigError(f"[model.mamba] time_step_limit must be [low, high] with 0 <= low < high, got {limit!r}")
-        for name in ("use_bias", "use_conv_bias"):
-            if not isinstance(getattr(s, name), bool):
-                raise ConfigError(f"[model.mamba] {name} must be true or false, got {getattr(s, name)!r}")
         self.head_dims(config)
         for i, h in enumerate(self.heads(config)):
             if h % s.n_groups:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .base import LayerKind, Width, per_layer, width_fields
+from .base import LayerKind, Width, check_values, per_layer, width_fields
 from .layout import Dim, Layout, Run, layout_size
 
 if TYPE_CHECKING:
@@ -84,10 +84,8 @@ class MoeKind(LayerKind):
 
     def check_section(self, config: ModelConfig, section: Any) -> None:
         s = section
-        for name in ("top_k", "n_group", "topk_group"):
-            v = getattr(s, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"[model.moe] {name} must be a positive int, got {v!r}")
+        check_values(s, "[model.moe] ", positive=("top_k", "n_group", "topk_group"), finite=("routed_scaling_factor",),
+                     flags=("norm_topk_prob",))
         v = s.shared_intermediate_size
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"[model.moe] shared_intermediate_size must be an int >= 0 (0: no shared expert), "
@@ -96,11 +94,6 @@ class MoeKind(LayerKind):
             raise ConfigError(f"[model.moe] router must be sigmoid or softmax, got {s.router!r}")
         if s.expert_type not in ("relu2", "swiglu"):
             raise ConfigError(f"[model.moe] expert_type must be relu2 or swiglu, got {s.expert_type!r}")
-        if not isinstance(s.norm_topk_prob, bool):
-            raise ConfigError(f"[model.moe] norm_topk_prob must be true or false, got {s.norm_topk_prob!r}")
-        v = s.routed_scaling_factor
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"[model.moe] routed_scaling_factor must be a finite number, got {v!r}")
         if s.router == "softmax" and s.n_group != 1:
             raise ConfigError("[model.moe] routing groups (n_group > 1) go with the sigmoid router only")
         self.expert_ffns(config)
