@@ -215,7 +215,7 @@ def test_resume_records_of_every_earlier_layout_of_the_model_config_still_match(
     """A pretraining checkpoint records the architecture flat (`mamba_num_heads`, `moe_top_k`, …) as configs were
     written before kinds kept sections. Records written when every field was flat, and those written while the MoE
     settings were a section but Mamba's still flat (no `moe_*` keys), both resume; a real change is still named."""
-    from elasticlm.train.pretrain import compat_record
+    from elasticlm.train.pretrain import _current_layout, compat_record
     from elasticlm.train.trainer import check_resume
 
     run = run_config_from_tables(TINY)
@@ -224,12 +224,14 @@ def test_resume_records_of_every_earlier_layout_of_the_model_config_still_match(
     assert flat["mamba_num_heads"] == 4 and flat["ssm_state_size"] == 8 and flat["moe_top_k"] == 2
     assert "mamba" not in flat and "moe" not in flat
     without_moe = {k: v for k, v in flat.items() if not k.startswith("moe_")}
-    for i, model in enumerate((flat, without_moe)):
+    # and for a few hours a layout with the MoE settings nested under "sections" (the run config's dataclass dump)
+    nested = without_moe | {"sections": {"moe": {"num_experts": 8, "top_k": 2}}}
+    for i, model in enumerate((flat, without_moe, nested)):
         ckpt = tmp_path / f"c{i}"
         ckpt.mkdir()
         saved = {k: v for k, v in record.items() if k != "_defaults"} | {"model": model}  # as written back then
         (ckpt / "trainer_state.json").write_text(json.dumps({"compat": saved}))
-        check_resume(ckpt, record, allow_change=False)
+        check_resume(ckpt, record, allow_change=False, normalize=_current_layout)
         changed = run_config_from_tables({**TINY, "model": {**TINY["model"], "mamba_n_groups": 4}})
         with pytest.raises(ConfigError, match="model.mamba_n_groups: 2 → 4"):
-            check_resume(ckpt, compat_record(changed), allow_change=False)
+            check_resume(ckpt, compat_record(changed), allow_change=False, normalize=_current_layout)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_directory, write_model_files
+from ..config import ModelConfig
 from ..data.datasets import PackedStream, compat_data, doc_text, documents
 from ..errors import ConfigError
 from ..model.documents import document_ids_from_eos
@@ -121,6 +122,20 @@ class LanguageModeling(Objective):
             write_model_files(self.model, tmp, tokenizer_dir=out / "tokenizer")
 
 
+def _current_layout(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded compatibility record with its model in today's flat form: records of a few versions held the
+    kinds' sections under ``model.sections`` (read like a config.json, then flattened again). A record that does not
+    read as a config is left as it is (the comparison then names what differs)."""
+    model = saved.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("sections"), dict):
+        return saved
+    model = {k: v for k, v in model.items() if k != "sections"} | model["sections"]
+    try:
+        return {**saved, "model": ModelConfig.from_dict(model).flat_dict()[0]}
+    except ConfigError:
+        return saved
+
+
 def compat_record(run: RunConfig) -> dict[str, Any]:
     """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
     d = run.to_dict()
@@ -143,7 +158,7 @@ def pretrain(run: RunConfig, resume: bool = False, progress: bool = True,
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     out = Path(cfg.out)
     ckpt = open_run(out, resume=resume)
-    check_resume(ckpt, compat_record(run), allow_config_change)
+    check_resume(ckpt, compat_record(run), allow_config_change, normalize=_current_layout)
     device = resolve_device(cfg.device, "train.device")
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,17 +366,21 @@ def _labelled(change: str, labels: dict[str, str]) -> str:
     return change
 
 
-def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, branch: bool = False) -> None:
+def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, branch: bool = False,
+                 normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Refuse to resume ``ckpt`` under a config whose compatibility ``record`` (what a checkpoint's meaning
     depends on: architecture, elastic space with budgets by value, stages, data, …) differs from the one the
     checkpoint recorded, naming every differing field — unless ``allow_change`` (``--allow-config-change``).
-    ``branch`` (``--resume-from``): the stages after the checkpoint's may differ (that is what a branch is for)."""
+    ``branch`` (``--resume-from``): the stages after the checkpoint's may differ (that is what a branch is for).
+    ``normalize`` rewrites the recorded one into the current layout first (records of older versions)."""
     if ckpt is None:
         return
     state = read_json(ckpt / STATE)
     saved = state.get("compat")
     if saved is None:  # written before checkpoints recorded it
         return
+    if normalize is not None:
+        saved = normalize(saved)
     # "_labels": how the user wrote a recorded value (the budget "0.75" for "params 145302"); shown, not compared
     saved, record = dict(saved), dict(record)
     labels = {**saved.pop("_labels", {}), **record.pop("_labels", {})}
