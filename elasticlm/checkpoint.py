@@ -197,7 +197,6 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     if quantization is not None:
         align_(model)
     model = padding.unpad(model, config)
-    read_budgets(path, config)  # a malformed elastic.json fails the load, not a later verb
     if serving:
         model.use_decode_layout()
     return model.eval()
