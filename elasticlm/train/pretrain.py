@@ -123,13 +123,15 @@ class LanguageModeling(Objective):
 
 
 def _current_layout(saved: dict[str, Any]) -> dict[str, Any]:
-    """A recorded compatibility record with its model in today's flat form: records of a few versions held the
-    kinds' sections under ``model.sections`` (read like a config.json, then flattened again). A record that does not
-    read as a config is left as it is (the comparison then names what differs)."""
+    """A recorded compatibility record with its model in today's flat form: read like a config.json (every earlier
+    layout reads: all fields flat; the MoE settings nested; the kinds' sections under ``model.sections``), then
+    flattened again, so only a different architecture differs. A record that does not read as a config is left as
+    it is (the comparison then names what differs)."""
     model = saved.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("sections"), dict):
+    if not isinstance(model, dict):
         return saved
-    model = {k: v for k, v in model.items() if k != "sections"} | model["sections"]
+    sections = model.get("sections")
+    model = {k: v for k, v in model.items() if k != "sections"} | (sections if isinstance(sections, dict) else {})
     try:
         return {**saved, "model": ModelConfig.from_dict(model).flat_dict()[0]}
     except ConfigError:
@@ -139,9 +141,7 @@ def _current_layout(saved: dict[str, Any]) -> dict[str, Any]:
 def compat_record(run: RunConfig) -> dict[str, Any]:
     """What a resumed pretraining run may not change (``--allow-config-change`` to do it anyway)."""
     d = run.to_dict()
-    model, defaults = run.model.flat_dict()  # the form records always held; fields at their default match unset
-    return {"model": model, "_defaults": {f"model.{k}": v for k, v in defaults.items()},
-            "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
+    return {"model": run.model.flat_dict()[0], "tokenizer": d["tokenizer"], "data": compat_data(d["data"]),
             "train": {"seed": run.train.seed, "document_masking": run.train.document_masking}}
 
 

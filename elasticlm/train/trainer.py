@@ -334,24 +334,15 @@ def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: record}
 
 
-def config_changes(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """The fields in which two compatibility records differ, as ``field: old → new``. A field missing from one
-    record counts as its value in ``defaults`` (flattened names), if it has one there: records written before the
-    field existed lack it.
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields in which two compatibility records differ, as ``field: old → new``.
 
     >>> config_changes({"elastic": {"budgets": [1.0, 0.6]}}, {"elastic": {"budgets": [1.0, 0.5]}})
     ['elastic.budgets: [1.0, 0.6] → [1.0, 0.5]']
-    >>> config_changes({"model": {}}, {"model": {"top_k": 2}}, {"model.top_k": 2})
-    []
     """
     a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
     missing = "(unset)"
-    known = json.loads(json.dumps(defaults or {}))
-
-    def value(record: dict[str, Any], k: str) -> Any:
-        return record[k] if k in record else known.get(k, missing)
-
-    return [f"{k}: {value(a, k)} → {value(b, k)}" for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)]
+    return [f"{k}: {a.get(k, missing)} → {b.get(k, missing)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _labelled(change: str, labels: dict[str, str]) -> str:
@@ -384,8 +375,7 @@ def check_resume(ckpt: Path | None, record: dict[str, Any], allow_change: bool, 
     # "_labels": how the user wrote a recorded value (the budget "0.75" for "params 145302"); shown, not compared
     saved, record = dict(saved), dict(record)
     labels = {**saved.pop("_labels", {}), **record.pop("_labels", {})}
-    defaults = {**saved.pop("_defaults", {}), **record.pop("_defaults", {})}  # see config_changes
-    changes = [_labelled(c, labels) for c in config_changes(saved, record, defaults)]
+    changes = [_labelled(c, labels) for c in config_changes(saved, record)]
     if branch:
         done = int(state.get("stage", 0))
         later = re.compile(r"^stages(\[(\d+)\])?")
