@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,9 @@ def test_a_preset_overridden_flat_or_by_section_keeps_its_other_settings(tmp_pat
     written = json.loads((tmp_path / "a" / "config.json").read_text())["model"]["mamba"]
     assert written == {**dataclasses.asdict(tiny), "chunk_size": 16, "state_size": 8}
     assert PRESETS == before
+    # --set model.<flat key> on a run config whose file nests [model.mamba] (the demo's recipe)
+    from elasticlm.train.config import load_run_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "demo-parent.toml"
+    model = load_run_config(recipe, ["model.chunk_size=32"]).model
+    assert model.mamba == dataclasses.replace(load_run_config(recipe).model.mamba, chunk_size=32)

@@ -176,6 +176,8 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str],
 
     >>> apply_overrides({"model": {"moe": {"top_k": 2, "n_group": 1}}}, ["model.moe.top_k=1"])["model"]["moe"]
     {'top_k': 1, 'n_group': 1}
+    >>> apply_overrides({"model": {"mamba": {"chunk_size": 64}}}, ["model.chunk_size=32"])["model"]
+    {'mamba': {'chunk_size': 32}}
     """
     out = {k: dict(v) if isinstance(v, dict) else [dict(t) for t in v] if isinstance(v, list) else v
            for k, v in tables.items()}
@@ -193,8 +195,11 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str],
             continue
         if section not in sections:
             raise ConfigError(f"override {item!r}: unknown section {section!r}")
-        target = out.setdefault(section, {})
         *path, field = name.split(".")  # model.sliding_attention.window=512: a table inside the section
+        if section == "model" and not path:  # model.chunk_size=32 (an older flat key) overrides [model.mamba]'s
+            out["model"] = overlay_tables(out.get("model") or {}, {field: parse_value(value)})
+            continue
+        target = out.setdefault(section, {})
         for part in path:
             inner = target.get(part, {})
             if not isinstance(inner, dict):
