@@ -26,7 +26,6 @@ from ..checkpoint import load, read_budgets, save
 from ..config import ModelConfig, Subnet, count_parameters, find_budget
 from ..errors import ConfigError
 from ..generate import generate
-from ..model.cache import HybridCache
 from ..model.gguf_import import hf_directory
 from ..model.hybrid import HybridLM
 from ..model.slicing import SliceMemo
@@ -114,9 +113,6 @@ class Deployment:
         is saved by ``elasticlm.save(elasticlm.extract(d.model, d.subnet(budget)), …)`` or ``elasticlm extract``)."""
         kwargs.setdefault("tokenizer_dir", self.source)
         return save(self.model, path, format, **kwargs)
-
-    def new_cache(self, subnet: Subnet | None = None) -> HybridCache:
-        return self.model.new_cache(subnet, self.memo)
 
     def num_parameters(self, budget: str | float | None = None) -> int:
         """Exact parameter count of the parent or of ``budget``'s sub-model."""
